@@ -1,0 +1,307 @@
+//! proxy-wasm layer of the ACME HTTP-01 filter: moves bytes between Envoy and
+//! `acme-filter-core`, which makes every decision.
+//!
+//! Host calls go through `proxy_wasm::hostcalls` (which return `Result`) rather
+//! than the context traits' helpers, which `unwrap` host statuses and would turn
+//! an unexpected status or a non-UTF-8 header into a panic, killing the VM.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use acme_filter_core::challenge::{self, Decision, Outcome, RequestView};
+use acme_filter_core::config::FilterConfig;
+use acme_filter_core::lease;
+use acme_filter_core::poller::{Poller, SyncOutcome};
+use acme_filter_core::store::{self, SetError, SharedData};
+use log::{info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+
+/// Granularity of lease renewal and backoff timers.
+const TICK: Duration = Duration::from_millis(100);
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(AcmeRoot::new(context_id))
+    });
+}}
+
+/// Envoy shared data through the host.
+struct Host;
+
+impl SharedData for Host {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(|status| match status {
+            Status::CasMismatch => SetError::CasMismatch,
+            _ => SetError::Other,
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn header(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name)
+        .ok()
+        .flatten()
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+/// Counter and gauge ids; a metric the host refused to define is simply not kept.
+#[derive(Default)]
+struct Metrics {
+    served: Option<u32>,
+    not_found: Option<u32>,
+    rejected: Option<u32>,
+    sync_success: Option<u32>,
+    sync_failure: Option<u32>,
+    tokens_known: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let counter = |name| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Self {
+            served: counter("acme_filter.challenges_served"),
+            not_found: counter("acme_filter.challenges_not_found"),
+            rejected: counter("acme_filter.challenges_rejected"),
+            sync_success: counter("acme_filter.sync_success"),
+            sync_failure: counter("acme_filter.sync_failure"),
+            tokens_known: hostcalls::define_metric(MetricType::Gauge, "acme_filter.tokens_known")
+                .ok(),
+        }
+    }
+
+    fn increment(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn set(id: Option<u32>, value: usize) {
+        if let Some(id) = id {
+            let _ = hostcalls::record_metric(id, u64::try_from(value).unwrap_or(u64::MAX));
+        }
+    }
+}
+
+/// One per worker thread (and one on the main thread): owns the parsed config,
+/// the metrics, and, when elected, the sync loop.
+struct AcmeRoot {
+    /// Identifies this root context in the poller lease; random so that contexts
+    /// of different workers (which may share context ids) never collide.
+    owner: u64,
+    config: Option<Rc<FilterConfig>>,
+    metrics: Rc<Metrics>,
+    poller: Option<Poller>,
+    leader: bool,
+}
+
+impl AcmeRoot {
+    fn new(context_id: u32) -> Self {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u32(context_id);
+        hasher.write_u64(now_ms());
+        Self {
+            owner: hasher.finish(),
+            config: None,
+            metrics: Rc::new(Metrics::default()),
+            poller: None,
+            leader: false,
+        }
+    }
+
+    fn poll_if_due(&mut self, now: u64) {
+        let Some(poller) = self.poller.as_mut() else {
+            return;
+        };
+        let Some(request) = poller.poll(now, self.leader, store::stored_version(&Host)) else {
+            return;
+        };
+        let headers: Vec<(&str, &str)> = request
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        let dispatched = hostcalls::dispatch_http_call(
+            &request.cluster,
+            headers,
+            None,
+            Vec::new(),
+            Duration::from_millis(request.timeout_ms),
+        );
+        if let Err(status) = dispatched {
+            let delay = poller.dispatch_failed(now);
+            Metrics::increment(self.metrics.sync_failure);
+            warn!(
+                "acme: cannot call agent cluster {:?} ({status:?}); retrying in {delay} ms",
+                request.cluster
+            );
+        }
+    }
+}
+
+impl Context for AcmeRoot {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let now = now_ms();
+        let Some(poller) = self.poller.as_mut() else {
+            return;
+        };
+        let status =
+            header(MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse::<u32>().ok());
+        let outcome = poller.on_response(now, status, body_size, || {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+        });
+        match outcome {
+            Ok(SyncOutcome::Snapshot(snapshot)) => match store::apply(&Host, &snapshot) {
+                Ok(known) => {
+                    Metrics::increment(self.metrics.sync_success);
+                    Metrics::set(self.metrics.tokens_known, known);
+                    info!(
+                        "acme: synced challenge set version {} ({known} tokens)",
+                        snapshot.version
+                    );
+                }
+                Err(e) => {
+                    Metrics::increment(self.metrics.sync_failure);
+                    warn!("acme: {e}");
+                }
+            },
+            Ok(SyncOutcome::Unchanged) => Metrics::increment(self.metrics.sync_success),
+            Err(e) => {
+                Metrics::increment(self.metrics.sync_failure);
+                warn!("acme: {e}; keeping the last good challenge set");
+            }
+        }
+        // A success polls again at once: the long-poll is what makes a new token
+        // reach Envoy within milliseconds.
+        self.poll_if_due(now);
+    }
+
+    fn on_done(&mut self) -> bool {
+        lease::resign(&Host, self.owner);
+        true
+    }
+}
+
+impl RootContext for AcmeRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let config = match FilterConfig::parse(&bytes) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("acme: {e}");
+                return false;
+            }
+        };
+        self.metrics = Rc::new(Metrics::define());
+        self.poller = Poller::new(&config);
+        self.config = Some(Rc::new(config));
+        if self.poller.is_some() {
+            if let Err(status) = hostcalls::set_tick_period(TICK) {
+                log::error!("acme: cannot set the tick period ({status:?})");
+                return false;
+            }
+            // Do not wait a tick for the first sync.
+            self.on_tick();
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        let leader = lease::elect(&Host, self.owner, now);
+        if leader != self.leader {
+            info!(
+                "acme: {} the challenge poller of this Envoy",
+                if leader { "became" } else { "is no longer" }
+            );
+        }
+        self.leader = leader;
+        self.poll_if_due(now);
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = self.config.clone()?;
+        Some(Box::new(AcmeHttp {
+            config,
+            metrics: Rc::clone(&self.metrics),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One per request; lives only as long as the request.
+struct AcmeHttp {
+    config: Rc<FilterConfig>,
+    metrics: Rc<Metrics>,
+}
+
+struct RequestHeaders;
+
+impl RequestView for RequestHeaders {
+    fn method(&self) -> Option<String> {
+        header(MapType::HttpRequestHeaders, ":method")
+    }
+
+    fn authority(&self) -> Option<String> {
+        header(MapType::HttpRequestHeaders, ":authority")
+    }
+}
+
+impl Context for AcmeHttp {}
+
+impl HttpContext for AcmeHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(path) = header(MapType::HttpRequestHeaders, ":path") else {
+            return Action::Continue;
+        };
+        let decision = challenge::decide(&self.config, &path, &RequestHeaders, |token| {
+            store::lookup(&Host, token)
+        });
+        let Decision::Answer(answer) = decision else {
+            return Action::Continue;
+        };
+        Metrics::increment(match answer.outcome {
+            Outcome::Served => self.metrics.served,
+            Outcome::NotFound => self.metrics.not_found,
+            Outcome::Rejected => self.metrics.rejected,
+        });
+        let sent = hostcalls::send_http_response(
+            answer.status,
+            answer.headers,
+            answer.body.as_deref().map(str::as_bytes),
+        );
+        if let Err(status) = sent {
+            warn!("acme: cannot send the local answer ({status:?})");
+        }
+        Action::Pause
+    }
+}

@@ -1,0 +1,105 @@
+//! Test support: a proxy-wasm host on wasmtime that runs the built filter, and
+//! helpers that build the filter and find the workspace's tools.
+
+pub mod proxy_wasm_host;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+}
+
+/// Builds the filter for `wasm32-wasip1` in release mode (as shipped) and returns
+/// the `.wasm`. Runs cargo every time a test process first asks, so a test never
+/// runs a stale file; cargo makes that a no-op when nothing changed. The build
+/// uses its own target directory so it never waits on the lock of the `cargo
+/// test` that runs us.
+pub fn filter_wasm() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_filter().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Where the test build of the filter goes; `scripts/build-filter.sh` uses the same.
+pub fn filter_target_dir() -> PathBuf {
+    workspace_root().join("target").join("filter")
+}
+
+fn build_filter() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let target_dir = filter_target_dir();
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "acme-filter",
+            "--target",
+            "wasm32-wasip1",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .status()
+        .context("running cargo to build the filter")?;
+    if !status.success() {
+        bail!("building the filter failed ({status})");
+    }
+    let wasm = target_dir.join("wasm32-wasip1/release/acme_filter.wasm");
+    if !wasm.is_file() {
+        bail!("{} was not produced", wasm.display());
+    }
+    Ok(wasm)
+}
+
+/// The built filter compiled for wasmtime, once per test process.
+pub fn filter_module() -> Result<(wasmtime::Engine, wasmtime::Module)> {
+    static MODULE: OnceLock<std::result::Result<(wasmtime::Engine, wasmtime::Module), String>> =
+        OnceLock::new();
+    MODULE
+        .get_or_init(|| {
+            let wasm = filter_wasm().map_err(|e| format!("{e:#}"))?;
+            let engine = wasmtime::Engine::default();
+            let module =
+                proxy_wasm_host::Vm::compile(&engine, &wasm).map_err(|e| format!("{e:#}"))?;
+            Ok((engine, module))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// A JSON sync snapshot as the agent sends it: `(token, identifier)` pairs, with
+/// key authorizations `<token>.<thumbprint>`.
+pub fn snapshot_json(version: u64, challenges: &[(&str, &str)]) -> String {
+    let items: Vec<String> = challenges
+        .iter()
+        .map(|(token, identifier)| {
+            format!(
+                r#"{{"token":"{token}","key_authorization":"{}","identifier":"{identifier}"}}"#,
+                key_authorization(token)
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version":{version},"challenges":[{}]}}"#,
+        items.join(",")
+    )
+}
+
+/// The key authorization [`snapshot_json`] uses for `token`.
+pub fn key_authorization(token: &str) -> String {
+    format!("{token}.{THUMBPRINT}")
+}
+
+/// A well-formed account key thumbprint (base64url, 43 characters).
+pub const THUMBPRINT: &str = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
