@@ -39,12 +39,12 @@ if [ ! -x .venv/bin/envoy ]; then
 fi
 
 # wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.
-want=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/"/,"",$3); print $3; exit}' Cargo.lock)
+want=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/"/,"",$3); print $3; exit}' Cargo.lock 2>/dev/null || true)
 if [ -n "$want" ]; then
   have=$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}' || true)
   if [ "$have" != "$want" ]; then
     log "cargo install wasm-bindgen-cli@$want"
-    cargo install -q --locked wasm-bindgen-cli --version "$want"
+    cargo install -q wasm-bindgen-cli --version "$want"
   fi
 fi
 log "ready"

@@ -222,12 +222,14 @@ impl RootContext for AcmeRoot {
         self.poller = Poller::new(&config);
         self.config = Some(Rc::new(config));
         if self.poller.is_some() {
+            // The first sync waits for the first tick rather than starting here:
+            // Envoy configures some root contexts that never tick (observed with
+            // Envoy 1.40), and one of those holding the lease would delay the
+            // first sync until the lease went stale.
             if let Err(status) = hostcalls::set_tick_period(TICK) {
                 log::error!("acme: cannot set the tick period ({status:?})");
                 return false;
             }
-            // Do not wait a tick for the first sync.
-            self.on_tick();
         }
         true
     }

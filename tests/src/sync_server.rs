@@ -1,0 +1,125 @@
+//! A small server that speaks the agent's side of the challenge sync protocol
+//! (`docs/challenge-sync.md`), for testing the filter in a real Envoy before and
+//! independently of the real agent.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::http::{Reply, Server};
+use crate::snapshot_json;
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    challenges: Vec<(String, String)>,
+    stopped: bool,
+    polls: usize,
+}
+
+/// Holds a challenge set; answers long-polls as the protocol says.
+pub struct SyncServer {
+    state: Arc<(Mutex<State>, Condvar)>,
+    server: Option<Server>,
+}
+
+impl SyncServer {
+    /// Starts on a free loopback port, or on `addr` (to come back after a stop).
+    pub fn start(addr: Option<std::net::SocketAddr>) -> Result<Self> {
+        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        {
+            // Versions keep growing across restarts, as the protocol asks of the
+            // agent: start from the wall clock in milliseconds.
+            let mut s = state.0.lock().unwrap_or_else(|e| e.into_inner());
+            s.version = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as u64);
+        }
+        let handler_state = Arc::clone(&state);
+        let handler = move |req: &crate::http::Request| -> Reply {
+            let (lock, cvar) = &*handler_state;
+            if req.method != "GET" || !req.path.starts_with("/v1/challenges") {
+                return Reply::new(404, "");
+            }
+            let asked: u64 = req
+                .query("version")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let wait: u64 = req.query("wait").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let deadline = Instant::now() + Duration::from_secs(wait);
+            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.polls += 1;
+            while s.version == asked && !s.stopped {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Reply::new(304, "");
+                }
+                s = cvar
+                    .wait_timeout(s, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if s.stopped {
+                return Reply::new(503, "");
+            }
+            let pairs: Vec<(&str, &str)> = s
+                .challenges
+                .iter()
+                .map(|(t, h)| (t.as_str(), h.as_str()))
+                .collect();
+            let mut reply = Reply::new(200, snapshot_json(s.version, &pairs));
+            reply
+                .headers
+                .push(("content-type".into(), "application/json".into()));
+            reply
+        };
+        let server = match addr {
+            Some(addr) => Server::start_on(addr, handler)?,
+            None => Server::start(handler)?,
+        };
+        Ok(Self {
+            state,
+            server: Some(server),
+        })
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .map_or_else(|| ([127, 0, 0, 1], 0).into(), Server::addr)
+    }
+
+    /// Publishes a new challenge set (token, identifier); held polls answer at once.
+    pub fn publish(&self, challenges: &[(&str, &str)]) {
+        let (lock, cvar) = &*self.state;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.version += 1;
+        s.challenges = challenges
+            .iter()
+            .map(|(t, h)| ((*t).to_owned(), (*h).to_owned()))
+            .collect();
+        cvar.notify_all();
+    }
+
+    /// How many polls arrived so far.
+    pub fn polls(&self) -> usize {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).polls
+    }
+
+    /// Stops answering and closes the listener, like an agent that went away.
+    pub fn stop(&mut self) {
+        {
+            let (lock, cvar) = &*self.state;
+            lock.lock().unwrap_or_else(|e| e.into_inner()).stopped = true;
+            cvar.notify_all();
+        }
+        self.server = None;
+    }
+}
+
+impl Drop for SyncServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

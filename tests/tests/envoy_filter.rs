@@ -1,0 +1,197 @@
+//! The built filter in a real Envoy 1.40 (V8 runtime) at `--concurrency 2`,
+//! syncing from a test server that speaks the agent's protocol.
+
+use std::time::{Duration, Instant};
+
+use acme_tests::envoy::{Envoy, bootstrap, free_addr, wasm_filter_yaml};
+use acme_tests::http::{self, Reply, Server};
+use acme_tests::sync_server::SyncServer;
+use acme_tests::{filter_wasm, key_authorization};
+
+const TOKEN: &str = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA";
+const HOST: &str = "www.example.com";
+
+/// Polls `f` every 20 ms until it returns true, for at most `timeout`.
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn upstream_body() -> Vec<u8> {
+    // Every byte value, several times, so any rewriting would show.
+    (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect()
+}
+
+#[test]
+fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
+    let wasm = filter_wasm().unwrap();
+    let mut agent = SyncServer::start(None).unwrap();
+    let body = upstream_body();
+    let upstream_body_copy = body.clone();
+    let upstream = Server::start(move |req| {
+        let mut reply = Reply::new(200, upstream_body_copy.clone());
+        reply
+            .headers
+            .push(("x-upstream-path".into(), req.path.clone()));
+        reply
+    })
+    .unwrap();
+
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let filter = wasm_filter_yaml(
+        &wasm,
+        r#"{"agent_cluster":"acme_agent","poll_wait_seconds":2}"#,
+    );
+    let config = bootstrap(listen, admin, &filter, upstream.addr(), agent.addr());
+    let envoy = Envoy::start(&config, admin, 2).unwrap();
+
+    // A token published by the agent is served within moments.
+    let published = Instant::now();
+    agent.publish(&[(TOKEN, HOST)]);
+    let path = format!("/.well-known/acme-challenge/{TOKEN}");
+    assert!(
+        eventually(Duration::from_secs(5), || http::get(listen, &path, HOST)
+            .is_ok_and(|r| r.status == 200)),
+        "token not served:\n{}",
+        envoy.log()
+    );
+    eprintln!("token served {:?} after publishing", published.elapsed());
+
+    // Many connections, spread over both workers: every one answered inline.
+    for _ in 0..40 {
+        let r = http::get(listen, &path, HOST).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), key_authorization(TOKEN));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert!(
+            r.header("x-upstream-path").is_none(),
+            "the upstream answered a challenge"
+        );
+    }
+    let listener_stat = format!("listener.{listen}.worker_", listen = listen).replace(':', "_");
+    for worker in 0..2 {
+        let cx = envoy
+            .stat(&format!("{listener_stat}{worker}.downstream_cx_total"))
+            .unwrap()
+            .unwrap_or(0);
+        assert!(cx >= 10, "worker {worker} handled only {cx} connections");
+    }
+
+    // HEAD, unknown token, wrong host, wrong method.
+    let r = http::request(listen, "HEAD", &path, HOST).unwrap();
+    assert_eq!(r.status, 200);
+    let r = http::get(listen, "/.well-known/acme-challenge/unknown", HOST).unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-upstream-path").is_none());
+    let r = http::get(listen, &path, "evil.example.net").unwrap();
+    assert_eq!(r.status, 404);
+    let r = http::request(listen, "POST", &path, HOST).unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    let r = http::get(listen, "/.well-known/acme-challenge/..%2F..%2Fetc", HOST).unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-upstream-path").is_none());
+
+    // Other traffic reaches the real upstream, byte-identical.
+    for p in ["/", "/data.bin?x=1", "/.well-known/other"] {
+        let r = http::get(listen, p, HOST).unwrap();
+        assert_eq!(r.status, 200, "{p}");
+        assert_eq!(r.header("x-upstream-path"), Some(p));
+        assert!(r.body == body, "{p}: body changed on the way through");
+    }
+
+    // Envoy's /stats carries the filter's metrics.
+    let stats = envoy.admin_text("/stats?filter=acme_filter").unwrap();
+    eprintln!("{stats}");
+    let stat = |name: &str| -> i64 {
+        stats
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(": ")?;
+                n.ends_with(&format!("acme_filter.{name}"))
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("acme_filter.{name} not in /stats:\n{stats}"))
+    };
+    assert!(stat("challenges_served") >= 42, "{stats}");
+    assert!(stat("challenges_not_found") >= 1);
+    assert!(stat("challenges_rejected") >= 3);
+    assert!(stat("sync_success") >= 1);
+    assert_eq!(stat("tokens_known"), 1);
+    let prometheus = envoy.admin_text("/stats/prometheus").unwrap();
+    assert!(
+        prometheus.contains("acme_filter_challenges_served"),
+        "not in Prometheus output"
+    );
+
+    // The agent goes away: known tokens still answer; failures are counted.
+    let agent_addr = agent.addr();
+    agent.stop();
+    let failures_before = stat("sync_failure");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            envoy
+                .stat(&stats_name(&stats, "sync_failure"))
+                .ok()
+                .flatten()
+                .is_some_and(|n| n > failures_before)
+        }),
+        "no sync failure counted with the agent down"
+    );
+    for _ in 0..10 {
+        let r = http::get(listen, &path, HOST).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), key_authorization(TOKEN));
+    }
+
+    // It comes back on the same address: the filter resyncs by itself.
+    let agent = SyncServer::start(Some(agent_addr)).unwrap();
+    agent.publish(&[("second-token", HOST)]);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            http::get(listen, "/.well-known/acme-challenge/second-token", HOST)
+                .is_ok_and(|r| r.status == 200)
+        }),
+        "no resync after the agent came back:\n{}",
+        envoy.log()
+    );
+    // The old token is gone with the new snapshot.
+    assert_eq!(http::get(listen, &path, HOST).unwrap().status, 404);
+}
+
+/// The full stat name in `stats` that ends with `acme_filter.<name>`.
+fn stats_name(stats: &str, name: &str) -> String {
+    stats
+        .lines()
+        .find_map(|l| {
+            let (n, _) = l.split_once(": ")?;
+            n.ends_with(&format!("acme_filter.{name}"))
+                .then(|| n.to_owned())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn bad_filter_configuration_stops_envoy_from_starting() {
+    let wasm = filter_wasm().unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let filter = wasm_filter_yaml(
+        &wasm,
+        r#"{"agent_cluster":"acme_agent","poll_wait_secs":2}"#,
+    );
+    let config = bootstrap(listen, admin, &filter, admin, admin);
+    let err = match Envoy::start(&config, admin, 1) {
+        Ok(_) => panic!("envoy started with a bad filter configuration"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("poll_wait_secs"),
+        "the log names the field:\n{err}"
+    );
+}
