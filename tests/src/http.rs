@@ -61,7 +61,10 @@ impl Request {
     }
 }
 
-fn read_head(reader: &mut impl BufRead) -> Result<Option<(String, Vec<(String, String)>)>> {
+/// A start line and its lower-cased headers.
+type Head = (String, Vec<(String, String)>);
+
+fn read_head(reader: &mut impl BufRead) -> Result<Option<Head>> {
     let mut first = String::new();
     if reader.read_line(&mut first)? == 0 {
         return Ok(None);
