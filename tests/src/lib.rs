@@ -19,11 +19,11 @@ pub fn workspace_root() -> &'static Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Builds the filter for `wasm32-wasip1` in release mode (as shipped) and returns
-/// the `.wasm`. Runs cargo every time a test process first asks, so a test never
-/// runs a stale file; cargo makes that a no-op when nothing changed. The build
-/// uses its own target directory so it never waits on the lock of the `cargo
-/// test` that runs us.
+/// Builds the filter as shipped (`scripts/build-filter.sh`: release profile for
+/// `wasm32-wasip1`, then `wasm-opt`) and returns the `.wasm`. Runs the build the
+/// first time a test process asks, so a test never runs a stale file; cargo makes
+/// that a no-op when nothing changed. The build has its own target directory so
+/// it never waits on the lock of the `cargo test` that runs us.
 pub fn filter_wasm() -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     BUILT
@@ -32,33 +32,16 @@ pub fn filter_wasm() -> Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
-/// Where the test build of the filter goes; `scripts/build-filter.sh` uses the same.
-pub fn filter_target_dir() -> PathBuf {
-    workspace_root().join("target").join("filter")
-}
-
 fn build_filter() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let target_dir = filter_target_dir();
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "acme-filter",
-            "--target",
-            "wasm32-wasip1",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .status()
-        .context("running cargo to build the filter")?;
-    if !status.success() {
-        bail!("building the filter failed ({status})");
+    let output = Command::new(workspace_root().join("scripts/build-filter.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running scripts/build-filter.sh")?;
+    if !output.status.success() {
+        bail!("building the filter failed ({})", output.status);
     }
-    let wasm = target_dir.join("wasm32-wasip1/release/acme_filter.wasm");
+    let path = String::from_utf8(output.stdout)?;
+    let wasm = workspace_root().join(path.trim());
     if !wasm.is_file() {
         bail!("{} was not produced", wasm.display());
     }
