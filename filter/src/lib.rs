@@ -60,6 +60,17 @@ fn header(map: MapType, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
+/// A host status for a log line (without `Debug`, whose string escaping pulls
+/// Unicode tables into the `.wasm`).
+fn describe(status: Status) -> &'static str {
+    match status {
+        Status::BadArgument => "no such cluster, or a bad argument",
+        Status::NotFound => "not found",
+        Status::InternalFailure => "internal failure",
+        _ => "unexpected host status",
+    }
+}
+
 /// Counter and gauge ids; a metric the host refused to define is simply not kept.
 #[derive(Default)]
 struct Metrics {
@@ -147,8 +158,9 @@ impl AcmeRoot {
             let delay = poller.dispatch_failed(now);
             Metrics::increment(self.metrics.sync_failure);
             warn!(
-                "acme: cannot call agent cluster {:?} ({status:?}); retrying in {delay} ms",
-                request.cluster
+                "acme: cannot call agent cluster {} ({}); retrying in {delay} ms",
+                request.cluster,
+                describe(status)
             );
         }
     }
@@ -227,7 +239,7 @@ impl RootContext for AcmeRoot {
             // Envoy 1.40), and one of those holding the lease would delay the
             // first sync until the lease went stale.
             if let Err(status) = hostcalls::set_tick_period(TICK) {
-                log::error!("acme: cannot set the tick period ({status:?})");
+                log::error!("acme: cannot set the tick period ({})", describe(status));
                 return false;
             }
         }
@@ -302,7 +314,7 @@ impl HttpContext for AcmeHttp {
             answer.body.as_deref().map(str::as_bytes),
         );
         if let Err(status) = sent {
-            warn!("acme: cannot send the local answer ({status:?})");
+            warn!("acme: cannot send the local answer ({})", describe(status));
         }
         Action::Pause
     }

@@ -16,6 +16,8 @@ struct State {
     challenges: Vec<(String, String)>,
     stopped: bool,
     polls: usize,
+    held: usize,
+    max_held: usize,
 }
 
 /// Holds a challenge set; answers long-polls as the protocol says.
@@ -50,15 +52,21 @@ impl SyncServer {
             let deadline = Instant::now() + Duration::from_secs(wait);
             let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
             s.polls += 1;
+            s.held += 1;
+            s.max_held = s.max_held.max(s.held);
             while s.version == asked && !s.stopped {
                 let now = Instant::now();
                 if now >= deadline {
-                    return Reply::new(304, "");
+                    break;
                 }
                 s = cvar
                     .wait_timeout(s, deadline - now)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+            }
+            s.held -= 1;
+            if s.version == asked && !s.stopped {
+                return Reply::new(304, "");
             }
             if s.stopped {
                 return Reply::new(503, "");
@@ -105,6 +113,16 @@ impl SyncServer {
     /// How many polls arrived so far.
     pub fn polls(&self) -> usize {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner()).polls
+    }
+
+    /// The most polls held at the same time so far: one per Envoy process
+    /// when the filter's poller election works.
+    pub fn max_concurrent_polls(&self) -> usize {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .max_held
     }
 
     /// Stops answering and closes the listener, like an agent that went away.

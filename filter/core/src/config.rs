@@ -4,7 +4,7 @@
 //! the field: a typo must stop Envoy from loading the plugin, not silently fall
 //! back to a default.
 
-use serde::Deserialize;
+use miniserde::json::{self, Number, Value};
 
 use crate::Error;
 use crate::challenge::is_valid_token;
@@ -44,18 +44,69 @@ pub struct FilterConfig {
     pub account_thumbprint: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The configuration as written, every field optional; built field by field from
+/// the JSON object so that each error names its field.
+#[derive(Default)]
 struct RawConfig {
     agent_cluster: Option<String>,
     agent_authority: Option<String>,
     agent_token: Option<String>,
-    poll_wait_seconds: Option<u32>,
+    poll_wait_seconds: Option<u64>,
     backoff_initial_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
-    max_sync_bytes: Option<usize>,
+    max_sync_bytes: Option<u64>,
     host_check: Option<bool>,
     account_thumbprint: Option<String>,
+}
+
+fn string(field: &str, value: Value) -> Result<String, Error> {
+    match value {
+        Value::String(s) => Ok(s),
+        _ => Err(invalid(field, "must be a string")),
+    }
+}
+
+fn unsigned(field: &str, value: Value) -> Result<u64, Error> {
+    match value {
+        Value::Number(Number::U64(n)) => Ok(n),
+        _ => Err(invalid(field, "must be a non-negative integer")),
+    }
+}
+
+fn boolean(field: &str, value: Value) -> Result<bool, Error> {
+    match value {
+        Value::Bool(b) => Ok(b),
+        _ => Err(invalid(field, "must be true or false")),
+    }
+}
+
+impl RawConfig {
+    fn from_json(bytes: &[u8]) -> Result<Self, Error> {
+        let text =
+            std::str::from_utf8(bytes).map_err(|_| invalid("configuration", "is not UTF-8"))?;
+        let value: Value =
+            json::from_str(text).map_err(|_| invalid("configuration", "is not valid JSON"))?;
+        let Value::Object(object) = value else {
+            return Err(invalid("configuration", "must be a JSON object"));
+        };
+        let mut raw = Self::default();
+        for (key, value) in object {
+            let field = key.as_str();
+            match field {
+                "agent_cluster" => raw.agent_cluster = Some(string(field, value)?),
+                "agent_authority" => raw.agent_authority = Some(string(field, value)?),
+                "agent_token" => raw.agent_token = Some(string(field, value)?),
+                "poll_wait_seconds" => raw.poll_wait_seconds = Some(unsigned(field, value)?),
+                "backoff_initial_ms" => raw.backoff_initial_ms = Some(unsigned(field, value)?),
+                "backoff_max_ms" => raw.backoff_max_ms = Some(unsigned(field, value)?),
+                "max_sync_bytes" => raw.max_sync_bytes = Some(unsigned(field, value)?),
+                "host_check" => raw.host_check = Some(boolean(field, value)?),
+                "account_thumbprint" => raw.account_thumbprint = Some(string(field, value)?),
+                _ => return Err(invalid(field, "unknown field")),
+            }
+        }
+        Ok(raw)
+    }
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> Error {
@@ -85,25 +136,7 @@ impl FilterConfig {
                 "is empty: set agent_cluster (or account_thumbprint for stateless mode)",
             ));
         }
-        // serde would also build a struct from a JSON array, by position: refuse that.
-        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(invalid("configuration", "must be a JSON object"));
-        }
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let reason = e.into_inner().to_string();
-            // serde reports an unknown key at the parent's path; name the key itself.
-            let unknown = reason
-                .strip_prefix("unknown field `")
-                .and_then(|rest| rest.split('`').next());
-            let field = match (unknown, path.as_str()) {
-                (Some(name), _) => name.to_owned(),
-                (None, "." | "?") => "configuration".to_owned(),
-                (None, _) => path,
-            };
-            invalid(&field, reason)
-        })?;
+        let raw = RawConfig::from_json(bytes)?;
         Self::from_raw(raw)
     }
 
@@ -118,10 +151,11 @@ impl FilterConfig {
         if let Some(token) = &raw.agent_token {
             check_header_value("agent_token", token)?;
         }
-        let poll_wait_seconds = raw.poll_wait_seconds.unwrap_or(DEFAULT_POLL_WAIT_SECONDS);
-        if !(1..=300).contains(&poll_wait_seconds) {
-            return Err(invalid("poll_wait_seconds", "must be between 1 and 300"));
-        }
+        let poll_wait_seconds = match raw.poll_wait_seconds {
+            None => DEFAULT_POLL_WAIT_SECONDS,
+            Some(n @ 1..=300) => n as u32,
+            Some(_) => return Err(invalid("poll_wait_seconds", "must be between 1 and 300")),
+        };
         let backoff_initial_ms = raw.backoff_initial_ms.unwrap_or(DEFAULT_BACKOFF_INITIAL_MS);
         if !(10..=60_000).contains(&backoff_initial_ms) {
             return Err(invalid(
@@ -136,13 +170,16 @@ impl FilterConfig {
                 "must be at least backoff_initial_ms and at most 3600000",
             ));
         }
-        let max_sync_bytes = raw.max_sync_bytes.unwrap_or(DEFAULT_MAX_SYNC_BYTES);
-        if !(1024..=64 << 20).contains(&max_sync_bytes) {
-            return Err(invalid(
-                "max_sync_bytes",
-                "must be between 1024 and 67108864",
-            ));
-        }
+        let max_sync_bytes = match raw.max_sync_bytes {
+            None => DEFAULT_MAX_SYNC_BYTES,
+            Some(n @ 1024..=67_108_864) => n as usize,
+            Some(_) => {
+                return Err(invalid(
+                    "max_sync_bytes",
+                    "must be between 1024 and 67108864",
+                ));
+            }
+        };
         if let Some(thumbprint) = &raw.account_thumbprint {
             // A JWK thumbprint is base64url(SHA-256) without padding: 43 characters.
             if thumbprint.len() != 43 || !is_valid_token(thumbprint) {

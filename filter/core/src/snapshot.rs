@@ -4,7 +4,7 @@
 //! the agent is broken or something else answered, and the last good set is worth
 //! more than a partial new one.
 
-use serde::Deserialize;
+use miniserde::{Deserialize, json};
 
 use crate::Error;
 use crate::challenge::is_valid_token;
@@ -55,8 +55,10 @@ impl Snapshot {
                 body.len()
             )));
         }
-        let raw: RawSnapshot =
-            serde_json::from_slice(body).map_err(|e| sync_error(format!("malformed JSON: {e}")))?;
+        let text = std::str::from_utf8(body).map_err(|_| sync_error("body is not UTF-8"))?;
+        let raw: RawSnapshot = json::from_str(text).map_err(|_| {
+            sync_error("malformed JSON, or version/challenges/token/key_authorization/identifier missing or of the wrong type")
+        })?;
         let mut challenges: Vec<Challenge> = Vec::with_capacity(raw.challenges.len());
         for c in raw.challenges {
             if !is_valid_token(&c.token) {

@@ -97,7 +97,11 @@ fn stored_index(data: &impl SharedData) -> Vec<String> {
 fn write(data: &impl SharedData, key: &str, value: &[u8]) -> Result<(), Error> {
     data.set(key, value, None).map_err(|e| Error::SharedData {
         key: key.to_owned(),
-        reason: format!("{e:?}"),
+        reason: match e {
+            SetError::CasMismatch => "compare-and-swap mismatch",
+            SetError::Other => "refused by the host",
+        }
+        .to_owned(),
     })
 }
 
