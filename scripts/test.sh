@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every test of the workspace, on a fresh machine as on a warm one: installs
-# what is missing (scripts/setup.sh), builds the filter, runs the native tests
-# (wasmtime host, real Envoy, real Pebble), the core's tests again in Node's V8,
-# then formatting and clippy.
+# what is missing (scripts/setup.sh), builds the filter, checks formatting and
+# clippy, runs the native tests (wasmtime host, real Envoy), then the filter
+# core's tests again in Node's V8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,14 +13,14 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "build the filter (wasm32-wasip1, release)"
 scripts/build-filter.sh
 
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p acme-filter --target wasm32-wasip1 -- -D warnings
+
 step "workspace tests"
 cargo test --workspace --all-targets
 
 step "filter core tests in V8 (wasm32-unknown-unknown, wasm-bindgen-test under Node)"
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-  cargo test -p acme-filter-core --target wasm32-unknown-unknown
-
-step "format and lints"
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
-cargo clippy -p acme-filter --target wasm32-wasip1 -- -D warnings
+  cargo test -p acme-filter-core --target wasm32-unknown-unknown --lib

@@ -18,7 +18,7 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         if f() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     }
     false
 }
@@ -131,10 +131,29 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
     assert!(stat("challenges_rejected") >= 3);
     assert!(stat("sync_success") >= 1);
     assert_eq!(stat("tokens_known"), 1);
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("wasmcustom.acme_filter.")),
+        "stat names changed:\n{stats}"
+    );
     let prometheus = envoy.admin_text("/stats/prometheus").unwrap();
     assert!(
         prometheus.contains("acme_filter_challenges_served"),
         "not in Prometheus output"
+    );
+
+    // With the long-poll established, a newly published token is served within
+    // one round trip (printed for the record; a timing is not asserted).
+    let published = Instant::now();
+    agent.publish(&[(TOKEN, HOST), ("fresh-token", HOST)]);
+    assert!(eventually(Duration::from_secs(5), || {
+        http::get(listen, "/.well-known/acme-challenge/fresh-token", HOST)
+            .is_ok_and(|r| r.status == 200)
+    }));
+    eprintln!(
+        "second token served {:?} after publishing",
+        published.elapsed()
     );
 
     // One poller for the whole process (three root contexts at concurrency 2),
