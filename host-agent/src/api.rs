@@ -1,0 +1,146 @@
+//! The challenge API the filter long-polls (`docs/challenge-sync.md`), with
+//! `/healthz` and `/readyz` on the same listener.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::challenges::ChallengeSet;
+
+/// Longest hold the API grants, whatever `wait` asks.
+pub const MAX_WAIT_SECONDS: u64 = 300;
+
+/// What the API handlers share.
+pub struct ApiState {
+    pub challenges: Arc<ChallengeSet>,
+    /// Bearer token the filter must present, if any.
+    pub token: Option<String>,
+    /// Set once the agent can serve its purpose (account loaded).
+    pub ready: AtomicBool,
+    /// Flips to true on shutdown: held long-polls answer at once.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl ApiState {
+    pub fn new(challenges: Arc<ChallengeSet>, token: Option<String>) -> Arc<Self> {
+        Arc::new(Self {
+            challenges,
+            token,
+            ready: AtomicBool::new(false),
+            shutdown: watch::Sender::new(false),
+        })
+    }
+}
+
+/// Compares without an early exit, so response time does not tell how much of
+/// a guessed token was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|presented| same_secret(presented.as_bytes(), token.as_bytes()))
+}
+
+async fn challenges(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    let version = query.get("version").and_then(|v| v.parse::<u64>().ok());
+    let wait = query.get("wait").and_then(|v| v.parse::<u64>().ok());
+    let (Some(asked), Some(wait)) = (version, wait) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "version and wait must be unsigned integers\n",
+        )
+            .into_response();
+    };
+    let mut versions = state.challenges.subscribe();
+    let current = *versions.borrow_and_update();
+    if current == asked {
+        let mut shutdown = state.shutdown.subscribe();
+        let hold = Duration::from_secs(wait.min(MAX_WAIT_SECONDS));
+        tokio::select! {
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+            }
+            () = tokio::time::sleep(hold) => return StatusCode::NOT_MODIFIED.into_response(),
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+        }
+    }
+    Json(state.challenges.snapshot()).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/challenges", get(challenges))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; held long-polls are
+/// answered at once then, so shutdown never waits for a hold to run out.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stopping = Arc::clone(&state);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.shutdown.send_replace(true);
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert!(!same_secret(b"", b"a"));
+    }
+}

@@ -1,0 +1,403 @@
+//! The agent's one declarative config file (TOML).
+//!
+//! Every error names the dotted path of the field at fault, and the binary
+//! exits 64 (EX_USAGE) on one: a typo must stop the start, not fall back to a
+//! default.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Let's Encrypt's production directory, selected by `directory = "letsencrypt"`.
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory, selected by `directory = "letsencrypt-staging"`.
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+/// Default challenge API address: loopback only.
+pub const DEFAULT_CHALLENGE_LISTEN: &str = "127.0.0.1:9180";
+
+/// A certificate's key algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    #[default]
+    EcdsaP256,
+    EcdsaP384,
+}
+
+/// External Account Binding credentials (ZeroSSL, Google Trust Services, ...).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Eab {
+    pub key_id: String,
+    /// base64url HMAC key as the CA hands it out. Never logged.
+    pub hmac_key: String,
+}
+
+impl std::fmt::Debug for Eab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eab")
+            .field("key_id", &self.key_id)
+            .field("hmac_key", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    /// `letsencrypt`, `letsencrypt-staging`, or an `https://` directory URL.
+    pub directory: String,
+    /// Contact email for the account (optional, recommended).
+    pub email: Option<String>,
+    /// Extra PEM root to trust for the CA's TLS (private CAs such as Pebble).
+    pub ca_root: Option<PathBuf>,
+    pub eab: Option<Eab>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeApi {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token the filter must send; set the same `agent_token` on the filter.
+    pub token: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9180))
+}
+
+impl Default for ChallengeApi {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SelfCheck {
+    /// Envoy's plain-HTTP listener, where challenges are fetched with each
+    /// domain as Host before the CA is told to validate.
+    pub target: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// Names the SDS secret, the output files and the metrics.
+    pub name: String,
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub key_type: KeyType,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub acme: Acme,
+    /// Account credentials and certificate state (created 0700).
+    pub state_dir: PathBuf,
+    /// Where SDS files for Envoy are written.
+    pub sds_dir: PathBuf,
+    #[serde(default)]
+    pub challenge_api: ChallengeApi,
+    pub self_check: Option<SelfCheck>,
+    /// How many certificates are ordered at once.
+    #[serde(default = "default_concurrency")]
+    pub order_concurrency: usize,
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<Certificate>,
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Config {
+        path: path.display().to_string(),
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A DNS name an ACME CA can issue for (a leading `*.` is not accepted: HTTP-01
+/// cannot validate wildcards).
+fn is_valid_domain(domain: &str) -> bool {
+    domain.len() <= 253
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("reading config {}", path.display()),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| invalid(path, "(syntax)", e.message().to_owned()))?;
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let reason = e.inner().message().to_owned();
+            // serde names an unknown or missing key in the message, at the parent's path.
+            let unknown = reason
+                .strip_prefix("unknown field `")
+                .or_else(|| reason.strip_prefix("missing field `"))
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned);
+            let field = match (unknown, field.as_str()) {
+                (Some(name), "." | "") => name,
+                (Some(name), at) if !at.ends_with(name.as_str()) => format!("{at}.{name}"),
+                _ => field,
+            };
+            invalid(path, field, reason)
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), Error> {
+        let directory = self.acme.directory_url();
+        if !directory.starts_with("https://") {
+            return Err(invalid(
+                path,
+                "acme.directory",
+                "must be letsencrypt, letsencrypt-staging or an https:// URL",
+            ));
+        }
+        if let Some(email) = &self.acme.email
+            && (!email.contains('@') || email.contains(char::is_whitespace))
+        {
+            return Err(invalid(path, "acme.email", "is not an email address"));
+        }
+        if let Some(eab) = &self.acme.eab {
+            if eab.key_id.is_empty() {
+                return Err(invalid(path, "acme.eab.key_id", "must not be empty"));
+            }
+            let base64url = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+            };
+            if !base64url(&eab.hmac_key) {
+                return Err(invalid(path, "acme.eab.hmac_key", "must be base64url"));
+            }
+        }
+        if let Some(token) = &self.challenge_api.token
+            && (token.len() < 16 || token.bytes().any(|b| !b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                path,
+                "challenge_api.token",
+                "must be at least 16 printable characters without spaces",
+            ));
+        }
+        if self.order_concurrency == 0 || self.order_concurrency > 64 {
+            return Err(invalid(
+                path,
+                "order_concurrency",
+                "must be between 1 and 64",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, cert) in self.certificates.iter().enumerate() {
+            let at = |f: &str| format!("certificate[{i}].{f}");
+            let safe_name = !cert.name.is_empty()
+                && cert.name.len() <= 64
+                && cert
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !safe_name {
+                return Err(invalid(
+                    path,
+                    at("name"),
+                    "must be 1-64 characters of [A-Za-z0-9_-] (it names files and the SDS secret)",
+                ));
+            }
+            if !names.insert(cert.name.as_str()) {
+                return Err(invalid(
+                    path,
+                    at("name"),
+                    format!("{:?} is used twice", cert.name),
+                ));
+            }
+            if cert.domains.is_empty() || cert.domains.len() > 100 {
+                return Err(invalid(path, at("domains"), "must list 1 to 100 domains"));
+            }
+            let mut seen = BTreeSet::new();
+            for domain in &cert.domains {
+                if !is_valid_domain(domain) {
+                    return Err(invalid(
+                        path,
+                        at("domains"),
+                        format!("{domain:?} is not a lower-case DNS name (wildcards need DNS-01)"),
+                    ));
+                }
+                if !seen.insert(domain) {
+                    return Err(invalid(
+                        path,
+                        at("domains"),
+                        format!("{domain:?} is listed twice"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Acme {
+    /// The directory URL, with the Let's Encrypt short names resolved.
+    pub fn directory_url(&self) -> &str {
+        match self.directory.as_str() {
+            "letsencrypt" => LETSENCRYPT,
+            "letsencrypt-staging" => LETSENCRYPT_STAGING,
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "/var/lib/acme-agent"
+sds_dir = "/etc/envoy/sds"
+
+[acme]
+directory = "letsencrypt-staging"
+email = "ops@example.com"
+
+[self_check]
+target = "127.0.0.1:8080"
+
+[[certificate]]
+name = "www"
+domains = ["www.example.com", "example.com"]
+
+[[certificate]]
+name = "api"
+domains = ["api.example.com"]
+key_type = "ecdsa-p384"
+"#;
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text, Path::new("agent.toml")) {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.acme.directory_url(), LETSENCRYPT_STAGING);
+        assert_eq!(
+            c.challenge_api.listen,
+            DEFAULT_CHALLENGE_LISTEN.parse().unwrap()
+        );
+        assert_eq!(c.challenge_api.token, None);
+        assert_eq!(c.order_concurrency, 4);
+        assert_eq!(c.certificates.len(), 2);
+        assert_eq!(c.certificates[0].key_type, KeyType::EcdsaP256);
+        assert_eq!(c.certificates[1].key_type, KeyType::EcdsaP384);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("state_dir", "state_dri"), "state_dri"),
+            (GOOD.replace("sds_dir = \"/etc/envoy/sds\"", ""), "sds_dir"),
+            (
+                GOOD.replace("\"letsencrypt-staging\"", "\"http://ca.test/dir\""),
+                "acme.directory",
+            ),
+            (
+                GOOD.replace("ops@example.com", "not-an-email"),
+                "acme.email",
+            ),
+            (GOOD.replace("email =", "mail ="), "acme.mail"),
+            (
+                GOOD.replace("\"127.0.0.1:8080\"", "\"localhost\""),
+                "self_check.target",
+            ),
+            (
+                GOOD.replace("\"ecdsa-p384\"", "\"dsa\""),
+                "certificate[1].key_type",
+            ),
+            (
+                GOOD.replace("\"api.example.com\"", "\"*.example.com\""),
+                "certificate[1].domains",
+            ),
+            (
+                GOOD.replace("\"api.example.com\"", "\"API.example.com\""),
+                "certificate[1].domains",
+            ),
+            (
+                GOOD.replace("name = \"api\"", "name = \"www\""),
+                "certificate[1].name",
+            ),
+            (
+                GOOD.replace("name = \"api\"", "name = \"../x\""),
+                "certificate[1].name",
+            ),
+            (
+                GOOD.replace("[\"api.example.com\"]", "[]"),
+                "certificate[1].domains",
+            ),
+            (
+                format!("order_concurrency = 0\n{GOOD}"),
+                "order_concurrency",
+            ),
+            (
+                format!("{GOOD}\n[acme.eab]\nkey_id = \"k\"\nhmac_key = \"not base64!\"\n"),
+                "acme.eab.hmac_key",
+            ),
+            ("not toml = = 1".to_owned(), "(syntax)"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(field_of(&text), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn challenge_api_token_is_checked() {
+        let text = format!("{GOOD}\n[challenge_api]\ntoken = \"short\"\n");
+        assert_eq!(field_of(&text), "challenge_api.token");
+    }
+
+    #[test]
+    fn eab_hmac_key_is_never_in_debug_output() {
+        let text = format!(
+            "{GOOD}\n[acme.eab]\nkey_id = \"kid-1\"\nhmac_key = \"c2VjcmV0LWhtYWMta2V5\"\n"
+        );
+        let c = Config::parse(&text, Path::new("agent.toml")).unwrap();
+        let debug = format!("{c:?}");
+        assert!(debug.contains("kid-1"));
+        assert!(!debug.contains("c2VjcmV0LWhtYWMta2V5"), "{debug}");
+    }
+}

@@ -1,0 +1,13 @@
+//! The companion agent: holds the ACME account, orders and renews certificates,
+//! publishes pending HTTP-01 challenges to the filter over the sync protocol
+//! (`docs/challenge-sync.md`), and delivers certificates to Envoy.
+//!
+//! This crate is the library behind the `acme-agent` binary, so tests drive the
+//! same code the binary runs.
+
+pub mod api;
+pub mod challenges;
+pub mod config;
+mod error;
+
+pub use error::Error;

@@ -1,0 +1,66 @@
+//! The `acme-agent` binary's edge: config errors exit 64 naming the field.
+
+use std::process::Command;
+
+fn agent(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_acme-agent"))
+        .args(args)
+        .output()
+        .expect("acme-agent runs")
+}
+
+const GOOD: &str = r#"
+state_dir = "/tmp/acme-agent-state"
+sds_dir = "/tmp/acme-agent-sds"
+[acme]
+directory = "letsencrypt-staging"
+[[certificate]]
+name = "www"
+domains = ["www.example.com"]
+"#;
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let out = agent(&["--config", path.to_str().unwrap(), "check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, GOOD.replace("domains", "domain")).unwrap();
+    for command in ["check-config", "run"] {
+        let out = agent(&["--config", path.to_str().unwrap(), command]);
+        assert_eq!(out.status.code(), Some(64), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("certificate[0].domain"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_exits_64() {
+    let out = agent(&["--config", "/nonexistent/agent.toml", "check-config"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = agent(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("run") && text.contains("check-config"),
+        "{text}"
+    );
+}

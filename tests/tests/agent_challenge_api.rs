@@ -1,0 +1,305 @@
+//! The agent's side of the sync protocol (`docs/challenge-sync.md`): answered
+//! directly over HTTP, then long-polled by the real filter in a real Envoy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acme_agent::api::{self, ApiState};
+use acme_agent::challenges::{Challenge, ChallengeSet};
+use acme_tests::envoy::{Envoy, bootstrap, free_addr, wasm_filter_yaml};
+use acme_tests::filter_wasm;
+use acme_tests::http::{self, Reply, Server};
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "agent-api-test-token-0123456789";
+
+/// The agent's challenge API on a loopback port, in its own runtime; stops
+/// (gracefully, as on SIGTERM) when dropped.
+struct Agent {
+    addr: SocketAddr,
+    set: Arc<ChallengeSet>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    fn start(token: Option<&str>) -> Self {
+        let set = Arc::new(ChallengeSet::new());
+        let state = ApiState::new(Arc::clone(&set), token.map(str::to_owned));
+        state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                api::serve(listener, state, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            set,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn publish(&self, token: &str, identifier: &str) {
+        self.set.publish([Challenge {
+            token: token.into(),
+            key_authorization: format!("{token}.{}", acme_tests::THUMBPRINT),
+            identifier: identifier.into(),
+        }]);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn get_with(addr: SocketAddr, path: &str, auth: Option<&str>) -> http::Response {
+    use std::io::{BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let auth = auth
+        .map(|a| format!("authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: agent\r\n{auth}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    http::read_response(&mut BufReader::new(stream), false).unwrap()
+}
+
+#[test]
+fn protocol_answers() {
+    let agent = Agent::start(Some(TOKEN));
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = Some(bearer.as_str());
+
+    // Auth first.
+    assert_eq!(
+        get_with(agent.addr, "/v1/challenges?version=0&wait=1", None).status,
+        401
+    );
+    assert_eq!(
+        get_with(
+            agent.addr,
+            "/v1/challenges?version=0&wait=1",
+            Some("Bearer wrong")
+        )
+        .status,
+        401
+    );
+    // Bad query.
+    assert_eq!(
+        get_with(agent.addr, "/v1/challenges?version=x&wait=1", auth).status,
+        400
+    );
+    assert_eq!(get_with(agent.addr, "/v1/challenges", auth).status, 400);
+
+    // A different version: the snapshot at once.
+    agent.publish("tok1", "www.example.com");
+    let r = get_with(agent.addr, "/v1/challenges?version=0&wait=30", auth);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body = r.text();
+    assert!(body.contains(r#""token":"tok1""#), "{body}");
+    let version = agent.set.version();
+    assert!(body.contains(&format!(r#""version":{version}"#)), "{body}");
+
+    // The same version: held, then 304 with no body.
+    let start = Instant::now();
+    let r = get_with(
+        agent.addr,
+        &format!("/v1/challenges?version={version}&wait=1"),
+        auth,
+    );
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "not held: {:?}",
+        start.elapsed()
+    );
+
+    // Held, and a change answers at once.
+    let addr = agent.addr;
+    let bearer2 = bearer.clone();
+    let held = std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = get_with(
+            addr,
+            &format!("/v1/challenges?version={version}&wait=30"),
+            Some(&bearer2),
+        );
+        (r, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.publish("tok2", "api.example.com");
+    let (r, took) = held.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("tok2"));
+    assert!(
+        took < Duration::from_secs(5),
+        "a change did not end the hold: {took:?}"
+    );
+
+    // Health and readiness.
+    assert_eq!(get_with(agent.addr, "/healthz", None).status, 200);
+    assert_eq!(get_with(agent.addr, "/readyz", None).status, 200);
+}
+
+#[test]
+fn shutdown_answers_held_polls_at_once() {
+    let agent = Agent::start(None);
+    let version = agent.set.version();
+    let addr = agent.addr;
+    let held = std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = get_with(
+            addr,
+            &format!("/v1/challenges?version={version}&wait=60"),
+            None,
+        );
+        (r.status, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    drop(agent);
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown waited for the hold"
+    );
+    let (status, took) = held.join().unwrap();
+    assert_eq!(status, 503);
+    assert!(took < Duration::from_secs(5));
+}
+
+#[test]
+fn real_filter_in_real_envoy_syncs_from_the_agent_api() {
+    let wasm = filter_wasm().unwrap();
+    let agent = Agent::start(Some(TOKEN));
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let filter = wasm_filter_yaml(
+        &wasm,
+        &format!(
+            r#"{{"agent_cluster":"acme_agent","agent_token":"{TOKEN}","poll_wait_seconds":5}}"#
+        ),
+    );
+    let envoy = Envoy::start(
+        &bootstrap(listen, admin, &filter, upstream.addr(), agent.addr),
+        admin,
+        2,
+    )
+    .unwrap();
+    let path = "/.well-known/acme-challenge/fromAgent";
+    let served = |host: &str| http::get(listen, path, host).is_ok_and(|r| r.status == 200);
+    // Wait for the first sync, then publish and measure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while envoy
+        .stat("wasmcustom.acme_filter.sync_success")
+        .unwrap()
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no sync with the agent:\n{}",
+            envoy.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let published = Instant::now();
+    agent.publish("fromAgent", "www.example.com");
+    while !served("www.example.com") {
+        assert!(
+            published.elapsed() < Duration::from_secs(5),
+            "not served:\n{}",
+            envoy.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("agent -> Envoy propagation: {:?}", published.elapsed());
+    let r = http::get(listen, path, "www.example.com").unwrap();
+    assert_eq!(r.text(), format!("fromAgent.{}", acme_tests::THUMBPRINT));
+    assert!(!served("other.example.com"), "host check");
+    // Removal reaches Envoy too.
+    agent.set.remove(["fromAgent"]);
+    let removed = Instant::now();
+    while served("www.example.com") {
+        assert!(removed.elapsed() < Duration::from_secs(5), "not removed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        envoy.stat("wasmcustom.acme_filter.sync_failure").unwrap(),
+        Some(0)
+    );
+}
+
+#[test]
+fn filter_with_a_wrong_token_is_refused_and_counts_failures() {
+    let wasm = filter_wasm().unwrap();
+    let agent = Agent::start(Some(TOKEN));
+    agent.publish("secretToken", "www.example.com");
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let filter = wasm_filter_yaml(
+        &wasm,
+        r#"{"agent_cluster":"acme_agent","agent_token":"not-the-right-token-at-all"}"#,
+    );
+    let envoy = Envoy::start(
+        &bootstrap(listen, admin, &filter, upstream.addr(), agent.addr),
+        admin,
+        1,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while envoy
+        .stat("wasmcustom.acme_filter.sync_failure")
+        .unwrap()
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no failures counted:\n{}",
+            envoy.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(envoy.log().contains("status 401"), "{}", envoy.log());
+    let r = http::get(
+        listen,
+        "/.well-known/acme-challenge/secretToken",
+        "www.example.com",
+    )
+    .unwrap();
+    assert_eq!(r.status, 404);
+}
