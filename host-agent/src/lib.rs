@@ -9,5 +9,6 @@ pub mod api;
 pub mod challenges;
 pub mod config;
 mod error;
+pub mod sink;
 
 pub use error::Error;

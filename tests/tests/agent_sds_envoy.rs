@@ -1,0 +1,176 @@
+//! The agent's file sink feeding a real Envoy: the SDS file it writes loads,
+//! a replaced certificate is served on the next handshake without a restart,
+//! and a broken one is rejected while the old one stays.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
+use acme_tests::envoy::{Envoy, free_addr};
+
+/// A self-signed P-256 certificate for `cn` from the openssl CLI (scripts/setup.sh
+/// installs it): (chain PEM, PKCS#8 key PEM).
+fn self_signed(dir: &Path, cn: &str) -> (String, String) {
+    let key = dir.join(format!("{cn}.key"));
+    let crt = dir.join(format!("{cn}.crt"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", &format!("/CN={cn}"), "-addext"])
+        .arg(format!("subjectAltName=DNS:{cn}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    (
+        std::fs::read_to_string(crt).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    )
+}
+
+/// The subject Envoy presents for `sni`, read with `openssl s_client`.
+fn served_subject(addr: SocketAddr, sni: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("openssl s_client runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn bootstrap(listen: SocketAddr, admin: SocketAddr, sds: &Path, dir: &Path) -> String {
+    format!(
+        r#"node: {{ id: test, cluster: test }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:
+  - name: https
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - name: www
+              sds_config:
+                path_config_source:
+                  path: {sds}
+                  watched_directory: {{ path: {dir} }}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: https
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "ok" }} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+        admin_port = admin.port(),
+        port = listen.port(),
+        sds = sds.display(),
+        dir = dir.display(),
+    )
+}
+
+#[test]
+fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
+    let work = tempfile::tempdir().unwrap();
+    let sink = FileSink::new(work.path().join("sds")).unwrap();
+    let (chain, key) = self_signed(work.path(), "first.example.com");
+    sink.install(&IssuedCertificate {
+        name: "www".into(),
+        chain_pem: chain,
+        key_pem: key,
+    })
+    .unwrap();
+
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = bootstrap(
+        listen,
+        admin,
+        &sink.sds_path("www"),
+        &work.path().join("sds"),
+    );
+    let envoy = Envoy::start(&config, admin, 1).unwrap();
+    assert!(served_subject(listen, "first.example.com").contains("first.example.com"));
+    let loaded = envoy.stat("sds.www.update_success").unwrap().unwrap_or(0);
+    assert!(loaded >= 1, "{}", envoy.log());
+
+    // A renewed certificate: served on the next handshake, no restart.
+    let (chain, key) = self_signed(work.path(), "second.example.com");
+    let written = Instant::now();
+    sink.install(&IssuedCertificate {
+        name: "www".into(),
+        chain_pem: chain,
+        key_pem: key,
+    })
+    .unwrap();
+    while !served_subject(listen, "first.example.com").contains("second.example.com") {
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "not reloaded:\n{}",
+            envoy.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "hot reload: new certificate served {:?} after the write",
+        written.elapsed()
+    );
+    assert!(envoy.stat("sds.www.update_success").unwrap().unwrap_or(0) > loaded);
+
+    // A key that does not match the chain is rejected; the served one stays.
+    let (chain, _) = self_signed(work.path(), "third.example.com");
+    let (_, other_key) = self_signed(work.path(), "fourth.example.com");
+    sink.install(&IssuedCertificate {
+        name: "www".into(),
+        chain_pem: chain,
+        key_pem: other_key,
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while envoy.stat("sds.www.update_rejected").unwrap().unwrap_or(0) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "mismatched key not rejected:\n{}",
+            envoy.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served_subject(listen, "first.example.com").contains("second.example.com"));
+}
