@@ -53,11 +53,17 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A header as text. Runs for every request (`:path`): valid UTF-8, the common
+/// case, is taken without a copy; anything else is replaced lossily, which
+/// can never form a valid token.
 fn header(map: MapType, name: &str) -> Option<String> {
     hostcalls::get_map_value_bytes(map, name)
         .ok()
         .flatten()
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .map(|v| {
+            String::from_utf8(v)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        })
 }
 
 /// A host status for a log line (without `Debug`, whose string escaping pulls

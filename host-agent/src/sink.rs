@@ -169,6 +169,15 @@ mod tests {
         }
     }
 
+    /// Temporary files left in `dir`.
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect()
+    }
+
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
@@ -205,11 +214,7 @@ mod tests {
                 .unwrap()
                 .contains("chain2")
         );
-        let leftovers: Vec<_> = fs::read_dir(dir.path().join("sds"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".tmp"))
-            .collect();
+        let leftovers = leftovers(&dir.path().join("sds"));
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
@@ -224,11 +229,7 @@ mod tests {
         fs::write(blocked.join("child"), b"x").unwrap();
         assert!(write_atomically(&blocked, b"new", 0o600).is_err());
         assert_eq!(fs::read(&target).unwrap(), b"old");
-        let leftovers: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".tmp"))
-            .collect();
+        let leftovers = leftovers(dir.path());
         assert!(leftovers.is_empty(), "temporary left behind: {leftovers:?}");
     }
 
