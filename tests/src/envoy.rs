@@ -91,6 +91,25 @@ impl Envoy {
         }))
     }
 
+    /// Waits until stat `name` reaches at least `min`; fails with Envoy's log
+    /// after `timeout`.
+    pub fn wait_stat_at_least(&self, name: &str, min: i64, timeout: Duration) -> Result<i64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.stat(name)?.unwrap_or(0);
+            if value >= min {
+                return Ok(value);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{name} = {value}, not >= {min} within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The admin endpoint's text for `path`.
     pub fn admin_text(&self, path: &str) -> Result<String> {
         Ok(http::get(self.admin, path, "admin")?.text())

@@ -222,20 +222,13 @@ fn real_filter_in_real_envoy_syncs_from_the_agent_api() {
     let path = "/.well-known/acme-challenge/fromAgent";
     let served = |host: &str| http::get(listen, path, host).is_ok_and(|r| r.status == 200);
     // Wait for the first sync, then publish and measure.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while envoy
-        .stat("wasmcustom.acme_filter.sync_success")
-        .unwrap()
-        .unwrap_or(0)
-        < 1
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no sync with the agent:\n{}",
-            envoy.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    envoy
+        .wait_stat_at_least(
+            "wasmcustom.acme_filter.sync_success",
+            1,
+            Duration::from_secs(10),
+        )
+        .unwrap();
     let published = Instant::now();
     agent.publish("fromAgent", "www.example.com");
     while !served("www.example.com") {
@@ -280,20 +273,13 @@ fn filter_with_a_wrong_token_is_refused_and_counts_failures() {
         1,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while envoy
-        .stat("wasmcustom.acme_filter.sync_failure")
-        .unwrap()
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no failures counted:\n{}",
-            envoy.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    envoy
+        .wait_stat_at_least(
+            "wasmcustom.acme_filter.sync_failure",
+            2,
+            Duration::from_secs(10),
+        )
+        .unwrap();
     assert!(envoy.log().contains("status 401"), "{}", envoy.log());
     let r = http::get(
         listen,
