@@ -13,6 +13,9 @@ step() { printf '\n== %s\n' "$*" >&2; }
 step "build the filter (wasm32-wasip1, release)"
 scripts/build-filter.sh
 
+step "build the agent binary the end-to-end tests run"
+scripts/build-agent.sh
+
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::challenges::ChallengeSet;
+use crate::metrics::Metrics;
 
 /// Longest hold the API grants, whatever `wait` asks.
 pub const MAX_WAIT_SECONDS: u64 = 300;
@@ -29,15 +30,25 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Flips to true on shutdown: held long-polls answer at once.
     pub shutdown: watch::Sender<bool>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ApiState {
     pub fn new(challenges: Arc<ChallengeSet>, token: Option<String>) -> Arc<Self> {
+        Self::with_metrics(challenges, token, Arc::new(Metrics::new()))
+    }
+
+    pub fn with_metrics(
+        challenges: Arc<ChallengeSet>,
+        token: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             challenges,
             token,
             ready: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
+            metrics,
         })
     }
 }
@@ -108,11 +119,24 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    state.metrics.set_challenges_pending(state.challenges.len());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/challenges", get(challenges))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 

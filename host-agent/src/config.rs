@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
@@ -20,7 +20,7 @@ pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.
 pub const DEFAULT_CHALLENGE_LISTEN: &str = "127.0.0.1:9180";
 
 /// A certificate's key algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeyType {
     #[default]
@@ -88,6 +88,43 @@ pub struct SelfCheck {
     pub target: SocketAddr,
 }
 
+/// Waits between failed attempts for one certificate: `initial_seconds`,
+/// doubled per further failure, at most `max_seconds`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    #[serde(default = "default_retry_initial")]
+    pub initial_seconds: u64,
+    #[serde(default = "default_retry_max")]
+    pub max_seconds: u64,
+}
+
+fn default_retry_initial() -> u64 {
+    60
+}
+
+fn default_retry_max() -> u64 {
+    3600
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            initial_seconds: default_retry_initial(),
+            max_seconds: default_retry_max(),
+        }
+    }
+}
+
+impl Retry {
+    pub fn backoff(&self) -> crate::schedule::Backoff {
+        crate::schedule::Backoff {
+            initial: std::time::Duration::from_secs(self.initial_seconds),
+            max: std::time::Duration::from_secs(self.max_seconds),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Certificate {
@@ -112,6 +149,8 @@ pub struct Config {
     /// How many certificates are ordered at once.
     #[serde(default = "default_concurrency")]
     pub order_concurrency: usize,
+    #[serde(default)]
+    pub retry: Retry,
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<Certificate>,
 }
@@ -196,12 +235,7 @@ impl Config {
             if eab.key_id.is_empty() {
                 return Err(invalid(path, "acme.eab.key_id", "must not be empty"));
             }
-            let base64url = |s: &str| {
-                !s.is_empty()
-                    && s.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
-            };
-            if !base64url(&eab.hmac_key) {
+            if decode_base64url(&eab.hmac_key).is_none_or(|k| k.is_empty()) {
                 return Err(invalid(path, "acme.eab.hmac_key", "must be base64url"));
             }
         }
@@ -219,6 +253,21 @@ impl Config {
                 path,
                 "order_concurrency",
                 "must be between 1 and 64",
+            ));
+        }
+        let retry = self.retry;
+        if retry.initial_seconds == 0 || retry.initial_seconds > 86_400 {
+            return Err(invalid(
+                path,
+                "retry.initial_seconds",
+                "must be between 1 and 86400",
+            ));
+        }
+        if retry.max_seconds < retry.initial_seconds || retry.max_seconds > 86_400 {
+            return Err(invalid(
+                path,
+                "retry.max_seconds",
+                "must be between retry.initial_seconds and 86400",
             ));
         }
         let mut names = BTreeSet::new();
@@ -267,6 +316,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Decodes base64url (padded or not), as CAs hand out EAB HMAC keys.
+pub fn decode_base64url(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .ok()
 }
 
 impl Acme {

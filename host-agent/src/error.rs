@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use thiserror::Error;
 
 /// Everything the agent's library can fail with.
@@ -16,4 +18,116 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The CA refused, failed or could not be reached.
+    #[error("{context}: {}", with_causes(source))]
+    Acme {
+        context: String,
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// An authorization or order ended `invalid`; `detail` is the CA's reason.
+    #[error("{0}")]
+    Validation(String),
+    /// The challenge was not answered correctly through Envoy, so the CA was
+    /// not asked to validate it (a failed validation counts against rate limits).
+    #[error("self-check failed: {0}")]
+    SelfCheck(String),
+    /// An issued or stored certificate failed its checks.
+    #[error("certificate: {0}")]
+    Certificate(String),
+}
+
+/// `e` and its sources, joined: HTTP client errors say "client error
+/// (Connect)" and keep the useful part ("Connection refused") in a source.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl Error {
+    pub(crate) fn acme(context: impl Into<String>) -> impl FnOnce(instant_acme::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Acme { context, source }
+    }
+
+    /// The ACME problem type (`urn:ietf:params:acme:error:<kind>`) when the CA
+    /// sent one.
+    pub fn problem_type(&self) -> Option<&str> {
+        match self {
+            Self::Acme {
+                source: instant_acme::Error::Api(problem),
+                ..
+            } => problem.r#type.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A short, bounded label for metrics: the ACME problem kind
+    /// (`badNonce`, `rateLimited`, ...) or the agent-side category.
+    pub fn kind(&self) -> &'static str {
+        const KNOWN: &[&str] = &[
+            "accountDoesNotExist",
+            "badNonce",
+            "badCSR",
+            "caa",
+            "connection",
+            "dns",
+            "incorrectResponse",
+            "malformed",
+            "orderNotReady",
+            "rateLimited",
+            "rejectedIdentifier",
+            "serverInternal",
+            "unauthorized",
+            "unsupportedIdentifier",
+            "externalAccountRequired",
+        ];
+        match self {
+            Self::Config { .. } => "config",
+            Self::Io { .. } => "io",
+            Self::Validation(_) => "validation",
+            Self::SelfCheck(_) => "self_check",
+            Self::Certificate(_) => "certificate",
+            Self::Acme { source, .. } => match source {
+                instant_acme::Error::Api(p) => p
+                    .r#type
+                    .as_deref()
+                    .and_then(|t| t.strip_prefix("urn:ietf:params:acme:error:"))
+                    .and_then(|k| KNOWN.iter().find(|known| **known == k).copied())
+                    .unwrap_or("other_problem"),
+                instant_acme::Error::Timeout(_) => "timeout",
+                instant_acme::Error::Other(_) | instant_acme::Error::Hyper(_) => "transport",
+                _ => "client",
+            },
+        }
+    }
+
+    pub fn is_bad_nonce(&self) -> bool {
+        self.kind() == "badNonce"
+    }
+
+    pub fn is_rate_limited(&self) -> bool {
+        self.kind() == "rateLimited"
+    }
+
+    /// How long the CA asked to wait, if it said so (an order timeout carries
+    /// the next poll time).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Acme {
+                source: instant_acme::Error::Timeout(Some(at)),
+                ..
+            } => Some(at.saturating_duration_since(std::time::Instant::now())),
+            _ => None,
+        }
+    }
 }

@@ -5,10 +5,19 @@
 //! This crate is the library behind the `acme-agent` binary, so tests drive the
 //! same code the binary runs.
 
+pub mod acme;
 pub mod api;
+pub mod certificate;
 pub mod challenges;
 pub mod config;
 mod error;
+pub mod manager;
+pub mod metrics;
+pub mod order;
+pub mod schedule;
+pub mod self_check;
 pub mod sink;
+pub mod status;
+pub mod store;
 
 pub use error::Error;

@@ -5,12 +5,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
+use acme_agent::manager::Manager;
+use acme_agent::metrics::Metrics;
+use acme_agent::sink::FileSink;
+use acme_agent::status;
+use acme_agent::store::Store;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing::{error, info};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 /// EX_USAGE: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 64;
@@ -35,10 +43,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: challenge API, orders, renewals, SDS output.
+    /// Run the agent: challenge API, orders, renewals, SDS output. Reloads the
+    /// config file when it changes and on SIGHUP; stops on SIGTERM or SIGINT.
     Run,
     /// Check the configuration file and exit (0 when valid, 64 when not).
     CheckConfig,
+    /// Print every certificate's domains, expiry, next renewal and last error,
+    /// read from the state directory.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -67,7 +79,20 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Run => match run(config) {
+        Command::Status => {
+            let store = Store::existing(&config.state_dir);
+            match status::table(&config, &store) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("acme-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run => match run(cli.config, config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e:#}");
@@ -78,9 +103,16 @@ fn main() -> ExitCode {
 }
 
 #[tokio::main]
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let store = Store::open(&config.state_dir)?;
+    let sink = Arc::new(FileSink::new(&config.sds_dir)?);
+    let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
-    let state = ApiState::new(Arc::clone(&challenges), config.challenge_api.token.clone());
+    let state = ApiState::with_metrics(
+        Arc::clone(&challenges),
+        config.challenge_api.token.clone(),
+        Arc::clone(&metrics),
+    );
     let listener = tokio::net::TcpListener::bind(config.challenge_api.listen)
         .await
         .with_context(|| {
@@ -90,12 +122,97 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         })?;
     info!(address = %listener.local_addr()?, "challenge API listening");
+
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    let manager = Manager::new(config_rx, store, sink, challenges, metrics)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let manager = tokio::spawn(manager.run(stop_rx.clone()));
+    let reloader = tokio::spawn(watch_config(path, config_tx, stop_rx.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    api::serve(listener, state, shutdown_signal()).await?;
+
+    let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {
+        shutdown_signal().await;
+        stop_tx.send_replace(true);
+    }));
+    api.await??;
+    // Bounded: the manager only aborts its jobs and waits for them to unwind.
+    if tokio::time::timeout(Duration::from_secs(10), manager)
+        .await
+        .is_err()
+    {
+        error!("certificate manager did not stop within 10 s");
+    }
+    reloader.abort();
     info!("stopped");
     Ok(())
 }
 
+/// How often the config file is compared with the running config. Polling,
+/// not inotify: a Kubernetes ConfigMap volume swaps a symlink, which a watch
+/// on the file itself never sees.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Reloads the config when the file's content changes or on SIGHUP. A file
+/// that does not parse is reported and the running config kept.
+async fn watch_config(
+    path: PathBuf,
+    config: watch::Sender<Arc<Config>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    if hup.is_none() {
+        warn!("cannot watch SIGHUP; config changes are still picked up every {CONFIG_POLL:?}");
+    }
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        let forced = tokio::select! {
+            () = tokio::time::sleep(CONFIG_POLL) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if forced {
+                    error!(
+                        "SIGHUP: reading {}: {e}; keeping the running config",
+                        path.display()
+                    );
+                }
+                continue;
+            }
+        };
+        if !forced && last.as_ref() == Some(&bytes) {
+            continue;
+        }
+        last = Some(bytes.clone());
+        let parsed = std::str::from_utf8(&bytes)
+            .map_err(|_| format!("{}: not UTF-8", path.display()))
+            .and_then(|text| Config::parse(text, &path).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(new) => {
+                let old = Arc::clone(&config.borrow());
+                if *old == new {
+                    continue;
+                }
+                if old.state_dir != new.state_dir
+                    || old.sds_dir != new.sds_dir
+                    || old.challenge_api != new.challenge_api
+                {
+                    warn!(
+                        "changes to state_dir, sds_dir and [challenge_api] take effect after a restart"
+                    );
+                }
+                info!(
+                    certificates = new.certificates.len(),
+                    "configuration reloaded"
+                );
+                config.send_replace(Arc::new(new));
+            }
+            Err(e) => error!("{e}; keeping the running config"),
+        }
+    }
+}
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -44,6 +44,9 @@ impl std::fmt::Debug for IssuedCertificate {
 pub trait CertificateSink: Send + Sync {
     /// Installs (or replaces) `certificate`; on error the previous one stays.
     fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error>;
+
+    /// True when something is installed for `name` (issued or placeholder).
+    fn installed(&self, name: &str) -> bool;
 }
 
 /// SDS and PEM files in one directory.
@@ -150,6 +153,10 @@ impl CertificateSink for FileSink {
             Self::sds_document(certificate).as_bytes(),
             0o600,
         )
+    }
+
+    fn installed(&self, name: &str) -> bool {
+        self.sds_path(name).is_file()
     }
 }
 

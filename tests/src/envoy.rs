@@ -123,6 +123,93 @@ impl Drop for Envoy {
     }
 }
 
+/// An HTTPS listener at `listen` whose certificates are the agent's SDS files
+/// in `sds_dir`, one per name, picked by SNI. Answers every request with 200
+/// "tls ok".
+pub fn https_listener(listen: SocketAddr, sds_dir: &Path, names: &[&str]) -> String {
+    let secrets: String = names
+        .iter()
+        .map(|name| {
+            format!(
+                r#"
+            - name: {name}
+              sds_config:
+                path_config_source:
+                  path: {dir}/{name}.json
+                  watched_directory: {{ path: {dir} }}"#,
+                dir = sds_dir.display()
+            )
+        })
+        .collect();
+    format!(
+        r#"  - name: https
+    address:
+      socket_address: {{ address: {ip}, port_value: {port} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificate_sds_secret_configs:{secrets}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: https
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "tls ok" }} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#,
+        ip = listen.ip(),
+        port = listen.port(),
+    )
+}
+
+/// The certificate chain (PEM, leaf first) Envoy presents at `addr` for
+/// `sni`, read with `openssl s_client -showcerts`.
+pub fn served_chain(addr: SocketAddr, sni: &str) -> Result<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-showcerts",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .context("running openssl s_client")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut chain = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line == "-----BEGIN CERTIFICATE-----" {
+            inside = true;
+        }
+        if inside {
+            chain.push_str(line);
+            chain.push('\n');
+        }
+        if line == "-----END CERTIFICATE-----" {
+            inside = false;
+        }
+    }
+    if chain.is_empty() {
+        bail!("no certificate served at {addr} for {sni}");
+    }
+    Ok(chain)
+}
+
 /// The HTTP filter chain entry that loads the filter with `configuration` (JSON).
 pub fn wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
     format!(
@@ -151,6 +238,19 @@ pub fn bootstrap(
     filters: &str,
     upstream: SocketAddr,
     agent: SocketAddr,
+) -> String {
+    bootstrap_with_listeners(listen, admin, filters, upstream, agent, "")
+}
+
+/// [`bootstrap`] plus `extra_listeners` (YAML list items at the listeners'
+/// indentation, such as [`https_listener`]).
+pub fn bootstrap_with_listeners(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    filters: &str,
+    upstream: SocketAddr,
+    agent: SocketAddr,
+    extra_listeners: &str,
 ) -> String {
     let endpoint = |name: &str, addr: SocketAddr| {
         format!(
@@ -198,6 +298,7 @@ static_resources:
               - name: envoy.filters.http.router
                 typed_config:
                   "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+{extra_listeners}
   clusters:
 {upstream_cluster}
 {agent_cluster}

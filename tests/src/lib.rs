@@ -1,8 +1,10 @@
 //! Test support: a proxy-wasm host on wasmtime that runs the built filter, and
 //! helpers that build the filter and find the workspace's tools.
 
+pub mod agent;
 pub mod envoy;
 pub mod http;
+pub mod pebble;
 pub mod proxy_wasm_host;
 pub mod sync_server;
 

@@ -1,0 +1,275 @@
+//! The ACME side: the HTTPS client instant-acme talks through (verified TLS,
+//! an extra root only when configured, a timeout, latency metrics, the CA's
+//! `Retry-After`), and the account, created once and then reused from the
+//! state directory.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
+    NewAccount,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::config::Acme as AcmeConfig;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Longest any single request to the CA may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attempts per ACME call when the CA answers `badNonce`. instant-acme already
+/// retries three times inside each attempt; Pebble rejects 5 % of nonces by
+/// default and tests run it at 50 %, where three tries fail one call in eight.
+pub const NONCE_ATTEMPTS: u32 = 10;
+
+tokio::task_local! {
+    /// The CA's last `Retry-After` on an error answer, seen by the task that
+    /// made the request (one order = one task, so orders do not mix theirs up).
+    pub static RETRY_AFTER: Cell<Option<SystemTime>>;
+}
+
+/// Runs `f` with its own `Retry-After` slot; returns its output and the last
+/// `Retry-After` the CA sent with an error during it.
+pub async fn capturing_retry_after<T>(f: impl Future<Output = T>) -> (T, Option<Duration>) {
+    let (out, slot) = RETRY_AFTER
+        .scope(Cell::new(None), async {
+            let out = f.await;
+            (out, RETRY_AFTER.with(Cell::get))
+        })
+        .await;
+    let wait = slot.and_then(|at| at.duration_since(SystemTime::now()).ok());
+    (out, wait)
+}
+
+/// Calls an instant-acme method again while it fails with `badNonce`, up to
+/// [`NONCE_ATTEMPTS`]; any other result is returned. A macro, not a function,
+/// because the call borrows the order mutably and must be rebuilt on every try.
+#[macro_export]
+macro_rules! nonce_retry {
+    ($what:expr, $call:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $call.await {
+                Ok(value) => break Ok(value),
+                Err(e) => {
+                    let e = $crate::Error::acme($what)(e);
+                    if e.is_bad_nonce() && attempt < $crate::acme::NONCE_ATTEMPTS {
+                        ::tracing::debug!(attempt, "badNonce, retrying: {}", $what);
+                        attempt += 1;
+                        continue;
+                    }
+                    break Err(e);
+                }
+            }
+        }
+    }};
+}
+
+/// The HTTPS client every ACME request goes through.
+#[derive(Clone)]
+pub struct Http {
+    client: HyperClient<HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Http {
+    /// The system's roots, plus every certificate in `extra_root` (a PEM file)
+    /// when given: private CAs such as Pebble. Verification is never disabled.
+    pub fn new(extra_root: Option<&Path>, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        if let Some(path) = extra_root {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| Error::Io {
+                    context: format!("reading acme.ca_root {}", path.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            if certs.is_empty() {
+                return Err(Error::Io {
+                    context: format!("reading acme.ca_root {}", path.display()),
+                    source: std::io::Error::other("no PEM certificate in the file"),
+                });
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| Error::Io {
+                    context: format!("adding acme.ca_root {}", path.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            }
+        } else if added == 0 {
+            warn!("no system CA roots found: the CA's TLS certificate cannot be verified");
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Io {
+            context: "building the TLS client".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        Ok(Self {
+            client: HyperClient::builder(TokioExecutor::new()).build(connector),
+            metrics,
+        })
+    }
+}
+
+fn parse_retry_after(headers: &http::HeaderMap) -> Option<SystemTime> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(SystemTime::now() + Duration::from_secs(secs));
+    }
+    httpdate::parse_http_date(value).ok()
+}
+
+impl HttpClient for Http {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let method = req.method().to_string();
+        let metrics = Arc::clone(&self.metrics);
+        let fut = self.client.request(req);
+        Box::pin(async move {
+            let start = Instant::now();
+            let result = tokio::time::timeout(REQUEST_TIMEOUT, fut).await;
+            metrics.observe_acme_request(&method, start.elapsed());
+            match result {
+                Err(_) => Err(instant_acme::Error::Other(
+                    format!("no answer from the CA within {REQUEST_TIMEOUT:?}").into(),
+                )),
+                Ok(Err(e)) => Err(instant_acme::Error::Other(Box::new(e))),
+                Ok(Ok(rsp)) => {
+                    if rsp.status().is_client_error() || rsp.status().is_server_error() {
+                        let at = parse_retry_after(rsp.headers());
+                        if at.is_some() {
+                            let _ = RETRY_AFTER.try_with(|slot| slot.set(at));
+                        }
+                    }
+                    Ok(BytesResponse::from(rsp))
+                }
+            }
+        })
+    }
+}
+
+/// What the state directory keeps of the account. The directory URL is kept
+/// beside the credentials so a changed `acme.directory` never reuses an account
+/// of another CA.
+#[derive(Serialize, Deserialize)]
+struct StoredAccount {
+    directory: String,
+    credentials: AccountCredentials,
+}
+
+/// Loads the account for the configured CA from the state directory, or
+/// registers one (with EAB when configured) and stores it (0600) before use.
+pub async fn open_account(
+    config: &AcmeConfig,
+    store: &Store,
+    http: &Http,
+    metrics: &Metrics,
+) -> Result<Account, Error> {
+    let directory = config.directory_url().to_owned();
+    let path = store.account_path(&directory);
+    if let Some(bytes) = store.read(&path)? {
+        let stored: StoredAccount = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+            context: format!("reading account {}", path.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let account = Account::builder_with_http(Box::new(http.clone()))
+            .from_credentials(stored.credentials)
+            .await
+            .map_err(Error::acme(format!(
+                "loading the ACME directory {directory}"
+            )))?;
+        info!(account = account.id(), "ACME account loaded");
+        return Ok(account);
+    }
+    let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let eab = match &config.eab {
+        Some(eab) => Some(ExternalAccountKey::new(
+            eab.key_id.clone(),
+            &crate::config::decode_base64url(&eab.hmac_key).ok_or_else(|| Error::Config {
+                path: "(config)".into(),
+                field: "acme.eab.hmac_key".into(),
+                reason: "must be base64url".into(),
+            })?,
+        )),
+        None => None,
+    };
+    let new_account = NewAccount {
+        contact: &contacts,
+        terms_of_service_agreed: true,
+        only_return_existing: false,
+    };
+    let (account, credentials) = nonce_retry!(
+        "registering the ACME account",
+        Account::builder_with_http(Box::new(http.clone())).create(
+            &new_account,
+            directory.clone(),
+            eab.as_ref()
+        )
+    )?;
+    let stored = StoredAccount {
+        directory,
+        credentials,
+    };
+    let json = serde_json::to_vec_pretty(&stored).map_err(|e| Error::Io {
+        context: "serializing the account".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    store.write_secret(&path, &json)?;
+    metrics.account_registered();
+    info!(account = account.id(), "ACME account registered");
+    Ok(account)
+}
+
+/// Moves the stored account aside after the CA said it does not know it (a
+/// reset test CA, a deactivated account): the next order registers anew, and
+/// the old credentials stay on disk for the operator.
+pub fn forget_account(config: &AcmeConfig, store: &Store) -> Result<(), Error> {
+    let path = store.account_path(config.directory_url());
+    let aside = path.with_extension(format!(
+        "lost-{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    ));
+    std::fs::rename(&path, &aside).map_err(|source| Error::Io {
+        context: format!("moving {} aside", path.display()),
+        source,
+    })?;
+    warn!(kept = %aside.display(), "the CA does not know the stored account; registering a new one");
+    Ok(())
+}

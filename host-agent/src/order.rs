@@ -1,0 +1,230 @@
+//! One ACME order (RFC 8555 section 7.4), from new-order to a checked chain:
+//! publish every HTTP-01 challenge at once, self-check each through Envoy,
+//! tell the CA, poll, finalize with a fresh key, verify the chain.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
+};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use tracing::{debug, info, warn};
+
+use crate::Error;
+use crate::certificate::{self, Leaf};
+use crate::challenges::{Challenge, ChallengeSet};
+use crate::config::{Certificate, KeyType};
+use crate::nonce_retry;
+use crate::self_check;
+
+/// Polling while the CA validates and issues: short first waits (Pebble and
+/// Let's Encrypt usually answer within a second), `Retry-After` honoured.
+fn polling() -> RetryPolicy {
+    RetryPolicy::new()
+        .initial_delay(Duration::from_millis(200))
+        .backoff(1.5)
+        .timeout(Duration::from_secs(120))
+}
+
+/// Removes the order's tokens from the challenge set when dropped: on success,
+/// on failure and when the order task is aborted.
+struct Published<'a> {
+    set: &'a ChallengeSet,
+    tokens: Vec<String>,
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        self.set.remove(self.tokens.iter().map(String::as_str));
+    }
+}
+
+/// An issued, checked certificate with its fresh key.
+pub struct Issued {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub leaf: Leaf,
+}
+
+/// What the order needs from the agent.
+pub struct OrderContext<'a> {
+    pub account: &'a Account,
+    pub challenges: &'a ChallengeSet,
+    pub self_check: Option<SocketAddr>,
+}
+
+fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
+    let alg = match key_type {
+        KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+    };
+    KeyPair::generate_for(alg).map_err(|e| Error::Certificate(format!("generating a key: {e}")))
+}
+
+fn csr(domains: &[String], key: &KeyPair) -> Result<Vec<u8>, Error> {
+    let mut params = CertificateParams::new(domains.to_vec())
+        .map_err(|e| Error::Certificate(format!("building the CSR: {e}")))?;
+    // The CA takes names from the SANs; an empty subject is what RFC 8555 CAs expect.
+    params.distinguished_name = DistinguishedName::new();
+    let request = params
+        .serialize_request(key)
+        .map_err(|e| Error::Certificate(format!("signing the CSR: {e}")))?;
+    Ok(request.der().to_vec())
+}
+
+/// Orders `spec`; `replaces` is the ARI identifier of the certificate being
+/// renewed when the CA supports ARI.
+pub async fn issue(
+    cx: &OrderContext<'_>,
+    spec: &Certificate,
+    replaces: Option<&str>,
+) -> Result<Issued, Error> {
+    let identifiers: Vec<Identifier> = spec
+        .domains
+        .iter()
+        .map(|d| Identifier::Dns(d.clone()))
+        .collect();
+    let mut new_order = NewOrder::new(&identifiers);
+    if let Some((aki, serial)) = replaces.and_then(|r| r.split_once('.')) {
+        new_order = new_order.replaces(CertificateIdentifier {
+            authority_key_identifier: aki.into(),
+            serial: serial.into(),
+        });
+    }
+    let mut order = nonce_retry!("placing the order", cx.account.new_order(&new_order))?;
+    info!(url = order.url(), "order placed");
+
+    // Fetch every authorization; a badNonce restarts the walk, and the ones
+    // already fetched are not fetched again.
+    let mut attempt = 1;
+    loop {
+        let mut failed = None;
+        let mut authorizations = order.authorizations();
+        while let Some(result) = authorizations.next().await {
+            if let Err(e) = result {
+                failed = Some(Error::acme("fetching an authorization")(e));
+                break;
+            }
+        }
+        match failed {
+            None => break,
+            Some(e) if e.is_bad_nonce() && attempt < crate::acme::NONCE_ATTEMPTS => attempt += 1,
+            Some(e) => return Err(e),
+        }
+    }
+
+    let thumbprint = cx.account.key_thumbprint().to_owned();
+    let mut pending = Vec::new();
+    for authz in &order.state().authorizations {
+        let Some(state) = &authz.state else {
+            return Err(Error::Validation(format!(
+                "authorization {} was not fetched",
+                authz.url
+            )));
+        };
+        let domain = state.identifier().to_string();
+        match state.status {
+            AuthorizationStatus::Valid => {
+                debug!(domain, "authorization already valid");
+                continue;
+            }
+            AuthorizationStatus::Pending => {}
+            other => {
+                return Err(Error::Validation(format!(
+                    "authorization for {domain} is {other:?}"
+                )));
+            }
+        }
+        let challenge = state
+            .challenges
+            .iter()
+            .find(|c| c.r#type == ChallengeType::Http01)
+            .ok_or_else(|| {
+                Error::Validation(format!("the CA offers no http-01 challenge for {domain}"))
+            })?;
+        pending.push(Challenge {
+            key_authorization: format!("{}.{thumbprint}", challenge.token),
+            token: challenge.token.clone(),
+            identifier: domain,
+        });
+    }
+
+    let published = Published {
+        set: cx.challenges,
+        tokens: pending.iter().map(|c| c.token.clone()).collect(),
+    };
+    cx.challenges.publish(pending.iter().cloned());
+
+    if let Some(target) = cx.self_check {
+        let checks = pending
+            .iter()
+            .map(|c| self_check::check(target, &c.identifier, &c.token, &c.key_authorization));
+        for result in futures_util::future::join_all(checks).await {
+            result?;
+        }
+        debug!(challenges = pending.len(), "self-check passed");
+    }
+
+    // Tell the CA, one challenge at a time (the nonce is per request chain).
+    {
+        let mut authorizations = order.authorizations();
+        while let Some(result) = authorizations.next().await {
+            let mut authz = result.map_err(Error::acme("reading an authorization"))?;
+            if authz.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            let mut challenge = authz
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| Error::Validation("http-01 challenge vanished".into()))?;
+            nonce_retry!("marking the challenge ready", challenge.set_ready())?;
+        }
+    }
+
+    let status = nonce_retry!("waiting for validation", order.poll_ready(&polling()))?;
+    if status != OrderStatus::Ready {
+        let detail = invalid_detail(&mut order).await;
+        return Err(Error::Validation(format!("order is {status:?}: {detail}")));
+    }
+    // Every authorization is final: the filters can forget the tokens.
+    drop(published);
+
+    let key = key_pair(spec.key_type)?;
+    let csr = csr(&spec.domains, &key)?;
+    nonce_retry!("finalizing the order", order.finalize_csr(&csr))?;
+    let chain_pem = nonce_retry!(
+        "downloading the certificate",
+        order.poll_certificate(&polling())
+    )?;
+    let key_pem = key.serialize_pem();
+    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())?;
+    Ok(Issued {
+        chain_pem,
+        key_pem,
+        leaf,
+    })
+}
+
+/// Why an order went invalid, from its authorizations' challenge errors.
+async fn invalid_detail(order: &mut instant_acme::Order) -> String {
+    let mut details = Vec::new();
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(mut authz)) = authorizations.next().await {
+        if let Err(e) = authz.refresh().await {
+            warn!("could not refresh an authorization: {e}");
+            continue;
+        }
+        let domain = authz.identifier().to_string();
+        for challenge in &authz.challenges {
+            if let Some(problem) = &challenge.error {
+                details.push(format!("{domain}: {problem}"));
+            }
+        }
+    }
+    if details.is_empty() {
+        "no reason given".into()
+    } else {
+        details.join("; ")
+    }
+}

@@ -1,0 +1,80 @@
+//! The `status` subcommand's table, read from the state directory only: it
+//! works while the agent runs, and when it does not.
+
+use std::fmt::Write as _;
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::Error;
+use crate::config::Config;
+use crate::store::{Status, Store, from_unix};
+
+fn when(secs: Option<u64>) -> String {
+    secs.and_then(|s| {
+        OffsetDateTime::from(from_unix(s))
+            .replace_nanosecond(0)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+/// One row per configured certificate, then any certificate with state but no
+/// longer configured.
+pub fn table(config: &Config, store: &Store) -> Result<String, Error> {
+    let mut rows: Vec<(Status, &str)> = Vec::new();
+    for cert in &config.certificates {
+        let status = store.load_status(&cert.name)?.unwrap_or_else(|| Status {
+            name: cert.name.clone(),
+            domains: cert.domains.clone(),
+            last_error: Some("never attempted".into()),
+            ..Status::default()
+        });
+        rows.push((status, ""));
+    }
+    for name in store.status_names()? {
+        if !config.certificates.iter().any(|c| c.name == name)
+            && let Some(status) = store.load_status(&name)?
+        {
+            rows.push((status, " (not configured)"));
+        }
+    }
+    let cells: Vec<[String; 5]> = rows
+        .into_iter()
+        .map(|(s, note)| {
+            [
+                format!("{}{note}", s.name),
+                s.domains.join(","),
+                when(s.not_after),
+                when(s.next_renewal),
+                match (&s.last_error, s.failures) {
+                    (Some(e), 0) => e.clone(),
+                    (Some(e), n) => format!("{e} ({n} failures)"),
+                    (None, _) => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    let header = ["NAME", "DOMAINS", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR"];
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header.map(str::to_owned)).chain(cells) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}

@@ -1,0 +1,237 @@
+//! The state directory (0700): the ACME account, the last issued chain and key
+//! of every certificate, and a status record per certificate that the `status`
+//! subcommand reads. Every file is replaced atomically.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::config::KeyType;
+use crate::sink::write_atomically;
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+fn json_error(context: String) -> impl FnOnce(serde_json::Error) -> Error {
+    move |e| Error::Io {
+        context,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// A certificate as last issued: chain and key in one file, so they can never
+/// be replaced one without the other.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredCertificate {
+    pub domains: Vec<String>,
+    pub key_type: KeyType,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for StoredCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCertificate")
+            .field("domains", &self.domains)
+            .field("key_type", &self.key_type)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the agent last knew and decided about a certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub domains: Vec<String>,
+    /// Unix seconds.
+    pub not_after: Option<u64>,
+    pub next_renewal: Option<u64>,
+    pub last_error: Option<String>,
+    /// Consecutive failures since the last success.
+    pub failures: u32,
+    pub updated: u64,
+}
+
+/// Unix seconds of `t` (0 before the epoch).
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn from_unix(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens `dir`, creating it (and `certificates/`) 0700 when missing.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, Error> {
+        let dir = dir.into();
+        for d in [dir.clone(), dir.join("certificates")] {
+            fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("setting the mode of {}", d.display())))?;
+        }
+        Ok(Self { dir })
+    }
+
+    /// Opens `dir` for reading only (the `status` subcommand): never creates.
+    pub fn existing(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// One account file per directory URL.
+    pub fn account_path(&self, directory_url: &str) -> PathBuf {
+        let digest = ring::digest::digest(&ring::digest::SHA256, directory_url.as_bytes());
+        let hex: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.dir.join(format!("account-{hex}.json"))
+    }
+
+    fn certificate_path(&self, name: &str) -> PathBuf {
+        self.dir.join("certificates").join(format!("{name}.json"))
+    }
+
+    fn status_path(&self, name: &str) -> PathBuf {
+        self.dir
+            .join("certificates")
+            .join(format!("{name}.status.json"))
+    }
+
+    /// The file's bytes, or `None` when it does not exist.
+    pub fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, Error> {
+        match fs::read(path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// Writes a file holding a private key: 0600, atomically.
+    pub fn write_secret(&self, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+        write_atomically(path, bytes, 0o600)
+    }
+
+    pub fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
+        let path = self.certificate_path(name);
+        self.read(&path)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes)
+                    .map_err(json_error(format!("reading {}", path.display())))
+            })
+            .transpose()
+    }
+
+    pub fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
+        let path = self.certificate_path(name);
+        let json = serde_json::to_vec(cert)
+            .map_err(json_error(format!("serializing {}", path.display())))?;
+        self.write_secret(&path, &json)
+    }
+
+    pub fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
+        let path = self.status_path(name);
+        self.read(&path)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes)
+                    .map_err(json_error(format!("reading {}", path.display())))
+            })
+            .transpose()
+    }
+
+    pub fn save_status(&self, status: &Status) -> Result<(), Error> {
+        let path = self.status_path(&status.name);
+        let json = serde_json::to_vec_pretty(status)
+            .map_err(json_error(format!("serializing {}", path.display())))?;
+        write_atomically(&path, &json, 0o600)
+    }
+
+    /// Names of every certificate with a status record, sorted.
+    pub fn status_names(&self) -> Result<Vec<String>, Error> {
+        let dir = self.dir.join("certificates");
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(format!("listing {}", dir.display()))(e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".status.json"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn directories_0700_and_secrets_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("state")).unwrap();
+        assert_eq!(fs::metadata(store.dir()).unwrap().mode() & 0o777, 0o700);
+        let cert = StoredCertificate {
+            domains: vec!["a.example.com".into()],
+            key_type: KeyType::EcdsaP256,
+            chain_pem: "chain".into(),
+            key_pem: "key".into(),
+        };
+        store.save_certificate("www", &cert).unwrap();
+        let path = store.certificate_path("www");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let back = store.load_certificate("www").unwrap().unwrap();
+        assert_eq!(back.key_pem, "key");
+        assert!(!format!("{back:?}").contains("key\""));
+        assert!(store.load_certificate("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn status_round_trip_and_listing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        for name in ["b", "a"] {
+            store
+                .save_status(&Status {
+                    name: name.into(),
+                    failures: 2,
+                    ..Status::default()
+                })
+                .unwrap();
+        }
+        assert_eq!(store.status_names().unwrap(), ["a", "b"]);
+        assert_eq!(store.load_status("a").unwrap().unwrap().failures, 2);
+    }
+
+    #[test]
+    fn one_account_file_per_directory() {
+        let store = Store::existing("/nonexistent");
+        let a = store.account_path("https://a.test/dir");
+        let b = store.account_path("https://b.test/dir");
+        assert_ne!(a, b);
+        assert_eq!(a, store.account_path("https://a.test/dir"));
+    }
+}

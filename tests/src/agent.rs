@@ -1,0 +1,234 @@
+//! Running the real `acme-agent` binary: built once per test process with
+//! `scripts/build-agent.sh`, started with a generated config, killed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::http;
+use crate::workspace_root;
+
+/// The agent binary, built (or found up to date) the first time it is asked for.
+pub fn agent_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let output = Command::new(workspace_root().join("scripts/build-agent.sh"))
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| format!("running scripts/build-agent.sh: {e}"))?;
+            if !output.status.success() {
+                return Err(format!("building the agent failed ({})", output.status));
+            }
+            let path = workspace_root().join(String::from_utf8_lossy(&output.stdout).trim());
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!("{} was not produced", path.display()))
+            }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// One `[[certificate]]` of a generated config.
+pub struct Cert<'a> {
+    pub name: &'a str,
+    pub domains: &'a [&'a str],
+}
+
+/// The pieces of an agent config the tests vary.
+pub struct Settings<'a> {
+    pub directory_url: &'a str,
+    pub ca_root: &'a Path,
+    pub state_dir: &'a Path,
+    pub sds_dir: &'a Path,
+    pub api: SocketAddr,
+    pub self_check: Option<SocketAddr>,
+    /// (initial, max) seconds between failed attempts.
+    pub retry: (u64, u64),
+    pub certificates: &'a [Cert<'a>],
+}
+
+impl Settings<'_> {
+    pub fn toml(&self) -> String {
+        let mut out = format!(
+            "state_dir = {state:?}\nsds_dir = {sds:?}\n\n[acme]\ndirectory = {dir:?}\nemail = \"ops@example.com\"\nca_root = {root:?}\n\n[challenge_api]\nlisten = \"{api}\"\n\n[retry]\ninitial_seconds = {ri}\nmax_seconds = {rm}\n",
+            state = self.state_dir.display().to_string(),
+            sds = self.sds_dir.display().to_string(),
+            dir = self.directory_url,
+            root = self.ca_root.display().to_string(),
+            api = self.api,
+            ri = self.retry.0,
+            rm = self.retry.1,
+        );
+        if let Some(target) = self.self_check {
+            out.push_str(&format!("\n[self_check]\ntarget = \"{target}\"\n"));
+        }
+        for cert in self.certificates {
+            out.push_str(&format!(
+                "\n[[certificate]]\nname = {:?}\ndomains = {:?}\n",
+                cert.name, cert.domains
+            ));
+        }
+        out
+    }
+}
+
+/// A running agent; SIGKILLed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub api: SocketAddr,
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `acme-agent run` with the config at `config`, appending its log
+    /// to `log`, and waits for `/healthz` at `api`.
+    pub fn start(config: &Path, api: SocketAddr, log: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = Command::new(agent_binary()?)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("RUST_LOG", "info,acme_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting acme-agent")?;
+        let mut agent = Self {
+            child: Some(child),
+            api,
+            config: config.to_owned(),
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = agent.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("acme-agent exited ({status}):\n{}", agent.log());
+            }
+            if http::get(api, "/healthz", "agent").is_ok_and(|r| r.status == 200) {
+                return Ok(agent);
+            }
+            if Instant::now() > deadline {
+                bail!("acme-agent not healthy in 20 s:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The Prometheus exposition from `/metrics`.
+    pub fn metrics(&self) -> Result<String> {
+        let r = http::get(self.api, "/metrics", "agent")?;
+        if r.status != 200 {
+            bail!("/metrics answered {}", r.status);
+        }
+        Ok(r.text())
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels`
+    /// (`key="value"` strings); 0 when there is none.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        Ok(sum_samples(&self.metrics()?, name, labels))
+    }
+
+    /// Sends `signal` (e.g. "TERM", "HUP", "KILL") to the agent.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("agent not running")?;
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit; its exit status.
+    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("agent not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("acme-agent still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sum of the samples of `name` in a Prometheus text exposition whose label
+/// set contains every one of `labels`.
+pub fn sum_samples(exposition: &str, name: &str, labels: &[&str]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name && labels.iter().all(|want| label_text.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing with `what` and
+/// `context()` after `timeout`.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

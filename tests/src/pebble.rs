@@ -1,0 +1,288 @@
+//! A real ACME CA for tests: Debian's `pebble`, with `pebble-challtestsrv` as
+//! its DNS server (every name resolves to 127.0.0.1), so Pebble validates
+//! HTTP-01 challenges against whatever listens on loopback at `http_port`
+//! (the tests put Envoy with the filter there). Both processes are killed on
+//! drop. Pebble's own TLS certificate is generated per instance.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::http::free_port;
+
+/// Knobs of Pebble's environment that tests turn.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `PEBBLE_WFE_NONCEREJECT`: percentage of valid nonces rejected as bad
+    /// (Pebble's default is 5).
+    pub nonce_reject: Option<u8>,
+}
+
+pub struct Pebble {
+    pub dir: tempfile::TempDir,
+    /// `https://127.0.0.1:<port>/dir`
+    pub directory_url: String,
+    /// Pebble's TLS certificate: the `acme.ca_root` an agent must trust.
+    pub tls_root: PathBuf,
+    pub listen: SocketAddr,
+    pub management: SocketAddr,
+    pub http_port: u16,
+    options: Options,
+    dns: Child,
+    dns_addr: SocketAddr,
+    pebble: Option<Child>,
+}
+
+fn spawn_logged(mut cmd: Command, log: PathBuf) -> Result<Child> {
+    let file = std::fs::File::create(&log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?} (scripts/setup.sh installs Debian's pebble)"))
+}
+
+impl Pebble {
+    /// Starts the DNS server and Pebble; Pebble validates HTTP-01 on
+    /// 127.0.0.1:`http_port`.
+    pub fn start(http_port: u16, options: Options) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // A CA and a leaf signed by it: rustls (like any WebPKI verifier)
+        // refuses a self-signed CA certificate presented as the server's.
+        let ca_key = dir.path().join("ca.key");
+        let ca = dir.path().join("ca.crt");
+        let key = dir.path().join("pebble.key");
+        let csr = dir.path().join("pebble.csr");
+        let cert = dir.path().join("pebble.crt");
+        let ext = dir.path().join("leaf.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &["req", "-x509"],
+            &ec,
+            &["-days", "2", "-subj", "/CN=test CA for Pebble"],
+            &[("-keyout", &ca_key), ("-out", &ca)],
+        )?;
+        openssl(
+            &["req"],
+            &ec,
+            &["-subj", "/CN=localhost"],
+            &[("-keyout", &key), ("-out", &csr)],
+        )?;
+        openssl(
+            &["x509", "-req", "-days", "2", "-CAcreateserial"],
+            &[],
+            &[],
+            &[
+                ("-in", &csr),
+                ("-CA", &ca),
+                ("-CAkey", &ca_key),
+                ("-extfile", &ext),
+                ("-out", &cert),
+            ],
+        )?;
+        let dns_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut dns_cmd = Command::new("pebble-challtestsrv");
+        dns_cmd
+            .args(["-defaultIPv6", "", "-defaultIPv4", "127.0.0.1"])
+            .args(["-dns01", &dns_addr.to_string()])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{}", free_port()?)]);
+        let dns = spawn_logged(dns_cmd, dir.path().join("challtestsrv.log"))?;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let management: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let config = serde_json_config(listen, management, &cert, &key, http_port, free_port()?);
+        std::fs::write(dir.path().join("pebble.json"), config)?;
+        let mut pebble = Self {
+            directory_url: format!("https://{listen}/dir"),
+            tls_root: ca,
+            listen,
+            management,
+            http_port,
+            options,
+            dns,
+            dns_addr,
+            pebble: None,
+            dir,
+        };
+        pebble.start_ca()?;
+        Ok(pebble)
+    }
+
+    fn start_ca(&mut self) -> Result<()> {
+        let mut cmd = Command::new("pebble");
+        cmd.arg("-config")
+            .arg(self.dir.path().join("pebble.json"))
+            .args(["-dnsserver", &self.dns_addr.to_string()])
+            .env("PEBBLE_VA_NOSLEEP", "1");
+        if let Some(percent) = self.options.nonce_reject {
+            cmd.env("PEBBLE_WFE_NONCEREJECT", percent.to_string());
+        }
+        let log = self.dir.path().join("pebble.log");
+        // Append across restarts so a failure shows the whole story.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting pebble (scripts/setup.sh installs Debian's pebble)")?;
+        self.pebble = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.pebble.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("pebble exited ({status}):\n{}", self.log());
+            }
+            if self.curl(&self.directory_url).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("pebble not ready within {timeout:?}:\n{}", self.log())
+    }
+
+    /// GETs `url` trusting Pebble's TLS certificate.
+    fn curl(&self, url: &str) -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
+            .arg(&self.tls_root)
+            .arg(url)
+            .output()
+            .context("running curl")?;
+        if !out.status.success() {
+            bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// The root that signs this Pebble's certificates (a new one every start).
+    pub fn issuing_root(&self) -> Result<String> {
+        self.curl(&format!("https://{}/roots/0", self.management))
+    }
+
+    /// The intermediates, for chain checks that need them apart.
+    pub fn intermediate(&self) -> Result<String> {
+        self.curl(&format!("https://{}/intermediates/0", self.management))
+    }
+
+    /// Stops the CA (the DNS server stays): the CA is down.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.pebble.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the CA again on the same ports. Pebble keeps nothing across
+    /// restarts: accounts and roots are new.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.start_ca()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+}
+
+/// Runs `openssl <sub> <key opts> <args> <path opts>`, failing on a non-zero exit.
+fn openssl(sub: &[&str], key: &[&str], args: &[&str], paths: &[(&str, &PathBuf)]) -> Result<()> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(sub).args(key).args(args);
+    for (flag, path) in paths {
+        cmd.arg(flag).arg(path);
+    }
+    let out = cmd.output().context("running openssl")?;
+    if !out.status.success() {
+        bail!("openssl {sub:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn serde_json_config(
+    listen: SocketAddr,
+    management: SocketAddr,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    http_port: u16,
+    tls_port: u16,
+) -> String {
+    format!(
+        r#"{{"pebble": {{
+  "listenAddress": "{listen}",
+  "managementListenAddress": "{management}",
+  "certificate": "{cert}",
+  "privateKey": "{key}",
+  "httpPort": {http_port},
+  "tlsPort": {tls_port},
+  "ocspResponderURL": "",
+  "externalAccountBindingRequired": false
+}}}}"#,
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self.dns.kill();
+        let _ = self.dns.wait();
+    }
+}
+
+/// Verifies `chain_pem` (leaf first) against `root_pem` with `openssl verify`,
+/// for `domain`. Returns openssl's complaint when it fails.
+pub fn verify_chain(chain_pem: &str, root_pem: &str, domain: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs: Vec<&str> = chain_pem
+        .split_inclusive("-----END CERTIFICATE-----")
+        .map(str::trim)
+        .filter(|c| c.starts_with("-----BEGIN CERTIFICATE-----"))
+        .collect();
+    if certs.is_empty() {
+        bail!("no certificate in the chain");
+    }
+    std::fs::write(dir.path().join("leaf.pem"), format!("{}\n", certs[0]))?;
+    std::fs::write(
+        dir.path().join("rest.pem"),
+        format!("{}\n", certs[1..].join("\n")),
+    )?;
+    std::fs::write(dir.path().join("root.pem"), root_pem)?;
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(dir.path())
+        .args(["verify", "-CAfile", "root.pem", "-verify_hostname", domain]);
+    if certs.len() > 1 {
+        cmd.args(["-untrusted", "rest.pem"]);
+    }
+    let out = cmd.arg("leaf.pem").output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
