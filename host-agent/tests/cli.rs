@@ -49,6 +49,53 @@ fn bad_config_exits_64_naming_the_field() {
 }
 
 #[test]
+fn each_bad_file_names_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let cases = [
+        (
+            GOOD.replace("www.example.com", "WWW.example.com"),
+            "certificate[0].domains",
+        ),
+        (
+            GOOD.replace("\"www\"\n", "\"www\"\nkey_type = \"rsa-2048\"\n"),
+            "certificate[0].key_type",
+        ),
+        (
+            GOOD.replace("letsencrypt-staging", "http://insecure.test/dir"),
+            "acme.directory",
+        ),
+        (
+            format!("{GOOD}[retry]\ninitial_seconds = 0\n"),
+            "retry.initial_seconds",
+        ),
+        (
+            format!("{GOOD}[retry]\ninitial_seconds = 60\nmax_seconds = 30\n"),
+            "retry.max_seconds",
+        ),
+        (
+            format!("{GOOD}[challenge_api]\nlisten = \"nowhere\"\n"),
+            "challenge_api.listen",
+        ),
+        (format!("{GOOD}[self_check]\n"), "self_check.target"),
+        (
+            format!("{GOOD}[acme.eab]\nkey_id = \"kid\"\nhmac_key = \"%%%\"\n"),
+            "acme.eab.hmac_key",
+        ),
+    ];
+    for (text, field) in cases {
+        std::fs::write(&path, &text).unwrap();
+        let out = agent(&["--config", path.to_str().unwrap(), "check-config"]);
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(": {field}: ")),
+            "{field}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn missing_config_file_exits_64() {
     let out = agent(&["--config", "/nonexistent/agent.toml", "check-config"]);
     assert_eq!(out.status.code(), Some(64));
@@ -60,7 +107,7 @@ fn help_lists_the_commands() {
     let out = agent(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("run") && text.contains("check-config"),
+        text.contains("run") && text.contains("check-config") && text.contains("status"),
         "{text}"
     );
 }
