@@ -23,7 +23,7 @@ use crate::self_check;
 /// Let's Encrypt usually answer within a second), `Retry-After` honoured.
 fn polling() -> RetryPolicy {
     RetryPolicy::new()
-        .initial_delay(Duration::from_millis(200))
+        .initial_delay(Duration::from_millis(100))
         .backoff(1.5)
         .timeout(Duration::from_secs(120))
 }
@@ -193,10 +193,15 @@ pub async fn issue(
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
     nonce_retry!("finalizing the order", order.finalize_csr(&csr))?;
-    let chain_pem = nonce_retry!(
-        "downloading the certificate",
-        order.poll_certificate(&polling())
-    )?;
+    // Pebble and Let's Encrypt often answer the finalize with the order valid
+    // already: fetch at once, poll only while it is processing.
+    let chain_pem = match nonce_retry!("downloading the certificate", order.certificate())? {
+        Some(chain) => chain,
+        None => nonce_retry!(
+            "downloading the certificate",
+            order.poll_certificate(&polling())
+        )?,
+    };
     let key_pem = key.serialize_pem();
     let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())?;
     Ok(Issued {

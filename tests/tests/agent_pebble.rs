@@ -339,7 +339,7 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
             .lines()
             .find(|l| l.starts_with("VmRSS"))
             .unwrap_or("VmRSS: ?");
-        println!("idle agent (2 certificates, debug build) {rss}");
+        println!("idle agent (2 certificates) {rss}");
     }
     assert_eq!(
         world.metric("acme_agent_account_registrations_total", &[]),
