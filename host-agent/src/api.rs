@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::challenges::ChallengeSet;
+use crate::manager::{RenewRefused, Request};
 use crate::metrics::Metrics;
 
 /// Longest hold the API grants, whatever `wait` asks.
@@ -31,17 +32,22 @@ pub struct ApiState {
     /// Flips to true on shutdown: held long-polls answer at once.
     pub shutdown: watch::Sender<bool>,
     pub metrics: Arc<Metrics>,
+    /// Where `POST /v1/renew/{name}` goes; `None` answers 503.
+    pub manager: Option<mpsc::Sender<Request>>,
 }
 
 impl ApiState {
     pub fn new(challenges: Arc<ChallengeSet>, token: Option<String>) -> Arc<Self> {
-        Self::with_metrics(challenges, token, Arc::new(Metrics::new()))
+        Self::with_parts(challenges, token, Arc::new(Metrics::new()), None)
     }
 
-    pub fn with_metrics(
+    /// The state the agent runs with: its metrics, and the manager that takes
+    /// renewal requests.
+    pub fn with_parts(
         challenges: Arc<ChallengeSet>,
         token: Option<String>,
         metrics: Arc<Metrics>,
+        manager: Option<mpsc::Sender<Request>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             challenges,
@@ -49,6 +55,7 @@ impl ApiState {
             ready: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
             metrics,
+            manager,
         })
     }
 }
@@ -131,12 +138,53 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
+/// `POST /v1/renew/{name}`: order a new certificate now (the `renew`
+/// subcommand). Same bearer token as the challenge API.
+async fn renew(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    let Some(manager) = &state.manager else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no certificate manager\n").into_response();
+    };
+    let (reply, answer) = oneshot::channel();
+    if manager
+        .send(Request::Renew {
+            name: name.clone(),
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    match answer.await {
+        Ok(Ok(())) => (StatusCode::ACCEPTED, format!("renewing {name}\n")).into_response(),
+        Ok(Err(RenewRefused::Unknown)) => (
+            StatusCode::NOT_FOUND,
+            format!("no certificate named {name:?}\n"),
+        )
+            .into_response(),
+        Ok(Err(RenewRefused::InProgress)) => (
+            StatusCode::CONFLICT,
+            format!("an order for {name} is already running\n"),
+        )
+            .into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+    }
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/challenges", get(challenges))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/renew/{name}", axum::routing::post(renew))
         .with_state(state)
 }
 

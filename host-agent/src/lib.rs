@@ -10,6 +10,7 @@ pub mod api;
 pub mod certificate;
 pub mod challenges;
 pub mod config;
+pub mod control;
 mod error;
 pub mod manager;
 pub mod metrics;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
+use acme_agent::control;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
 use acme_agent::sink::FileSink;
@@ -17,7 +18,7 @@ use acme_agent::status;
 use acme_agent::store::Store;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 /// EX_USAGE: the configuration is wrong, retrying will not help.
@@ -51,6 +52,12 @@ enum Command {
     /// Print every certificate's domains, expiry, next renewal and last error,
     /// read from the state directory.
     Status,
+    /// Ask the running agent to order a new certificate for NAME now, whatever
+    /// its schedule (through the challenge API, with its token).
+    Renew {
+        /// The certificate's `name` in the config.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +99,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Renew { name } => match control::renew(&config.challenge_api, &name) {
+            Ok(message) => {
+                print!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("acme-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run => match run(cli.config, config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -108,10 +125,12 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let sink = Arc::new(FileSink::new(&config.sds_dir)?);
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
-    let state = ApiState::with_metrics(
+    let (requests_tx, requests_rx) = mpsc::channel(16);
+    let state = ApiState::with_parts(
         Arc::clone(&challenges),
         config.challenge_api.token.clone(),
         Arc::clone(&metrics),
+        Some(requests_tx),
     );
     let listener = tokio::net::TcpListener::bind(config.challenge_api.listen)
         .await
@@ -124,7 +143,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     info!(address = %listener.local_addr()?, "challenge API listening");
 
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
-    let manager = Manager::new(config_rx, store, sink, challenges, metrics)?;
+    let manager = Manager::new(config_rx, store, sink, challenges, metrics, requests_rx)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, config_tx, stop_rx.clone()));

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use instant_acme::{Account, CertificateIdentifier};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -31,6 +31,24 @@ use crate::store::{Status, Store, StoredCertificate, unix};
 const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
 /// With ARI, never sooner than this, whatever `Retry-After` says.
 const ARI_RECHECK_MIN: Duration = Duration::from_secs(3600);
+
+/// Why a renewal request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewRefused {
+    /// No certificate of that name is configured.
+    Unknown,
+    /// An order for it is already running.
+    InProgress,
+}
+
+/// A request to the manager from outside its loop (the API).
+pub enum Request {
+    /// Order a new certificate now, whatever the schedule says.
+    Renew {
+        name: String,
+        reply: oneshot::Sender<Result<(), RenewRefused>>,
+    },
+}
 
 /// What the jobs share.
 struct Shared {
@@ -76,6 +94,8 @@ struct Entry {
     job: Option<AbortHandle>,
     /// Bumped when the spec changes, so a result for the old spec is ignored.
     epoch: u64,
+    /// The next job orders whatever the schedule says (`renew`).
+    force: bool,
 }
 
 impl Entry {
@@ -112,6 +132,7 @@ pub struct Manager {
     permits: Arc<Semaphore>,
     backoff: Backoff,
     self_check: Option<SocketAddr>,
+    requests: mpsc::Receiver<Request>,
 }
 
 impl Manager {
@@ -123,6 +144,7 @@ impl Manager {
         sink: Arc<dyn CertificateSink>,
         challenges: Arc<ChallengeSet>,
         metrics: Arc<Metrics>,
+        requests: mpsc::Receiver<Request>,
     ) -> Result<Self, Error> {
         let current = Arc::clone(&config.borrow());
         let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
@@ -143,6 +165,7 @@ impl Manager {
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
             backoff: current.retry.backoff(),
             self_check: current.self_check.as_ref().map(|s| s.target),
+            requests,
         })
     }
 
@@ -177,6 +200,7 @@ impl Manager {
                     let config = Arc::clone(&self.config.borrow_and_update());
                     self.apply(&config);
                 }
+                Some(request) = self.requests.recv() => self.handle(request),
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
@@ -185,6 +209,24 @@ impl Manager {
         self.jobs.abort_all();
         while self.jobs.join_next().await.is_some() {}
         info!("certificate manager stopped");
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Renew { name, reply } => {
+                let answer = match self.entries.get_mut(&name) {
+                    None => Err(RenewRefused::Unknown),
+                    Some(entry) if entry.job.is_some() => Err(RenewRefused::InProgress),
+                    Some(entry) => {
+                        info!(certificate = name, "renewal requested");
+                        entry.force = true;
+                        entry.due = SystemTime::now();
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
 
     /// Brings the schedule in line with `config`.
@@ -300,6 +342,7 @@ impl Manager {
             last_error: previous.and_then(|s| s.last_error),
             job: None,
             epoch: 0,
+            force: false,
         }
     }
 
@@ -335,6 +378,7 @@ impl Manager {
                 leaf: entry.leaf.clone(),
                 two_thirds: entry.two_thirds(),
                 self_check: self.self_check,
+                force: std::mem::take(&mut entry.force),
             };
             let permits = Arc::clone(&self.permits);
             let epoch = entry.epoch;
@@ -441,6 +485,7 @@ struct Job {
     leaf: Option<Leaf>,
     two_thirds: Option<SystemTime>,
     self_check: Option<SocketAddr>,
+    force: bool,
 }
 
 impl Job {
@@ -470,7 +515,18 @@ impl Job {
         };
         let now = SystemTime::now();
         let mut replaces = None;
-        if let Some(leaf) = &self.leaf {
+        if let Some(leaf) = &self.leaf
+            && self.force
+        {
+            // Asked to renew now: still tell an ARI CA which certificate this replaces.
+            if self
+                .renewal_info(&account, leaf, now)
+                .await
+                .is_some_and(|r| r.is_ok())
+            {
+                replaces = leaf.ari_id.clone();
+            }
+        } else if let Some(leaf) = &self.leaf {
             match self.renewal_info(&account, leaf, now).await {
                 Some(Ok((renew_at, check_at))) if renew_at > now => {
                     return Outcome::Scheduled { renew_at, check_at };
