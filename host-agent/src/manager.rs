@@ -278,6 +278,9 @@ impl Manager {
                     entry.spec = spec.clone();
                     let fits = entry.leaf.as_ref().is_some_and(|l| matches_spec(l, spec));
                     if !(fits && same_key) {
+                        // The certificate being served no longer fits: order
+                        // now, whatever its renewal time.
+                        entry.force = true;
                         entry.due = SystemTime::now();
                         entry.failures = 0;
                         entry.last_error = None;

@@ -210,6 +210,55 @@ pub fn served_chain(addr: SocketAddr, sni: &str) -> Result<String> {
     Ok(chain)
 }
 
+/// One TLS connection kept open across requests (`openssl s_client`), to show
+/// that a certificate swap does not drop connections already established.
+pub struct TlsSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    reader: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl TlsSession {
+    pub fn open(addr: SocketAddr, sni: &str) -> Result<Self> {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                sni,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running openssl s_client")?;
+        let stdin = child.stdin.take().context("s_client stdin")?;
+        let stdout = child.stdout.take().context("s_client stdout")?;
+        Ok(Self {
+            child,
+            stdin,
+            reader: std::io::BufReader::new(stdout),
+        })
+    }
+
+    /// A keep-alive GET on this connection.
+    pub fn get(&mut self, path: &str, host: &str) -> Result<http::Response> {
+        use std::io::Write;
+        write!(self.stdin, "GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")?;
+        self.stdin.flush()?;
+        http::read_response(&mut self.reader, false)
+    }
+}
+
+impl Drop for TlsSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The HTTP filter chain entry that loads the filter with `configuration` (JSON).
 pub fn wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
     format!(

@@ -7,6 +7,7 @@ pub mod http;
 pub mod pebble;
 pub mod proxy_wasm_host;
 pub mod sync_server;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

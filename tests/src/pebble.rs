@@ -194,6 +194,22 @@ impl Pebble {
         }
     }
 
+    /// Makes the CA validate HTTP-01 on `port` from its next (re)start.
+    pub fn set_http_port(&mut self, port: u16) -> Result<()> {
+        let path = self.dir.path().join("pebble.json");
+        let config = std::fs::read_to_string(&path)?;
+        let updated = config.replace(
+            &format!("\"httpPort\": {}", self.http_port),
+            &format!("\"httpPort\": {port}"),
+        );
+        if updated == config {
+            bail!("httpPort not found in {}", path.display());
+        }
+        std::fs::write(&path, updated)?;
+        self.http_port = port;
+        Ok(())
+    }
+
     /// Starts the CA again on the same ports. Pebble keeps nothing across
     /// restarts: accounts and roots are new.
     pub fn restart(&mut self) -> Result<()> {

@@ -3,201 +3,13 @@
 //! real Envoy answering the challenges, and Envoy loading the SDS files the
 //! agent writes.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use acme_tests::agent::{Agent, Cert, Settings, wait_for};
-use acme_tests::envoy::{
-    Envoy, bootstrap_with_listeners, free_addr, https_listener, served_chain, wasm_filter_yaml,
-};
-use acme_tests::filter_wasm;
-use acme_tests::http::{Reply, Server, free_port};
-use acme_tests::pebble::{self, Pebble};
-
-const ISSUE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Pebble, Envoy (filter on the plain listener Pebble validates against, an
-/// HTTPS listener on the SDS files) and the agent, all on loopback.
-struct World {
-    pebble: Pebble,
-    work: tempfile::TempDir,
-    agent: Option<Agent>,
-    envoy: Option<Envoy>,
-    api: SocketAddr,
-    http: SocketAddr,
-    https: SocketAddr,
-    _upstream: Server,
-}
-
-impl World {
-    fn new(options: pebble::Options) -> Self {
-        let http_port = free_port().unwrap();
-        let pebble = Pebble::start(http_port, options).unwrap();
-        let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
-        Self {
-            pebble,
-            work: tempfile::tempdir().unwrap(),
-            agent: None,
-            envoy: None,
-            api: free_addr().unwrap(),
-            http: format!("127.0.0.1:{http_port}").parse().unwrap(),
-            https: free_addr().unwrap(),
-            _upstream: upstream,
-        }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.work.path().join("state")
-    }
-
-    fn sds_dir(&self) -> PathBuf {
-        self.work.path().join("sds")
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.work.path().join("agent.toml")
-    }
-
-    fn write_config(&self, certificates: &[Cert<'_>], retry: (u64, u64)) {
-        let settings = Settings {
-            directory_url: &self.pebble.directory_url,
-            ca_root: &self.pebble.tls_root,
-            state_dir: &self.state_dir(),
-            sds_dir: &self.sds_dir(),
-            api: self.api,
-            self_check: Some(self.http),
-            retry,
-            certificates,
-        };
-        std::fs::write(self.config_path(), settings.toml()).unwrap();
-    }
-
-    fn start_agent(&mut self) {
-        let agent = Agent::start(
-            &self.config_path(),
-            self.api,
-            &self.work.path().join("agent.log"),
-        )
-        .unwrap();
-        self.agent = Some(agent);
-    }
-
-    fn agent(&self) -> &Agent {
-        self.agent.as_ref().expect("agent started")
-    }
-
-    /// Starts Envoy once the agent has written a file for each of `names`
-    /// (placeholders at first): Envoy refuses to start on a missing SDS file.
-    fn start_envoy(&mut self, names: &[&str]) {
-        for name in names {
-            let path = self.sds_dir().join(format!("{name}.json"));
-            wait_for(
-                Duration::from_secs(10),
-                &format!("{} written", path.display()),
-                || path.is_file().then_some(()),
-                || self.agent().log(),
-            )
-            .unwrap();
-        }
-        let filter = wasm_filter_yaml(&filter_wasm().unwrap(), r#"{"agent_cluster":"acme_agent"}"#);
-        let admin = free_addr().unwrap();
-        let config = bootstrap_with_listeners(
-            self.http,
-            admin,
-            &filter,
-            self._upstream.addr(),
-            self.api,
-            &https_listener(self.https, &self.sds_dir(), names),
-        );
-        self.envoy = Some(Envoy::start(&config, admin, 1).unwrap());
-    }
-
-    fn envoy(&self) -> &Envoy {
-        self.envoy.as_ref().expect("envoy started")
-    }
-
-    fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        self.agent().metric(name, labels).unwrap()
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "--- agent log ---\n{}\n--- pebble log (tail) ---\n{}",
-            self.agent.as_ref().map(Agent::log).unwrap_or_default(),
-            tail(&self.pebble.log(), 40)
-        )
-    }
-
-    /// Waits until `n` orders of `certificate` succeeded.
-    fn wait_issued(&self, certificate: &str, n: f64) {
-        let label = format!("certificate=\"{certificate}\"");
-        wait_for(
-            ISSUE_TIMEOUT,
-            &format!("{certificate} issued"),
-            || {
-                (self.metric("acme_agent_orders_total", &[&label, "result=\"success\""]) >= n)
-                    .then_some(())
-            },
-            || self.context(),
-        )
-        .unwrap();
-    }
-
-    fn issued_pem(&self, name: &str) -> (String, String) {
-        let dir = self.sds_dir().join(name);
-        (
-            std::fs::read_to_string(dir.join("tls.crt")).unwrap(),
-            std::fs::read_to_string(dir.join("tls.key")).unwrap(),
-        )
-    }
-
-    /// The chain in `<sds>/<name>/tls.crt` verifies against Pebble's root for
-    /// each domain, and its key is the one beside it.
-    fn assert_valid(&self, name: &str, domains: &[&str]) {
-        let (chain, key) = self.issued_pem(name);
-        let root = self.pebble.issuing_root().unwrap();
-        for domain in domains {
-            pebble::verify_chain(&chain, &root, domain)
-                .unwrap_or_else(|e| panic!("{name} for {domain}: {e}"));
-        }
-        assert_eq!(
-            public_key_of(&chain, "x509"),
-            public_key_of(&key, "pkey"),
-            "{name}: key does not match the leaf"
-        );
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The public key of a PEM certificate (`x509`) or private key (`pkey`), by openssl.
-fn public_key_of(pem: &str, kind: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("openssl")
-        .args(if kind == "x509" {
-            vec!["x509", "-noout", "-pubkey"]
-        } else {
-            vec!["pkey", "-pubout"]
-        })
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(pem.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "openssl {kind} failed");
-    String::from_utf8(out.stdout).unwrap()
-}
+use acme_tests::agent::wait_for;
+use acme_tests::pebble;
+use acme_tests::world::{World, public_key_of};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().mode() & 0o777
@@ -216,22 +28,17 @@ fn account_file(state: &Path) -> PathBuf {
         .expect("an account file in the state directory")
 }
 
-const WWW: Cert<'static> = Cert {
-    name: "www",
-    domains: &["www.example.com", "example.com"],
-};
-const API: Cert<'static> = Cert {
-    name: "api",
-    domains: &["api.example.com"],
-};
+const WWW: (&str, &[&str]) = ("www", &["www.example.com", "example.com"]);
+const API: (&str, &[&str]) = ("api", &["api.example.com"]);
 
 #[test]
 fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
     let mut world = World::new(pebble::Options::default());
-    world.write_config(&[WWW, API], (1, 4));
+    world.certificates(&[WWW, API]);
+    world.write_config();
     let started = Instant::now();
     world.start_agent();
-    world.start_envoy(&["www", "api"]);
+    world.add_envoy(&["www", "api"], 1);
     world.wait_issued("www", 1.0);
     let www_done = started.elapsed();
     world.wait_issued("api", 1.0);
@@ -240,11 +47,11 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
         started.elapsed()
     );
 
-    world.assert_valid("www", WWW.domains);
-    world.assert_valid("api", API.domains);
+    world.assert_valid("www", WWW.1);
+    world.assert_valid("api", API.1);
 
     // Envoy loaded placeholder then certificate, and serves the CA's chain by SNI.
-    let envoy = world.envoy();
+    let envoy = world.envoy(0);
     for name in ["www", "api"] {
         envoy
             .wait_stat_at_least(
@@ -254,23 +61,12 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
             )
             .unwrap();
     }
-    let root = world.pebble.issuing_root().unwrap();
     for (sni, name) in [
         ("example.com", "www"),
         ("www.example.com", "www"),
         ("api.example.com", "api"),
     ] {
-        let served = wait_for(
-            Duration::from_secs(5),
-            &format!("{sni} served by the CA's certificate"),
-            || {
-                served_chain(world.https, sni)
-                    .ok()
-                    .filter(|c| pebble::verify_chain(c, &root, sni).is_ok())
-            },
-            || world.envoy().log(),
-        )
-        .unwrap();
+        let served = world.wait_served(0, sni);
         assert_eq!(
             public_key_of(&served, "x509"),
             public_key_of(&world.issued_pem(name).0, "x509")
@@ -309,23 +105,7 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
     assert!(status.success(), "SIGTERM exit: {status}");
     let cert_before = world.issued_pem("www").0;
     world.start_agent();
-    wait_for(
-        Duration::from_secs(20),
-        "both certificates scheduled after restart",
-        || {
-            let m = world.agent().metrics().ok()?;
-            let scheduled = ["www", "api"].iter().all(|n| {
-                acme_tests::agent::sum_samples(
-                    &m,
-                    "acme_agent_certificate_next_renewal_timestamp_seconds",
-                    &[&format!("certificate=\"{n}\"")],
-                ) > 0.0
-            });
-            scheduled.then_some(())
-        },
-        || world.context(),
-    )
-    .unwrap();
+    world.wait_scheduled();
     assert_eq!(
         world.metric("acme_agent_orders_total", &[]),
         0.0,
@@ -374,9 +154,10 @@ fn every_order_succeeds_when_pebble_rejects_half_the_nonces() {
     let mut world = World::new(pebble::Options {
         nonce_reject: Some(50),
     });
-    world.write_config(&[WWW, API], (1, 4));
+    world.certificates(&[WWW, API]);
+    world.write_config();
     world.start_agent();
-    world.start_envoy(&["www", "api"]);
+    world.add_envoy(&["www", "api"], 1);
     world.wait_issued("www", 1.0);
     world.wait_issued("api", 1.0);
     assert_eq!(
@@ -385,8 +166,8 @@ fn every_order_succeeds_when_pebble_rejects_half_the_nonces() {
         "{}",
         world.context()
     );
-    world.assert_valid("www", WWW.domains);
-    world.assert_valid("api", API.domains);
+    world.assert_valid("www", WWW.1);
+    world.assert_valid("api", API.1);
     let retried = world.agent().log().matches("badNonce, retrying").count();
     println!("badNonce retries beyond instant-acme's own: {retried}");
 }
@@ -394,13 +175,17 @@ fn every_order_succeeds_when_pebble_rejects_half_the_nonces() {
 #[test]
 fn backs_off_while_the_ca_is_down_then_succeeds_when_it_returns() {
     let mut world = World::new(pebble::Options::default());
-    world.write_config(&[API], (1, 2));
+    world.certificates(&[API]);
+    world.retry = (1, 2);
+    world.write_config();
     world.start_agent();
-    world.start_envoy(&["api"]);
+    world.add_envoy(&["api"], 1);
     world.wait_issued("api", 1.0);
 
     world.pebble.stop();
-    world.write_config(&[API, WWW], (1, 2));
+    world.certificates(&[API, WWW]);
+    world.retry = (1, 2);
+    world.write_config();
     world.agent().signal("HUP").unwrap();
     let down = Instant::now();
     let failures = || {
@@ -431,7 +216,7 @@ fn backs_off_while_the_ca_is_down_then_succeeds_when_it_returns() {
     // anew and orders.
     world.pebble.restart().unwrap();
     world.wait_issued("www", 1.0);
-    world.assert_valid("www", WWW.domains);
+    world.assert_valid("www", WWW.1);
     assert!(
         world.agent().log().contains("registering a new one"),
         "{}",
@@ -442,19 +227,22 @@ fn backs_off_while_the_ca_is_down_then_succeeds_when_it_returns() {
 #[test]
 fn a_config_edit_adds_and_removes_certificates_without_restart() {
     let mut world = World::new(pebble::Options::default());
-    world.write_config(&[API], (1, 4));
+    world.certificates(&[API]);
+    world.write_config();
     world.start_agent();
-    world.start_envoy(&["api"]);
+    world.add_envoy(&["api"], 1);
     world.wait_issued("api", 1.0);
     let pid = world.agent().pid();
 
     // Picked up by the file watch alone (no signal).
-    world.write_config(&[API, WWW], (1, 4));
+    world.certificates(&[API, WWW]);
+    world.write_config();
     world.wait_issued("www", 1.0);
-    world.assert_valid("www", WWW.domains);
+    world.assert_valid("www", WWW.1);
 
     // Removing a certificate stops its renewal: its gauges go away.
-    world.write_config(&[WWW], (1, 4));
+    world.certificates(&[WWW]);
+    world.write_config();
     wait_for(
         Duration::from_secs(10),
         "api no longer managed",

@@ -1,0 +1,329 @@
+//! The whole system on loopback for end-to-end tests: Debian's Pebble as the
+//! CA, the real agent binary, one or more real Envoys with the real filter on
+//! a plain-HTTP listener and an HTTPS listener fed by the agent's SDS files,
+//! and an upstream that counts what reaches it. Ports are picked free, so
+//! tests run in parallel; every process is killed on drop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::agent::{Agent, Cert, Settings, sum_samples, wait_for};
+use crate::envoy::{
+    Envoy, bootstrap_with_listeners, free_addr, https_listener, served_chain, wasm_filter_yaml,
+};
+use crate::filter_wasm;
+use crate::http::{Reply, Server, free_port};
+use crate::pebble::{self, Pebble};
+
+/// How long one issuance may take before a test gives up.
+pub const ISSUE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One Envoy: a plain-HTTP listener with the filter, an HTTPS listener on the
+/// SDS files of `names`.
+pub struct Node {
+    pub envoy: Option<Envoy>,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    pub names: Vec<String>,
+    pub concurrency: u32,
+}
+
+pub struct World {
+    pub pebble: Pebble,
+    pub work: tempfile::TempDir,
+    pub agent: Option<Agent>,
+    pub nodes: Vec<Node>,
+    pub api: SocketAddr,
+    pub upstream: Server,
+    /// Requests under `/.well-known/acme-challenge/` that reached the upstream.
+    pub upstream_challenges: Arc<AtomicUsize>,
+    pub certificates: Vec<(String, Vec<String>)>,
+    pub self_check: Option<SocketAddr>,
+    pub retry: (u64, u64),
+    /// The first node's plain-HTTP port: where Pebble validates.
+    pub http_port: u16,
+}
+
+impl World {
+    pub fn new(options: pebble::Options) -> Self {
+        let http_port = free_port().unwrap();
+        let pebble = Pebble::start(http_port, options).unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&hits);
+        let upstream = Server::start(move |request| {
+            if request.path.starts_with("/.well-known/acme-challenge/") {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            Reply::new(200, "upstream")
+        })
+        .unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+        Self {
+            pebble,
+            work: tempfile::tempdir().unwrap(),
+            agent: None,
+            nodes: Vec::new(),
+            api: free_addr().unwrap(),
+            upstream,
+            upstream_challenges: hits,
+            certificates: Vec::new(),
+            self_check: Some(http),
+            retry: (1, 4),
+            http_port,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.work.path().join("state")
+    }
+
+    pub fn sds_dir(&self) -> PathBuf {
+        self.work.path().join("sds")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.work.path().join("agent.toml")
+    }
+
+    /// Replaces the configured certificates (not written until `write_config`).
+    pub fn certificates(&mut self, certs: &[(&str, &[&str])]) -> &mut Self {
+        self.certificates = certs
+            .iter()
+            .map(|(name, domains)| {
+                (
+                    name.to_string(),
+                    domains.iter().map(|d| d.to_string()).collect(),
+                )
+            })
+            .collect();
+        self
+    }
+
+    pub fn write_config(&self) {
+        let domains: Vec<Vec<&str>> = self
+            .certificates
+            .iter()
+            .map(|(_, d)| d.iter().map(String::as_str).collect())
+            .collect();
+        let certs: Vec<Cert<'_>> = self
+            .certificates
+            .iter()
+            .zip(&domains)
+            .map(|((name, _), domains)| Cert { name, domains })
+            .collect();
+        let settings = Settings {
+            directory_url: &self.pebble.directory_url,
+            ca_root: &self.pebble.tls_root,
+            state_dir: &self.state_dir(),
+            sds_dir: &self.sds_dir(),
+            api: self.api,
+            self_check: self.self_check,
+            retry: self.retry,
+            certificates: &certs,
+        };
+        std::fs::write(self.config_path(), settings.toml()).unwrap();
+    }
+
+    pub fn start_agent(&mut self) {
+        let agent = Agent::start(
+            &self.config_path(),
+            self.api,
+            &self.work.path().join("agent.log"),
+        )
+        .unwrap();
+        self.agent = Some(agent);
+    }
+
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    /// Adds an Envoy serving `names` over TLS, at `--concurrency`; the first
+    /// one listens where Pebble validates. Returns its index.
+    pub fn add_envoy(&mut self, names: &[&str], concurrency: u32) -> usize {
+        let http = if self.nodes.is_empty() {
+            format!("127.0.0.1:{}", self.http_port).parse().unwrap()
+        } else {
+            free_addr().unwrap()
+        };
+        self.nodes.push(Node {
+            envoy: None,
+            http,
+            https: free_addr().unwrap(),
+            admin: free_addr().unwrap(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            concurrency,
+        });
+        let index = self.nodes.len() - 1;
+        self.start_envoy(index);
+        index
+    }
+
+    /// (Re)starts node `index`'s Envoy once the agent has written a file for
+    /// each of its names: Envoy refuses to start on a missing SDS file.
+    pub fn start_envoy(&mut self, index: usize) {
+        for name in &self.nodes[index].names {
+            let path = self.sds_dir().join(format!("{name}.json"));
+            wait_for(
+                Duration::from_secs(10),
+                &format!("{} written", path.display()),
+                || path.is_file().then_some(()),
+                || self.context(),
+            )
+            .unwrap();
+        }
+        let node = &self.nodes[index];
+        let names: Vec<&str> = node.names.iter().map(String::as_str).collect();
+        let filter = wasm_filter_yaml(&filter_wasm().unwrap(), r#"{"agent_cluster":"acme_agent"}"#);
+        let config = bootstrap_with_listeners(
+            node.http,
+            node.admin,
+            &filter,
+            self.upstream.addr(),
+            self.api,
+            &https_listener(node.https, &self.sds_dir(), &names),
+        );
+        let envoy = Envoy::start(&config, node.admin, node.concurrency).unwrap();
+        self.nodes[index].envoy = Some(envoy);
+    }
+
+    pub fn stop_envoy(&mut self, index: usize) {
+        self.nodes[index].envoy = None;
+    }
+
+    pub fn envoy(&self, index: usize) -> &Envoy {
+        self.nodes[index].envoy.as_ref().expect("envoy running")
+    }
+
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        self.agent().metric(name, labels).unwrap()
+    }
+
+    pub fn context(&self) -> String {
+        let agent_log =
+            std::fs::read_to_string(self.work.path().join("agent.log")).unwrap_or_default();
+        format!(
+            "--- agent log ---\n{}\n--- pebble log (tail) ---\n{}",
+            tail(&agent_log, 80),
+            tail(&self.pebble.log(), 30)
+        )
+    }
+
+    /// Waits until at least `n` orders of `certificate` succeeded.
+    pub fn wait_issued(&self, certificate: &str, n: f64) {
+        let label = format!("certificate=\"{certificate}\"");
+        wait_for(
+            ISSUE_TIMEOUT,
+            &format!("{certificate} issued {n} times"),
+            || {
+                let m = self.agent().metrics().ok()?;
+                (sum_samples(
+                    &m,
+                    "acme_agent_orders_total",
+                    &[&label, "result=\"success\""],
+                ) >= n)
+                    .then_some(())
+            },
+            || self.context(),
+        )
+        .unwrap();
+    }
+
+    /// Waits until the agent has every configured certificate on its schedule
+    /// (its next-renewal gauge is set): issued or found valid.
+    pub fn wait_scheduled(&self) {
+        wait_for(
+            Duration::from_secs(30),
+            "every certificate scheduled",
+            || {
+                let m = self.agent().metrics().ok()?;
+                self.certificates
+                    .iter()
+                    .all(|(name, _)| {
+                        sum_samples(
+                            &m,
+                            "acme_agent_certificate_next_renewal_timestamp_seconds",
+                            &[&format!("certificate=\"{name}\"")],
+                        ) > 0.0
+                    })
+                    .then_some(())
+            },
+            || self.context(),
+        )
+        .unwrap();
+    }
+
+    /// `<sds>/<name>/tls.crt` and `tls.key`.
+    pub fn issued_pem(&self, name: &str) -> (String, String) {
+        let dir = self.sds_dir().join(name);
+        (
+            std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("tls.key")).unwrap_or_default(),
+        )
+    }
+
+    /// The issued chain verifies against Pebble's root for each domain, and
+    /// its key is the one beside it.
+    pub fn assert_valid(&self, name: &str, domains: &[&str]) {
+        let (chain, key) = self.issued_pem(name);
+        let root = self.pebble.issuing_root().unwrap();
+        for domain in domains {
+            pebble::verify_chain(&chain, &root, domain)
+                .unwrap_or_else(|e| panic!("{name} for {domain}: {e}"));
+        }
+        assert_eq!(
+            public_key_of(&chain, "x509"),
+            public_key_of(&key, "pkey"),
+            "{name}: key does not match the leaf"
+        );
+    }
+
+    /// Waits until node `index` serves `sni` a chain that verifies against
+    /// Pebble's current root; returns it.
+    pub fn wait_served(&self, index: usize, sni: &str) -> String {
+        let root = self.pebble.issuing_root().unwrap();
+        let https = self.nodes[index].https;
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{sni} served with a chain from the CA"),
+            || {
+                served_chain(https, sni)
+                    .ok()
+                    .filter(|c| pebble::verify_chain(c, &root, sni).is_ok())
+            },
+            || self.context(),
+        )
+        .unwrap()
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The public key of a PEM certificate (`x509`) or private key (`pkey`), by openssl.
+pub fn public_key_of(pem: &str, kind: &str) -> String {
+    use std::io::Write;
+    let args: &[&str] = if kind == "x509" {
+        &["x509", "-noout", "-pubkey"]
+    } else {
+        &["pkey", "-pubout"]
+    };
+    let mut child = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(pem.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
