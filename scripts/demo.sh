@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+t0=$(date +%s.%N)
 check_only=false
 case "${1:-}" in
   --check) check_only=true ;;
@@ -172,7 +173,9 @@ printf 'plain HTTP is redirected: %s\n' \
   "$(curl -s -o /dev/null -w '%{http_code} -> %{redirect_url}' --resolve "www.example.com:$HTTP_PORT:127.0.0.1" "http://www.example.com:$HTTP_PORT/")"
 served=$(curl -s "http://127.0.0.1:$ADMIN_PORT/stats?filter=acme_filter.challenges_served" | awk '{print $2}')
 printf 'challenges answered by the filter inside Envoy: %s\n' "$served"
-printf 'from the start of the CA to the first verified TLS answer: %.2f s\n' "$(echo "$first - $started" | bc 2>/dev/null || python3 -c "print($first - $started)")"
+elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+printf 'first verified TLS answer: %s s after the command, %s s after the CA started\n' \
+  "$(elapsed "$t0" "$first")" "$(elapsed "$started" "$first")"
 echo
 "$agent" --config "$run/agent.toml" status
 echo

@@ -130,6 +130,7 @@ pub struct Manager {
     entries: BTreeMap<String, Entry>,
     jobs: JoinSet<(String, u64, Outcome)>,
     permits: Arc<Semaphore>,
+    concurrency: usize,
     backoff: Backoff,
     self_check: Option<SocketAddr>,
     requests: mpsc::Receiver<Request>,
@@ -163,6 +164,7 @@ impl Manager {
             entries: BTreeMap::new(),
             jobs: JoinSet::new(),
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
+            concurrency: current.order_concurrency,
             backoff: current.retry.backoff(),
             self_check: current.self_check.as_ref().map(|s| s.target),
             requests,
@@ -234,7 +236,9 @@ impl Manager {
         if config.acme != self.shared.acme {
             warn!("changes to [acme] take effect after a restart");
         }
-        if self.permits.available_permits() != config.order_concurrency {
+        if self.concurrency != config.order_concurrency {
+            // Jobs already running keep their permits from the old bound.
+            self.concurrency = config.order_concurrency;
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();

@@ -86,14 +86,30 @@ pub async fn issue(
         .iter()
         .map(|d| Identifier::Dns(d.clone()))
         .collect();
-    let mut new_order = NewOrder::new(&identifiers);
-    if let Some((aki, serial)) = replaces.and_then(|r| r.split_once('.')) {
-        new_order = new_order.replaces(CertificateIdentifier {
-            authority_key_identifier: aki.into(),
-            serial: serial.into(),
-        });
-    }
-    let mut order = nonce_retry!("placing the order", cx.account.new_order(&new_order))?;
+    let plain = NewOrder::new(&identifiers);
+    let mut order = match replaces.and_then(|r| r.split_once('.')) {
+        Some((aki, serial)) => {
+            let renewal = NewOrder::new(&identifiers).replaces(CertificateIdentifier {
+                authority_key_identifier: aki.into(),
+                serial: serial.into(),
+            });
+            match nonce_retry!("placing the order", cx.account.new_order(&renewal)) {
+                // RFC 9773 section 5: a certificate already replaced (by an
+                // order that failed later, say) is renewed without `replaces`.
+                Err(e)
+                    if e.problem_type()
+                        .is_some_and(|t| t.ends_with(":alreadyReplaced")) =>
+                {
+                    warn!(
+                        "the CA says the certificate was already replaced; ordering without `replaces`"
+                    );
+                    nonce_retry!("placing the order", cx.account.new_order(&plain))?
+                }
+                other => other?,
+            }
+        }
+        None => nonce_retry!("placing the order", cx.account.new_order(&plain))?,
+    };
     info!(url = order.url(), "order placed");
 
     // Fetch every authorization; a badNonce restarts the walk, and the ones
