@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 unset CARGO_MANIFEST_DIR CARGO_MANIFEST_PATH CARGO_CRATE_NAME CARGO_PRIMARY_PACKAGE CARGO_TARGET_TMPDIR OUT_DIR
 for v in $(compgen -e | grep -E '^CARGO_(PKG|BIN)_' || true); do unset "$v"; done
 target_dir=target/agent
+# The agent serves the filter built from the same commit (Istio fetches it).
+ACME_FILTER_WASM="$PWD/$(scripts/build-filter.sh 2>/dev/null)"
+export ACME_FILTER_WASM
 profile="${PROFILE:-debug}"
 if [ "$profile" = release ]; then
   cargo build --quiet --release -p acme-agent --bin acme-agent --target-dir "$target_dir"

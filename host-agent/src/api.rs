@@ -178,12 +178,33 @@ async fn renew(
     }
 }
 
+const NO_FILTER: &str =
+    "this agent was built without the filter inside (build it with scripts/build-agent.sh)\n";
+
+/// The embedded filter module (Istio fetches it from here).
+async fn filter_wasm() -> Response {
+    match crate::filter_wasm::bytes() {
+        Some(bytes) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
+        None => (StatusCode::NOT_FOUND, NO_FILTER).into_response(),
+    }
+}
+
+/// Its SHA-256 in hex, for `WasmPlugin.spec.sha256` and `RemoteDataSource.sha256`.
+async fn filter_wasm_sha256() -> Response {
+    match crate::filter_wasm::sha256() {
+        Some(hex) => format!("{hex}\n").into_response(),
+        None => (StatusCode::NOT_FOUND, NO_FILTER).into_response(),
+    }
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/challenges", get(challenges))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/filter.wasm", get(filter_wasm))
+        .route("/filter.wasm.sha256", get(filter_wasm_sha256))
         .route("/v1/renew/{name}", axum::routing::post(renew))
         .with_state(state)
 }

@@ -12,6 +12,7 @@ pub mod challenges;
 pub mod config;
 pub mod control;
 mod error;
+pub mod filter_wasm;
 pub mod manager;
 pub mod metrics;
 pub mod order;
