@@ -83,9 +83,19 @@ impl Default for ChallengeApi {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SelfCheck {
-    /// Envoy's plain-HTTP listener, where challenges are fetched with each
-    /// domain as Host before the CA is told to validate.
-    pub target: SocketAddr,
+    /// Envoy's plain-HTTP listener as `host:port` (an address, or a name such
+    /// as a Kubernetes Service), where challenges are fetched with each domain
+    /// as Host before the CA is told to validate.
+    pub target: String,
+}
+
+/// Kubernetes mode: certificates become `kubernetes.io/tls` Secrets and the
+/// agent's state (ACME account, issued certificates, status) lives in Secrets
+/// too, all in `namespace`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    pub namespace: String,
 }
 
 /// Waits between failed attempts for one certificate: `initial_seconds`,
@@ -139,10 +149,13 @@ pub struct Certificate {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub acme: Acme,
-    /// Account credentials and certificate state (created 0700).
-    pub state_dir: PathBuf,
-    /// Where SDS files for Envoy are written.
-    pub sds_dir: PathBuf,
+    /// Account credentials and certificate state (created 0700). Required
+    /// unless `[kubernetes]` is set.
+    pub state_dir: Option<PathBuf>,
+    /// Where SDS files for Envoy are written. Required unless `[kubernetes]`
+    /// is set.
+    pub sds_dir: Option<PathBuf>,
+    pub kubernetes: Option<Kubernetes>,
     #[serde(default)]
     pub challenge_api: ChallengeApi,
     pub self_check: Option<SelfCheck>,
@@ -218,6 +231,47 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), Error> {
+        match &self.kubernetes {
+            None => {
+                for (field, value) in [("state_dir", &self.state_dir), ("sds_dir", &self.sds_dir)] {
+                    if value.is_none() {
+                        return Err(invalid(
+                            path,
+                            field,
+                            "missing (required unless [kubernetes] is set)",
+                        ));
+                    }
+                }
+            }
+            Some(k) => {
+                let dns_label = !k.namespace.is_empty()
+                    && k.namespace.len() <= 63
+                    && !k.namespace.starts_with('-')
+                    && !k.namespace.ends_with('-')
+                    && k.namespace
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                if !dns_label {
+                    return Err(invalid(
+                        path,
+                        "kubernetes.namespace",
+                        "is not a Kubernetes namespace name",
+                    ));
+                }
+            }
+        }
+        if let Some(check) = &self.self_check {
+            let valid = check.target.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                return Err(invalid(
+                    path,
+                    "self_check.target",
+                    "must be host:port (an address or a DNS name, and a port)",
+                ));
+            }
+        }
         let directory = self.acme.directory_url();
         if !directory.starts_with("https://") {
             return Err(invalid(
@@ -284,6 +338,18 @@ impl Config {
                     path,
                     at("name"),
                     "must be 1-64 characters of [A-Za-z0-9_-] (it names files and the SDS secret)",
+                ));
+            }
+            if self.kubernetes.is_some()
+                && !cert
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(invalid(
+                    path,
+                    at("name"),
+                    "names a Kubernetes Secret: lower-case letters, digits and '-' only",
                 ));
             }
             if !names.insert(cert.name.as_str()) {

@@ -87,7 +87,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Status => {
-            let store = Store::existing(&config.state_dir);
+            let Some(state_dir) = &config.state_dir else {
+                eprintln!(
+                    "acme-agent: status reads state_dir; in Kubernetes mode use `kubectl get secrets -l app.kubernetes.io/managed-by=acme-agent`"
+                );
+                return ExitCode::FAILURE;
+            };
+            let store = Store::existing(state_dir);
             match status::table(&config, &store) {
                 Ok(table) => {
                     print!("{table}");
@@ -121,8 +127,11 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
-    let store = Store::open(&config.state_dir)?;
-    let sink = Arc::new(FileSink::new(&config.sds_dir)?);
+    let (Some(state_dir), Some(sds_dir)) = (&config.state_dir, &config.sds_dir) else {
+        anyhow::bail!("[kubernetes] mode is not available in this build yet (issue 5)");
+    };
+    let store = Store::open(state_dir)?;
+    let sink = Arc::new(FileSink::new(sds_dir)?);
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
     let (requests_tx, requests_rx) = mpsc::channel(16);

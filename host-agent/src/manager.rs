@@ -6,7 +6,6 @@
 //! results come back to the loop, which alone mutates the schedule.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -132,7 +131,7 @@ pub struct Manager {
     permits: Arc<Semaphore>,
     concurrency: usize,
     backoff: Backoff,
-    self_check: Option<SocketAddr>,
+    self_check: Option<String>,
     requests: mpsc::Receiver<Request>,
 }
 
@@ -166,7 +165,7 @@ impl Manager {
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
             concurrency: current.order_concurrency,
             backoff: current.retry.backoff(),
-            self_check: current.self_check.as_ref().map(|s| s.target),
+            self_check: current.self_check.as_ref().map(|s| s.target.clone()),
             requests,
         })
     }
@@ -242,7 +241,7 @@ impl Manager {
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();
-        self.self_check = config.self_check.as_ref().map(|s| s.target);
+        self.self_check = config.self_check.as_ref().map(|s| s.target.clone());
         if self.self_check.is_none() {
             warn!("no [self_check] target: challenges go to the CA unchecked");
         }
@@ -384,7 +383,7 @@ impl Manager {
                 spec: entry.spec.clone(),
                 leaf: entry.leaf.clone(),
                 two_thirds: entry.two_thirds(),
-                self_check: self.self_check,
+                self_check: self.self_check.clone(),
                 force: std::mem::take(&mut entry.force),
             };
             let permits = Arc::clone(&self.permits);
@@ -491,7 +490,7 @@ struct Job {
     spec: Certificate,
     leaf: Option<Leaf>,
     two_thirds: Option<SystemTime>,
-    self_check: Option<SocketAddr>,
+    self_check: Option<String>,
     force: bool,
 }
 
@@ -556,7 +555,7 @@ impl Job {
         let cx = OrderContext {
             account: &account,
             challenges: &self.shared.challenges,
-            self_check: self.self_check,
+            self_check: self.self_check.as_deref(),
         };
         let issued = match order::issue(&cx, &self.spec, replaces.as_deref())
             .instrument(span)

@@ -2,7 +2,6 @@
 //! publish every HTTP-01 challenge at once, self-check each through Envoy,
 //! tell the CA, poll, finalize with a fresh key, verify the chain.
 
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use instant_acme::{
@@ -52,7 +51,7 @@ pub struct Issued {
 pub struct OrderContext<'a> {
     pub account: &'a Account,
     pub challenges: &'a ChallengeSet,
-    pub self_check: Option<SocketAddr>,
+    pub self_check: Option<&'a str>,
 }
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {

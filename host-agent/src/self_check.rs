@@ -3,7 +3,6 @@
 //! validation counts against the CA's rate limits; a failed self-check costs
 //! nothing.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,7 +18,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 const RETRY_EVERY: Duration = Duration::from_millis(100);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-async fn fetch_once(target: SocketAddr, domain: &str, path: &str) -> Result<(u16, Bytes), String> {
+async fn fetch_once(target: &str, domain: &str, path: &str) -> Result<(u16, Bytes), String> {
     let stream = TcpStream::connect(target)
         .await
         .map_err(|e| format!("connecting to {target}: {e}"))?;
@@ -49,7 +48,7 @@ async fn fetch_once(target: SocketAddr, domain: &str, path: &str) -> Result<(u16
 /// GETs `/.well-known/acme-challenge/<token>` at `target` with `domain` as
 /// Host until the body is `key_authorization`, or [`DEADLINE`] passes.
 pub async fn check(
-    target: SocketAddr,
+    target: &str,
     domain: &str,
     token: &str,
     key_authorization: &str,

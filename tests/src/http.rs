@@ -331,6 +331,36 @@ impl Drop for Server {
 }
 
 /// A free loopback port (bound and released; the OS does not hand it out again at once).
+/// A loopback port for a server a test starts, from a process-wide counter
+/// below the kernel's ephemeral range (32768 and up here), so neither another
+/// test of this process nor an outgoing connection can have taken it between
+/// this call and the server's bind. Ports that are taken are skipped.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    // Start where the previous test process most likely did not.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        FIRST + (std::process::id() % 200) as u16 * 50,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..(LAST - FIRST) {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = if port >= LAST {
+            NEXT.store(FIRST + 1, Ordering::SeqCst);
+            FIRST
+        } else {
+            port
+        };
+        // Free for TCP, and for UDP too (pebble-challtestsrv's DNS uses both).
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port between {FIRST} and {LAST}")
 }

@@ -29,6 +29,15 @@ pub struct SyncServer {
 impl SyncServer {
     /// Starts on a free loopback port, or on `addr` (to come back after a stop).
     pub fn start(addr: Option<std::net::SocketAddr>) -> Result<Self> {
+        Self::start_with_files(addr, Vec::new())
+    }
+
+    /// Like [`SyncServer::start`], also answering `GET <path>` with fixed
+    /// bytes (the agent serves the filter's `.wasm` that way).
+    pub fn start_with_files(
+        addr: Option<std::net::SocketAddr>,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Self> {
         let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
         {
             // Versions keep growing across restarts, as the protocol asks of the
@@ -41,6 +50,12 @@ impl SyncServer {
         let handler_state = Arc::clone(&state);
         let handler = move |req: &crate::http::Request| -> Reply {
             let (lock, cvar) = &*handler_state;
+            if let Some((_, bytes)) = files
+                .iter()
+                .find(|(path, _)| req.method == "GET" && *path == req.path)
+            {
+                return Reply::new(200, bytes.clone());
+            }
             if req.method != "GET" || !req.path.starts_with("/v1/challenges") {
                 return Reply::new(404, "");
             }

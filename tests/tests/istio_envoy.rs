@@ -1,0 +1,276 @@
+//! The filter configuration the Istio manifests carry, loaded by the real
+//! Envoy: the EnvoyFilter's patch value inserted verbatim (read from the
+//! manifest) first into a listener shaped like an Istio ingress gateway's
+//! plain-HTTP listener, the module fetched the way the patch says (remote,
+//! through the agent's cluster as Istio names it, sha256 checked); and the
+//! WasmPlugin's `pluginConfig` as istio-agent hands it to Envoy. The agent
+//! binary serves the module it embeds.
+//!
+//! The sync endpoint here is the protocol test double (`SyncServer`), so a
+//! test can publish a token at will; the agent's own API is tested with the
+//! real filter elsewhere (`agent_challenge_api.rs`, `e2e_standalone.rs`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use acme_tests::agent::{Agent, Settings, wait_for};
+use acme_tests::envoy::{Envoy, free_addr};
+use acme_tests::http::{self, Reply, Server};
+use acme_tests::sync_server::SyncServer;
+use acme_tests::{filter_wasm, key_authorization, workspace_root};
+use serde::Deserialize as _;
+use serde_json::Value;
+
+const TOKEN: &str = "istio-token_0123456789abcdefghijklmnop";
+const HOST: &str = "www.example.com";
+
+fn first_doc(relative: &str, kind: &str) -> Value {
+    let text = std::fs::read_to_string(workspace_root().join(relative)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|v| v["kind"] == kind)
+        .unwrap()
+}
+
+/// A bootstrap shaped like what istiod sends an ingress gateway for a Gateway
+/// server on port 80: listener `0.0.0.0_8080`, stat prefix, and the agent's
+/// Service as the `outbound|9180||...` cluster. `first_filter` is JSON.
+fn gateway_bootstrap(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    first_filter: &str,
+    agent_cluster: &str,
+    agent: SocketAddr,
+    upstream: SocketAddr,
+) -> String {
+    format!(
+        r#"node: {{ id: router~10.0.0.1~istio-ingressgateway-0.istio-system~istio-system.svc.cluster.local, cluster: istio-ingressgateway.istio-system }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:
+  - name: 0.0.0.0_8080
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound_0.0.0.0_8080
+          route_config:
+            name: http.8080
+            virtual_hosts:
+            - name: www.example.com:80
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: "outbound|80||app.default.svc.cluster.local" }}
+          http_filters:
+          - {first_filter}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: "{agent_cluster}"
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: "{agent_cluster}"
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {agent_port} }} }} }}
+  - name: "outbound|80||app.default.svc.cluster.local"
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: "outbound|80||app.default.svc.cluster.local"
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }} }} }}
+"#,
+        admin_port = admin.port(),
+        port = listen.port(),
+        agent_port = agent.port(),
+        upstream_port = upstream.port(),
+    )
+}
+
+/// The filter in `envoy` answers a published token inline and passes the rest.
+fn assert_answers(envoy: &Envoy, listen: SocketAddr, sync: &SyncServer) {
+    sync.publish(&[(TOKEN, HOST)]);
+    let path = format!("/.well-known/acme-challenge/{TOKEN}");
+    let answered = wait_for(
+        Duration::from_secs(10),
+        "the challenge answered",
+        || {
+            http::get(listen, &path, HOST)
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+        || envoy.log(),
+    )
+    .unwrap();
+    assert_eq!(answered.text(), key_authorization(TOKEN));
+    let other = http::get(listen, "/index.html", HOST).unwrap();
+    assert_eq!((other.status, other.text().as_str()), (200, "upstream"));
+}
+
+#[test]
+fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first() {
+    let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
+    let value = &envoy_filter["spec"]["configPatches"][0]["patch"]["value"];
+    let cluster =
+        value["typed_config"]["config"]["vm_config"]["code"]["remote"]["http_uri"]["cluster"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
+    let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = gateway_bootstrap(
+        listen,
+        admin,
+        &serde_json::to_string(value).unwrap(),
+        &cluster,
+        sync.addr(),
+        upstream.addr(),
+    );
+    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    assert_answers(&envoy, listen, &sync);
+}
+
+#[test]
+fn envoyfilter_module_with_another_sha256_is_refused() {
+    let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
+    let mut value = envoy_filter["spec"]["configPatches"][0]["patch"]["value"].clone();
+    let remote = &mut value["typed_config"]["config"]["vm_config"]["code"]["remote"];
+    remote["sha256"] = Value::from("0".repeat(64));
+    remote["retry_policy"]["num_retries"] = Value::from(0);
+    let cluster = remote["http_uri"]["cluster"].as_str().unwrap().to_owned();
+    let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
+    let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = gateway_bootstrap(
+        listen,
+        admin,
+        &serde_json::to_string(&value).unwrap(),
+        &cluster,
+        sync.addr(),
+        upstream.addr(),
+    );
+    // Fails closed: Envoy does not start, or starts without the filter and
+    // never answers the challenge inline.
+    match Envoy::start(&config, admin, 1) {
+        Err(e) => {
+            let text = format!("{e:#}");
+            assert!(text.contains("sha256") || text.contains("wasm"), "{text}");
+            eprintln!("a module with another sha256: Envoy refused to start");
+        }
+        Ok(envoy) => {
+            sync.publish(&[(TOKEN, HOST)]);
+            std::thread::sleep(Duration::from_millis(500));
+            let r = http::get(
+                listen,
+                &format!("/.well-known/acme-challenge/{TOKEN}"),
+                HOST,
+            );
+            assert!(
+                r.is_err()
+                    || r.as_ref()
+                        .is_ok_and(|r| r.text() != key_authorization(TOKEN)),
+                "a module with the wrong sha256 ran:\n{}",
+                envoy.log()
+            );
+            eprintln!("a module with another sha256: Envoy up, the module never ran");
+        }
+    }
+}
+
+#[test]
+fn wasmplugin_config_works_as_istio_agent_hands_it_to_envoy() {
+    let plugin = first_doc(
+        "envoy-config/istio/wasmplugin/wasmplugin.yaml",
+        "WasmPlugin",
+    );
+    // istio-agent downloads `url` to a local file and passes `pluginConfig`
+    // as the plugin configuration, JSON-encoded.
+    let plugin_config = serde_json::to_string(&plugin["spec"]["pluginConfig"]).unwrap();
+    let cluster = plugin["spec"]["pluginConfig"]["agent_cluster"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let filter = serde_json::json!({
+        "name": "istio-system.acme-challenge",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "istio-system.acme-challenge",
+                "vm_config": {
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": filter_wasm().unwrap() } }
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin_config
+                }
+            }
+        }
+    });
+    let sync = SyncServer::start(None).unwrap();
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = gateway_bootstrap(
+        listen,
+        admin,
+        &filter.to_string(),
+        &cluster,
+        sync.addr(),
+        upstream.addr(),
+    );
+    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    assert_answers(&envoy, listen, &sync);
+}
+
+#[test]
+fn the_agent_serves_the_filter_it_embeds_with_its_sha256() {
+    let work = tempfile::tempdir().unwrap();
+    let api = free_addr().unwrap();
+    let settings = Settings {
+        directory_url: "https://127.0.0.1:9/dir",
+        ca_root: Path::new("/dev/null"),
+        state_dir: &work.path().join("state"),
+        sds_dir: &work.path().join("sds"),
+        api,
+        self_check: None,
+        retry: (60, 3600),
+        certificates: &[],
+    };
+    let config = work.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        settings.toml().replace("ca_root = \"/dev/null\"\n", ""),
+    )
+    .unwrap();
+    let agent = Agent::start(&config, api, &work.path().join("agent.log")).unwrap();
+
+    let built = std::fs::read(filter_wasm().unwrap()).unwrap();
+    let served = http::get(api, "/filter.wasm", "acme-agent").unwrap();
+    assert_eq!(served.status, 200);
+    assert_eq!(served.header("content-type"), Some("application/wasm"));
+    assert!(
+        served.body == built,
+        "the agent serves another module than the one built"
+    );
+    let sha = http::get(api, "/filter.wasm.sha256", "acme-agent")
+        .unwrap()
+        .text();
+    let out = std::process::Command::new("sha256sum")
+        .arg(filter_wasm().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(sha.trim(), &String::from_utf8(out.stdout).unwrap()[..64]);
+    drop(agent);
+}

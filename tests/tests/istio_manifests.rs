@@ -1,0 +1,393 @@
+//! The Istio manifests a user applies (`envoy-config/istio/`), checked without
+//! a cluster: every custom resource against its CRD's OpenAPI schema (Istio
+//! and Gateway API CRDs from upstream, in `tests/schemas/`), with fields the
+//! schema does not know reported as errors instead of pruned; every core
+//! object by strict deserialization into `k8s-openapi` types; and the pieces
+//! agreeing with each other and with the filter built from this commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use acme_agent::config::Config;
+use acme_tests::{filter_wasm, workspace_root};
+use serde::Deserialize as _;
+use serde_json::Value;
+
+fn istio_dir() -> PathBuf {
+    workspace_root().join("envoy-config/istio")
+}
+
+/// Every YAML document of a file, as JSON values.
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The objects `kubectl apply -k dir` would apply: the kustomization's
+/// resources, files and directories, followed recursively. Only plain
+/// `resources` and `namespace` are used, so this is all kustomize does here.
+fn kustomize(dir: &Path) -> Vec<(PathBuf, Value)> {
+    let kustomization = &yaml_docs(&dir.join("kustomization.yaml"))[0];
+    let namespace = kustomization["namespace"].as_str().map(str::to_owned);
+    let mut out = Vec::new();
+    for resource in kustomization["resources"].as_array().expect("resources") {
+        let path = dir.join(resource.as_str().expect("resource path"));
+        let objects = if path.is_dir() {
+            kustomize(&path)
+        } else {
+            yaml_docs(&path)
+                .into_iter()
+                .map(|v| (path.clone(), v))
+                .collect()
+        };
+        for (file, object) in objects {
+            if let Some(ns) = &namespace {
+                assert_eq!(
+                    object["metadata"]["namespace"].as_str(),
+                    Some(ns.as_str()),
+                    "{}: namespace differs from the kustomization's",
+                    file.display()
+                );
+            }
+            out.push((file, object));
+        }
+    }
+    out
+}
+
+/// (group, version, kind) -> openAPIV3Schema, from the CRD files.
+fn crd_schemas() -> BTreeMap<(String, String, String), Value> {
+    let mut schemas = BTreeMap::new();
+    for file in ["istio-crd-all.gen.yaml", "gateway-api-crd.yaml"] {
+        for crd in yaml_docs(&workspace_root().join("tests/schemas").join(file)) {
+            if crd["kind"] != "CustomResourceDefinition" {
+                continue;
+            }
+            let group = crd["spec"]["group"].as_str().unwrap().to_owned();
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap().to_owned();
+            for version in crd["spec"]["versions"].as_array().unwrap() {
+                let name = version["name"].as_str().unwrap().to_owned();
+                let schema = version["schema"]["openAPIV3Schema"].clone();
+                schemas.insert((group.clone(), name, kind.clone()), schema);
+            }
+        }
+    }
+    schemas
+}
+
+/// [`unknown_fields`] for a whole object: `apiVersion`, `kind` and `metadata`
+/// are the API server's own, and CRD schemas (Istio's) often leave them out.
+fn unknown_object_fields(schema: &Value, object: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = object.clone();
+    if let Some(map) = rest.as_object_mut() {
+        for key in ["apiVersion", "kind", "metadata"] {
+            if schema["properties"].get(key).is_none() {
+                map.remove(key);
+            }
+        }
+    }
+    unknown_fields(schema, &rest, "", &mut out);
+    out
+}
+
+/// Fields of `value` that `schema` does not declare: the API server would
+/// silently prune them, which hides typos; here they are errors.
+fn unknown_fields(schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+    if schema["x-kubernetes-preserve-unknown-fields"] == true {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            let properties = schema["properties"].as_object();
+            let additional = &schema["additionalProperties"];
+            for (key, child) in map {
+                let path = format!("{at}.{key}");
+                match properties.and_then(|p| p.get(key)) {
+                    Some(child_schema) => unknown_fields(child_schema, child, &path, out),
+                    None if additional.is_object() => unknown_fields(additional, child, &path, out),
+                    None if *additional == true => {}
+                    // `metadata` is declared as a bare object in CRD schemas.
+                    None if properties.is_none()
+                        && schema["type"] == "object"
+                        && at == ".metadata" => {}
+                    None => out.push(path),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                unknown_fields(&schema["items"], item, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn validate_custom(
+    schemas: &BTreeMap<(String, String, String), Value>,
+    file: &Path,
+    object: &Value,
+) {
+    let api_version = object["apiVersion"].as_str().unwrap();
+    let (group, version) = api_version.split_once('/').unwrap();
+    let kind = object["kind"].as_str().unwrap();
+    let schema = schemas
+        .get(&(group.to_owned(), version.to_owned(), kind.to_owned()))
+        .unwrap_or_else(|| panic!("{}: no CRD for {api_version} {kind}", file.display()));
+    let validator = jsonschema::validator_for(schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(object)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{}: {kind}: {errors:#?}", file.display());
+    let unknown = unknown_object_fields(schema, object);
+    assert!(
+        unknown.is_empty(),
+        "{}: {kind}: unknown fields {unknown:?}",
+        file.display()
+    );
+}
+
+/// Deserializes into the k8s-openapi type, failing on any field it ignores.
+fn strict<T: serde::de::DeserializeOwned>(file: &Path, object: &Value) -> T {
+    let mut ignored = Vec::new();
+    let parsed: T =
+        serde_ignored::deserialize(object.clone(), |path| ignored.push(path.to_string()))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(
+        ignored.is_empty(),
+        "{}: unknown fields {ignored:?}",
+        file.display()
+    );
+    parsed
+}
+
+fn validate_core(file: &Path, object: &Value) {
+    use k8s_openapi::api::{apps, core, rbac};
+    match (
+        object["apiVersion"].as_str().unwrap(),
+        object["kind"].as_str().unwrap(),
+    ) {
+        ("v1", "ServiceAccount") => drop(strict::<core::v1::ServiceAccount>(file, object)),
+        ("v1", "ConfigMap") => drop(strict::<core::v1::ConfigMap>(file, object)),
+        ("v1", "Service") => drop(strict::<core::v1::Service>(file, object)),
+        ("apps/v1", "Deployment") => drop(strict::<apps::v1::Deployment>(file, object)),
+        ("rbac.authorization.k8s.io/v1", "Role") => drop(strict::<rbac::v1::Role>(file, object)),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+            drop(strict::<rbac::v1::RoleBinding>(file, object))
+        }
+        (api, kind) => panic!("{}: no check for {api} {kind}", file.display()),
+    }
+}
+
+fn is_core(object: &Value) -> bool {
+    let api = object["apiVersion"].as_str().unwrap_or_default();
+    api == "v1" || api == "apps/v1" || api.starts_with("rbac.authorization.k8s.io/")
+}
+
+const SETS: [&str; 3] = ["", "wasmplugin", "gateway-api"];
+
+#[test]
+fn every_object_of_every_kustomization_is_valid() {
+    let schemas = crd_schemas();
+    for set in SETS {
+        let objects = kustomize(&istio_dir().join(set));
+        assert!(!objects.is_empty());
+        for (file, object) in &objects {
+            if is_core(object) {
+                validate_core(file, object);
+            } else {
+                validate_custom(&schemas, file, object);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_checks_catch_a_typo() {
+    let schemas = crd_schemas();
+    let (file, mut plugin) = kustomize(&istio_dir().join("wasmplugin"))
+        .into_iter()
+        .find(|(_, o)| o["kind"] == "WasmPlugin")
+        .unwrap();
+    plugin["spec"]["phaze"] = Value::from("AUTHN");
+    let schema = &schemas[&(
+        "extensions.istio.io".to_owned(),
+        "v1alpha1".to_owned(),
+        "WasmPlugin".to_owned(),
+    )];
+    let unknown = unknown_object_fields(schema, &plugin);
+    assert_eq!(unknown, [".spec.phaze"], "{}", file.display());
+    plugin["spec"]["phase"] = Value::from("EARLY");
+    let validator = jsonschema::validator_for(schema).unwrap();
+    assert!(
+        !validator.is_valid(&plugin),
+        "an unknown phase must fail the schema"
+    );
+
+    let (file, mut deployment) = kustomize(&istio_dir())
+        .into_iter()
+        .find(|(_, o)| o["kind"] == "Deployment")
+        .unwrap();
+    deployment["spec"]["replica"] = Value::from(2);
+    let result = std::panic::catch_unwind(|| {
+        strict::<k8s_openapi::api::apps::v1::Deployment>(&file, &deployment)
+    });
+    assert!(
+        result.is_err(),
+        "strict deserialization must refuse spec.replica"
+    );
+}
+
+fn object<'a>(objects: &'a [(PathBuf, Value)], kind: &str) -> &'a Value {
+    &objects
+        .iter()
+        .find(|(_, o)| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+        .1
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[test]
+fn manifests_agree_with_each_other_and_with_the_built_filter() {
+    let default = kustomize(&istio_dir());
+    let plugin_set = kustomize(&istio_dir().join("wasmplugin"));
+    let gateway_api = kustomize(&istio_dir().join("gateway-api"));
+    let kinds = |set: &[(PathBuf, Value)]| -> BTreeSet<String> {
+        set.iter()
+            .map(|(_, o)| o["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(kinds(&default).contains("EnvoyFilter") && !kinds(&default).contains("WasmPlugin"));
+    assert!(
+        kinds(&plugin_set).contains("WasmPlugin") && !kinds(&plugin_set).contains("EnvoyFilter")
+    );
+
+    // The agent's Service, as Istio names its cluster.
+    let service = object(&default, "Service");
+    let (svc, ns) = (
+        service["metadata"]["name"].as_str().unwrap(),
+        service["metadata"]["namespace"].as_str().unwrap(),
+    );
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    let cluster = format!("outbound|{port}||{svc}.{ns}.svc.cluster.local");
+
+    // The EnvoyFilter: first on the gateway's plain-HTTP listener, module from
+    // the agent, pinned to the filter built from this commit.
+    let built = sha256_hex(&filter_wasm().unwrap());
+    let envoy_filter = object(&default, "EnvoyFilter");
+    let patch = &envoy_filter["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "HTTP_FILTER");
+    assert_eq!(patch["match"]["context"], "GATEWAY");
+    assert_eq!(patch["match"]["listener"]["portNumber"], 8080);
+    assert_eq!(patch["patch"]["operation"], "INSERT_FIRST");
+    let wasm = &patch["patch"]["value"]["typed_config"]["config"];
+    let remote = &wasm["vm_config"]["code"]["remote"];
+    assert_eq!(remote["http_uri"]["cluster"], cluster.as_str());
+    assert_eq!(
+        remote["sha256"].as_str(),
+        Some(built.as_str()),
+        "the filter changed: run scripts/pin-filter-sha.sh"
+    );
+    let filter_config: Value =
+        serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(filter_config["agent_cluster"], cluster.as_str());
+
+    for set in [&plugin_set, &gateway_api] {
+        let plugin = object(set, "WasmPlugin");
+        assert_eq!(
+            plugin["spec"]["sha256"].as_str(),
+            Some(built.as_str()),
+            "run scripts/pin-filter-sha.sh"
+        );
+        assert_eq!(plugin["spec"]["phase"], "AUTHN");
+        assert_eq!(plugin["spec"]["match"][0]["ports"][0]["number"], 80);
+        assert_eq!(
+            plugin["spec"]["pluginConfig"]["agent_cluster"],
+            cluster.as_str()
+        );
+        assert!(
+            plugin["spec"]["url"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{svc}.{ns}.svc.cluster.local:{port}/filter.wasm"))
+        );
+    }
+
+    // The agent's config parses, and every certificate is served by the gateways.
+    let config_map = object(&default, "ConfigMap");
+    let config = Config::parse(
+        config_map["data"]["agent.toml"].as_str().unwrap(),
+        Path::new("configmap agent.toml"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.kubernetes.as_ref().map(|k| k.namespace.as_str()),
+        Some(ns)
+    );
+    assert_eq!(config.challenge_api.listen.port() as u64, port);
+    let gateway = object(&default, "Gateway");
+    let servers = gateway["spec"]["servers"].as_array().unwrap();
+    let k8s_gateway = object(&gateway_api, "Gateway");
+    for cert in &config.certificates {
+        let server = servers
+            .iter()
+            .find(|s| s["tls"]["credentialName"] == cert.name.as_str())
+            .unwrap_or_else(|| panic!("no Istio Gateway server for {}", cert.name));
+        for domain in &cert.domains {
+            assert!(
+                server["hosts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|h| h == domain.as_str())
+            );
+            assert!(
+                k8s_gateway["spec"]["listeners"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|l| {
+                        l["hostname"] == domain.as_str()
+                            && l["tls"]["certificateRefs"][0]["name"] == cert.name.as_str()
+                    }),
+                "no Gateway API listener for {domain}"
+            );
+        }
+    }
+
+    // The Deployment runs as the user asked: non-root, read-only, probed, bounded.
+    let deployment = object(&default, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(container["resources"]["limits"]["memory"].is_string());
+    assert!(container["resources"]["requests"]["cpu"].is_string());
+    assert_eq!(
+        pod["serviceAccountName"],
+        object(&default, "ServiceAccount")["metadata"]["name"]
+    );
+    // The Role: Secrets only.
+    let role = object(&default, "Role");
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["resources"], serde_json::json!(["secrets"]));
+    }
+}
