@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::Error;
 use crate::config::Acme as AcmeConfig;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::StateStore;
 
 /// Longest any single request to the CA may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -195,15 +195,14 @@ struct StoredAccount {
 /// registers one (with EAB when configured) and stores it (0600) before use.
 pub async fn open_account(
     config: &AcmeConfig,
-    store: &Store,
+    store: &dyn StateStore,
     http: &Http,
     metrics: &Metrics,
 ) -> Result<Account, Error> {
     let directory = config.directory_url().to_owned();
-    let path = store.account_path(&directory);
-    if let Some(bytes) = store.read(&path)? {
+    if let Some(bytes) = store.read_account(&directory)? {
         let stored: StoredAccount = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
-            context: format!("reading account {}", path.display()),
+            context: format!("reading the stored account for {directory}"),
             source: std::io::Error::other(e.to_string()),
         })?;
         let account = Account::builder_with_http(Box::new(http.clone()))
@@ -249,27 +248,19 @@ pub async fn open_account(
         context: "serializing the account".into(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    store.write_secret(&path, &json)?;
+    store.write_account(&stored.directory, &json)?;
     metrics.account_registered();
     info!(account = account.id(), "ACME account registered");
     Ok(account)
 }
 
-/// Moves the stored account aside after the CA said it does not know it (a
+/// Sets the stored account aside after the CA said it does not know it (a
 /// reset test CA, a deactivated account): the next order registers anew, and
-/// the old credentials stay on disk for the operator.
-pub fn forget_account(config: &AcmeConfig, store: &Store) -> Result<(), Error> {
-    let path = store.account_path(config.directory_url());
-    let aside = path.with_extension(format!(
-        "lost-{}",
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    ));
-    std::fs::rename(&path, &aside).map_err(|source| Error::Io {
-        context: format!("moving {} aside", path.display()),
-        source,
-    })?;
-    warn!(kept = %aside.display(), "the CA does not know the stored account; registering a new one");
+/// the old credentials stay in the store for the operator.
+pub fn forget_account(config: &AcmeConfig, store: &dyn StateStore) -> Result<(), Error> {
+    store.forget_account(config.directory_url())?;
+    warn!(
+        "the CA does not know the stored account; registering a new one (the old one is kept aside)"
+    );
     Ok(())
 }

@@ -32,6 +32,9 @@ pub enum Error {
     /// not asked to validate it (a failed validation counts against rate limits).
     #[error("self-check failed: {0}")]
     SelfCheck(String),
+    /// The Kubernetes API refused or failed, or a Secret is not the agent's.
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
     /// An issued or stored certificate failed its checks.
     #[error("certificate: {0}")]
     Certificate(String),
@@ -97,6 +100,7 @@ impl Error {
             Self::Validation(_) => "validation",
             Self::SelfCheck(_) => "self_check",
             Self::Certificate(_) => "certificate",
+            Self::Kubernetes(_) => "kubernetes",
             Self::Acme { source, .. } => match source {
                 instant_acme::Error::Api(p) => p
                     .r#type

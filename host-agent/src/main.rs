@@ -11,13 +11,16 @@ use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
 use acme_agent::control;
+use acme_agent::kubernetes::KubeStore;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
+use acme_agent::sink::CertificateSink;
 use acme_agent::sink::FileSink;
 use acme_agent::status;
-use acme_agent::store::Store;
+use acme_agent::store::{StateStore, Store};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -86,25 +89,16 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Status => {
-            let Some(state_dir) = &config.state_dir else {
-                eprintln!(
-                    "acme-agent: status reads state_dir; in Kubernetes mode use `kubectl get secrets -l app.kubernetes.io/managed-by=acme-agent`"
-                );
-                return ExitCode::FAILURE;
-            };
-            let store = Store::existing(state_dir);
-            match status::table(&config, &store) {
-                Ok(table) => {
-                    print!("{table}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("acme-agent: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Status => match status_table(&config) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("acme-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Renew { name } => match control::renew(&config.challenge_api, &name) {
             Ok(message) => {
                 print!("{message}");
@@ -125,13 +119,51 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `status` table, from the state directory or (Kubernetes mode) the
+/// agent's Secrets.
+fn status_table(config: &Config) -> anyhow::Result<String> {
+    if let Some(k8s) = &config.kubernetes {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let client = runtime
+            .block_on(kube::Client::try_default())
+            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+        let store = KubeStore::new(client, &k8s.namespace, runtime.handle().clone());
+        return Ok(status::table(config, &store)?);
+    }
+    let state_dir = config.state_dir.as_ref().context("state_dir is not set")?;
+    Ok(status::table(config, &Store::existing(state_dir))?)
+}
+
+/// Where state and certificates go: files, or Secrets in Kubernetes mode.
+async fn backends(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn StateStore>, Arc<dyn CertificateSink>)> {
+    if let Some(k8s) = &config.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+        let store = Arc::new(KubeStore::new(client, &k8s.namespace, Handle::current()));
+        info!(
+            namespace = k8s.namespace,
+            "Kubernetes mode: certificates and state in Secrets"
+        );
+        return Ok((Arc::clone(&store) as Arc<dyn StateStore>, store));
+    }
+    let (Some(state_dir), Some(sds_dir)) = (&config.state_dir, &config.sds_dir) else {
+        anyhow::bail!("state_dir and sds_dir are required without [kubernetes]");
+    };
+    Ok((
+        Arc::new(Store::open(state_dir)?),
+        Arc::new(FileSink::new(sds_dir)?),
+    ))
+}
+
 #[tokio::main]
 async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
-    let (Some(state_dir), Some(sds_dir)) = (&config.state_dir, &config.sds_dir) else {
-        anyhow::bail!("[kubernetes] mode is not available in this build yet (issue 5)");
-    };
-    let store = Store::open(state_dir)?;
-    let sink = Arc::new(FileSink::new(sds_dir)?);
+    let (store, sink) = backends(&config).await?;
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
     let (requests_tx, requests_rx) = mpsc::channel(16);
@@ -225,10 +257,11 @@ async fn watch_config(
                 }
                 if old.state_dir != new.state_dir
                     || old.sds_dir != new.sds_dir
+                    || old.kubernetes != new.kubernetes
                     || old.challenge_api != new.challenge_api
                 {
                     warn!(
-                        "changes to state_dir, sds_dir and [challenge_api] take effect after a restart"
+                        "changes to state_dir, sds_dir, [kubernetes] and [challenge_api] take effect after a restart"
                     );
                 }
                 info!(

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::order::{self, OrderContext};
 use crate::schedule::{self, Backoff};
 use crate::sink::{CertificateSink, IssuedCertificate};
-use crate::store::{Status, Store, StoredCertificate, unix};
+use crate::store::{StateStore, Status, StoredCertificate, unix};
 
 /// With ARI, how often renewal info is fetched again at most.
 const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
@@ -52,7 +52,7 @@ pub enum Request {
 /// What the jobs share.
 struct Shared {
     acme: AcmeConfig,
-    store: Store,
+    store: Arc<dyn StateStore>,
     sink: Arc<dyn CertificateSink>,
     challenges: Arc<ChallengeSet>,
     metrics: Arc<Metrics>,
@@ -140,7 +140,7 @@ impl Manager {
     /// `state_dir` sections are read once: changing them needs a restart.
     pub fn new(
         config: watch::Receiver<Arc<Config>>,
-        store: Store,
+        store: Arc<dyn StateStore>,
         sink: Arc<dyn CertificateSink>,
         challenges: Arc<ChallengeSet>,
         metrics: Arc<Metrics>,
@@ -334,7 +334,10 @@ impl Manager {
             Ok(None) => info!(certificate = %name, "no stored certificate: ordering"),
             Err(e) => warn!(certificate = %name, "{e}: ordering"),
         }
-        if leaf.is_none() && !self.shared.sink.installed(name) {
+        if leaf.is_none()
+            && self.shared.sink.wants_placeholder()
+            && !self.shared.sink.installed(name)
+        {
             self.install_placeholder(spec);
         }
         let previous = self.shared.store.load_status(name).ok().flatten();
@@ -501,7 +504,7 @@ impl Job {
             return Ok(account.clone());
         }
         let s = &self.shared;
-        let account = acme::open_account(&s.acme, &s.store, &s.http, &s.metrics).await?;
+        let account = acme::open_account(&s.acme, s.store.as_ref(), &s.http, &s.metrics).await?;
         *slot = Some(account.clone());
         Ok(account)
     }
@@ -551,6 +554,9 @@ impl Job {
                 };
             }
         }
+        if let Err(e) = self.shared.sink.check_writable(&self.spec.name) {
+            return Self::failed(e, false);
+        }
         let span = info_span!("order", domains = ?self.spec.domains);
         let cx = OrderContext {
             account: &account,
@@ -565,7 +571,8 @@ impl Job {
             Err(e) => {
                 if e.kind() == "accountDoesNotExist" {
                     *self.shared.account.lock().await = None;
-                    if let Err(forget) = acme::forget_account(&self.shared.acme, &self.shared.store)
+                    if let Err(forget) =
+                        acme::forget_account(&self.shared.acme, self.shared.store.as_ref())
                     {
                         warn!("{forget}");
                     }

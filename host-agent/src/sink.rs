@@ -47,6 +47,19 @@ pub trait CertificateSink: Send + Sync {
 
     /// True when something is installed for `name` (issued or placeholder).
     fn installed(&self, name: &str) -> bool;
+
+    /// Whether a self-signed placeholder must be installed until the first
+    /// certificate arrives (Envoy refuses to start on a missing SDS file).
+    fn wants_placeholder(&self) -> bool {
+        true
+    }
+
+    /// Fails when `name` could not be installed (a Kubernetes Secret of that
+    /// name that is not the agent's), checked before an order is placed so no
+    /// certificate is issued only to be refused.
+    fn check_writable(&self, _name: &str) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// SDS and PEM files in one directory.

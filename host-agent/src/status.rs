@@ -8,7 +8,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::Error;
 use crate::config::Config;
-use crate::store::{Status, Store, from_unix};
+use crate::store::{StateStore, Status, from_unix};
 
 fn when(secs: Option<u64>) -> String {
     secs.and_then(|s| {
@@ -22,7 +22,7 @@ fn when(secs: Option<u64>) -> String {
 
 /// One row per configured certificate, then any certificate with state but no
 /// longer configured.
-pub fn table(config: &Config, store: &Store) -> Result<String, Error> {
+pub fn table(config: &Config, store: &dyn StateStore) -> Result<String, Error> {
     let mut rows: Vec<(Status, &str)> = Vec::new();
     for cert in &config.certificates {
         let status = store.load_status(&cert.name)?.unwrap_or_else(|| Status {

@@ -1,6 +1,8 @@
-//! The state directory (0700): the ACME account, the last issued chain and key
-//! of every certificate, and a status record per certificate that the `status`
-//! subcommand reads. Every file is replaced atomically.
+//! Where the agent keeps its state: the ACME account, the last issued chain and
+//! key of every certificate, and a status record per certificate that the
+//! `status` subcommand reads. [`StateStore`] is the interface; [`Store`] keeps
+//! it in a state directory (0700, every file replaced atomically), the
+//! Kubernetes store (`kubernetes.rs`) in Secrets.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -59,6 +61,16 @@ pub struct Status {
     pub updated: u64,
 }
 
+/// Names the account of one CA: 16 hex digits of the directory URL's SHA-256,
+/// so a changed `acme.directory` never reuses another CA's account.
+pub fn account_id(directory_url: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, directory_url.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Unix seconds of `t` (0 before the epoch).
 pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -66,6 +78,22 @@ pub fn unix(t: SystemTime) -> u64 {
 
 pub fn from_unix(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// The agent's persistent state, wherever it lives.
+pub trait StateStore: Send + Sync {
+    /// The stored account for the CA at `directory_url`, as written.
+    fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Stores the account (it holds the account's private key).
+    fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
+    /// Sets the stored account aside (kept for the operator, no longer used).
+    fn forget_account(&self, directory_url: &str) -> Result<(), Error>;
+    fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error>;
+    fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error>;
+    fn load_status(&self, name: &str) -> Result<Option<Status>, Error>;
+    fn save_status(&self, status: &Status) -> Result<(), Error>;
+    /// Names of every certificate with a status record, sorted.
+    fn status_names(&self) -> Result<Vec<String>, Error>;
 }
 
 #[derive(Debug, Clone)]
@@ -96,12 +124,8 @@ impl Store {
 
     /// One account file per directory URL.
     pub fn account_path(&self, directory_url: &str) -> PathBuf {
-        let digest = ring::digest::digest(&ring::digest::SHA256, directory_url.as_bytes());
-        let hex: String = digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        self.dir.join(format!("account-{hex}.json"))
+        self.dir
+            .join(format!("account-{}.json", account_id(directory_url)))
     }
 
     fn certificate_path(&self, name: &str) -> PathBuf {
@@ -127,8 +151,24 @@ impl Store {
     pub fn write_secret(&self, path: &Path, bytes: &[u8]) -> Result<(), Error> {
         write_atomically(path, bytes, 0o600)
     }
+}
 
-    pub fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
+impl StateStore for Store {
+    fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.read(&self.account_path(directory_url))
+    }
+
+    fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+        self.write_secret(&self.account_path(directory_url), bytes)
+    }
+
+    fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
+        let path = self.account_path(directory_url);
+        let aside = path.with_extension(format!("lost-{}", unix(SystemTime::now())));
+        fs::rename(&path, &aside).map_err(io(format!("moving {} aside", path.display())))
+    }
+
+    fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
         let path = self.certificate_path(name);
         self.read(&path)?
             .map(|bytes| {
@@ -138,14 +178,14 @@ impl Store {
             .transpose()
     }
 
-    pub fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
+    fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
         let path = self.certificate_path(name);
         let json = serde_json::to_vec(cert)
             .map_err(json_error(format!("serializing {}", path.display())))?;
         self.write_secret(&path, &json)
     }
 
-    pub fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
+    fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
         let path = self.status_path(name);
         self.read(&path)?
             .map(|bytes| {
@@ -155,15 +195,14 @@ impl Store {
             .transpose()
     }
 
-    pub fn save_status(&self, status: &Status) -> Result<(), Error> {
+    fn save_status(&self, status: &Status) -> Result<(), Error> {
         let path = self.status_path(&status.name);
         let json = serde_json::to_vec_pretty(status)
             .map_err(json_error(format!("serializing {}", path.display())))?;
         write_atomically(&path, &json, 0o600)
     }
 
-    /// Names of every certificate with a status record, sorted.
-    pub fn status_names(&self) -> Result<Vec<String>, Error> {
+    fn status_names(&self) -> Result<Vec<String>, Error> {
         let dir = self.dir.join("certificates");
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,

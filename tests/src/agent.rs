@@ -47,6 +47,8 @@ pub struct Settings<'a> {
     pub ca_root: &'a Path,
     pub state_dir: &'a Path,
     pub sds_dir: &'a Path,
+    /// Kubernetes mode in this namespace (state_dir and sds_dir not written).
+    pub kubernetes: Option<&'a str>,
     pub api: SocketAddr,
     pub self_check: Option<SocketAddr>,
     /// (initial, max) seconds between failed attempts.
@@ -56,16 +58,24 @@ pub struct Settings<'a> {
 
 impl Settings<'_> {
     pub fn toml(&self) -> String {
+        let storage = match self.kubernetes {
+            Some(ns) => format!("[kubernetes]\nnamespace = {ns:?}\n\n"),
+            None => format!(
+                "state_dir = {:?}\nsds_dir = {:?}\n\n",
+                self.state_dir.display().to_string(),
+                self.sds_dir.display().to_string()
+            ),
+        };
         let mut out = format!(
-            "state_dir = {state:?}\nsds_dir = {sds:?}\n\n[acme]\ndirectory = {dir:?}\nemail = \"ops@example.com\"\nca_root = {root:?}\n\n[challenge_api]\nlisten = \"{api}\"\n\n[retry]\ninitial_seconds = {ri}\nmax_seconds = {rm}\n",
-            state = self.state_dir.display().to_string(),
-            sds = self.sds_dir.display().to_string(),
+            "[acme]\ndirectory = {dir:?}\nemail = \"ops@example.com\"\nca_root = {root:?}\n\n[challenge_api]\nlisten = \"{api}\"\n\n[retry]\ninitial_seconds = {ri}\nmax_seconds = {rm}\n",
             dir = self.directory_url,
             root = self.ca_root.display().to_string(),
             api = self.api,
             ri = self.retry.0,
             rm = self.retry.1,
         );
+        // Top-level keys first: TOML puts everything after a [table] into it.
+        out = format!("{storage}{out}");
         if let Some(target) = self.self_check {
             out.push_str(&format!("\n[self_check]\ntarget = \"{target}\"\n"));
         }
@@ -91,6 +101,16 @@ impl Agent {
     /// Starts `acme-agent run` with the config at `config`, appending its log
     /// to `log`, and waits for `/healthz` at `api`.
     pub fn start(config: &Path, api: SocketAddr, log: &Path) -> Result<Self> {
+        Self::start_with_env(config, api, log, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (e.g. KUBECONFIG).
+    pub fn start_with_env(
+        config: &Path,
+        api: SocketAddr,
+        log: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -100,6 +120,7 @@ impl Agent {
             .arg(config)
             .arg("run")
             .env("RUST_LOG", "info,acme_agent=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)

@@ -45,6 +45,7 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Request {
@@ -282,10 +283,18 @@ fn serve_connection(stream: TcpStream, handler: &Handler, stop: &AtomicBool) -> 
         let mut parts = line.split_whitespace();
         let method = parts.next().unwrap_or_default().to_owned();
         let path = parts.next().unwrap_or_default().to_owned();
-        if let Some(len) = content_length(&headers) {
+        let chunked = headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+        let body = if chunked {
+            read_chunked(&mut reader)?
+        } else if let Some(len) = content_length(&headers) {
             let mut body = vec![0; len];
             reader.read_exact(&mut body)?;
-        }
+            body
+        } else {
+            Vec::new()
+        };
         let close = headers
             .iter()
             .any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close"));
@@ -293,6 +302,7 @@ fn serve_connection(stream: TcpStream, handler: &Handler, stop: &AtomicBool) -> 
             method,
             path,
             headers,
+            body,
         };
         let reply = handler(&request);
         if stop.load(Ordering::SeqCst) {

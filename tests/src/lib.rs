@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod envoy;
+pub mod fake_kube;
 pub mod http;
 pub mod pebble;
 pub mod proxy_wasm_host;

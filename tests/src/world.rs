@@ -46,6 +46,8 @@ pub struct World {
     pub retry: (u64, u64),
     /// The first node's plain-HTTP port: where Pebble validates.
     pub http_port: u16,
+    /// Kubernetes mode against this fake API server.
+    pub kube: Option<crate::fake_kube::FakeKube>,
 }
 
 impl World {
@@ -74,6 +76,7 @@ impl World {
             self_check: Some(http),
             retry: (1, 4),
             http_port,
+            kube: None,
         }
     }
 
@@ -120,6 +123,7 @@ impl World {
             ca_root: &self.pebble.tls_root,
             state_dir: &self.state_dir(),
             sds_dir: &self.sds_dir(),
+            kubernetes: self.kube.as_ref().map(|k| k.namespace.as_str()),
             api: self.api,
             self_check: self.self_check,
             retry: self.retry,
@@ -129,10 +133,20 @@ impl World {
     }
 
     pub fn start_agent(&mut self) {
-        let agent = Agent::start(
+        let kubeconfig = self.work.path().join("kubeconfig");
+        if let Some(kube) = &self.kube {
+            kube.write_kubeconfig(&kubeconfig).unwrap();
+        }
+        let env: Vec<(&str, &std::ffi::OsStr)> = if self.kube.is_some() {
+            vec![("KUBECONFIG", kubeconfig.as_os_str())]
+        } else {
+            Vec::new()
+        };
+        let agent = Agent::start_with_env(
             &self.config_path(),
             self.api,
             &self.work.path().join("agent.log"),
+            &env,
         )
         .unwrap();
         self.agent = Some(agent);
@@ -185,7 +199,11 @@ impl World {
             &filter,
             self.upstream.addr(),
             self.api,
-            &https_listener(node.https, &self.sds_dir(), &names),
+            &if names.is_empty() {
+                String::new()
+            } else {
+                https_listener(node.https, &self.sds_dir(), &names)
+            },
         );
         let envoy = Envoy::start(&config, node.admin, node.concurrency).unwrap();
         self.nodes[index].envoy = Some(envoy);

@@ -243,6 +243,7 @@ fn the_agent_serves_the_filter_it_embeds_with_its_sha256() {
         ca_root: Path::new("/dev/null"),
         state_dir: &work.path().join("state"),
         sds_dir: &work.path().join("sds"),
+        kubernetes: None,
         api,
         self_check: None,
         retry: (60, 3600),

@@ -1,0 +1,334 @@
+//! Kubernetes mode: each certificate becomes a `kubernetes.io/tls` Secret
+//! named like it (Istio's gateway reads it through `credentialName` and
+//! hot-reloads it through its own SDS), and the agent's state lives in
+//! Secrets of the same namespace, so a rescheduled pod keeps its ACME account
+//! without a volume. Every write is a server-side apply by field manager
+//! `acme-agent`; a Secret without the agent's `managed-by` label is never
+//! written.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::runtime::Handle;
+
+use crate::Error;
+use crate::config::KeyType;
+use crate::sink::{CertificateSink, IssuedCertificate};
+use crate::store::{StateStore, Status, StoredCertificate, account_id, unix};
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "acme-agent";
+pub const FIELD_MANAGER: &str = "acme-agent";
+const PREFIX: &str = "acme-agent.envoy-acme.io";
+const STATUS_SECRET: &str = "acme-agent-status";
+
+fn failed(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Kubernetes(format!("{what}: {e}"))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Secrets in one namespace, through the Kubernetes API.
+pub struct KubeStore {
+    api: Api<Secret>,
+    namespace: String,
+    runtime: Handle,
+}
+
+impl KubeStore {
+    /// `runtime` drives the API calls; the store's methods are synchronous and
+    /// may be called from inside or outside that runtime.
+    pub fn new(client: Client, namespace: &str, runtime: Handle) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            runtime,
+        }
+    }
+
+    /// Runs `f` to completion on the runtime, from a thread of its own so a
+    /// caller already inside the runtime does not block its own driver.
+    fn call<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| self.runtime.block_on(f))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// The Secret, if it exists; an error if it exists and is not the agent's.
+    fn get_owned(&self, name: &str) -> Result<Option<Secret>, Error> {
+        let secret = self
+            .call(self.api.get_opt(name))
+            .map_err(failed(format!("reading Secret {}/{name}", self.namespace)))?;
+        match secret {
+            Some(s) if !owned(&s) => Err(Error::Kubernetes(format!(
+                "Secret {}/{name} exists and is not managed by acme-agent (no label {MANAGED_BY_LABEL}={MANAGED_BY}); refusing to touch it",
+                self.namespace
+            ))),
+            other => Ok(other),
+        }
+    }
+
+    /// Server-side apply of `object` (a Secret as JSON) by `manager`, after
+    /// checking that an existing Secret of that name is the agent's.
+    fn apply(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
+        self.get_owned(name)?;
+        let params = PatchParams::apply(manager).force();
+        self.call(self.api.patch(name, &params, &Patch::Apply(object)))
+            .map(drop)
+            .map_err(failed(format!("applying Secret {}/{name}", self.namespace)))
+    }
+
+    fn secret(&self, name: &str, type_: &str, data: BTreeMap<String, String>) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": { MANAGED_BY_LABEL: MANAGED_BY },
+            },
+            "type": type_,
+            "data": data,
+        })
+    }
+
+    fn tls_secret(
+        &self,
+        name: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        domains: &[String],
+        key_type: Option<KeyType>,
+    ) -> Value {
+        let mut data = BTreeMap::new();
+        data.insert("tls.crt".to_owned(), b64(chain_pem.as_bytes()));
+        data.insert("tls.key".to_owned(), b64(key_pem.as_bytes()));
+        let mut secret = self.secret(name, "kubernetes.io/tls", data);
+        secret["metadata"]["labels"][format!("{PREFIX}/certificate")] = json!(name);
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(format!("{PREFIX}/domains"), json!(domains.join(",")));
+        if let Ok(leaf) = crate::certificate::leaf(chain_pem) {
+            annotations.insert(
+                format!("{PREFIX}/not-after"),
+                json!(rfc3339(leaf.not_after)),
+            );
+        }
+        if let Some(key_type) = key_type {
+            annotations.insert(
+                format!("{PREFIX}/key-type"),
+                serde_json::to_value(key_type).unwrap_or(Value::Null),
+            );
+        }
+        secret["metadata"]["annotations"] = Value::Object(annotations);
+        secret
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix(t).to_string())
+}
+
+fn owned(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
+fn data<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    secret.data.as_ref()?.get(key).map(|b| b.0.as_slice())
+}
+
+fn annotation<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
+    secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(&format!("{PREFIX}/{key}"))
+        .map(String::as_str)
+}
+
+fn account_secret(directory_url: &str) -> String {
+    format!("acme-agent-account-{}", account_id(directory_url))
+}
+
+impl StateStore for KubeStore {
+    fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .get_owned(&account_secret(directory_url))?
+            .and_then(|s| data(&s, "account.json").map(<[u8]>::to_vec)))
+    }
+
+    fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+        let name = account_secret(directory_url);
+        let mut data = BTreeMap::new();
+        data.insert("account.json".to_owned(), b64(bytes));
+        let mut secret = self.secret(&name, "Opaque", data);
+        secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
+        self.apply(&name, FIELD_MANAGER, &secret)
+    }
+
+    fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
+        let name = account_secret(directory_url);
+        let Some(old) = self.get_owned(&name)? else {
+            return Ok(());
+        };
+        // Applying without account.json removes it (the agent owns that field);
+        // the credentials stay in the Secret under another key.
+        let mut data = BTreeMap::new();
+        if let Some(bytes) = data_owned(&old, "account.json") {
+            data.insert(
+                format!("lost-{}.json", unix(SystemTime::now())),
+                b64(&bytes),
+            );
+        }
+        let mut secret = self.secret(&name, "Opaque", data);
+        secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
+        self.apply(&name, FIELD_MANAGER, &secret)
+    }
+
+    fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
+        let Some(secret) = self.get_owned(name)? else {
+            return Ok(None);
+        };
+        let text = |key: &str| data(&secret, key).map(|b| String::from_utf8_lossy(b).into_owned());
+        let (Some(chain_pem), Some(key_pem)) = (text("tls.crt"), text("tls.key")) else {
+            return Ok(None);
+        };
+        let domains = annotation(&secret, "domains")
+            .map(|d| {
+                d.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let key_type = annotation(&secret, "key-type")
+            .and_then(|k| serde_json::from_value(json!(k)).ok())
+            .unwrap_or_default();
+        Ok(Some(StoredCertificate {
+            domains,
+            key_type,
+            chain_pem,
+            key_pem,
+        }))
+    }
+
+    fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
+        let secret = self.tls_secret(
+            name,
+            &cert.chain_pem,
+            &cert.key_pem,
+            &cert.domains,
+            Some(cert.key_type),
+        );
+        self.apply(name, FIELD_MANAGER, &secret)
+    }
+
+    fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
+        let Some(secret) = self.get_owned(STATUS_SECRET)? else {
+            return Ok(None);
+        };
+        Ok(data(&secret, &format!("{name}.json")).and_then(|b| serde_json::from_slice(b).ok()))
+    }
+
+    fn save_status(&self, status: &Status) -> Result<(), Error> {
+        let json = serde_json::to_vec(status).map_err(|e| Error::Kubernetes(e.to_string()))?;
+        let mut data = BTreeMap::new();
+        data.insert(format!("{}.json", status.name), b64(&json));
+        let secret = self.secret(STATUS_SECRET, "Opaque", data);
+        // One field manager per certificate: each apply owns only its own key,
+        // so concurrent updates of different certificates never remove each other.
+        self.apply(
+            STATUS_SECRET,
+            &format!("{FIELD_MANAGER}-status-{}", status.name),
+            &secret,
+        )
+    }
+
+    fn status_names(&self) -> Result<Vec<String>, Error> {
+        let Some(secret) = self.get_owned(STATUS_SECRET)? else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = secret
+            .data
+            .unwrap_or_default()
+            .into_keys()
+            .filter_map(|k| k.strip_suffix(".json").map(str::to_owned))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+fn data_owned(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    data(secret, key).map(<[u8]>::to_vec)
+}
+
+impl CertificateSink for KubeStore {
+    /// The Secret `save_certificate` wrote already holds this certificate in
+    /// the normal flow; then nothing is sent. Otherwise it is applied with the
+    /// names and key type read from the certificate itself.
+    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+        let name = &certificate.name;
+        if let Some(existing) = self.get_owned(name)?
+            && data(&existing, "tls.crt") == Some(certificate.chain_pem.as_bytes())
+            && data(&existing, "tls.key") == Some(certificate.key_pem.as_bytes())
+        {
+            return Ok(());
+        }
+        let domains: Vec<String> = crate::certificate::leaf(&certificate.chain_pem)
+            .map(|l| l.dns_names.into_iter().collect())
+            .unwrap_or_default();
+        let key_type = rcgen::KeyPair::from_pem(&certificate.key_pem)
+            .ok()
+            .map(|k| {
+                if k.algorithm() == &rcgen::PKCS_ECDSA_P384_SHA384 {
+                    KeyType::EcdsaP384
+                } else {
+                    KeyType::EcdsaP256
+                }
+            });
+        let secret = self.tls_secret(
+            name,
+            &certificate.chain_pem,
+            &certificate.key_pem,
+            &domains,
+            key_type,
+        );
+        self.apply(name, FIELD_MANAGER, &secret)
+    }
+
+    fn installed(&self, name: &str) -> bool {
+        matches!(self.get_owned(name), Ok(Some(_)))
+    }
+
+    fn check_writable(&self, name: &str) -> Result<(), Error> {
+        self.get_owned(name).map(drop)
+    }
+
+    /// Istio serves nothing for a missing credentialName and starts anyway.
+    fn wants_placeholder(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,231 @@
+//! A fake of the few Kubernetes API endpoints the agent calls: GET and
+//! server-side-apply PATCH of Secrets in one namespace. It is a fake because no
+//! Kubernetes API server can run on this machine. It keeps every request, so
+//! tests can assert the exact objects the agent sends, and it models the part
+//! of server-side apply the agent relies on: per field manager, the data keys,
+//! labels and annotations it applied; a key a manager applied before and omits
+//! now is removed; other managers' keys stay.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::http::{Reply, Request, Server};
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Stored {
+    object: Value,
+    /// manager -> (section, key) it owns; section is data/labels/annotations.
+    owned: BTreeMap<String, BTreeSet<(String, String)>>,
+}
+
+#[derive(Default)]
+struct State {
+    secrets: BTreeMap<String, Stored>,
+    seen: Vec<Seen>,
+    version: u64,
+}
+
+pub struct FakeKube {
+    state: Arc<Mutex<State>>,
+    server: Server,
+    pub namespace: String,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Reply {
+    let mut reply = Reply::new(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": reason, "message": message, "code": code})
+        .to_string(),
+    );
+    reply
+        .headers
+        .push(("content-type".into(), "application/json".into()));
+    reply
+}
+
+fn object_reply(object: &Value) -> Reply {
+    let mut reply = Reply::new(200, object.to_string());
+    reply
+        .headers
+        .push(("content-type".into(), "application/json".into()));
+    reply
+}
+
+const SECTIONS: [(&str, &[&str]); 3] = [
+    ("data", &["data"]),
+    ("labels", &["metadata", "labels"]),
+    ("annotations", &["metadata", "annotations"]),
+];
+
+fn section_mut<'a>(object: &'a mut Value, path: &[&str]) -> &'a mut serde_json::Map<String, Value> {
+    let mut at = object;
+    for key in path {
+        if !at[*key].is_object() {
+            at[*key] = json!({});
+        }
+        at = &mut at[*key];
+    }
+    at.as_object_mut().expect("an object")
+}
+
+fn apply(state: &mut State, name: &str, manager: &str, applied: &Value) -> Value {
+    state.version += 1;
+    let version = state.version;
+    let stored = state
+        .secrets
+        .entry(name.to_owned())
+        .or_insert_with(|| Stored {
+            object: json!({"apiVersion": "v1", "kind": "Secret",
+                       "metadata": {"name": name, "namespace": applied["metadata"]["namespace"]}}),
+            owned: BTreeMap::new(),
+        });
+    let before = stored.owned.remove(manager).unwrap_or_default();
+    let mut now = BTreeSet::new();
+    for (section, path) in SECTIONS {
+        let mut incoming = applied.clone();
+        let incoming = section_mut(&mut incoming, path).clone();
+        let target = section_mut(&mut stored.object, path);
+        for (s, key) in &before {
+            if s == section && !incoming.contains_key(key) {
+                let still_owned = stored_owned_elsewhere(&stored.owned, section, key);
+                if !still_owned {
+                    target.remove(key);
+                }
+            }
+        }
+        for (key, value) in incoming {
+            target.insert(key.clone(), value);
+            now.insert((section.to_owned(), key));
+        }
+    }
+    if let Some(t) = applied.get("type") {
+        stored.object["type"] = t.clone();
+    }
+    stored.object["metadata"]["resourceVersion"] = json!(version.to_string());
+    stored.owned.insert(manager.to_owned(), now);
+    stored.object.clone()
+}
+
+fn stored_owned_elsewhere(
+    owned: &BTreeMap<String, BTreeSet<(String, String)>>,
+    section: &str,
+    key: &str,
+) -> bool {
+    owned
+        .values()
+        .any(|keys| keys.contains(&(section.to_owned(), key.to_owned())))
+}
+
+impl FakeKube {
+    pub fn start(namespace: &str) -> Result<Self> {
+        let state: Arc<Mutex<State>> = Arc::default();
+        let handler_state = Arc::clone(&state);
+        let prefix = format!("/api/v1/namespaces/{namespace}/secrets/");
+        let server = Server::start(move |req: &Request| {
+            let mut state = handler_state.lock().unwrap_or_else(|e| e.into_inner());
+            let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            state.seen.push(Seen {
+                method: req.method.clone(),
+                path: req.path.clone(),
+                content_type: req.header("content-type").map(str::to_owned),
+                body: body.clone(),
+            });
+            let (path, _) = req.path.split_once('?').unwrap_or((&req.path, ""));
+            let Some(name) = path.strip_prefix(&prefix) else {
+                return status(404, "NotFound", &format!("the fake has no {}", req.path));
+            };
+            match req.method.as_str() {
+                "GET" => match state.secrets.get(name) {
+                    Some(stored) => object_reply(&stored.object),
+                    None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
+                },
+                "PATCH" if req.header("content-type") == Some("application/apply-patch+yaml") => {
+                    let Some(manager) = req.query("fieldManager") else {
+                        return status(400, "BadRequest", "fieldManager is required for apply");
+                    };
+                    let manager = manager.to_owned();
+                    let object = apply(&mut state, name, &manager, &body);
+                    object_reply(&object)
+                }
+                _ => status(405, "MethodNotAllowed", "the fake only knows GET and apply"),
+            }
+        })?;
+        Ok(Self {
+            state,
+            server,
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// Puts a Secret in place as someone else would (no agent label).
+    pub fn insert(&self, name: &str, object: Value) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.secrets.insert(
+            name.to_owned(),
+            Stored {
+                object,
+                owned: BTreeMap::new(),
+            },
+        );
+    }
+
+    pub fn secret(&self, name: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.secrets.get(name).map(|s| s.object.clone())
+    }
+
+    pub fn secret_names(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.secrets.keys().cloned().collect()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .clone()
+    }
+
+    /// A kubeconfig pointing at this fake (plain HTTP, a bearer token).
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\nusers:\n- name: fake\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {ns}\ncurrent-context: fake\n",
+                addr = self.addr(),
+                ns = self.namespace
+            ),
+        )?;
+        Ok(())
+    }
+}
+
+/// Decodes a Secret's `data` value.
+pub fn decoded(secret: &Value, key: &str) -> Option<String> {
+    use base64::Engine as _;
+    let text = secret["data"][key].as_str()?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}

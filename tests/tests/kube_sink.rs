@@ -1,0 +1,186 @@
+//! Kubernetes mode: the real agent binary issues certificates from the real
+//! Pebble (validated through the real filter in Envoy) into `kubernetes.io/tls`
+//! Secrets and keeps its account in a Secret, talking to an in-test fake of the
+//! Kubernetes API endpoints it calls (`acme_tests::fake_kube`): a fake because
+//! no Kubernetes API server can run on this machine.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use acme_tests::agent::{agent_binary, wait_for};
+use acme_tests::fake_kube::{FakeKube, decoded};
+use acme_tests::pebble;
+use acme_tests::world::World;
+use serde_json::json;
+
+const NS: &str = "istio-system";
+const WWW: (&str, &[&str]) = ("www-example-com", &["www.example.com", "example.com"]);
+const FOREIGN: (&str, &[&str]) = ("foreign", &["foreign.example.com"]);
+
+fn applies_to(kube: &FakeKube, name: &str) -> Vec<acme_tests::fake_kube::Seen> {
+    kube.seen()
+        .into_iter()
+        .filter(|s| {
+            s.method == "PATCH"
+                && s.path.split('?').next()
+                    == Some(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))
+        })
+        .collect()
+}
+
+#[test]
+fn certificates_become_tls_secrets_the_account_a_secret_and_foreign_secrets_are_left_alone() {
+    let mut world = World::new(pebble::Options::default());
+    let kube = FakeKube::start(NS).unwrap();
+    let foreign_secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "foreign", "namespace": NS, "labels": {"team": "payments"}},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": "c29tZW9uZSBlbHNl", "tls.key": "c2VjcmV0"}
+    });
+    kube.insert("foreign", foreign_secret.clone());
+    world.kube = Some(kube);
+    world.certificates(&[WWW, FOREIGN]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    world.wait_issued(WWW.0, 1.0);
+    let kube = world.kube.as_ref().unwrap();
+
+    // The exact object: a kubernetes.io/tls Secret with tls.crt and tls.key,
+    // labelled as the agent's, annotated with domains and not-after, sent as a
+    // server-side apply by field manager acme-agent.
+    let secret = kube.secret(WWW.0).expect("the certificate's Secret");
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let keys: BTreeSet<&str> = secret["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["tls.crt", "tls.key"]));
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "acme-agent"
+    );
+    assert_eq!(
+        secret["metadata"]["annotations"]["acme-agent.envoy-acme.io/domains"],
+        "www.example.com,example.com"
+    );
+    assert!(
+        secret["metadata"]["annotations"]["acme-agent.envoy-acme.io/not-after"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    let chain = decoded(&secret, "tls.crt").unwrap();
+    let root = world.pebble.issuing_root().unwrap();
+    for domain in WWW.1 {
+        pebble::verify_chain(&chain, &root, domain).unwrap();
+    }
+    assert!(decoded(&secret, "tls.key").unwrap().contains("PRIVATE KEY"));
+    let applies = applies_to(kube, WWW.0);
+    assert!(!applies.is_empty());
+    for apply in &applies {
+        assert_eq!(
+            apply.content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+        assert!(
+            apply.path.contains("fieldManager=acme-agent"),
+            "{}",
+            apply.path
+        );
+        assert!(apply.path.contains("force=true"), "{}", apply.path);
+        assert_eq!(apply.body["kind"], "Secret");
+        assert_eq!(apply.body["metadata"]["namespace"], NS);
+    }
+
+    // The Secret someone else owns was never written, and no order was placed for it.
+    assert!(applies_to(kube, FOREIGN.0).is_empty());
+    assert_eq!(kube.secret(FOREIGN.0).unwrap(), foreign_secret);
+    wait_for(
+        Duration::from_secs(10),
+        "the refusal reported",
+        || {
+            world
+                .agent()
+                .log()
+                .contains("not managed by acme-agent")
+                .then_some(())
+        },
+        || world.context(),
+    )
+    .unwrap();
+    assert_eq!(
+        world.metric("acme_agent_orders_total", &["certificate=\"foreign\""]),
+        0.0
+    );
+
+    // The account lives in a Secret.
+    let account = kube
+        .secret_names()
+        .into_iter()
+        .find(|n| n.starts_with("acme-agent-account-"))
+        .expect("an account Secret");
+    let account_json = decoded(&kube.secret(&account).unwrap(), "account.json").unwrap();
+    assert!(account_json.contains("credentials"));
+
+    // A restarted agent (a rescheduled pod, no volume) keeps its account and
+    // its certificate: no registration, no order.
+    world.agent.as_mut().unwrap().kill();
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.wait_scheduled();
+    assert_eq!(
+        world.metric("acme_agent_account_registrations_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        world.metric("acme_agent_orders_total", &[]),
+        0.0,
+        "{}",
+        world.context()
+    );
+    let kube = world.kube.as_ref().unwrap();
+    assert_eq!(
+        decoded(&kube.secret(&account).unwrap(), "account.json").unwrap(),
+        account_json
+    );
+
+    // Renewal updates the same Secret in place.
+    let before = decoded(&kube.secret(WWW.0).unwrap(), "tls.crt").unwrap();
+    let out = std::process::Command::new(agent_binary().unwrap())
+        .arg("--config")
+        .arg(world.config_path())
+        .args(["renew", WWW.0])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    world.wait_issued(WWW.0, 1.0);
+    let after = decoded(&kube.secret(WWW.0).unwrap(), "tls.crt").unwrap();
+    assert_ne!(before, after);
+    pebble::verify_chain(&after, &root, "example.com").unwrap();
+
+    // `status` reads the Secrets.
+    let kubeconfig = world.work.path().join("kubeconfig");
+    let out = std::process::Command::new(agent_binary().unwrap())
+        .arg("--config")
+        .arg(world.config_path())
+        .arg("status")
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("www-example-com ") && l.contains("www.example.com,example.com")),
+        "{table}"
+    );
+}
