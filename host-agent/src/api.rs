@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -138,15 +139,31 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
+/// Whether a caller at `peer` (already past the token check) may force a
+/// renewal: anyone holding the configured token, else only this host.
+fn may_force_renewal(token_configured: bool, peer: std::net::IpAddr) -> bool {
+    token_configured || peer.is_loopback()
+}
+
 /// `POST /v1/renew/{name}`: order a new certificate now (the `renew`
 /// subcommand). Same bearer token as the challenge API.
 async fn renew(
     State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
     if !authorized(&state, &headers) {
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    // Forcing orders spends the CA's rate limits: without a token, only a
+    // caller on this host may (the `renew` subcommand, `kubectl exec`).
+    if !may_force_renewal(state.token.is_some(), peer.ip()) {
+        return (
+            StatusCode::FORBIDDEN,
+            "renew needs challenge_api.token when called from another host\n",
+        )
+            .into_response();
     }
     let Some(manager) = &state.manager else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no certificate manager\n").into_response();
@@ -217,17 +234,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stopping = Arc::clone(&state);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping.shutdown.send_replace(true);
-        })
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        stopping.shutdown.send_replace(true);
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forced_renewal_needs_the_token_or_this_host() {
+        let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        assert!(!may_force_renewal(false, remote));
+        assert!(may_force_renewal(true, remote));
+        assert!(may_force_renewal(false, "127.0.0.1".parse().unwrap()));
+        assert!(may_force_renewal(false, "::1".parse().unwrap()));
+    }
 
     #[test]
     fn secrets_compare_exactly() {
