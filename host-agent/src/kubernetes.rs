@@ -55,14 +55,24 @@ impl KubeStore {
         }
     }
 
-    /// Runs `f` to completion on the runtime, from a thread of its own so a
-    /// caller already inside the runtime does not block its own driver.
+    /// Runs `f` to completion on the runtime. From one of the runtime's own
+    /// workers, `block_in_place` hands the worker's other tasks (and the I/O
+    /// driver) to another thread first: blocking every worker would leave no
+    /// one to drive the request. From outside (the `status` subcommand), a
+    /// scoped thread waits.
     fn call<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| self.runtime.block_on(f))
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        match Handle::try_current() {
+            Ok(current)
+                if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+            {
+                tokio::task::block_in_place(|| self.runtime.block_on(f))
+            }
+            _ => std::thread::scope(|s| {
+                s.spawn(|| self.runtime.block_on(f))
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }),
+        }
     }
 
     /// The Secret, if it exists; an error if it exists and is not the agent's.
