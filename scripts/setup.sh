@@ -14,7 +14,7 @@ for t in wasm32-wasip1 wasm32-unknown-unknown; do
 done
 
 # Debian packages. `apt-get update` only when something is missing.
-pkgs=(pebble wrk binaryen openssl curl nodejs)
+pkgs=(pebble wrk binaryen openssl curl nodejs lego certbot)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -111,11 +111,31 @@ impl Agent {
         log: &Path,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<Self> {
+        Self::spawn(&agent_binary()?, config, api, log, env)
+    }
+
+    /// Starts another build of the agent (the benchmarks run the release one).
+    pub fn start_with_binary(
+        binary: &Path,
+        config: &Path,
+        api: SocketAddr,
+        log: &Path,
+    ) -> Result<Self> {
+        Self::spawn(binary, config, api, log, &[])
+    }
+
+    fn spawn(
+        binary: &Path,
+        config: &Path,
+        api: SocketAddr,
+        log: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
-        let child = Command::new(agent_binary()?)
+        let child = Command::new(binary)
             .arg("--config")
             .arg(config)
             .arg("run")

@@ -73,6 +73,10 @@ impl Envoy {
         bail!("envoy not ready within {timeout:?}:\n{}", self.log())
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+
     /// What Envoy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
@@ -121,6 +125,37 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain-HTTP listener like [`bootstrap`]'s, but with the filter disabled
+/// by default and enabled only on a `/.well-known/acme-challenge/` route, so
+/// every other request is routed without the filter ever being created.
+pub fn bootstrap_filter_on_challenge_route(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    wasm: &Path,
+    configuration: &str,
+    upstream: SocketAddr,
+    agent: SocketAddr,
+) -> String {
+    let filter = wasm_filter_yaml(wasm, configuration).replacen(
+        "- name: envoy.filters.http.wasm\n",
+        "- name: acme\n                disabled: true\n",
+        1,
+    );
+    bootstrap(listen, admin, &filter, upstream, agent).replacen(
+        r#"              - match: { prefix: "/" }
+                route: { cluster: upstream }"#,
+        r#"              - match: { prefix: "/.well-known/acme-challenge/" }
+                route: { cluster: upstream }
+                typed_per_filter_config:
+                  acme:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    config: {}
+              - match: { prefix: "/" }
+                route: { cluster: upstream }"#,
+        1,
+    )
 }
 
 /// An HTTPS listener at `listen` whose certificates are the agent's SDS files
@@ -257,6 +292,48 @@ impl Drop for TlsSession {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// [`wasm_filter_yaml`] wrapped in an `ExtensionWithMatcher` that skips the
+/// filter for every path outside `/.well-known/acme-challenge/`, so ordinary
+/// requests never enter the Wasm VM.
+pub fn matched_wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
+    format!(
+        r#"- name: acme
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
+                  xds_matcher:
+                    matcher_list:
+                      matchers:
+                      - predicate:
+                          not_matcher:
+                            single_predicate:
+                              input:
+                                name: path
+                                typed_config:
+                                  "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                                  header_name: ":path"
+                              value_match: {{ prefix: "/.well-known/acme-challenge/" }}
+                        on_match:
+                          action:
+                            name: skip
+                            typed_config:
+                              "@type": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
+                  extension_config:
+                    name: envoy.filters.http.wasm
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                      config:
+                        name: acme
+                        vm_config:
+                          vm_id: acme
+                          runtime: envoy.wasm.runtime.v8
+                          code: {{ local: {{ filename: "{wasm}" }} }}
+                        configuration:
+                          "@type": type.googleapis.com/google.protobuf.StringValue
+                          value: '{configuration}'"#,
+        wasm = wasm.display()
+    )
 }
 
 /// The HTTP filter chain entry that loads the filter with `configuration` (JSON).

@@ -19,6 +19,9 @@ pub struct Options {
     /// `PEBBLE_WFE_NONCEREJECT`: percentage of valid nonces rejected as bad
     /// (Pebble's default is 5).
     pub nonce_reject: Option<u8>,
+    /// `PEBBLE_AUTHZREUSE`: percentage of valid authorizations reused for a
+    /// new order of the same account (Pebble's default is 50).
+    pub authz_reuse: Option<u8>,
 }
 
 pub struct Pebble {
@@ -127,6 +130,9 @@ impl Pebble {
             .arg(self.dir.path().join("pebble.json"))
             .args(["-dnsserver", &self.dns_addr.to_string()])
             .env("PEBBLE_VA_NOSLEEP", "1");
+        if let Some(percent) = self.options.authz_reuse {
+            cmd.env("PEBBLE_AUTHZREUSE", percent.to_string());
+        }
         if let Some(percent) = self.options.nonce_reject {
             cmd.env("PEBBLE_WFE_NONCEREJECT", percent.to_string());
         }

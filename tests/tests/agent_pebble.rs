@@ -153,6 +153,7 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
 fn every_order_succeeds_when_pebble_rejects_half_the_nonces() {
     let mut world = World::new(pebble::Options {
         nonce_reject: Some(50),
+        ..pebble::Options::default()
     });
     world.certificates(&[WWW, API]);
     world.write_config();

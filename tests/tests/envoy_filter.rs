@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use acme_tests::envoy::{Envoy, bootstrap, free_addr, wasm_filter_yaml};
+use acme_tests::envoy::{
+    Envoy, bootstrap, bootstrap_filter_on_challenge_route, free_addr, wasm_filter_yaml,
+};
 use acme_tests::http::{self, Reply, Server};
 use acme_tests::sync_server::SyncServer;
 use acme_tests::{filter_wasm, key_authorization};
@@ -219,4 +221,77 @@ fn bad_filter_configuration_stops_envoy_from_starting() {
         err.contains("poll_wait_secs"),
         "the log names the field:\n{err}"
     );
+}
+
+/// The filter disabled in the chain and enabled only on the challenge route
+/// (the standalone configuration's shape, so ordinary traffic never enters
+/// the VM) behaves exactly like the filter on every request.
+#[test]
+fn filter_enabled_only_on_the_challenge_route_behaves_the_same() {
+    let agent = SyncServer::start(None).unwrap();
+    let upstream = Server::start(|req| {
+        let mut reply = Reply::new(200, "upstream");
+        reply
+            .headers
+            .push(("x-upstream-path".into(), req.path.clone()));
+        reply
+    })
+    .unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = bootstrap_filter_on_challenge_route(
+        listen,
+        admin,
+        &filter_wasm().unwrap(),
+        r#"{"agent_cluster":"acme_agent","poll_wait_seconds":2}"#,
+        upstream.addr(),
+        agent.addr(),
+    );
+    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    agent.publish(&[(TOKEN, HOST)]);
+    let path = format!("/.well-known/acme-challenge/{TOKEN}");
+    assert!(
+        eventually(Duration::from_secs(5), || http::get(listen, &path, HOST)
+            .is_ok_and(|r| r.status == 200)),
+        "token not served:\n{}",
+        envoy.log()
+    );
+    let r = http::get(listen, &path, HOST).unwrap();
+    assert_eq!(r.text(), key_authorization(TOKEN));
+    assert!(r.header("x-upstream-path").is_none());
+    // Unknown, wrong host, traversal, wrong method: answered by the filter,
+    // never forwarded.
+    for (method, p, host, status) in [
+        (
+            "GET",
+            "/.well-known/acme-challenge/unknown-token".to_owned(),
+            HOST,
+            404,
+        ),
+        ("GET", path.clone(), "other.example.com", 404),
+        (
+            "GET",
+            "/.well-known/acme-challenge/..%2F..%2Fetc".to_owned(),
+            HOST,
+            404,
+        ),
+        ("POST", path.clone(), HOST, 405),
+    ] {
+        let r = http::request(listen, method, &p, host).unwrap();
+        assert_eq!(r.status, status, "{method} {p} {host}");
+        assert!(
+            r.header("x-upstream-path").is_none(),
+            "{method} {p} reached the upstream"
+        );
+    }
+    // Everything else goes to the upstream, untouched.
+    let r = http::get(listen, "/app/page?x=1", HOST).unwrap();
+    assert_eq!(
+        (r.status, r.header("x-upstream-path")),
+        (200, Some("/app/page?x=1"))
+    );
+    let served = envoy
+        .stat("wasmcustom.acme_filter.challenges_served")
+        .unwrap()
+        .unwrap_or(0);
+    assert!(served >= 2);
 }

@@ -89,10 +89,17 @@ fn agent_config_matches_the_bootstrap() {
     // The filter is first in the plain-HTTP chain, before the router.
     let http_filters = yaml.find("http_filters:").unwrap();
     let wasm = yaml[http_filters..]
-        .find("envoy.filters.http.wasm")
+        .find("extensions.filters.http.wasm.v3.Wasm")
         .unwrap();
     let router = yaml[http_filters..]
         .find("envoy.filters.http.router")
         .unwrap();
     assert!(wasm < router);
+    // Enabled on the challenge route, which comes before the catch-all.
+    let challenge_route = yaml
+        .find(r#"prefix: "/.well-known/acme-challenge/""#)
+        .unwrap();
+    let catch_all = yaml.find(r#"prefix: "/" }"#).unwrap();
+    assert!(challenge_route < catch_all);
+    assert!(yaml[challenge_route..catch_all].contains("envoy.config.route.v3.FilterConfig"));
 }

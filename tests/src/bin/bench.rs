@@ -1,0 +1,861 @@
+//! Side-by-side benchmarks (`scripts/bench.sh`): every compared variant runs in
+//! the same process, interleaved round by round so machine drift hits all of
+//! them alike; each cell is the median of the rounds with the spread
+//! (min-max). Prints a markdown table. Loopback only. Not a test: nothing here
+//! asserts a timing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acme_agent::api::{self, ApiState};
+use acme_agent::challenges::{Challenge, ChallengeSet};
+use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
+use acme_tests::agent::{Agent, Cert, Settings, wait_for};
+use acme_tests::envoy::{
+    Envoy, bootstrap, bootstrap_filter_on_challenge_route, bootstrap_with_listeners, envoy_binary,
+    free_addr, https_listener, matched_wasm_filter_yaml, served_chain, wasm_filter_yaml,
+};
+use acme_tests::http::{Connection, free_port};
+use acme_tests::pebble::{self, Pebble};
+use acme_tests::sync_server::SyncServer;
+use acme_tests::{filter_wasm, key_authorization, workspace_root};
+use anyhow::{Context as _, Result, bail};
+
+const TOKEN: &str = "bench-token_0123456789abcdefghijklmnopq";
+const HOST: &str = "www.example.com";
+
+struct Row {
+    what: String,
+    result: String,
+    note: String,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// wrk for `seconds` at `addr` + `path`: (requests/s, p99 latency ms).
+fn wrk(addr: SocketAddr, path: &str, host: &str, seconds: u32) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency"])
+        .args(["-H", &format!("Host: {host}")])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .context("running wrk (scripts/setup.sh installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        bail!("wrk saw non-2xx answers at {path}:\n{text}");
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in:\n{text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| duration_ms(v.trim()))
+        .with_context(|| format!("no 99% line in:\n{text}"))?;
+    Ok((rps, p99))
+}
+
+fn duration_ms(text: &str) -> f64 {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
+    let n: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// An Envoy answering every request itself (`direct_response`): the fast
+/// upstream, and the fast "solver" server.
+fn direct_envoy(body: &str) -> Result<(Envoy, SocketAddr)> {
+    let (listen, admin) = (free_addr()?, free_addr()?);
+    let config = format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:
+  - name: direct
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: direct
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "{body}" }} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+        admin_port = admin.port(),
+        port = listen.port(),
+    );
+    Ok((Envoy::start(&config, admin, 1)?, listen))
+}
+
+fn filter_yaml(config: &str) -> Result<String> {
+    Ok(wasm_filter_yaml(&filter_wasm()?, config))
+}
+
+/// Pass-through: the same Envoy build and config, with and without the filter,
+/// in front of a direct-response upstream.
+fn pass_through(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
+    let (_upstream, upstream) = direct_envoy("ok")?;
+    let sync = SyncServer::start(None)?;
+    let mut envoys = Vec::new();
+    for variant in 0..4 {
+        let (listen, admin) = (free_addr()?, free_addr()?);
+        let filters = match variant {
+            0 => filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
+            1 => String::new(),
+            2 => matched_wasm_filter_yaml(&filter_wasm()?, r#"{"agent_cluster":"acme_agent"}"#),
+            _ => String::new(),
+        };
+        if variant == 3 {
+            let config = bootstrap_filter_on_challenge_route(
+                listen,
+                admin,
+                &filter_wasm()?,
+                r#"{"agent_cluster":"acme_agent"}"#,
+                upstream,
+                sync.addr(),
+            );
+            envoys.push((Envoy::start(&config, admin, 1)?, listen));
+            continue;
+        }
+        let envoy = Envoy::start(
+            &bootstrap(listen, admin, &filters, upstream, sync.addr()),
+            admin,
+            1,
+        )?;
+        envoys.push((envoy, listen));
+    }
+    let (mut rps, mut p99) = (vec![Vec::new(); 4], vec![Vec::new(); 4]);
+    for round in 0..rounds {
+        // Rotate the order each round: the first run of a round is not
+        // always the same variant.
+        for k in 0..envoys.len() {
+            let i = (k + round) % envoys.len();
+            let (r, p) = wrk(envoys[i].1, "/app/page", HOST, 3)?;
+            rps[i].push(r);
+            p99[i].push(p);
+        }
+    }
+    let matched: Vec<f64> = rps[2].iter().zip(&rps[1]).map(|(a, b)| a / b).collect();
+    let (mmin, mmax) = spread(&matched);
+    let mut matched = matched;
+    rows.push(Row {
+        what: "Pass-through req/s, filter behind a path matcher / without".into(),
+        result: format!(
+            "{:.0} / {:.0} = **{:.3}**",
+            median(&mut rps[2].clone()),
+            median(&mut rps[1].clone()),
+            median(&mut matched)
+        ),
+        note: format!("ratio spread {mmin:.3}-{mmax:.3}; ExtensionWithMatcher skips the filter outside /.well-known/acme-challenge/"),
+    });
+    let routed: Vec<f64> = rps[3].iter().zip(&rps[1]).map(|(a, b)| a / b).collect();
+    let (rmin3, rmax3) = spread(&routed);
+    let mut routed = routed;
+    rows.push(Row {
+        what: "Pass-through req/s, filter enabled only on the challenge route / without".into(),
+        result: format!(
+            "{:.0} / {:.0} = **{:.3}**",
+            median(&mut rps[3].clone()),
+            median(&mut rps[1].clone()),
+            median(&mut routed)
+        ),
+        note: format!("ratio spread {rmin3:.3}-{rmax3:.3}; `disabled: true` in the chain, enabled by the route's typed_per_filter_config"),
+    });
+    let ratios: Vec<f64> = rps[0].iter().zip(&rps[1]).map(|(a, b)| a / b).collect();
+    let (rmin, rmax) = spread(&ratios);
+    let mut ratios = ratios;
+    rows.push(Row {
+        what: "Pass-through req/s, with filter / without".into(),
+        result: format!(
+            "{:.0} / {:.0} = **{:.3}**",
+            median(&mut rps[0].clone()),
+            median(&mut rps[1].clone()),
+            median(&mut ratios)
+        ),
+        note: format!("ratio spread {rmin:.3}-{rmax:.3}; target >= 0.98"),
+    });
+    rows.push(Row {
+        what: "Pass-through p99 latency, with filter / without".into(),
+        result: format!(
+            "{:.2} ms / {:.2} ms",
+            median(&mut p99[0]),
+            median(&mut p99[1])
+        ),
+        note: "wrk -t1 -c16, 3 s per run".into(),
+    });
+    Ok(())
+}
+
+/// Challenge answers: the filter inline vs Envoy's direct_response with the
+/// same body vs Envoy routing to a solver server (cert-manager's shape).
+fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
+    let body = key_authorization(TOKEN);
+    let path = format!("/.well-known/acme-challenge/{TOKEN}");
+    let (_app, app) = direct_envoy("app")?;
+    let sync = SyncServer::start(None)?;
+    sync.publish(&[(TOKEN, HOST)]);
+
+    let (inline_listen, admin) = (free_addr()?, free_addr()?);
+    let inline = Envoy::start(
+        &bootstrap(
+            inline_listen,
+            admin,
+            &filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
+            app,
+            sync.addr(),
+        ),
+        admin,
+        1,
+    )?;
+    wait_for(
+        Duration::from_secs(10),
+        "token synced",
+        || {
+            acme_tests::http::get(inline_listen, &path, HOST)
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+        || inline.log(),
+    )?;
+
+    let (direct, direct_listen) = direct_envoy(&body)?;
+    let (_solver, solver) = direct_envoy(&body)?;
+    let (routed_listen, admin) = (free_addr()?, free_addr()?);
+    let routed = Envoy::start(
+        &bootstrap(routed_listen, admin, "", solver, sync.addr()),
+        admin,
+        1,
+    )?;
+
+    let variants = [
+        ("inline (filter)", inline_listen),
+        ("direct_response", direct_listen),
+        ("routed to a solver", routed_listen),
+    ];
+    let mut rps = vec![Vec::new(); 3];
+    let mut p99 = vec![Vec::new(); 3];
+    for round in 0..rounds {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            let (r, p) = wrk(variants[i].1, &path, HOST, 3)?;
+            rps[i].push(r);
+            p99[i].push(p);
+        }
+    }
+    let ratio = |a: usize, b: usize| -> (f64, f64, f64) {
+        let mut r: Vec<f64> = rps[a].iter().zip(&rps[b]).map(|(x, y)| x / y).collect();
+        let (lo, hi) = spread(&r);
+        (median(&mut r), lo, hi)
+    };
+    let (inline_vs_direct, lo, hi) = ratio(0, 1);
+    let (inline_vs_routed, lo2, hi2) = ratio(0, 2);
+    rows.push(Row {
+        what: "Challenge answers req/s: inline / direct_response / routed to solver".into(),
+        result: format!(
+            "{:.0} / {:.0} / {:.0}",
+            median(&mut rps[0].clone()),
+            median(&mut rps[1].clone()),
+            median(&mut rps[2].clone())
+        ),
+        note: format!(
+            "p99 {:.2} / {:.2} / {:.2} ms",
+            median(&mut p99[0]),
+            median(&mut p99[1]),
+            median(&mut p99[2])
+        ),
+    });
+    rows.push(Row {
+        what: "Inline / direct_response".into(),
+        result: format!("**{inline_vs_direct:.3}**"),
+        note: format!("spread {lo:.3}-{hi:.3}; target >= 0.95"),
+    });
+    rows.push(Row {
+        what: "Inline / routed to a solver server".into(),
+        result: format!("**{inline_vs_routed:.2}x**"),
+        note: format!("spread {lo2:.2}-{hi2:.2}"),
+    });
+    drop((direct, routed));
+    Ok(())
+}
+
+/// Propagation: the agent's real API (in-process) publishing a token, until
+/// every worker of two Envoys (--concurrency 2) answers it.
+fn propagation(rows: &mut Vec<Row>, tokens: usize) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let set = Arc::new(ChallengeSet::new());
+    let state = ApiState::new(Arc::clone(&set), None);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let agent = listener.local_addr()?;
+    runtime.spawn(api::serve(listener, state, std::future::pending()));
+
+    let (_app, app) = direct_envoy("app")?;
+    let mut envoys = Vec::new();
+    for _ in 0..2 {
+        let (listen, admin) = (free_addr()?, free_addr()?);
+        let envoy = Envoy::start(
+            &bootstrap(
+                listen,
+                admin,
+                &filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
+                app,
+                agent,
+            ),
+            admin,
+            2,
+        )?;
+        envoys.push((envoy, listen));
+    }
+    // Four keep-alive connections per Envoy: the exact balance gives each worker two.
+    let mut connections: Vec<Connection> = Vec::new();
+    for (_, listen) in &envoys {
+        for _ in 0..4 {
+            connections.push(Connection::open(*listen)?);
+        }
+    }
+    let challenge = |i: usize| Challenge {
+        token: format!("{TOKEN}-{i}"),
+        key_authorization: key_authorization(&format!("{TOKEN}-{i}")),
+        identifier: HOST.into(),
+    };
+    let mut samples = Vec::new();
+    for i in 0..=tokens {
+        let c = challenge(i);
+        let path = format!("/.well-known/acme-challenge/{}", c.token);
+        let started = Instant::now();
+        set.publish([c]);
+        for connection in &mut connections {
+            loop {
+                let r = connection.send("GET", &path, HOST, false)?;
+
+                if r.status == 200 {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    bail!("token {i} not answered within 10 s");
+                }
+            }
+        }
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+
+        if i > 0 {
+            // The first one includes the filters' first sync after start.
+            samples.push(took);
+        }
+        set.remove([format!("{TOKEN}-{i}").as_str()]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (lo, hi) = spread(&samples);
+    rows.push(Row {
+        what: format!("Propagation, publish -> all 4 workers of 2 Envoys answer ({tokens} tokens)"),
+        result: format!(
+            "p50 **{:.2} ms**, p99 **{:.2} ms**",
+            percentile(&mut samples.clone(), 0.5),
+            percentile(&mut samples, 0.99)
+        ),
+        note: format!("min {lo:.2}, max {hi:.2} ms; target p99 <= 50 ms"),
+    });
+    drop(runtime);
+    Ok(())
+}
+
+/// Hot reload: a renewed certificate written by the agent's file sink, until
+/// Envoy presents it on a new handshake.
+fn hot_reload(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let sds = work.path().join("sds");
+    let sink = FileSink::new(&sds)?;
+    let domains = vec![HOST.to_owned()];
+    let install = |sink: &FileSink| -> Result<String> {
+        let (chain_pem, key_pem) =
+            acme_agent::certificate::placeholder(&domains, Default::default())?;
+        sink.install(&IssuedCertificate {
+            name: "www".into(),
+            chain_pem: chain_pem.clone(),
+            key_pem,
+        })?;
+        Ok(chain_pem)
+    };
+    install(&sink)?;
+    let (http, admin, https) = (free_addr()?, free_addr()?, free_addr()?);
+    let sync = SyncServer::start(None)?;
+    let (_app, app) = direct_envoy("app")?;
+    let config = bootstrap_with_listeners(
+        http,
+        admin,
+        "",
+        app,
+        sync.addr(),
+        &https_listener(https, &sds, &["www"]),
+    );
+    let envoy = Envoy::start(&config, admin, 2)?;
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        let chain = install(&sink)?;
+        let started = Instant::now();
+        let leaf = chain
+            .split("-----END CERTIFICATE-----")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        wait_for(
+            Duration::from_secs(10),
+            "new certificate served",
+            || {
+                served_chain(https, HOST)
+                    .ok()
+                    .filter(|c| c.starts_with(leaf.trim_start()))
+            },
+            || envoy.log(),
+        )?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (lo, hi) = spread(&samples);
+    rows.push(Row {
+        what: format!(
+            "Hot reload, SDS file renamed in -> served on a new handshake ({rounds} swaps)"
+        ),
+        result: format!("median **{:.1} ms**", median(&mut samples)),
+        note: format!("{lo:.1}-{hi:.1} ms; includes ~5 ms per `openssl s_client` poll"),
+    });
+    Ok(())
+}
+
+fn rss_kb(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Footprint: the .wasm, Envoy with and without the filter.
+fn footprint(rows: &mut Vec<Row>) -> Result<()> {
+    let wasm = filter_wasm()?;
+    rows.push(Row {
+        what: "Filter .wasm size".into(),
+        result: format!("**{} bytes**", std::fs::metadata(&wasm)?.len()),
+        note: "release, opt-level z, LTO, wasm-opt -Oz".into(),
+    });
+    let (_app, app) = direct_envoy("app")?;
+    let sync = SyncServer::start(None)?;
+    let mut rss = Vec::new();
+    for with_filter in [true, false] {
+        let (listen, admin) = (free_addr()?, free_addr()?);
+        let filters = if with_filter {
+            filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?
+        } else {
+            String::new()
+        };
+        let envoy = Envoy::start(
+            &bootstrap(listen, admin, &filters, app, sync.addr()),
+            admin,
+            2,
+        )?;
+        for _ in 0..50 {
+            let _ = acme_tests::http::get(listen, "/", HOST);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        rss.push(envoy.pid().and_then(|p| rss_kb(p, "VmRSS:")).unwrap_or(0));
+    }
+    rows.push(Row {
+        what: "Envoy RSS --concurrency 2, with filter / without".into(),
+        result: format!(
+            "{:.1} MB / {:.1} MB",
+            rss[0] as f64 / 1024.0,
+            rss[1] as f64 / 1024.0
+        ),
+        note: "after 50 requests".into(),
+    });
+    Ok(())
+}
+
+/// The agent binary (release build) for time-to-certificate and its RSS.
+fn release_agent() -> Result<PathBuf> {
+    let out = Command::new(workspace_root().join("scripts/build-agent.sh"))
+        .env("PROFILE", "release")
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the release agent failed");
+    }
+    Ok(workspace_root().join(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// One run of ours: Envoy up on Pebble's port with placeholder SDS files, then
+/// the agent (fresh state, new account) until Envoy serves every certificate
+/// with a chain from Pebble. Returns (seconds, agent peak RSS kB).
+fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> Result<(f64, u64)> {
+    let work = tempfile::tempdir()?;
+    let sds = work.path().join("sds");
+    let sink = FileSink::new(&sds)?;
+    for (name, domains) in certs {
+        let (chain_pem, key_pem) =
+            acme_agent::certificate::placeholder(domains, Default::default())?;
+        sink.install(&IssuedCertificate {
+            name: name.clone(),
+            chain_pem,
+            key_pem,
+        })?;
+    }
+    let http: SocketAddr = format!("127.0.0.1:{}", pebble.http_port).parse()?;
+    let (admin, https, api) = (free_addr()?, free_addr()?, free_addr()?);
+    let names: Vec<&str> = certs.iter().map(|(n, _)| n.as_str()).collect();
+    let (_app, app) = direct_envoy("app")?;
+    let config = bootstrap_with_listeners(
+        http,
+        admin,
+        &filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
+        app,
+        api,
+        &https_listener(https, &sds, &names),
+    );
+    let envoy = Envoy::start(&config, admin, 2)?;
+    let domain_refs: Vec<Vec<&str>> = certs
+        .iter()
+        .map(|(_, d)| d.iter().map(String::as_str).collect())
+        .collect();
+    let cert_refs: Vec<Cert<'_>> = certs
+        .iter()
+        .zip(&domain_refs)
+        .map(|((n, _), d)| Cert {
+            name: n,
+            domains: d,
+        })
+        .collect();
+    let settings = Settings {
+        directory_url: &pebble.directory_url,
+        ca_root: &pebble.tls_root,
+        state_dir: &work.path().join("state"),
+        sds_dir: &sds,
+        kubernetes: None,
+        api,
+        self_check: Some(http),
+        retry: (1, 4),
+        certificates: &cert_refs,
+    };
+    let config_path = work.path().join("agent.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "order_concurrency = {}\n{}",
+            certs.len().min(64),
+            settings.toml()
+        ),
+    )?;
+    let root = pebble.issuing_root()?;
+    let started = Instant::now();
+    let agent =
+        Agent::start_with_binary(agent_bin, &config_path, api, &work.path().join("agent.log"))?;
+    for (_, domains) in certs {
+        let sni = &domains[0];
+        wait_for(
+            Duration::from_secs(120),
+            "certificate served",
+            || {
+                served_chain(https, sni)
+                    .ok()
+                    .filter(|c| pebble::verify_chain(c, &root, sni).is_ok())
+            },
+            || agent.log(),
+        )?;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let peak = agent.pid().and_then(|p| rss_kb(p, "VmHWM:")).unwrap_or(0);
+    drop(envoy);
+    Ok((took, peak))
+}
+
+fn lego(pebble: &Pebble, domains: &[String]) -> Result<f64> {
+    let work = tempfile::tempdir()?;
+    let started = Instant::now();
+    let mut cmd = Command::new("lego");
+    cmd.env("LEGO_CA_CERTIFICATES", &pebble.tls_root)
+        .args([
+            "--server",
+            &pebble.directory_url,
+            "--email",
+            "ops@example.com",
+            "--accept-tos",
+        ])
+        .args([
+            "--http",
+            "--http.port",
+            &format!("127.0.0.1:{}", pebble.http_port),
+        ])
+        .arg("--path")
+        .arg(work.path());
+    for d in domains {
+        cmd.args(["--domains", d]);
+    }
+    let out = cmd.arg("run").output().context("running lego")?;
+    if !out.status.success() {
+        bail!("lego failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn certbot(pebble: &Pebble, domains: &[String]) -> Result<f64> {
+    let work = tempfile::tempdir()?;
+    let started = Instant::now();
+    let mut cmd = Command::new("certbot");
+    cmd.env("REQUESTS_CA_BUNDLE", &pebble.tls_root)
+        .args([
+            "certonly",
+            "--standalone",
+            "--non-interactive",
+            "--agree-tos",
+            "-m",
+            "ops@example.com",
+        ])
+        .args(["--server", &pebble.directory_url])
+        .args([
+            "--http-01-port",
+            &pebble.http_port.to_string(),
+            "--http-01-address",
+            "127.0.0.1",
+        ])
+        .arg("--config-dir")
+        .arg(work.path().join("config"))
+        .arg("--work-dir")
+        .arg(work.path().join("work"))
+        .arg("--logs-dir")
+        .arg(work.path().join("logs"));
+    for d in domains {
+        cmd.args(["-d", d]);
+    }
+    let out = cmd.output().context("running certbot")?;
+    if !out.status.success() {
+        bail!("certbot failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn time_to_certificate(rows: &mut Vec<Row>, rounds: usize, many: usize) -> Result<()> {
+    let agent_bin = release_agent()?;
+    let pebble = Pebble::start(
+        free_port()?,
+        pebble::Options {
+            nonce_reject: Some(0),
+            authz_reuse: Some(0),
+        },
+    )?;
+    let mut serial = 0;
+    let mut fresh = |n: usize| -> Vec<(String, Vec<String>)> {
+        (0..n)
+            .map(|_| {
+                serial += 1;
+                (
+                    format!("c{serial}"),
+                    vec![
+                        format!("www.t{serial}.example.com"),
+                        format!("t{serial}.example.com"),
+                    ],
+                )
+            })
+            .collect()
+    };
+    let (mut t_ours, mut t_lego, mut t_certbot) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        t_ours.push(ours(&pebble, &agent_bin, &fresh(1))?.0);
+        t_lego.push(lego(&pebble, &fresh(1)[0].1)?);
+        t_certbot.push(certbot(&pebble, &fresh(1)[0].1)?);
+    }
+    let best_peer = median(&mut t_lego.clone()).min(median(&mut t_certbot.clone()));
+    let fmt = |v: &[f64]| {
+        let (lo, hi) = spread(v);
+        format!("{:.2} s ({lo:.2}-{hi:.2})", median(&mut v.to_vec()))
+    };
+    rows.push(Row {
+        what: "Time to certificate, 1 certificate with 2 domains: ours / lego / certbot".into(),
+        result: format!("{} / {} / {}", fmt(&t_ours), fmt(&t_lego), fmt(&t_certbot)),
+        note: format!(
+            "ours / best peer = **{:.2}**; target <= 0.2",
+            median(&mut t_ours.clone()) / best_peer
+        ),
+    });
+
+    let (ours_many, peak) = ours(&pebble, &agent_bin, &fresh(many))?;
+    let mut lego_many = 0.0;
+    for (_, domains) in fresh(many) {
+        lego_many += lego(&pebble, &domains)?;
+    }
+    let mut certbot_many = 0.0;
+    for (_, domains) in fresh(many) {
+        certbot_many += certbot(&pebble, &domains)?;
+    }
+    rows.push(Row {
+        what: format!("Time to certificate, {many} certificates (2 domains each): ours / lego / certbot"),
+        result: format!("{ours_many:.2} s / {lego_many:.1} s / {certbot_many:.1} s"),
+        note: format!(
+            "one run each; peers one after the other; ours order_concurrency = {many}; ours / best peer = **{:.3}**",
+            ours_many / lego_many.min(certbot_many)
+        ),
+    });
+    rows.push(Row {
+        what: format!("Agent peak RSS while ordering {many} certificates (release)"),
+        result: format!("{:.1} MB", peak as f64 / 1024.0),
+        note: "VmHWM".into(),
+    });
+    Ok(())
+}
+
+/// The agent idle, release build, two valid certificates.
+fn agent_idle(rows: &mut Vec<Row>) -> Result<()> {
+    let agent_bin = release_agent()?;
+    let work = tempfile::tempdir()?;
+    let api = free_addr()?;
+    let settings = Settings {
+        directory_url: "https://127.0.0.1:9/dir",
+        ca_root: Path::new("/dev/null"),
+        state_dir: &work.path().join("state"),
+        sds_dir: &work.path().join("sds"),
+        kubernetes: None,
+        api,
+        self_check: None,
+        retry: (3600, 3600),
+        certificates: &[],
+    };
+    let config = work.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        settings.toml().replace("ca_root = \"/dev/null\"\n", ""),
+    )?;
+    let agent = Agent::start_with_binary(&agent_bin, &config, api, &work.path().join("agent.log"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = agent.pid().and_then(|p| rss_kb(p, "VmRSS:")).unwrap_or(0);
+    rows.push(Row {
+        what: "Agent RSS idle (release)".into(),
+        result: format!("{:.1} MB", rss as f64 / 1024.0),
+        note: "challenge API up, no order running".into(),
+    });
+    Ok(())
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("?")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only <part>` runs one part: pass-through, challenge, propagation,
+    // reload, footprint, certificate.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let (rounds, tokens, many) = if quick { (2, 100, 5) } else { (5, 200, 20) };
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    if run("pass-through") {
+        eprintln!("[bench] pass-through");
+        pass_through(&mut rows, rounds)?;
+    }
+    if run("challenge") {
+        eprintln!("[bench] challenge answers");
+        challenge_answers(&mut rows, rounds)?;
+    }
+    if run("propagation") {
+        eprintln!("[bench] propagation");
+        propagation(&mut rows, tokens)?;
+    }
+    if run("reload") {
+        eprintln!("[bench] hot reload");
+        hot_reload(&mut rows, 20)?;
+    }
+    if run("footprint") {
+        eprintln!("[bench] footprint");
+        footprint(&mut rows)?;
+        agent_idle(&mut rows)?;
+    }
+    if run("certificate") {
+        eprintln!("[bench] time to certificate (lego takes a while)");
+        time_to_certificate(&mut rows, rounds.min(3), many)?;
+    }
+
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!(
+        "Measured {} on {cores} cores ({} rounds interleaved, medians with min-max), {:.0} s in all.\n",
+        version("date", &["-u", "+%Y-%m-%d"]),
+        rounds,
+        started.elapsed().as_secs_f64()
+    );
+    println!("| measurement | result | notes |\n| --- | --- | --- |");
+    for row in rows {
+        println!("| {} | {} | {} |", row.what, row.result, row.note);
+    }
+    println!(
+        "\nVersions: {}; pebble {}; {}; {}; {}.",
+        version(&envoy_binary()?.display().to_string(), &["--version"])
+            .replace("envoy  version: ", "Envoy "),
+        version("dpkg-query", &["-W", "-f=${Version}", "pebble"]),
+        version("lego", &["--version"]),
+        version("certbot", &["--version"]),
+        version("wrk", &["-v"]),
+    );
+    Ok(())
+}
