@@ -114,17 +114,19 @@ fn assert_answers(envoy: &Envoy, listen: SocketAddr, sync: &SyncServer) {
     assert_eq!(answered.text(), key_authorization(TOKEN));
     let other = http::get(listen, "/index.html", HOST).unwrap();
     assert_eq!((other.status, other.text().as_str()), (200, "upstream"));
+    let unknown = http::get(listen, "/.well-known/acme-challenge/unknown-token", HOST).unwrap();
+    assert_eq!(unknown.status, 404, "answered by the filter, not routed");
 }
 
 #[test]
 fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first() {
     let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
     let value = &envoy_filter["spec"]["configPatches"][0]["patch"]["value"];
-    let cluster =
-        value["typed_config"]["config"]["vm_config"]["code"]["remote"]["http_uri"]["cluster"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+    let cluster = value["typed_config"]["extension_config"]["typed_config"]["config"]["vm_config"]
+        ["code"]["remote"]["http_uri"]["cluster"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
     let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
@@ -145,7 +147,8 @@ fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first
 fn envoyfilter_module_with_another_sha256_is_refused() {
     let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
     let mut value = envoy_filter["spec"]["configPatches"][0]["patch"]["value"].clone();
-    let remote = &mut value["typed_config"]["config"]["vm_config"]["code"]["remote"];
+    let remote = &mut value["typed_config"]["extension_config"]["typed_config"]["config"]["vm_config"]
+        ["code"]["remote"];
     remote["sha256"] = Value::from("0".repeat(64));
     remote["retry_policy"]["num_retries"] = Value::from(0);
     let cluster = remote["http_uri"]["cluster"].as_str().unwrap().to_owned();
