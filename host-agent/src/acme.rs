@@ -126,12 +126,17 @@ impl Http {
         })?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // Nagle on an ACME exchange (small JWS writes, wait for the answer)
+        // meets delayed ACKs: ~40 ms added to every request.
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(tcp);
         Ok(Self {
             client: HyperClient::builder(TokioExecutor::new()).build(connector),
             metrics,

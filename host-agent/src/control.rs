@@ -32,6 +32,8 @@ async fn post(api: &ChallengeApi, path: &str) -> Result<(u16, String), Error> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| failed(format!("connecting to {addr} (is the agent running?): {e}")))?;
+    // One small request, then wait for the answer: no Nagle delay.
+    let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| failed(e.to_string()))?;

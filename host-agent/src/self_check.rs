@@ -22,6 +22,8 @@ async fn fetch_once(target: &str, domain: &str, path: &str) -> Result<(u16, Byte
     let stream = TcpStream::connect(target)
         .await
         .map_err(|e| format!("connecting to {target}: {e}"))?;
+    // One small request, then wait for the answer: no Nagle delay.
+    let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake with {target}: {e}"))?;
