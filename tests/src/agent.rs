@@ -89,6 +89,29 @@ impl Settings<'_> {
     }
 }
 
+/// Writes `<dir>/agent.toml` for an agent with no certificate (it serves its
+/// API and orders nothing; the CA address is never contacted) and returns its
+/// path.
+pub fn write_idle_config(dir: &Path, api: SocketAddr) -> Result<PathBuf> {
+    let settings = Settings {
+        directory_url: "https://127.0.0.1:9/dir",
+        ca_root: Path::new("/dev/null"),
+        state_dir: &dir.join("state"),
+        sds_dir: &dir.join("sds"),
+        kubernetes: None,
+        api,
+        self_check: None,
+        retry: (3600, 3600),
+        certificates: &[],
+    };
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        settings.toml().replace("ca_root = \"/dev/null\"\n", ""),
+    )?;
+    Ok(path)
+}
+
 /// A running agent; SIGKILLed when dropped.
 pub struct Agent {
     child: Option<Child>,

@@ -11,10 +11,9 @@
 //! real filter elsewhere (`agent_challenge_api.rs`, `e2e_standalone.rs`).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use acme_tests::agent::{Agent, Settings, wait_for};
+use acme_tests::agent::{Agent, wait_for, write_idle_config};
 use acme_tests::envoy::{Envoy, free_addr};
 use acme_tests::http::{self, Reply, Server};
 use acme_tests::sync_server::SyncServer;
@@ -241,23 +240,7 @@ fn wasmplugin_config_works_as_istio_agent_hands_it_to_envoy() {
 fn the_agent_serves_the_filter_it_embeds_with_its_sha256() {
     let work = tempfile::tempdir().unwrap();
     let api = free_addr().unwrap();
-    let settings = Settings {
-        directory_url: "https://127.0.0.1:9/dir",
-        ca_root: Path::new("/dev/null"),
-        state_dir: &work.path().join("state"),
-        sds_dir: &work.path().join("sds"),
-        kubernetes: None,
-        api,
-        self_check: None,
-        retry: (60, 3600),
-        certificates: &[],
-    };
-    let config = work.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        settings.toml().replace("ca_root = \"/dev/null\"\n", ""),
-    )
-    .unwrap();
+    let config = write_idle_config(work.path(), api).unwrap();
     let agent = Agent::start(&config, api, &work.path().join("agent.log")).unwrap();
 
     let built = std::fs::read(filter_wasm().unwrap()).unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::{Challenge, ChallengeSet};
 use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
-use acme_tests::agent::{Agent, Cert, Settings, wait_for};
+use acme_tests::agent::{Agent, Cert, Settings, wait_for, write_idle_config};
 use acme_tests::envoy::{
     Envoy, bootstrap, bootstrap_filter_on_challenge_route, bootstrap_with_listeners, envoy_binary,
     free_addr, https_listener, matched_wasm_filter_yaml, served_chain, wasm_filter_yaml,
@@ -176,45 +176,27 @@ fn pass_through(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
             p99[i].push(p);
         }
     }
-    let matched: Vec<f64> = rps[2].iter().zip(&rps[1]).map(|(a, b)| a / b).collect();
-    let (mmin, mmax) = spread(&matched);
-    let mut matched = matched;
-    rows.push(Row {
-        what: "Pass-through req/s, filter behind a path matcher / without".into(),
-        result: format!(
-            "{:.0} / {:.0} = **{:.3}**",
-            median(&mut rps[2].clone()),
-            median(&mut rps[1].clone()),
-            median(&mut matched)
+    // Each variant against the one without the filter, round by round.
+    for (variant, what, note) in [
+        (
+            2,
+            "filter behind a path matcher",
+            "ExtensionWithMatcher skips the filter outside /.well-known/acme-challenge/ (the Istio EnvoyFilter)",
         ),
-        note: format!("ratio spread {mmin:.3}-{mmax:.3}; ExtensionWithMatcher skips the filter outside /.well-known/acme-challenge/"),
-    });
-    let routed: Vec<f64> = rps[3].iter().zip(&rps[1]).map(|(a, b)| a / b).collect();
-    let (rmin3, rmax3) = spread(&routed);
-    let mut routed = routed;
-    rows.push(Row {
-        what: "Pass-through req/s, filter enabled only on the challenge route / without".into(),
-        result: format!(
-            "{:.0} / {:.0} = **{:.3}**",
-            median(&mut rps[3].clone()),
-            median(&mut rps[1].clone()),
-            median(&mut routed)
+        (
+            3,
+            "filter enabled only on the challenge route",
+            "`disabled: true` in the chain, enabled by the route's typed_per_filter_config (the standalone config)",
         ),
-        note: format!("ratio spread {rmin3:.3}-{rmax3:.3}; `disabled: true` in the chain, enabled by the route's typed_per_filter_config"),
-    });
-    let ratios: Vec<f64> = rps[0].iter().zip(&rps[1]).map(|(a, b)| a / b).collect();
-    let (rmin, rmax) = spread(&ratios);
-    let mut ratios = ratios;
-    rows.push(Row {
-        what: "Pass-through req/s, with filter / without".into(),
-        result: format!(
-            "{:.0} / {:.0} = **{:.3}**",
-            median(&mut rps[0].clone()),
-            median(&mut rps[1].clone()),
-            median(&mut ratios)
-        ),
-        note: format!("ratio spread {rmin:.3}-{rmax:.3}; target >= 0.98"),
-    });
+        (0, "filter on every request", "target >= 0.98"),
+    ] {
+        rows.push(ratio_row(
+            &format!("Pass-through req/s, {what} / without"),
+            &rps[variant],
+            &rps[1],
+            note,
+        ));
+    }
     rows.push(Row {
         what: "Pass-through p99 latency, with filter / without".into(),
         result: format!(
@@ -225,6 +207,23 @@ fn pass_through(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         note: "wrk -t1 -c16, 3 s per run".into(),
     });
     Ok(())
+}
+
+/// A row comparing two series measured in the same rounds: their medians and
+/// the median of the per-round ratios, with the ratios' spread.
+fn ratio_row(what: &str, a: &[f64], b: &[f64], note: &str) -> Row {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    let (lo, hi) = spread(&ratios);
+    Row {
+        what: what.to_owned(),
+        result: format!(
+            "{:.0} / {:.0} = **{:.3}**",
+            median(&mut a.to_vec()),
+            median(&mut b.to_vec()),
+            median(&mut ratios)
+        ),
+        note: format!("ratio spread {lo:.3}-{hi:.3}; {note}"),
+    }
 }
 
 /// Challenge answers: the filter inline vs Envoy's direct_response with the
@@ -764,22 +763,7 @@ fn agent_idle(rows: &mut Vec<Row>) -> Result<()> {
     let agent_bin = release_agent()?;
     let work = tempfile::tempdir()?;
     let api = free_addr()?;
-    let settings = Settings {
-        directory_url: "https://127.0.0.1:9/dir",
-        ca_root: Path::new("/dev/null"),
-        state_dir: &work.path().join("state"),
-        sds_dir: &work.path().join("sds"),
-        kubernetes: None,
-        api,
-        self_check: None,
-        retry: (3600, 3600),
-        certificates: &[],
-    };
-    let config = work.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        settings.toml().replace("ca_root = \"/dev/null\"\n", ""),
-    )?;
+    let config = write_idle_config(work.path(), api)?;
     let agent = Agent::start_with_binary(&agent_bin, &config, api, &work.path().join("agent.log"))?;
     std::thread::sleep(Duration::from_secs(1));
     let rss = agent.pid().and_then(|p| rss_kb(p, "VmRSS:")).unwrap_or(0);
