@@ -241,10 +241,11 @@ impl Manager {
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();
-        self.self_check = config.self_check.as_ref().map(|s| s.target.clone());
-        if self.self_check.is_none() {
+        let self_check = config.self_check.as_ref().map(|s| s.target.clone());
+        if self_check.is_none() && (self.self_check.is_some() || self.entries.is_empty()) {
             warn!("no [self_check] target: challenges go to the CA unchecked");
         }
+        self.self_check = self_check;
         let wanted: BTreeMap<&str, &Certificate> = config
             .certificates
             .iter()
