@@ -129,7 +129,8 @@ impl Drop for Envoy {
 
 /// A plain-HTTP listener like [`bootstrap`]'s, but with the filter disabled
 /// by default and enabled only on a `/.well-known/acme-challenge/` route, so
-/// every other request is routed without the filter ever being created.
+/// every other request is routed without the filter ever being created. The
+/// enabling entry is the one `envoy-config/standalone/envoy.yaml` ships.
 pub fn bootstrap_filter_on_challenge_route(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -151,7 +152,8 @@ pub fn bootstrap_filter_on_challenge_route(
                 typed_per_filter_config:
                   acme:
                     "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
-                    config: {}
+                    is_optional: true
+                    config: { "@type": type.googleapis.com/google.protobuf.Empty }
               - match: { prefix: "/" }
                 route: { cluster: upstream }"#,
         1,
