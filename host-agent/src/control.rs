@@ -4,11 +4,10 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 
-use crate::Error;
 use crate::config::ChallengeApi;
+use crate::{Error, http1};
 
 fn failed(reason: impl Into<String>) -> Error {
     Error::Io {
@@ -28,16 +27,6 @@ fn reachable(listen: SocketAddr) -> SocketAddr {
 }
 
 async fn post(api: &ChallengeApi, path: &str) -> Result<(u16, String), Error> {
-    let addr = reachable(api.listen);
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| failed(format!("connecting to {addr} (is the agent running?): {e}")))?;
-    // One small request, then wait for the answer: no Nagle delay.
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let conn = tokio::spawn(conn);
     let mut request = http::Request::post(path).header(http::header::HOST, "acme-agent");
     if let Some(token) = &api.token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
@@ -45,17 +34,9 @@ async fn post(api: &ChallengeApi, path: &str) -> Result<(u16, String), Error> {
     let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|e| failed(e.to_string()))?;
-    let response = sender
-        .send_request(request)
+    let (status, body) = http1::send(reachable(api.listen), request, 64 * 1024)
         .await
-        .map_err(|e| failed(e.to_string()))?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map_err(|e| failed(e.to_string()))?
-        .to_bytes();
-    conn.abort();
+        .map_err(|e| failed(format!("{e} (is the agent running?)")))?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 

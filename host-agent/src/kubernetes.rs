@@ -20,7 +20,7 @@ use tokio::runtime::Handle;
 use crate::Error;
 use crate::config::KeyType;
 use crate::sink::{CertificateSink, IssuedCertificate};
-use crate::store::{StateStore, Status, StoredCertificate, account_id, unix};
+use crate::store::{StateStore, Status, StoredCertificate, account_id, rfc3339, unix};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "acme-agent";
@@ -93,6 +93,11 @@ impl KubeStore {
     /// checking that an existing Secret of that name is the agent's.
     fn apply(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
         self.get_owned(name)?;
+        self.patch(name, manager, object)
+    }
+
+    /// The apply itself, for a caller that has just checked ownership.
+    fn patch(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
         let params = PatchParams::apply(manager).force();
         self.call(self.api.patch(name, &params, &Patch::Apply(object)))
             .map(drop)
@@ -131,7 +136,7 @@ impl KubeStore {
         if let Ok(leaf) = crate::certificate::leaf(chain_pem) {
             annotations.insert(
                 format!("{PREFIX}/not-after"),
-                json!(rfc3339(leaf.not_after)),
+                json!(rfc3339(leaf.not_after).unwrap_or_else(|| unix(leaf.not_after).to_string())),
             );
         }
         if let Some(key_type) = key_type {
@@ -143,17 +148,6 @@ impl KubeStore {
         secret["metadata"]["annotations"] = Value::Object(annotations);
         secret
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix(t).to_string())
 }
 
 fn owned(secret: &Secret) -> bool {
@@ -186,7 +180,7 @@ impl StateStore for KubeStore {
     fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         Ok(self
             .get_owned(&account_secret(directory_url))?
-            .and_then(|s| data(&s, "account.json").map(<[u8]>::to_vec)))
+            .and_then(|s| data_owned(&s, "account.json")))
     }
 
     fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
@@ -214,7 +208,7 @@ impl StateStore for KubeStore {
         }
         let mut secret = self.secret(&name, "Opaque", data);
         secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
-        self.apply(&name, FIELD_MANAGER, &secret)
+        self.patch(&name, FIELD_MANAGER, &secret)
     }
 
     fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
@@ -301,6 +295,7 @@ impl CertificateSink for KubeStore {
     /// names and key type read from the certificate itself.
     fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let name = &certificate.name;
+        // One read: the ownership check and the comparison share it.
         if let Some(existing) = self.get_owned(name)?
             && data(&existing, "tls.crt") == Some(certificate.chain_pem.as_bytes())
             && data(&existing, "tls.key") == Some(certificate.key_pem.as_bytes())
@@ -326,7 +321,7 @@ impl CertificateSink for KubeStore {
             &domains,
             key_type,
         );
-        self.apply(name, FIELD_MANAGER, &secret)
+        self.patch(name, FIELD_MANAGER, &secret)
     }
 
     fn installed(&self, name: &str) -> bool {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 mod error;
 pub mod filter_wasm;
+mod http1;
 pub mod kubernetes;
 pub mod manager;
 pub mod metrics;

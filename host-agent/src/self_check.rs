@@ -6,11 +6,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http_body_util::Empty;
 
-use crate::Error;
+use crate::{Error, http1};
 
 /// How long a challenge may take to appear at Envoy: the filter learns it on
 /// its next long-poll answer (milliseconds), or on its first tick after start.
@@ -19,32 +17,12 @@ const RETRY_EVERY: Duration = Duration::from_millis(100);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn fetch_once(target: &str, domain: &str, path: &str) -> Result<(u16, Bytes), String> {
-    let stream = TcpStream::connect(target)
-        .await
-        .map_err(|e| format!("connecting to {target}: {e}"))?;
-    // One small request, then wait for the answer: no Nagle delay.
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake with {target}: {e}"))?;
-    let conn = tokio::spawn(conn);
     let request = http::Request::get(path)
         .header(http::header::HOST, domain)
         .header(http::header::USER_AGENT, "acme-agent self-check")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("GET {path} at {target}: {e}"))?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), 4096)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?
-        .to_bytes();
-    conn.abort();
-    Ok((status, body))
+    http1::send(target, request, 4096).await
 }
 
 /// GETs `/.well-known/acme-challenge/<token>` at `target` with `domain` as

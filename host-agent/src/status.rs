@@ -1,23 +1,16 @@
-//! The `status` subcommand's table, read from the state directory only: it
-//! works while the agent runs, and when it does not.
+//! The `status` subcommand's table, read from the agent's stored state only
+//! (the state directory, or its Secrets in Kubernetes mode): it works while
+//! the agent runs, and when it does not.
 
 use std::fmt::Write as _;
 
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
 use crate::Error;
 use crate::config::Config;
-use crate::store::{StateStore, Status, from_unix};
+use crate::store::{StateStore, Status, from_unix, rfc3339};
 
 fn when(secs: Option<u64>) -> String {
-    secs.and_then(|s| {
-        OffsetDateTime::from(from_unix(s))
-            .replace_nanosecond(0)
-            .ok()
-            .and_then(|t| t.format(&Rfc3339).ok())
-    })
-    .unwrap_or_else(|| "-".into())
+    secs.and_then(|s| rfc3339(from_unix(s)))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// One row per configured certificate, then any certificate with state but no

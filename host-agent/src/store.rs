@@ -80,6 +80,15 @@ pub fn from_unix(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// `t` as RFC 3339 in UTC, to the second (`2026-11-28T10:52:37Z`).
+pub fn rfc3339(t: SystemTime) -> Option<String> {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
 /// The agent's persistent state, wherever it lives.
 pub trait StateStore: Send + Sync {
     /// The stored account for the CA at `directory_url`, as written.
