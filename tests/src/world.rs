@@ -132,16 +132,32 @@ impl World {
         std::fs::write(self.config_path(), settings.toml()).unwrap();
     }
 
-    pub fn start_agent(&mut self) {
-        let kubeconfig = self.work.path().join("kubeconfig");
-        if let Some(kube) = &self.kube {
-            kube.write_kubeconfig(&kubeconfig).unwrap();
-        }
-        let env: Vec<(&str, &std::ffi::OsStr)> = if self.kube.is_some() {
-            vec![("KUBECONFIG", kubeconfig.as_os_str())]
-        } else {
-            Vec::new()
+    /// In Kubernetes mode, the kubeconfig pointing at the fake API server
+    /// (written on first use), as the `KUBECONFIG` environment.
+    fn kube_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let Some(kube) = &self.kube else {
+            return Vec::new();
         };
+        let path = self.work.path().join("kubeconfig");
+        kube.write_kubeconfig(&path).unwrap();
+        vec![("KUBECONFIG", path.into_os_string())]
+    }
+
+    /// Runs `acme-agent --config <this world's config> <args>` to completion.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::agent::agent_binary().unwrap())
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .envs(self.kube_env())
+            .output()
+            .unwrap()
+    }
+
+    pub fn start_agent(&mut self) {
+        let kube_env = self.kube_env();
+        let env: Vec<(&str, &std::ffi::OsStr)> =
+            kube_env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
         let agent = Agent::start_with_env(
             &self.config_path(),
             self.api,

@@ -132,12 +132,7 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
     assert_eq!(world.issued_pem("www").0, cert_before);
 
     // `status` reads the state directory.
-    let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
-        .arg("--config")
-        .arg(world.config_path())
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = world.cli(&["status"]);
     assert!(out.status.success());
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.starts_with("NAME"), "{table}");

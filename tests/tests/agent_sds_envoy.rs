@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
-use acme_tests::envoy::{Envoy, free_addr};
+use acme_tests::envoy::{Envoy, bootstrap_with_listeners, free_addr, https_listener};
 
 /// A self-signed P-256 certificate for `cn` from the openssl CLI (scripts/setup.sh
 /// installs it): (chain PEM, PKCS#8 key PEM).
@@ -62,48 +62,19 @@ fn served_subject(addr: SocketAddr, sni: &str) -> String {
         .unwrap_or_default()
 }
 
-fn bootstrap(listen: SocketAddr, admin: SocketAddr, sds: &Path, dir: &Path) -> String {
-    format!(
-        r#"node: {{ id: test, cluster: test }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
-static_resources:
-  listeners:
-  - name: https
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - name: www
-              sds_config:
-                path_config_source:
-                  path: {sds}
-                  watched_directory: {{ path: {dir} }}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: https
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                direct_response: {{ status: 200, body: {{ inline_string: "ok" }} }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"#,
-        admin_port = admin.port(),
-        port = listen.port(),
-        sds = sds.display(),
-        dir = dir.display(),
+/// Envoy with the shared HTTPS listener on the sink's SDS file for `www`
+/// (the plain-HTTP listener and clusters of the shared bootstrap are unused).
+fn bootstrap(listen: SocketAddr, admin: SocketAddr, sink: &FileSink, dir: &Path) -> String {
+    // https_listener names the file as the sink writes it.
+    assert_eq!(sink.sds_path("www"), dir.join("www.json"));
+    let unused = || free_addr().unwrap();
+    bootstrap_with_listeners(
+        unused(),
+        admin,
+        "",
+        unused(),
+        unused(),
+        &https_listener(listen, dir, &["www"]),
     )
 }
 
@@ -120,12 +91,7 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     .unwrap();
 
     let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let config = bootstrap(
-        listen,
-        admin,
-        &sink.sds_path("www"),
-        &work.path().join("sds"),
-    );
+    let config = bootstrap(listen, admin, &sink, &work.path().join("sds"));
     let envoy = Envoy::start(&config, admin, 1).unwrap();
     assert!(served_subject(listen, "first.example.com").contains("first.example.com"));
     let loaded = envoy.stat("sds.www.update_success").unwrap().unwrap_or(0);

@@ -4,10 +4,9 @@
 //! ones, so these tests run in parallel.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
-use acme_tests::agent::{agent_binary, wait_for};
+use acme_tests::agent::wait_for;
 use acme_tests::envoy::{TlsSession, free_addr};
 use acme_tests::http::{self, Connection};
 use acme_tests::pebble;
@@ -135,12 +134,7 @@ fn a_forced_renewal_is_served_and_an_open_connection_survives_the_swap() {
     let first = session.get("/", "www.example.com").unwrap();
     assert_eq!((first.status, first.text().as_str()), (200, "tls ok"));
 
-    let out = Command::new(agent_binary().unwrap())
-        .arg("--config")
-        .arg(world.config_path())
-        .args(["renew", "www"])
-        .output()
-        .unwrap();
+    let out = world.cli(&["renew", "www"]);
     assert!(
         out.status.success(),
         "{}",
@@ -165,12 +159,7 @@ fn a_forced_renewal_is_served_and_an_open_connection_survives_the_swap() {
     assert_eq!((second.status, second.text().as_str()), (200, "tls ok"));
 
     // Unknown names are refused with a clear message.
-    let out = Command::new(agent_binary().unwrap())
-        .arg("--config")
-        .arg(world.config_path())
-        .args(["renew", "nope"])
-        .output()
-        .unwrap();
+    let out = world.cli(&["renew", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 }

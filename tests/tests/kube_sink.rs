@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use acme_tests::agent::{agent_binary, wait_for};
+use acme_tests::agent::wait_for;
 use acme_tests::fake_kube::{FakeKube, decoded};
 use acme_tests::pebble;
 use acme_tests::world::World;
@@ -148,12 +148,7 @@ fn certificates_become_tls_secrets_the_account_a_secret_and_foreign_secrets_are_
 
     // Renewal updates the same Secret in place.
     let before = decoded(&kube.secret(WWW.0).unwrap(), "tls.crt").unwrap();
-    let out = std::process::Command::new(agent_binary().unwrap())
-        .arg("--config")
-        .arg(world.config_path())
-        .args(["renew", WWW.0])
-        .output()
-        .unwrap();
+    let out = world.cli(&["renew", WWW.0]);
     assert!(
         out.status.success(),
         "{}",
@@ -165,14 +160,7 @@ fn certificates_become_tls_secrets_the_account_a_secret_and_foreign_secrets_are_
     pebble::verify_chain(&after, &root, "example.com").unwrap();
 
     // `status` reads the Secrets.
-    let kubeconfig = world.work.path().join("kubeconfig");
-    let out = std::process::Command::new(agent_binary().unwrap())
-        .arg("--config")
-        .arg(world.config_path())
-        .arg("status")
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .unwrap();
+    let out = world.cli(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
