@@ -296,6 +296,27 @@ impl Drop for TlsSession {
     }
 }
 
+/// The filter's `Wasm` typed config loading `wasm` with `configuration`
+/// (JSON), as one line of JSON (valid YAML wherever a value goes).
+fn wasm_typed_config(wasm: &Path, configuration: &str) -> String {
+    serde_json::json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": "acme",
+            "vm_config": {
+                "vm_id": "acme",
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": { "local": { "filename": wasm.display().to_string() } }
+            },
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": configuration
+            }
+        }
+    })
+    .to_string()
+}
+
 /// [`wasm_filter_yaml`] wrapped in an `ExtensionWithMatcher` that skips the
 /// filter for every path outside `/.well-known/acme-challenge/`, so ordinary
 /// requests never enter the Wasm VM.
@@ -323,37 +344,16 @@ pub fn matched_wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
                               "@type": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
                   extension_config:
                     name: envoy.filters.http.wasm
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-                      config:
-                        name: acme
-                        vm_config:
-                          vm_id: acme
-                          runtime: envoy.wasm.runtime.v8
-                          code: {{ local: {{ filename: "{wasm}" }} }}
-                        configuration:
-                          "@type": type.googleapis.com/google.protobuf.StringValue
-                          value: '{configuration}'"#,
-        wasm = wasm.display()
+                    typed_config: {typed_config}"#,
+        typed_config = wasm_typed_config(wasm, configuration)
     )
 }
 
 /// The HTTP filter chain entry that loads the filter with `configuration` (JSON).
 pub fn wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
     format!(
-        r#"- name: envoy.filters.http.wasm
-                typed_config:
-                  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-                  config:
-                    name: acme
-                    vm_config:
-                      vm_id: acme
-                      runtime: envoy.wasm.runtime.v8
-                      code: {{ local: {{ filename: "{wasm}" }} }}
-                    configuration:
-                      "@type": type.googleapis.com/google.protobuf.StringValue
-                      value: '{configuration}'"#,
-        wasm = wasm.display()
+        "- name: envoy.filters.http.wasm\n                typed_config: {}",
+        wasm_typed_config(wasm, configuration)
     )
 }
 
