@@ -106,7 +106,7 @@ impl Pebble {
         let dns = spawn_logged(dns_cmd, dir.path().join("challtestsrv.log"))?;
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let management: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config = serde_json_config(listen, management, &cert, &key, http_port, free_port()?);
+        let config = pebble_config_json(listen, management, &cert, &key, http_port, free_port()?);
         std::fs::write(dir.path().join("pebble.json"), config)?;
         let mut pebble = Self {
             directory_url: format!("https://{listen}/dir"),
@@ -242,7 +242,7 @@ fn openssl(sub: &[&str], key: &[&str], args: &[&str], paths: &[(&str, &PathBuf)]
     Ok(())
 }
 
-fn serde_json_config(
+fn pebble_config_json(
     listen: SocketAddr,
     management: SocketAddr,
     cert: &std::path::Path,
