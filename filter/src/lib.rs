@@ -10,10 +10,11 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use acme_filter_core::challenge::{self, Decision, Outcome, RequestView};
+use acme_filter_core::challenge::{self, Decision, Outcome};
 use acme_filter_core::config::FilterConfig;
 use acme_filter_core::lease;
 use acme_filter_core::poller::{Poller, SyncOutcome};
+use acme_filter_core::request::RequestHeaders;
 use acme_filter_core::store::{self, SetError, SharedData};
 use log::{info, warn};
 use proxy_wasm::hostcalls;
@@ -64,6 +65,34 @@ fn header(map: MapType, name: &str) -> Option<String> {
             String::from_utf8(v)
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
         })
+}
+
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "env")]
+unsafe extern "C" {
+    // Declared here rather than used through `hostcalls::get_map_bytes`,
+    // which panics on an unexpected status, a header name that is not UTF-8
+    // or a short map; the core parses the bytes without any of that.
+    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+}
+
+/// Every request header in proxy-wasm's serialization, in one host call (see
+/// `acme_filter_core::request` for why one); `None` if the host refused.
+#[allow(unsafe_code)]
+fn request_header_map() -> Option<Vec<u8>> {
+    let mut data = std::ptr::null_mut();
+    let mut size = 0;
+    // SAFETY: the host writes into the two locals a buffer it got from this
+    // module's `proxy_on_memory_allocate` (the SDK's: a boxed `[u8]` of exactly
+    // `size` bytes) and hands it over, as the SDK's own `get_map` assumes.
+    let status = unsafe {
+        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
+    };
+    if status != Status::Ok as u32 || data.is_null() {
+        return None;
+    }
+    // SAFETY: see above; length and capacity are the allocation's size.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
 /// A host status for a log line (without `Debug`, whose string escaping pulls
@@ -284,28 +313,14 @@ struct AcmeHttp {
     metrics: Rc<Metrics>,
 }
 
-struct RequestHeaders;
-
-impl RequestView for RequestHeaders {
-    fn method(&self) -> Option<String> {
-        header(MapType::HttpRequestHeaders, ":method")
-    }
-
-    fn authority(&self) -> Option<String> {
-        header(MapType::HttpRequestHeaders, ":authority")
-    }
-}
-
 impl Context for AcmeHttp {}
 
 impl HttpContext for AcmeHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(path) = header(MapType::HttpRequestHeaders, ":path") else {
-            return Action::Continue;
-        };
-        let decision = challenge::decide(&self.config, &path, &RequestHeaders, |token| {
-            store::lookup(&Host, token)
-        });
+        let map = request_header_map().unwrap_or_default();
+        let request = RequestHeaders::parse(&map);
+        let decision =
+            challenge::decide(&self.config, &request, |token| store::lookup(&Host, token));
         let Decision::Answer(answer) = decision else {
             return Action::Continue;
         };

@@ -317,9 +317,9 @@ fn wasm_typed_config(wasm: &Path, configuration: &str) -> String {
     .to_string()
 }
 
-/// [`wasm_filter_yaml`] wrapped in an `ExtensionWithMatcher` that skips the
-/// filter for every path outside `/.well-known/acme-challenge/`, so ordinary
-/// requests never enter the Wasm VM.
+/// The filter as the Istio EnvoyFilter attaches it: a composite filter whose
+/// matcher creates the Wasm filter only for paths under
+/// `/.well-known/acme-challenge/`, so ordinary requests never enter the VM.
 pub fn matched_wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
     format!(
         r#"- name: acme
@@ -329,22 +329,25 @@ pub fn matched_wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
                     matcher_list:
                       matchers:
                       - predicate:
-                          not_matcher:
-                            single_predicate:
-                              input:
-                                name: path
-                                typed_config:
-                                  "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
-                                  header_name: ":path"
-                              value_match: {{ prefix: "/.well-known/acme-challenge/" }}
+                          single_predicate:
+                            input:
+                              name: path
+                              typed_config:
+                                "@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                                header_name: ":path"
+                            value_match: {{ prefix: "/.well-known/acme-challenge/" }}
                         on_match:
                           action:
-                            name: skip
+                            name: answer-challenge
                             typed_config:
-                              "@type": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction
+                              typed_config:
+                                name: envoy.filters.http.wasm
+                                typed_config: {typed_config}
                   extension_config:
-                    name: envoy.filters.http.wasm
-                    typed_config: {typed_config}"#,
+                    name: envoy.filters.http.composite
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"#,
         typed_config = wasm_typed_config(wasm, configuration)
     )
 }

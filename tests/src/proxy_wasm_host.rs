@@ -40,7 +40,6 @@ const TRAPPING_IMPORTS: &[&str] = &[
     "proxy_dequeue_shared_queue",
     "proxy_done",
     "proxy_enqueue_shared_queue",
-    "proxy_get_header_map_pairs",
     "proxy_get_metric",
     "proxy_get_property",
     "proxy_get_status",
@@ -314,7 +313,41 @@ fn decode_pairs(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     Ok(pairs)
 }
 
+/// The inverse of [`decode_pairs`], as Envoy serializes a header map.
+fn encode_pairs(pairs: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
+    let mut out = u32::try_from(pairs.len())?.to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend(u32::try_from(k.len())?.to_le_bytes());
+        out.extend(u32::try_from(v.len())?.to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(k.as_bytes());
+        out.push(0);
+        out.extend(v);
+        out.push(0);
+    }
+    Ok(out)
+}
+
 fn link(linker: &mut Linker<VmState>) -> Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: Ctx<'_>, map: i32, ptr_ptr: i32, size_ptr: i32| -> Result<i32> {
+            c.data_mut().calls.push("proxy_get_header_map_pairs");
+            let state = c.data();
+            let pairs = match map {
+                0 => state
+                    .request_headers
+                    .get(&state.effective)
+                    .ok_or_else(|| anyhow!("request headers read outside an HTTP context"))?,
+                other => bail!("header map {other} is not read whole by the filter"),
+            };
+            let bytes = encode_pairs(pairs)?;
+            return_bytes(&mut c, &bytes, ptr_ptr, size_ptr)?;
+            Ok(status::OK)
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_log",
@@ -406,13 +439,6 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
             let key = read_str(&mut c, kptr, klen)?;
             let state = c.data();
             let value: Option<Vec<u8>> = match map {
-                0 => state
-                    .request_headers
-                    .get(&state.effective)
-                    .ok_or_else(|| anyhow!("request headers read outside an HTTP context"))?
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(&key))
-                    .map(|(_, v)| v.clone()),
                 6 => state
                     .call_response
                     .as_ref()
@@ -421,7 +447,8 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
                     .iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case(&key))
                     .map(|(_, v)| v.clone().into_bytes()),
-                other => bail!("header map {other} is not used by the filter"),
+                // Request headers are read whole (proxy_get_header_map_pairs).
+                other => bail!("header map {other} is not read value by value by the filter"),
             };
             match value {
                 Some(v) => {
@@ -819,8 +846,10 @@ impl Vm {
             )?;
         self.func::<i32, i32>("proxy_on_done")?
             .call(&mut self.store, ctx as i32)?;
-        self.func::<i32, ()>("proxy_on_log")?
-            .call(&mut self.store, ctx as i32)?;
+        // Envoy calls a callback only if the module exports it.
+        if let Ok(on_log) = self.func::<i32, ()>("proxy_on_log") {
+            on_log.call(&mut self.store, ctx as i32)?;
+        }
         self.func::<i32, ()>("proxy_on_delete")?
             .call(&mut self.store, ctx as i32)?;
         let state = self.store.data_mut();

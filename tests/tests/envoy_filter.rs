@@ -295,3 +295,39 @@ fn filter_enabled_only_on_the_challenge_route_behaves_the_same() {
         .unwrap_or(0);
     assert!(served >= 2);
 }
+
+/// With the filter enabled only on the challenge route, ordinary requests
+/// never enter the Wasm VM: a probe module in the filter's place counts the
+/// HTTP contexts Envoy creates in it.
+#[test]
+fn filter_enabled_only_on_the_challenge_route_is_created_for_challenges_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = acme_tests::probe::http_context_counter(dir.path()).unwrap();
+    let agent = SyncServer::start(None).unwrap();
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = bootstrap_filter_on_challenge_route(
+        listen,
+        admin,
+        &probe,
+        "",
+        upstream.addr(),
+        agent.addr(),
+    );
+    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    for _ in 0..20 {
+        assert_eq!(http::get(listen, "/app/page", HOST).unwrap().status, 200);
+    }
+    for i in 0..3 {
+        let path = format!("/.well-known/acme-challenge/t{i}");
+        assert_eq!(http::get(listen, &path, HOST).unwrap().status, 200);
+    }
+    let contexts = envoy
+        .stat(acme_tests::probe::HTTP_CONTEXTS_STAT)
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(
+        contexts, 3,
+        "HTTP contexts for 20 ordinary requests and 3 challenges"
+    );
+}

@@ -35,6 +35,24 @@ fn first_doc(relative: &str, kind: &str) -> Value {
 /// A bootstrap shaped like what istiod sends an ingress gateway for a Gateway
 /// server on port 80: listener `0.0.0.0_8080`, stat prefix, and the agent's
 /// Service as the `outbound|9180||...` cluster. `first_filter` is JSON.
+/// The action that creates the filter, in the EnvoyFilter's patch value.
+const ACTION: &str =
+    "/typed_config/xds_matcher/matcher_list/matchers/0/on_match/action/typed_config";
+
+/// The Wasm filter's typed config inside the EnvoyFilter's patch value.
+fn wasm_config(value: &Value) -> &Value {
+    let action = value.pointer(ACTION).expect("the composite action");
+    assert_eq!(
+        action["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+    );
+    &action["typed_config"]["typed_config"]
+}
+
+fn wasm_config_mut(value: &mut Value) -> &mut Value {
+    &mut value.pointer_mut(ACTION).expect("the composite action")["typed_config"]["typed_config"]
+}
+
 fn gateway_bootstrap(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -121,11 +139,11 @@ fn assert_answers(envoy: &Envoy, listen: SocketAddr, sync: &SyncServer) {
 fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first() {
     let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
     let value = &envoy_filter["spec"]["configPatches"][0]["patch"]["value"];
-    let cluster = value["typed_config"]["extension_config"]["typed_config"]["config"]["vm_config"]
-        ["code"]["remote"]["http_uri"]["cluster"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let cluster =
+        wasm_config(value)["config"]["vm_config"]["code"]["remote"]["http_uri"]["cluster"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
     let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
@@ -146,8 +164,7 @@ fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first
 fn envoyfilter_module_with_another_sha256_is_refused() {
     let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
     let mut value = envoy_filter["spec"]["configPatches"][0]["patch"]["value"].clone();
-    let remote = &mut value["typed_config"]["extension_config"]["typed_config"]["config"]["vm_config"]
-        ["code"]["remote"];
+    let remote = &mut wasm_config_mut(&mut value)["config"]["vm_config"]["code"]["remote"];
     remote["sha256"] = Value::from("0".repeat(64));
     remote["retry_policy"]["num_retries"] = Value::from(0);
     let cluster = remote["http_uri"]["cluster"].as_str().unwrap().to_owned();
@@ -260,4 +277,72 @@ fn the_agent_serves_the_filter_it_embeds_with_its_sha256() {
         .unwrap();
     assert_eq!(sha.trim(), &String::from_utf8(out.stdout).unwrap()[..64]);
     drop(agent);
+}
+
+/// Ordinary traffic through the gateway never enters the Wasm VM: the
+/// EnvoyFilter's matcher creates the filter (here a probe module counting the
+/// HTTP contexts Envoy creates in it) for challenge paths only. The control is
+/// the shape the composite replaced, a `SkipFilter` matcher around the plain
+/// filter: Envoy 1.40 skips its callbacks but still creates its context for
+/// the access log, once per request, which is what the probe must see there.
+#[test]
+fn envoyfilter_creates_the_filter_for_challenge_paths_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = acme_tests::probe::http_context_counter(dir.path()).unwrap();
+    let code = serde_json::json!({ "local": { "filename": probe.display().to_string() } });
+    let envoy_filter = first_doc("envoy-config/istio/envoyfilter.yaml", "EnvoyFilter");
+    let mut shipped = envoy_filter["spec"]["configPatches"][0]["patch"]["value"].clone();
+    wasm_config_mut(&mut shipped)["config"]["vm_config"]["code"] = code.clone();
+    let mut plain = wasm_config(&shipped).clone();
+    plain["config"]["vm_config"]["code"] = code;
+    let skipping = serde_json::json!({
+        "name": "acme",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": { "matcher_list": { "matchers": [{
+                "predicate": { "not_matcher": { "single_predicate": {
+                    "input": { "name": "path", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": ":path" } },
+                    "value_match": { "prefix": "/.well-known/acme-challenge/" } } } },
+                "on_match": { "action": { "name": "skip", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter" } } }
+            }] } },
+            "extension_config": { "name": "envoy.filters.http.wasm", "typed_config": plain }
+        }
+    });
+    let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
+    let sync = SyncServer::start(None).unwrap();
+    for (value, expected) in [(shipped, 3), (skipping, 23)] {
+        let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+        let config = gateway_bootstrap(
+            listen,
+            admin,
+            &serde_json::to_string(&value).unwrap(),
+            "acme_agent",
+            sync.addr(),
+            upstream.addr(),
+        );
+        let envoy = Envoy::start(&config, admin, 2).unwrap();
+        for _ in 0..20 {
+            let r = http::get(listen, "/app/page", HOST).unwrap();
+            assert_eq!((r.status, r.text().as_str()), (200, "upstream"));
+        }
+        for i in 0..3 {
+            // The probe answers nothing: the request goes on to the upstream.
+            let r = http::get(listen, &format!("/.well-known/acme-challenge/t{i}"), HOST).unwrap();
+            assert_eq!(r.status, 200);
+        }
+        let contexts = envoy
+            .stat(acme_tests::probe::HTTP_CONTEXTS_STAT)
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(
+            contexts,
+            expected,
+            "HTTP contexts created for 20 ordinary requests and 3 challenges with {}",
+            value["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]["on_match"]["action"]
+                ["name"]
+        );
+    }
 }

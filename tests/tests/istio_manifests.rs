@@ -292,12 +292,22 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     assert_eq!(patch["match"]["context"], "GATEWAY");
     assert_eq!(patch["match"]["listener"]["portNumber"], 8080);
     assert_eq!(patch["patch"]["operation"], "INSERT_FIRST");
+    // The Wasm filter is created by a composite action for challenge paths only.
     let wrapper = &patch["patch"]["value"]["typed_config"];
     assert_eq!(
         wrapper["@type"],
         "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher"
     );
-    let wasm = &wrapper["extension_config"]["typed_config"]["config"];
+    assert_eq!(
+        wrapper["extension_config"]["name"],
+        "envoy.filters.http.composite"
+    );
+    let action = &wrapper["xds_matcher"]["matcher_list"]["matchers"][0]["on_match"]["action"]["typed_config"];
+    assert_eq!(
+        action["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+    );
+    let wasm = &action["typed_config"]["typed_config"]["config"];
     let remote = &wasm["vm_config"]["code"]["remote"];
     assert_eq!(remote["http_uri"]["cluster"], cluster.as_str());
     assert_eq!(

@@ -5,6 +5,7 @@
 //! token must not reach an upstream that might treat it as a file path.
 
 use crate::config::FilterConfig;
+use crate::request::RequestHeaders;
 use crate::store::StoredChallenge;
 
 /// RFC 8555 section 8.3: the path the CA fetches.
@@ -98,26 +99,22 @@ pub enum Decision {
     Answer(Answer),
 }
 
-/// The request facts a decision needs, read lazily: most requests only need the path.
-pub trait RequestView {
-    fn method(&self) -> Option<String>;
-    fn authority(&self) -> Option<String>;
-}
-
 /// Decides a request from its path; `lookup` reads a token from shared data and is
-/// only called for well-formed tokens under the prefix.
+/// only called for well-formed tokens under the prefix. A request without a
+/// path is not ours.
 pub fn decide(
     config: &FilterConfig,
-    path: &str,
-    request: &impl RequestView,
+    request: &RequestHeaders<'_>,
     lookup: impl FnOnce(&str) -> Option<StoredChallenge>,
 ) -> Decision {
+    let Some(path) = request.path() else {
+        return Decision::Pass;
+    };
     let target = classify(path);
     if target == Target::Other {
         return Decision::Pass;
     }
-    let method = request.method().unwrap_or_default();
-    let head = match method.as_str() {
+    let head = match request.method().unwrap_or_default() {
         "GET" => false,
         "HEAD" => true,
         _ => {
@@ -135,7 +132,7 @@ pub fn decide(
     let key_authorization = match lookup(token) {
         Some(stored) => {
             if config.host_check {
-                let host = request.authority().map(|a| request_host(&a));
+                let host = request.authority().map(request_host);
                 if host.as_deref() != Some(stored.identifier.as_str()) {
                     return Decision::Answer(Answer::not_found(Outcome::Rejected));
                 }
@@ -163,17 +160,20 @@ mod tests {
     use super::*;
     use crate::both_targets_test;
 
-    struct Req {
+    fn req(
         method: &'static str,
+        path: &'static str,
         authority: Option<&'static str>,
+    ) -> RequestHeaders<'static> {
+        RequestHeaders {
+            path: Some(path.into()),
+            method: Some(method.into()),
+            authority: authority.map(Into::into),
+        }
     }
-    impl RequestView for Req {
-        fn method(&self) -> Option<String> {
-            Some(self.method.to_owned())
-        }
-        fn authority(&self) -> Option<String> {
-            self.authority.map(str::to_owned)
-        }
+
+    fn get(path: &'static str) -> RequestHeaders<'static> {
+        req("GET", path, Some("www.example.com"))
     }
 
     fn config(extra: &str) -> FilterConfig {
@@ -186,11 +186,6 @@ mod tests {
             key_authorization: "tok.thumb".into(),
         })
     }
-
-    const GET: Req = Req {
-        method: "GET",
-        authority: Some("www.example.com"),
-    };
 
     both_targets_test! {
         fn classify_shapes() {
@@ -232,24 +227,18 @@ mod tests {
     }
 
     both_targets_test! {
-        fn other_paths_pass_without_reading_anything_else() {
-            struct Untouchable;
-            impl RequestView for Untouchable {
-                fn method(&self) -> Option<String> {
-                    panic!("method read for a pass-through request")
-                }
-                fn authority(&self) -> Option<String> {
-                    panic!("authority read for a pass-through request")
-                }
+        fn other_paths_and_pathless_requests_pass_without_a_lookup() {
+            for r in [req("POST", "/api/v1", None), get("/.well-known/acme-challengeX/tok")] {
+                assert_eq!(decide(&config(""), &r, |_| panic!("lookup")), Decision::Pass);
             }
-            let d = decide(&config(""), "/api/v1", &Untouchable, |_| panic!("lookup"));
-            assert_eq!(d, Decision::Pass);
+            let pathless = RequestHeaders { path: None, ..get("/") };
+            assert_eq!(decide(&config(""), &pathless, |_| panic!("lookup")), Decision::Pass);
         }
     }
 
     both_targets_test! {
         fn known_token_is_served_as_text() {
-            let Decision::Answer(a) = decide(&config(""), "/.well-known/acme-challenge/tok", &GET, known) else {
+            let Decision::Answer(a) = decide(&config(""), &get("/.well-known/acme-challenge/tok"), known) else {
                 panic!()
             };
             assert_eq!(a.status, 200);
@@ -261,8 +250,8 @@ mod tests {
 
     both_targets_test! {
         fn head_has_no_body() {
-            let head = Req { method: "HEAD", ..GET };
-            let Decision::Answer(a) = decide(&config(""), "/.well-known/acme-challenge/tok", &head, known) else {
+            let head = req("HEAD", "/.well-known/acme-challenge/tok", Some("www.example.com"));
+            let Decision::Answer(a) = decide(&config(""), &head, known) else {
                 panic!()
             };
             assert_eq!((a.status, a.body), (200, None));
@@ -272,8 +261,8 @@ mod tests {
     both_targets_test! {
         fn other_methods_get_405_with_allow() {
             for m in ["POST", "PUT", "DELETE", "OPTIONS", "get", ""] {
-                let r = Req { method: m, ..GET };
-                let Decision::Answer(a) = decide(&config(""), "/.well-known/acme-challenge/tok", &r, known) else {
+                let r = req(m, "/.well-known/acme-challenge/tok", Some("www.example.com"));
+                let Decision::Answer(a) = decide(&config(""), &r, known) else {
                     panic!()
                 };
                 assert_eq!(a.status, 405, "{m}");
@@ -285,11 +274,11 @@ mod tests {
 
     both_targets_test! {
         fn unknown_and_malformed_tokens_get_404() {
-            let Decision::Answer(a) = decide(&config(""), "/.well-known/acme-challenge/nope", &GET, known) else {
+            let Decision::Answer(a) = decide(&config(""), &get("/.well-known/acme-challenge/nope"), known) else {
                 panic!()
             };
             assert_eq!((a.status, a.outcome), (404, Outcome::NotFound));
-            let Decision::Answer(a) = decide(&config(""), "/.well-known/acme-challenge/..", &GET, |_| panic!("lookup")) else {
+            let Decision::Answer(a) = decide(&config(""), &get("/.well-known/acme-challenge/.."), |_| panic!("lookup")) else {
                 panic!()
             };
             assert_eq!((a.status, a.outcome), (404, Outcome::Rejected));
@@ -307,13 +296,13 @@ mod tests {
                 (Some("example.com"), 404),
                 (None, 404),
             ] {
-                let r = Req { method: "GET", authority };
-                let Decision::Answer(a) = decide(&config(""), path, &r, known) else { panic!() };
+                let r = req("GET", path, authority);
+                let Decision::Answer(a) = decide(&config(""), &r, known) else { panic!() };
                 assert_eq!(a.status, status, "{authority:?}");
             }
             let off = config(r#","host_check":false"#);
-            let r = Req { method: "GET", authority: Some("evil.example.com") };
-            let Decision::Answer(a) = decide(&off, path, &r, known) else { panic!() };
+            let r = req("GET", path, Some("evil.example.com"));
+            let Decision::Answer(a) = decide(&off, &r, known) else { panic!() };
             assert_eq!(a.status, 200);
         }
     }
@@ -321,12 +310,12 @@ mod tests {
     both_targets_test! {
         fn stateless_mode_answers_any_wellformed_token() {
             let c = config(r#","account_thumbprint":"0123456789abcdefghijklmnopqrstuvwxyzABCDEFG""#);
-            let Decision::Answer(a) = decide(&c, "/.well-known/acme-challenge/anything", &GET, |_| None) else {
+            let Decision::Answer(a) = decide(&c, &get("/.well-known/acme-challenge/anything"), |_| None) else {
                 panic!()
             };
             assert_eq!(a.status, 200);
             assert_eq!(a.body.as_deref(), Some("anything.0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"));
-            let Decision::Answer(a) = decide(&c, "/.well-known/acme-challenge/a.b", &GET, |_| None) else {
+            let Decision::Answer(a) = decide(&c, &get("/.well-known/acme-challenge/a.b"), |_| None) else {
                 panic!()
             };
             assert_eq!(a.status, 404);

@@ -11,6 +11,7 @@ pub mod config;
 mod error;
 pub mod lease;
 pub mod poller;
+pub mod request;
 pub mod snapshot;
 pub mod store;
 
