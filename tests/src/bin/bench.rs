@@ -53,14 +53,29 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// wrk for `seconds` at `addr` + `path`: (requests/s, p99 latency ms).
-fn wrk(addr: SocketAddr, path: &str, host: &str, seconds: u32) -> Result<(f64, f64)> {
+/// One wrk run against one Envoy.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    rps: f64,
+    p99_ms: f64,
+    /// CPU time (user + system) the Envoy under test spent per request: what
+    /// a variant costs, without the noise of wrk and the upstream competing
+    /// with it for the same cores.
+    cpu_us: f64,
+}
+
+/// wrk for `seconds` at `addr` + `path`; `pids` are the processes that serve
+/// the requests (their CPU time is summed).
+fn wrk(addr: SocketAddr, path: &str, host: &str, seconds: u32, pids: &[u32]) -> Result<Load> {
+    let cpu_ticks_all = || -> Result<u64> { pids.iter().map(|p| cpu_ticks(*p)).sum() };
+    let cpu_before = cpu_ticks_all()?;
     let out = Command::new("wrk")
         .args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency"])
         .args(["-H", &format!("Host: {host}")])
         .arg(format!("http://{addr}{path}"))
         .output()
         .context("running wrk (scripts/setup.sh installs it)")?;
+    let cpu = cpu_ticks_all()? - cpu_before;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.contains("Non-2xx") {
         bail!("wrk saw non-2xx answers at {path}:\n{text}");
@@ -70,12 +85,42 @@ fn wrk(addr: SocketAddr, path: &str, host: &str, seconds: u32) -> Result<(f64, f
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .with_context(|| format!("no Requests/sec in:\n{text}"))?;
-    let p99 = text
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .with_context(|| format!("no request count in:\n{text}"))?;
+    let p99_ms = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("99%"))
         .map(|v| duration_ms(v.trim()))
         .with_context(|| format!("no 99% line in:\n{text}"))?;
-    Ok((rps, p99))
+    Ok(Load {
+        rps,
+        p99_ms,
+        cpu_us: cpu as f64 * 1e6 / CLOCK_TICKS_PER_S / requests,
+    })
+}
+
+/// /proc's unit for CPU times (USER_HZ, 100 on every Linux ABI).
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// User + system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces;
+    // utime and stime are fields 14 and 15 of the whole line.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no CPU times in /proc/{pid}/stat: {stat}"))
+    };
+    Ok(field(11)? + field(12)?)
 }
 
 fn duration_ms(text: &str) -> f64 {
@@ -117,6 +162,8 @@ static_resources:
               routes:
               - match: {{ prefix: "/" }}
                 direct_response: {{ status: 200, body: {{ inline_string: "{body}" }} }}
+                # The same headers as the filter's answer.
+                response_headers_to_add: [{{ header: {{ key: cache-control, value: no-store }} }}]
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -137,51 +184,40 @@ fn filter_yaml(config: &str) -> Result<String> {
 fn pass_through(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
     let (_upstream, upstream) = direct_envoy("ok")?;
     let sync = SyncServer::start(None)?;
+    let config = r#"{"agent_cluster":"acme_agent"}"#;
     let mut envoys = Vec::new();
     for variant in 0..4 {
         let (listen, admin) = (free_addr()?, free_addr()?);
-        let filters = match variant {
-            0 => filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
-            1 => String::new(),
-            2 => matched_wasm_filter_yaml(&filter_wasm()?, r#"{"agent_cluster":"acme_agent"}"#),
-            _ => String::new(),
-        };
-        if variant == 3 {
-            let config = bootstrap_filter_on_challenge_route(
+        let bootstrap = match variant {
+            0 => bootstrap(listen, admin, &filter_yaml(config)?, upstream, sync.addr()),
+            1 => bootstrap(listen, admin, "", upstream, sync.addr()),
+            2 => bootstrap(
+                listen,
+                admin,
+                &matched_wasm_filter_yaml(&filter_wasm()?, config),
+                upstream,
+                sync.addr(),
+            ),
+            _ => bootstrap_filter_on_challenge_route(
                 listen,
                 admin,
                 &filter_wasm()?,
-                r#"{"agent_cluster":"acme_agent"}"#,
+                config,
                 upstream,
                 sync.addr(),
-            );
-            envoys.push((Envoy::start(&config, admin, 1)?, listen));
-            continue;
-        }
-        let envoy = Envoy::start(
-            &bootstrap(listen, admin, &filters, upstream, sync.addr()),
-            admin,
-            1,
-        )?;
-        envoys.push((envoy, listen));
+            ),
+        };
+        envoys.push((Envoy::start(&bootstrap, admin, 1)?, listen));
     }
-    let (mut rps, mut p99) = (vec![Vec::new(); 4], vec![Vec::new(); 4]);
-    for round in 0..rounds {
-        // Rotate the order each round: the first run of a round is not
-        // always the same variant.
-        for k in 0..envoys.len() {
-            let i = (k + round) % envoys.len();
-            let (r, p) = wrk(envoys[i].1, "/app/page", HOST, 3)?;
-            rps[i].push(r);
-            p99[i].push(p);
-        }
-    }
+    let loads = interleaved(rounds, &envoys, |(envoy, listen)| {
+        wrk(*listen, "/app/page", HOST, 3, &[pid(envoy)?])
+    })?;
     // Each variant against the one without the filter, round by round.
     for (variant, what, note) in [
         (
             2,
             "filter behind a path matcher",
-            "ExtensionWithMatcher skips the filter outside /.well-known/acme-challenge/ (the Istio EnvoyFilter)",
+            "a composite action creates the filter for /.well-known/acme-challenge/ only (the Istio EnvoyFilter)",
         ),
         (
             3,
@@ -192,42 +228,77 @@ fn pass_through(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
     ] {
         rows.push(ratio_row(
             &format!("Pass-through req/s, {what} / without"),
-            &rps[variant],
-            &rps[1],
+            &loads[variant],
+            &loads[1],
             note,
         ));
     }
     rows.push(Row {
-        what: "Pass-through p99 latency, with filter / without".into(),
+        what: "Pass-through p99 latency, filter on every request / without".into(),
         result: format!(
             "{:.2} ms / {:.2} ms",
-            median(&mut p99[0]),
-            median(&mut p99[1])
+            median(&mut loads[0].iter().map(|l| l.p99_ms).collect::<Vec<_>>()),
+            median(&mut loads[1].iter().map(|l| l.p99_ms).collect::<Vec<_>>())
         ),
-        note: "wrk -t1 -c16, 3 s per run".into(),
+        note: "wrk -t1 -c16, 3 s per run, Envoy --concurrency 1".into(),
     });
     Ok(())
 }
 
-/// A row comparing two series measured in the same rounds: their medians and
-/// the median of the per-round ratios, with the ratios' spread.
-fn ratio_row(what: &str, a: &[f64], b: &[f64], note: &str) -> Row {
-    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-    let (lo, hi) = spread(&ratios);
+fn pid(envoy: &Envoy) -> Result<u32> {
+    envoy.pid().context("Envoy has exited")
+}
+
+/// Runs `measure` on every variant `rounds` times, rotating which goes first
+/// each round so that no variant always runs first; one series per variant.
+fn interleaved<T>(
+    rounds: usize,
+    variants: &[T],
+    mut measure: impl FnMut(&T) -> Result<Load>,
+) -> Result<Vec<Vec<Load>>> {
+    let mut series = vec![Vec::new(); variants.len()];
+    for round in 0..rounds {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            series[i].push(measure(&variants[i])?);
+        }
+    }
+    Ok(series)
+}
+
+/// A row comparing two series measured in the same rounds: their req/s
+/// medians and the median of the per-round ratios with their spread, and the
+/// same for CPU per request (`b / a`, so that above 1 means `a` is cheaper).
+fn ratio_row(what: &str, a: &[Load], b: &[Load], note: &str) -> Row {
+    let (rps, rps_lo, rps_hi) = ratio(a, b, |l| l.rps);
+    let (cpu, cpu_lo, cpu_hi) = ratio(b, a, |l| l.cpu_us);
+    let med = |s: &[Load], f: fn(&Load) -> f64| median(&mut s.iter().map(f).collect::<Vec<_>>());
     Row {
         what: what.to_owned(),
         result: format!(
-            "{:.0} / {:.0} = **{:.3}**",
-            median(&mut a.to_vec()),
-            median(&mut b.to_vec()),
-            median(&mut ratios)
+            "{:.0} / {:.0} = **{rps:.3}**",
+            med(a, |l| l.rps),
+            med(b, |l| l.rps)
         ),
-        note: format!("ratio spread {lo:.3}-{hi:.3}; {note}"),
+        note: format!(
+            "spread {rps_lo:.3}-{rps_hi:.3}; Envoy CPU per request {:.2} / {:.2} µs = {cpu:.3} \
+             (spread {cpu_lo:.3}-{cpu_hi:.3}); {note}",
+            med(a, |l| l.cpu_us),
+            med(b, |l| l.cpu_us),
+        ),
     }
 }
 
-/// Challenge answers: the filter inline vs Envoy's direct_response with the
-/// same body vs Envoy routing to a solver server (cert-manager's shape).
+/// Median of the per-round ratios `f(a) / f(b)`, with their min and max.
+fn ratio(a: &[Load], b: &[Load], f: impl Fn(&Load) -> f64) -> (f64, f64, f64) {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect();
+    let (lo, hi) = spread(&ratios);
+    (median(&mut ratios), lo, hi)
+}
+
+/// Challenge answers: the filter inline vs the least any proxy-wasm filter
+/// can do vs Envoy's direct_response with the same answer vs Envoy routing to
+/// a solver server (cert-manager's shape).
 fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
     let body = key_authorization(TOKEN);
     let path = format!("/.well-known/acme-challenge/{TOKEN}");
@@ -257,65 +328,108 @@ fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         },
         || inline.log(),
     )?;
-
-    let (direct, direct_listen) = direct_envoy(&body)?;
-    let (_solver, solver) = direct_envoy(&body)?;
-    let (routed_listen, admin) = (free_addr()?, free_addr()?);
-    let routed = Envoy::start(
-        &bootstrap(routed_listen, admin, "", solver, sync.addr()),
+    let (floor_listen, admin) = (free_addr()?, free_addr()?);
+    let floor = Envoy::start(
+        &bootstrap(
+            floor_listen,
+            admin,
+            &wasm_filter_yaml(&floor_wasm()?, &body),
+            app,
+            sync.addr(),
+        ),
         admin,
         1,
     )?;
-
-    let variants = [
-        ("inline (filter)", inline_listen),
-        ("direct_response", direct_listen),
-        ("routed to a solver", routed_listen),
-    ];
-    let mut rps = vec![Vec::new(); 3];
-    let mut p99 = vec![Vec::new(); 3];
-    for round in 0..rounds {
-        for k in 0..variants.len() {
-            let i = (k + round) % variants.len();
-            let (r, p) = wrk(variants[i].1, &path, HOST, 3)?;
-            rps[i].push(r);
-            p99[i].push(p);
+    let (direct, direct_listen) = direct_envoy(&body)?;
+    let (solver, solver_listen) = direct_envoy(&body)?;
+    let (routed_listen, admin) = (free_addr()?, free_addr()?);
+    let routed = Envoy::start(
+        &bootstrap(routed_listen, admin, "", solver_listen, sync.addr()),
+        admin,
+        1,
+    )?;
+    for listen in [inline_listen, floor_listen, direct_listen, routed_listen] {
+        let answer = acme_tests::http::get(listen, &path, HOST)?;
+        if answer.status != 200 || answer.body != body.as_bytes() {
+            bail!(
+                "{listen} answers {} {:?}, not the key authorization",
+                answer.status,
+                answer.body
+            );
         }
     }
-    let ratio = |a: usize, b: usize| -> (f64, f64, f64) {
-        let mut r: Vec<f64> = rps[a].iter().zip(&rps[b]).map(|(x, y)| x / y).collect();
-        let (lo, hi) = spread(&r);
-        (median(&mut r), lo, hi)
-    };
-    let (inline_vs_direct, lo, hi) = ratio(0, 1);
-    let (inline_vs_routed, lo2, hi2) = ratio(0, 2);
+
+    let variants = [
+        (inline_listen, vec![pid(&inline)?]),
+        (floor_listen, vec![pid(&floor)?]),
+        (direct_listen, vec![pid(&direct)?]),
+        (routed_listen, vec![pid(&routed)?, pid(&solver)?]),
+    ];
+    let loads = interleaved(rounds, &variants, |(listen, pids)| {
+        wrk(*listen, &path, HOST, 3, pids)
+    })?;
+    let med =
+        |i: usize, f: fn(&Load) -> f64| median(&mut loads[i].iter().map(f).collect::<Vec<_>>());
     rows.push(Row {
-        what: "Challenge answers req/s: inline / direct_response / routed to solver".into(),
+        what: "Challenge answers req/s: inline / Wasm floor / direct_response / routed to a solver"
+            .into(),
         result: format!(
-            "{:.0} / {:.0} / {:.0}",
-            median(&mut rps[0].clone()),
-            median(&mut rps[1].clone()),
-            median(&mut rps[2].clone())
+            "{:.0} / {:.0} / {:.0} / {:.0}",
+            med(0, |l| l.rps),
+            med(1, |l| l.rps),
+            med(2, |l| l.rps),
+            med(3, |l| l.rps)
         ),
         note: format!(
-            "p99 {:.2} / {:.2} / {:.2} ms",
-            median(&mut p99[0]),
-            median(&mut p99[1]),
-            median(&mut p99[2])
+            "p99 {:.2} / {:.2} / {:.2} / {:.2} ms; CPU per answer {:.2} / {:.2} / {:.2} / {:.2} µs \
+             (routed: front Envoy + solver)",
+            med(0, |l| l.p99_ms),
+            med(1, |l| l.p99_ms),
+            med(2, |l| l.p99_ms),
+            med(3, |l| l.p99_ms),
+            med(0, |l| l.cpu_us),
+            med(1, |l| l.cpu_us),
+            med(2, |l| l.cpu_us),
+            med(3, |l| l.cpu_us),
         ),
     });
-    rows.push(Row {
-        what: "Inline / direct_response".into(),
-        result: format!("**{inline_vs_direct:.3}**"),
-        note: format!("spread {lo:.3}-{hi:.3}; target >= 0.95"),
-    });
-    rows.push(Row {
-        what: "Inline / routed to a solver server".into(),
-        result: format!("**{inline_vs_routed:.2}x**"),
-        note: format!("spread {lo2:.2}-{hi2:.2}"),
-    });
-    drop((direct, routed));
+    rows.push(ratio_row(
+        "Inline / direct_response",
+        &loads[0],
+        &loads[2],
+        "target >= 0.95",
+    ));
+    rows.push(ratio_row(
+        "Wasm floor / direct_response",
+        &loads[1],
+        &loads[2],
+        "the least any proxy-wasm filter can do to answer (tests/answer-floor): the ceiling for an inline answer",
+    ));
+    rows.push(ratio_row(
+        "Inline / Wasm floor",
+        &loads[0],
+        &loads[1],
+        "what the filter's own work costs: reading the headers, the token lookup, the counter",
+    ));
+    rows.push(ratio_row(
+        "Inline / routed to a solver server",
+        &loads[0],
+        &loads[3],
+        "",
+    ));
     Ok(())
+}
+
+/// The benchmark's floor filter, built by scripts/bench.sh.
+fn floor_wasm() -> Result<PathBuf> {
+    let path = workspace_root().join("target/filter/acme_bench_floor.wasm");
+    if !path.exists() {
+        bail!(
+            "{} is missing: run the benchmark with scripts/bench.sh",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Propagation: the agent's real API (in-process) publishing a token, until
