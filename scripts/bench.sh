@@ -8,6 +8,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build-filter.sh >/dev/null
 PROFILE=release scripts/build-agent.sh >/dev/null
-# The floor the filter's answers are compared with (same profile, same target).
-scripts/build-filter.sh tests/answer-floor >/dev/null
 cargo run --quiet -p acme-tests --bin bench -- "$@"

@@ -314,19 +314,24 @@ fn decode_pairs(bytes: &[u8]) -> Result<Vec<(String, String)>> {
 }
 
 /// The inverse of [`decode_pairs`], as Envoy serializes a header map.
-fn encode_pairs(pairs: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
-    let mut out = u32::try_from(pairs.len())?.to_le_bytes().to_vec();
+pub fn encode_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
+    let len = |n: usize| {
+        u32::try_from(n)
+            .expect("a header map under 4 GiB")
+            .to_le_bytes()
+    };
+    let mut out = len(pairs.len()).to_vec();
     for (k, v) in pairs {
-        out.extend(u32::try_from(k.len())?.to_le_bytes());
-        out.extend(u32::try_from(v.len())?.to_le_bytes());
+        out.extend(len(k.as_ref().len()));
+        out.extend(len(v.as_ref().len()));
     }
     for (k, v) in pairs {
-        out.extend(k.as_bytes());
+        out.extend(k.as_ref());
         out.push(0);
-        out.extend(v);
+        out.extend(v.as_ref());
         out.push(0);
     }
-    Ok(out)
+    out
 }
 
 fn link(linker: &mut Linker<VmState>) -> Result<()> {
@@ -343,7 +348,7 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
                     .ok_or_else(|| anyhow!("request headers read outside an HTTP context"))?,
                 other => bail!("header map {other} is not read whole by the filter"),
             };
-            let bytes = encode_pairs(pairs)?;
+            let bytes = encode_pairs(pairs);
             return_bytes(&mut c, &bytes, ptr_ptr, size_ptr)?;
             Ok(status::OK)
         },

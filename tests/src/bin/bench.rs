@@ -20,6 +20,7 @@ use acme_tests::envoy::{
 };
 use acme_tests::http::{Connection, free_port};
 use acme_tests::pebble::{self, Pebble};
+use acme_tests::probe;
 use acme_tests::sync_server::SyncServer;
 use acme_tests::{filter_wasm, key_authorization, workspace_root};
 use anyhow::{Context as _, Result, bail};
@@ -328,12 +329,21 @@ fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         },
         || inline.log(),
     )?;
+    let dir = tempfile::tempdir()?;
+    let floor_wasm = probe::answer_floor(
+        dir.path(),
+        &body,
+        &[
+            ("content-type", "text/plain"),
+            ("cache-control", "no-store"),
+        ],
+    )?;
     let (floor_listen, admin) = (free_addr()?, free_addr()?);
     let floor = Envoy::start(
         &bootstrap(
             floor_listen,
             admin,
-            &wasm_filter_yaml(&floor_wasm()?, &body),
+            &wasm_filter_yaml(&floor_wasm, ""),
             app,
             sync.addr(),
         ),
@@ -403,7 +413,7 @@ fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         "Wasm floor / direct_response",
         &loads[1],
         &loads[2],
-        "the least any proxy-wasm filter can do to answer (tests/answer-floor): the ceiling for an inline answer",
+        "a module doing nothing but send the same answer (no SDK, one host call; tests/src/probe.rs): the ceiling for any inline answer",
     ));
     rows.push(ratio_row(
         "Inline / Wasm floor",
@@ -418,18 +428,6 @@ fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         "",
     ));
     Ok(())
-}
-
-/// The benchmark's floor filter, built by scripts/bench.sh.
-fn floor_wasm() -> Result<PathBuf> {
-    let path = workspace_root().join("target/filter/acme_bench_floor.wasm");
-    if !path.exists() {
-        bail!(
-            "{} is missing: run the benchmark with scripts/bench.sh",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// Propagation: the agent's real API (in-process) publishing a token, until
