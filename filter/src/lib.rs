@@ -294,10 +294,12 @@ impl RootContext for AcmeRoot {
         self.poll_if_due(now);
     }
 
+    // Never None: the SDK panics on it, which would kill the VM. Envoy only
+    // creates HTTP contexts under a configured root context, but a request
+    // reaching one without config passes untouched rather than crashing.
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.config.clone()?;
         Some(Box::new(AcmeHttp {
-            config,
+            config: self.config.clone(),
             metrics: Rc::clone(&self.metrics),
         }))
     }
@@ -309,7 +311,7 @@ impl RootContext for AcmeRoot {
 
 /// One per request; lives only as long as the request.
 struct AcmeHttp {
-    config: Rc<FilterConfig>,
+    config: Option<Rc<FilterConfig>>,
     metrics: Rc<Metrics>,
 }
 
@@ -317,10 +319,12 @@ impl Context for AcmeHttp {}
 
 impl HttpContext for AcmeHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(config) = self.config.as_deref() else {
+            return Action::Continue;
+        };
         let map = request_header_map().unwrap_or_default();
         let request = RequestHeaders::parse(&map);
-        let decision =
-            challenge::decide(&self.config, &request, |token| store::lookup(&Host, token));
+        let decision = challenge::decide(config, &request, |token| store::lookup(&Host, token));
         let Decision::Answer(answer) = decision else {
             return Action::Continue;
         };

@@ -127,3 +127,28 @@ fn stateless_only_configuration_sets_no_timer_and_calls_nobody() {
     assert_eq!(vm.tick_period_ms(root), None);
     assert!(vm.take_http_calls().is_empty());
 }
+
+/// A root context whose configuration was refused never serves, and a
+/// request reaching it anyway passes untouched instead of killing the VM (the
+/// SDK panics when no HTTP context is created).
+#[test]
+fn request_under_an_unconfigured_root_passes_without_a_trap() {
+    let (engine, module) = filter_module().unwrap();
+    let mut vm = Vm::load(&engine, &module, Process::new(START_MS, &[CLUSTER])).unwrap();
+    let (root, ok) = vm.start_root(b"{}").unwrap();
+    assert!(!ok);
+    let outcome = vm
+        .request(
+            root,
+            &[
+                (":method", "GET"),
+                (":path", "/.well-known/acme-challenge/tok"),
+                (":authority", "www.example.com"),
+            ],
+        )
+        .expect("the request must not trap");
+    assert_eq!(
+        outcome,
+        acme_tests::proxy_wasm_host::RequestOutcome::Continue
+    );
+}
