@@ -50,6 +50,11 @@ pub fn http_context_counter(dir: &Path) -> Result<PathBuf> {
 /// the VM costs, whatever a filter does.
 pub fn answer_floor(dir: &Path, body: &str, headers: &[(&str, &str)]) -> Result<PathBuf> {
     let map = crate::proxy_wasm_host::encode_pairs(headers);
+    // The body lives at 1024 and the headers at 8192, in one 64 KiB page.
+    anyhow::ensure!(
+        body.len() <= 8192 - 1024 && map.len() <= 65536 - 8192,
+        "the floor module holds a body up to 7 KiB and headers up to 56 KiB"
+    );
     let wat = format!(
         r#"(module
   (import "env" "proxy_send_local_response"
