@@ -176,8 +176,24 @@ static_resources:
     Ok((Envoy::start(&config, admin, 1)?, listen))
 }
 
-fn filter_yaml(config: &str) -> Result<String> {
-    Ok(wasm_filter_yaml(&filter_wasm()?, config))
+/// The filter's configuration in every Envoy here.
+const FILTER_CONFIG: &str = r#"{"agent_cluster":"acme_agent"}"#;
+
+fn filter_yaml() -> Result<String> {
+    Ok(wasm_filter_yaml(&filter_wasm()?, FILTER_CONFIG))
+}
+
+/// An Envoy at `concurrency` with [`bootstrap`]'s listener and `filters`, in
+/// front of `upstream`, its agent cluster at `agent`; and that listener.
+fn proxy_envoy(
+    filters: &str,
+    upstream: SocketAddr,
+    agent: SocketAddr,
+    concurrency: u32,
+) -> Result<(Envoy, SocketAddr)> {
+    let (listen, admin) = (free_addr()?, free_addr()?);
+    let config = bootstrap(listen, admin, filters, upstream, agent);
+    Ok((Envoy::start(&config, admin, concurrency)?, listen))
 }
 
 /// Pass-through: the same Envoy build and config, with and without the filter,
@@ -185,31 +201,29 @@ fn filter_yaml(config: &str) -> Result<String> {
 fn pass_through(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
     let (_upstream, upstream) = direct_envoy("ok")?;
     let sync = SyncServer::start(None)?;
-    let config = r#"{"agent_cluster":"acme_agent"}"#;
-    let mut envoys = Vec::new();
-    for variant in 0..4 {
+    let on_route = {
         let (listen, admin) = (free_addr()?, free_addr()?);
-        let bootstrap = match variant {
-            0 => bootstrap(listen, admin, &filter_yaml(config)?, upstream, sync.addr()),
-            1 => bootstrap(listen, admin, "", upstream, sync.addr()),
-            2 => bootstrap(
-                listen,
-                admin,
-                &matched_wasm_filter_yaml(&filter_wasm()?, config),
-                upstream,
-                sync.addr(),
-            ),
-            _ => bootstrap_filter_on_challenge_route(
-                listen,
-                admin,
-                &filter_wasm()?,
-                config,
-                upstream,
-                sync.addr(),
-            ),
-        };
-        envoys.push((Envoy::start(&bootstrap, admin, 1)?, listen));
-    }
+        let config = bootstrap_filter_on_challenge_route(
+            listen,
+            admin,
+            &filter_wasm()?,
+            FILTER_CONFIG,
+            upstream,
+            sync.addr(),
+        );
+        (Envoy::start(&config, admin, 1)?, listen)
+    };
+    let envoys = [
+        proxy_envoy(&filter_yaml()?, upstream, sync.addr(), 1)?,
+        proxy_envoy("", upstream, sync.addr(), 1)?,
+        proxy_envoy(
+            &matched_wasm_filter_yaml(&filter_wasm()?, FILTER_CONFIG),
+            upstream,
+            sync.addr(),
+            1,
+        )?,
+        on_route,
+    ];
     let loads = interleaved(rounds, &envoys, |(envoy, listen)| {
         wrk(*listen, "/app/page", HOST, 3, &[pid(envoy)?])
     })?;
@@ -307,18 +321,7 @@ fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
     let sync = SyncServer::start(None)?;
     sync.publish(&[(TOKEN, HOST)]);
 
-    let (inline_listen, admin) = (free_addr()?, free_addr()?);
-    let inline = Envoy::start(
-        &bootstrap(
-            inline_listen,
-            admin,
-            &filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
-            app,
-            sync.addr(),
-        ),
-        admin,
-        1,
-    )?;
+    let (inline, inline_listen) = proxy_envoy(&filter_yaml()?, app, sync.addr(), 1)?;
     wait_for(
         Duration::from_secs(10),
         "token synced",
@@ -338,26 +341,11 @@ fn challenge_answers(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
             ("cache-control", "no-store"),
         ],
     )?;
-    let (floor_listen, admin) = (free_addr()?, free_addr()?);
-    let floor = Envoy::start(
-        &bootstrap(
-            floor_listen,
-            admin,
-            &wasm_filter_yaml(&floor_wasm, ""),
-            app,
-            sync.addr(),
-        ),
-        admin,
-        1,
-    )?;
+    let (floor, floor_listen) =
+        proxy_envoy(&wasm_filter_yaml(&floor_wasm, ""), app, sync.addr(), 1)?;
     let (direct, direct_listen) = direct_envoy(&body)?;
     let (solver, solver_listen) = direct_envoy(&body)?;
-    let (routed_listen, admin) = (free_addr()?, free_addr()?);
-    let routed = Envoy::start(
-        &bootstrap(routed_listen, admin, "", solver_listen, sync.addr()),
-        admin,
-        1,
-    )?;
+    let (routed, routed_listen) = proxy_envoy("", solver_listen, sync.addr(), 1)?;
     for listen in [inline_listen, floor_listen, direct_listen, routed_listen] {
         let answer = acme_tests::http::get(listen, &path, HOST)?;
         if answer.status != 200 || answer.body != body.as_bytes() {
@@ -444,22 +432,10 @@ fn propagation(rows: &mut Vec<Row>, tokens: usize) -> Result<()> {
     runtime.spawn(api::serve(listener, state, std::future::pending()));
 
     let (_app, app) = direct_envoy("app")?;
-    let mut envoys = Vec::new();
-    for _ in 0..2 {
-        let (listen, admin) = (free_addr()?, free_addr()?);
-        let envoy = Envoy::start(
-            &bootstrap(
-                listen,
-                admin,
-                &filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
-                app,
-                agent,
-            ),
-            admin,
-            2,
-        )?;
-        envoys.push((envoy, listen));
-    }
+    let envoys = [
+        proxy_envoy(&filter_yaml()?, app, agent, 2)?,
+        proxy_envoy(&filter_yaml()?, app, agent, 2)?,
+    ];
     // Four keep-alive connections per Envoy: the exact balance gives each worker two.
     let mut connections: Vec<Connection> = Vec::new();
     for (_, listen) in &envoys {
@@ -598,17 +574,12 @@ fn footprint(rows: &mut Vec<Row>) -> Result<()> {
     let sync = SyncServer::start(None)?;
     let mut rss = Vec::new();
     for with_filter in [true, false] {
-        let (listen, admin) = (free_addr()?, free_addr()?);
         let filters = if with_filter {
-            filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?
+            filter_yaml()?
         } else {
             String::new()
         };
-        let envoy = Envoy::start(
-            &bootstrap(listen, admin, &filters, app, sync.addr()),
-            admin,
-            2,
-        )?;
+        let (envoy, listen) = proxy_envoy(&filters, app, sync.addr(), 2)?;
         for _ in 0..50 {
             let _ = acme_tests::http::get(listen, "/", HOST);
         }
@@ -698,7 +669,7 @@ fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> R
     let config = bootstrap_with_listeners(
         http,
         admin,
-        &filter_yaml(r#"{"agent_cluster":"acme_agent"}"#)?,
+        &filter_yaml()?,
         app,
         api,
         &https_listener(https, &sds, &names),
