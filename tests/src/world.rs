@@ -237,6 +237,23 @@ impl World {
         self.agent().metric(name, labels).unwrap()
     }
 
+    /// For an agent process started over existing state, once it has
+    /// scheduled everything: it registered no account and placed no order.
+    pub fn assert_nothing_registered_or_ordered(&self) {
+        assert_eq!(
+            self.metric("acme_agent_account_registrations_total", &[]),
+            0.0,
+            "{}",
+            self.context()
+        );
+        assert_eq!(
+            self.metric("acme_agent_orders_total", &[]),
+            0.0,
+            "{}",
+            self.context()
+        );
+    }
+
     pub fn context(&self) -> String {
         let agent_log =
             std::fs::read_to_string(self.work.path().join("agent.log")).unwrap_or_default();

@@ -130,16 +130,7 @@ fn certificates_become_tls_secrets_the_account_a_secret_and_foreign_secrets_are_
     world.certificates(&[WWW]).write_config();
     world.start_agent();
     world.wait_scheduled();
-    assert_eq!(
-        world.metric("acme_agent_account_registrations_total", &[]),
-        0.0
-    );
-    assert_eq!(
-        world.metric("acme_agent_orders_total", &[]),
-        0.0,
-        "{}",
-        world.context()
-    );
+    world.assert_nothing_registered_or_ordered();
     let kube = world.kube.as_ref().unwrap();
     assert_eq!(
         decoded(&kube.secret(&account).unwrap(), "account.json").unwrap(),
