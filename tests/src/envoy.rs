@@ -210,9 +210,9 @@ pub fn https_listener(listen: SocketAddr, sds_dir: &Path, names: &[&str]) -> Str
     )
 }
 
-/// The certificate chain (PEM, leaf first) Envoy presents at `addr` for
-/// `sni`, read with `openssl s_client -showcerts`.
-pub fn served_chain(addr: SocketAddr, sni: &str) -> Result<String> {
+/// What `openssl s_client -showcerts` prints for one handshake with `addr`
+/// for `sni` (the chain, and the leaf's subject and issuer).
+fn s_client(addr: SocketAddr, sni: &str) -> Result<String> {
     let out = Command::new("openssl")
         .args([
             "s_client",
@@ -226,7 +226,23 @@ pub fn served_chain(addr: SocketAddr, sni: &str) -> Result<String> {
         .stderr(Stdio::null())
         .output()
         .context("running openssl s_client")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The subject of the certificate Envoy presents at `addr` for `sni`; empty
+/// when the handshake presented none.
+pub fn served_subject(addr: SocketAddr, sni: &str) -> Result<String> {
+    Ok(s_client(addr, sni)?
+        .lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default())
+}
+
+/// The certificate chain (PEM, leaf first) Envoy presents at `addr` for
+/// `sni`, read with `openssl s_client -showcerts`.
+pub fn served_chain(addr: SocketAddr, sni: &str) -> Result<String> {
+    let text = s_client(addr, sni)?;
     let mut chain = String::new();
     let mut inside = false;
     for line in text.lines() {

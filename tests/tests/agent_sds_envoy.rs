@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
-use acme_tests::envoy::{Envoy, bootstrap_with_listeners, free_addr, https_listener};
+use acme_tests::envoy::{
+    Envoy, bootstrap_with_listeners, free_addr, https_listener, served_subject,
+};
 
 /// A self-signed P-256 certificate for `cn` from the openssl CLI (scripts/setup.sh
 /// installs it): (chain PEM, PKCS#8 key PEM).
@@ -39,27 +41,6 @@ fn self_signed(dir: &Path, cn: &str) -> (String, String) {
         std::fs::read_to_string(crt).unwrap(),
         std::fs::read_to_string(key).unwrap(),
     )
-}
-
-/// The subject Envoy presents for `sni`, read with `openssl s_client`.
-fn served_subject(addr: SocketAddr, sni: &str) -> String {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-servername",
-            sni,
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .expect("openssl s_client runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix("subject="))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// Envoy with the shared HTTPS listener on the sink's SDS file for `www`
@@ -93,7 +74,11 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
     let config = bootstrap(listen, admin, &sink, &work.path().join("sds"));
     let envoy = Envoy::start(&config, admin, 1).unwrap();
-    assert!(served_subject(listen, "first.example.com").contains("first.example.com"));
+    assert!(
+        served_subject(listen, "first.example.com")
+            .unwrap()
+            .contains("first.example.com")
+    );
     let loaded = envoy.stat("sds.www.update_success").unwrap().unwrap_or(0);
     assert!(loaded >= 1, "{}", envoy.log());
 
@@ -106,7 +91,10 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
         key_pem: key,
     })
     .unwrap();
-    while !served_subject(listen, "first.example.com").contains("second.example.com") {
+    while !served_subject(listen, "first.example.com")
+        .unwrap()
+        .contains("second.example.com")
+    {
         assert!(
             written.elapsed() < Duration::from_secs(10),
             "not reloaded:\n{}",
@@ -132,5 +120,9 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     envoy
         .wait_stat_at_least("sds.www.update_rejected", 1, Duration::from_secs(10))
         .unwrap();
-    assert!(served_subject(listen, "first.example.com").contains("second.example.com"));
+    assert!(
+        served_subject(listen, "first.example.com")
+            .unwrap()
+            .contains("second.example.com")
+    );
 }
