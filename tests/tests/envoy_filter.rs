@@ -25,6 +25,19 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// An upstream answering 200 with `body` and the path it was asked for in
+/// `x-upstream-path`, so a test sees what reached it.
+fn upstream_telling_path(body: Vec<u8>) -> Server {
+    Server::start(move |req| {
+        let mut reply = Reply::new(200, body.clone());
+        reply
+            .headers
+            .push(("x-upstream-path".into(), req.path.clone()));
+        reply
+    })
+    .unwrap()
+}
+
 fn upstream_body() -> Vec<u8> {
     // Every byte value, several times, so any rewriting would show.
     (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect()
@@ -35,15 +48,7 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
     let wasm = filter_wasm().unwrap();
     let mut agent = SyncServer::start(None).unwrap();
     let body = upstream_body();
-    let upstream_body_copy = body.clone();
-    let upstream = Server::start(move |req| {
-        let mut reply = Reply::new(200, upstream_body_copy.clone());
-        reply
-            .headers
-            .push(("x-upstream-path".into(), req.path.clone()));
-        reply
-    })
-    .unwrap();
+    let upstream = upstream_telling_path(body.clone());
 
     let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
     let filter = wasm_filter_yaml(
@@ -229,14 +234,7 @@ fn bad_filter_configuration_stops_envoy_from_starting() {
 #[test]
 fn filter_enabled_only_on_the_challenge_route_behaves_the_same() {
     let agent = SyncServer::start(None).unwrap();
-    let upstream = Server::start(|req| {
-        let mut reply = Reply::new(200, "upstream");
-        reply
-            .headers
-            .push(("x-upstream-path".into(), req.path.clone()));
-        reply
-    })
-    .unwrap();
+    let upstream = upstream_telling_path(b"upstream".to_vec());
     let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
     let config = bootstrap_filter_on_challenge_route(
         listen,

@@ -53,6 +53,26 @@ fn wasm_config_mut(value: &mut Value) -> &mut Value {
     &mut value.pointer_mut(ACTION).expect("the composite action")["typed_config"]["typed_config"]
 }
 
+/// A gateway-shaped Envoy at `--concurrency 2` with `first_filter` first;
+/// and its listener.
+fn start_gateway(
+    first_filter: &Value,
+    agent_cluster: &str,
+    agent: SocketAddr,
+    upstream: SocketAddr,
+) -> (Envoy, SocketAddr) {
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = gateway_bootstrap(
+        listen,
+        admin,
+        &first_filter.to_string(),
+        agent_cluster,
+        agent,
+        upstream,
+    );
+    (Envoy::start(&config, admin, 2).unwrap(), listen)
+}
+
 fn gateway_bootstrap(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -147,16 +167,7 @@ fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first
     let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
     let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
-    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let config = gateway_bootstrap(
-        listen,
-        admin,
-        &serde_json::to_string(value).unwrap(),
-        &cluster,
-        sync.addr(),
-        upstream.addr(),
-    );
-    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    let (envoy, listen) = start_gateway(value, &cluster, sync.addr(), upstream.addr());
     assert_answers(&envoy, listen, &sync);
 }
 
@@ -240,16 +251,7 @@ fn wasmplugin_config_works_as_istio_agent_hands_it_to_envoy() {
     });
     let sync = SyncServer::start(None).unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
-    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let config = gateway_bootstrap(
-        listen,
-        admin,
-        &filter.to_string(),
-        &cluster,
-        sync.addr(),
-        upstream.addr(),
-    );
-    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    let (envoy, listen) = start_gateway(&filter, &cluster, sync.addr(), upstream.addr());
     assert_answers(&envoy, listen, &sync);
 }
 
@@ -314,16 +316,7 @@ fn envoyfilter_creates_the_filter_for_challenge_paths_only() {
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
     let sync = SyncServer::start(None).unwrap();
     for (value, expected) in [(shipped, 3), (skipping, 23)] {
-        let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
-        let config = gateway_bootstrap(
-            listen,
-            admin,
-            &serde_json::to_string(&value).unwrap(),
-            "acme_agent",
-            sync.addr(),
-            upstream.addr(),
-        );
-        let envoy = Envoy::start(&config, admin, 2).unwrap();
+        let (envoy, listen) = start_gateway(&value, "acme_agent", sync.addr(), upstream.addr());
         for _ in 0..20 {
             let r = http::get(listen, "/app/page", HOST).unwrap();
             assert_eq!((r.status, r.text().as_str()), (200, "upstream"));
