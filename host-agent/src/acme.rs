@@ -1,7 +1,7 @@
 //! The ACME side: the HTTPS client instant-acme talks through (verified TLS,
 //! an extra root only when configured, a timeout, latency metrics, the CA's
-//! `Retry-After`), and the account, created once and then reused from the
-//! state directory.
+//! `Retry-After`), and the `badNonce` retry around its calls. The account is
+//! in `account.rs`.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -15,19 +15,13 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use instant_acme::{
-    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
-    NewAccount,
-};
+use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::Error;
-use crate::config::Acme as AcmeConfig;
 use crate::metrics::Metrics;
-use crate::store::StateStore;
 
 /// Longest any single request to the CA may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -185,87 +179,4 @@ impl HttpClient for Http {
             }
         })
     }
-}
-
-/// What the state directory keeps of the account. The directory URL is kept
-/// beside the credentials so a changed `acme.directory` never reuses an account
-/// of another CA.
-#[derive(Serialize, Deserialize)]
-struct StoredAccount {
-    directory: String,
-    credentials: AccountCredentials,
-}
-
-/// Loads the account for the configured CA from the state directory, or
-/// registers one (with EAB when configured) and stores it (0600) before use.
-pub async fn open_account(
-    config: &AcmeConfig,
-    store: &dyn StateStore,
-    http: &Http,
-    metrics: &Metrics,
-) -> Result<Account, Error> {
-    let directory = config.directory_url().to_owned();
-    if let Some(bytes) = store.read_account(&directory)? {
-        let stored: StoredAccount = serde_json::from_slice(&bytes).map_err(|e| Error::Io {
-            context: format!("reading the stored account for {directory}"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let account = Account::builder_with_http(Box::new(http.clone()))
-            .from_credentials(stored.credentials)
-            .await
-            .map_err(Error::acme(format!(
-                "loading the ACME directory {directory}"
-            )))?;
-        info!(account = account.id(), "ACME account loaded");
-        return Ok(account);
-    }
-    let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
-    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-    let eab = match &config.eab {
-        Some(eab) => Some(ExternalAccountKey::new(
-            eab.key_id.clone(),
-            &crate::config::decode_base64url(&eab.hmac_key).ok_or_else(|| Error::Config {
-                path: "(config)".into(),
-                field: "acme.eab.hmac_key".into(),
-                reason: "must be base64url".into(),
-            })?,
-        )),
-        None => None,
-    };
-    let new_account = NewAccount {
-        contact: &contacts,
-        terms_of_service_agreed: true,
-        only_return_existing: false,
-    };
-    let (account, credentials) = nonce_retry!(
-        "registering the ACME account",
-        Account::builder_with_http(Box::new(http.clone())).create(
-            &new_account,
-            directory.clone(),
-            eab.as_ref()
-        )
-    )?;
-    let stored = StoredAccount {
-        directory,
-        credentials,
-    };
-    let json = serde_json::to_vec_pretty(&stored).map_err(|e| Error::Io {
-        context: "serializing the account".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    store.write_account(&stored.directory, &json)?;
-    metrics.account_registered();
-    info!(account = account.id(), "ACME account registered");
-    Ok(account)
-}
-
-/// Sets the stored account aside after the CA said it does not know it (a
-/// reset test CA, a deactivated account): the next order registers anew, and
-/// the old credentials stay in the store for the operator.
-pub fn forget_account(config: &AcmeConfig, store: &dyn StateStore) -> Result<(), Error> {
-    store.forget_account(config.directory_url())?;
-    warn!(
-        "the CA does not know the stored account; registering a new one (the old one is kept aside)"
-    );
-    Ok(())
 }

@@ -56,19 +56,104 @@ pub struct Acme {
     /// Extra PEM root to trust for the CA's TLS (private CAs such as Pebble).
     pub ca_root: Option<PathBuf>,
     pub eab: Option<Eab>,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// The CA's limits the agent keeps within (`crate::budget`). The defaults are
+/// Let's Encrypt's published limits; set another CA's here.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// New orders per account in any 3 hours.
+    #[serde(default = "default_orders_per_3_hours")]
+    pub orders_per_3_hours: u32,
+    /// Certificates for one exact set of names in any 7 days.
+    #[serde(default = "default_certificates_per_name_set_per_week")]
+    pub certificates_per_name_set_per_week: u32,
+    /// Failed authorizations per name (and account) in any hour.
+    #[serde(default = "default_failed_authorizations_per_name_per_hour")]
+    pub failed_authorizations_per_name_per_hour: u32,
+    /// ARI renewals (with `replaces`, inside the CA's suggested window) are
+    /// exempt from the limits above, as Let's Encrypt says they are.
+    #[serde(default = "default_true")]
+    pub ari_renewals_exempt: bool,
+}
+
+fn default_orders_per_3_hours() -> u32 {
+    300
+}
+
+fn default_certificates_per_name_set_per_week() -> u32 {
+    5
+}
+
+fn default_failed_authorizations_per_name_per_hour() -> u32 {
+    5
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            orders_per_3_hours: default_orders_per_3_hours(),
+            certificates_per_name_set_per_week: default_certificates_per_name_set_per_week(),
+            failed_authorizations_per_name_per_hour:
+                default_failed_authorizations_per_name_per_hour(),
+            ari_renewals_exempt: true,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeApi {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Bearer token the filter must send; set the same `agent_token` on the filter.
     pub token: Option<String>,
+    /// Connections served at once; more wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Long-polls held at once; one more is answered 503 at once.
+    #[serde(default = "default_max_held_polls")]
+    pub max_held_polls: usize,
+    /// The filters' `max_sync_bytes`: a config whose challenge snapshot
+    /// could be larger is refused at load.
+    #[serde(default = "default_filter_max_sync_bytes")]
+    pub filter_max_sync_bytes: usize,
+}
+
+impl std::fmt::Debug for ChallengeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChallengeApi")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
+            .field("max_held_polls", &self.max_held_polls)
+            .field("filter_max_sync_bytes", &self.filter_max_sync_bytes)
+            .finish()
+    }
 }
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9180))
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+
+fn default_max_held_polls() -> usize {
+    128
+}
+
+/// The filter's own default `max_sync_bytes`.
+fn default_filter_max_sync_bytes() -> usize {
+    1_048_576
 }
 
 impl Default for ChallengeApi {
@@ -76,6 +161,9 @@ impl Default for ChallengeApi {
         Self {
             listen: default_listen(),
             token: None,
+            max_connections: default_max_connections(),
+            max_held_polls: default_max_held_polls(),
+            filter_max_sync_bytes: default_filter_max_sync_bytes(),
         }
     }
 }
@@ -185,6 +273,11 @@ fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> 
 fn is_valid_domain(domain: &str) -> bool {
     domain.len() <= 253
         && domain.contains('.')
+        // No top-level domain is all digits: such a name is an address.
+        && domain
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| !tld.bytes().all(|b| b.is_ascii_digit()))
         && domain.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
@@ -340,17 +433,23 @@ impl Config {
                     "must be 1-64 characters of [A-Za-z0-9_-] (it names files and the SDS secret)",
                 ));
             }
-            if self.kubernetes.is_some()
-                && !cert
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            {
-                return Err(invalid(
-                    path,
-                    at("name"),
-                    "names a Kubernetes Secret: lower-case letters, digits and '-' only",
-                ));
+            if self.kubernetes.is_some() {
+                if !is_kubernetes_label_value(&cert.name) {
+                    return Err(invalid(
+                        path,
+                        at("name"),
+                        "names a Kubernetes Secret and a label value: at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit",
+                    ));
+                }
+                if cert.name.starts_with(RESERVED_PREFIX) {
+                    return Err(invalid(
+                        path,
+                        at("name"),
+                        format!(
+                            "names starting with {RESERVED_PREFIX:?} are the agent's own Secrets"
+                        ),
+                    ));
+                }
             }
             if !names.insert(cert.name.as_str()) {
                 return Err(invalid(
@@ -364,6 +463,15 @@ impl Config {
             }
             let mut seen = BTreeSet::new();
             for domain in &cert.domains {
+                if is_ip_literal(domain) {
+                    return Err(invalid(
+                        path,
+                        at("domains"),
+                        format!(
+                            "{domain:?} is an IP address: IP identifiers are not supported yet (only DNS names)"
+                        ),
+                    ));
+                }
                 if !is_valid_domain(domain) {
                     return Err(invalid(
                         path,
@@ -380,8 +488,97 @@ impl Config {
                 }
             }
         }
+        let limits = &self.acme.limits;
+        for (field, value) in [
+            ("acme.limits.orders_per_3_hours", limits.orders_per_3_hours),
+            (
+                "acme.limits.certificates_per_name_set_per_week",
+                limits.certificates_per_name_set_per_week,
+            ),
+            (
+                "acme.limits.failed_authorizations_per_name_per_hour",
+                limits.failed_authorizations_per_name_per_hour,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(path, field, "must be at least 1"));
+            }
+        }
+        let api = &self.challenge_api;
+        if api.max_connections == 0 || api.max_connections > 65_536 {
+            return Err(invalid(
+                path,
+                "challenge_api.max_connections",
+                "must be between 1 and 65536",
+            ));
+        }
+        if api.max_held_polls == 0 || api.max_held_polls >= api.max_connections {
+            return Err(invalid(
+                path,
+                "challenge_api.max_held_polls",
+                "must be at least 1 and less than challenge_api.max_connections",
+            ));
+        }
+        let bound = snapshot_bound(&self.certificates, self.order_concurrency);
+        if bound > api.filter_max_sync_bytes {
+            return Err(invalid(
+                path,
+                "order_concurrency",
+                format!(
+                    "{} orders of the largest certificates could publish a challenge snapshot of up to {bound} bytes, over the filters' max_sync_bytes ({}): lower order_concurrency, split the certificates, or raise max_sync_bytes on the filters and challenge_api.filter_max_sync_bytes here",
+                    self.order_concurrency, api.filter_max_sync_bytes
+                ),
+            ));
+        }
         Ok(())
     }
+}
+
+/// Prefix of the Secrets the agent keeps its own state in (Kubernetes mode).
+pub const RESERVED_PREFIX: &str = "acme-agent-";
+
+/// A Kubernetes label value that is also a Secret name: 1-63 of `[a-z0-9-]`,
+/// starting and ending with a letter or digit.
+fn is_kubernetes_label_value(name: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| alnum(b) || b == b'-')
+        && name.bytes().next().is_some_and(alnum)
+        && name.bytes().last().is_some_and(alnum)
+}
+
+/// An IPv4 or IPv6 literal, which must not be ordered as a DNS name.
+fn is_ip_literal(domain: &str) -> bool {
+    domain.parse::<std::net::IpAddr>().is_ok()
+        || domain
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok()
+}
+
+/// Longest token the filters accept (longer ones are never answered).
+pub const MAX_TOKEN_LEN: usize = 256;
+/// Bytes of one challenge in a snapshot beyond its identifier, at the longest
+/// token: the JSON keys and quotes, the token, and the key authorization
+/// (token, '.', a 43-character thumbprint).
+const CHALLENGE_JSON_BYTES: usize = 60 + MAX_TOKEN_LEN + MAX_TOKEN_LEN + 1 + 43;
+
+/// The largest challenge snapshot `concurrency` orders at once could publish:
+/// every name of the largest certificates pending together.
+pub fn snapshot_bound(certificates: &[Certificate], concurrency: usize) -> usize {
+    let mut sizes: Vec<usize> = certificates
+        .iter()
+        .map(|c| {
+            c.domains
+                .iter()
+                .map(|d| CHALLENGE_JSON_BYTES + d.len())
+                .sum()
+        })
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    64 + sizes.iter().take(concurrency).sum::<usize>()
 }
 
 /// Decodes base64url (padded or not), as CAs hand out EAB HMAC keys.

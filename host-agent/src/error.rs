@@ -38,6 +38,13 @@ pub enum Error {
     /// An issued or stored certificate failed its checks.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The CA accepted an order with `replaces` but did not reflect it
+    /// (RFC 9773 section 5 says it must); the order is placed again without.
+    #[error("the CA did not reflect `replaces` in the order: {0}")]
+    ReplacesNotReflected(String),
+    /// The agent stopped during the step (a restart finds it in the ledger).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 /// `e` and its sources, joined: HTTP client errors say "client error
@@ -101,6 +108,8 @@ impl Error {
             Self::SelfCheck(_) => "self_check",
             Self::Certificate(_) => "certificate",
             Self::Kubernetes(_) => "kubernetes",
+            Self::ReplacesNotReflected(_) => "replaces_not_reflected",
+            Self::Interrupted(_) => "interrupted",
             Self::Acme { source, .. } => match source {
                 instant_acme::Error::Api(p) => p
                     .r#type

@@ -176,6 +176,10 @@ fn account_secret(directory_url: &str) -> String {
     format!("acme-agent-account-{}", account_id(directory_url))
 }
 
+fn ledger_secret(directory_url: &str) -> String {
+    format!("acme-agent-ledger-{}", account_id(directory_url))
+}
+
 impl StateStore for KubeStore {
     fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         Ok(self
@@ -268,6 +272,21 @@ impl StateStore for KubeStore {
             &format!("{FIELD_MANAGER}-status-{}", status.name),
             &secret,
         )
+    }
+
+    fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .get_owned(&ledger_secret(directory_url))?
+            .and_then(|s| data_owned(&s, "ledger.json")))
+    }
+
+    fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+        let name = ledger_secret(directory_url);
+        let mut data = BTreeMap::new();
+        data.insert("ledger.json".to_owned(), b64(bytes));
+        let mut secret = self.secret(&name, "Opaque", data);
+        secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
+        self.apply(&name, FIELD_MANAGER, &secret)
     }
 
     fn status_names(&self) -> Result<Vec<String>, Error> {

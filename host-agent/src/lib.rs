@@ -5,13 +5,16 @@
 //! This crate is the library behind the `acme-agent` binary, so tests drive the
 //! same code the binary runs.
 
+pub mod account;
 pub mod acme;
 pub mod api;
+pub mod budget;
 pub mod certificate;
 pub mod challenges;
 pub mod config;
 pub mod control;
 mod error;
+pub mod files;
 pub mod filter_wasm;
 mod http1;
 pub mod kubernetes;

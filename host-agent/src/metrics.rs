@@ -28,6 +28,13 @@ struct OrderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    certificate: String,
+    /// `crate::budget::Limit::label`.
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabel {
     method: String,
 }
@@ -45,6 +52,10 @@ pub struct Metrics {
     acme_requests: Family<MethodLabel, Histogram, fn() -> Histogram>,
     registrations: Counter,
     challenges_pending: Gauge,
+    next_attempt: Family<CertificateLabel, Gauge>,
+    failures: Family<CertificateLabel, Gauge>,
+    blocked: Family<LimitLabels, Gauge>,
+    orders_remaining: Gauge,
 }
 
 impl Default for Metrics {
@@ -71,7 +82,7 @@ impl Metrics {
         let orders = Family::<OrderLabels, Counter>::default();
         registry.register(
             "orders",
-            "ACME orders placed, by certificate, result and error kind",
+            "ACME orders placed, by certificate, result (success: issued and installed) and error kind",
             orders.clone(),
         );
         let acme_requests =
@@ -95,8 +106,36 @@ impl Metrics {
             "HTTP-01 challenges currently published to the filters",
             challenges_pending.clone(),
         );
+        let next_attempt = Family::<CertificateLabel, Gauge>::default();
+        registry.register(
+            "certificate_next_attempt_timestamp_seconds",
+            "When the agent next acts on the certificate (a retry, the end of a CA-limit wait, a renewal-info check), Unix seconds",
+            next_attempt.clone(),
+        );
+        let failures = Family::<CertificateLabel, Gauge>::default();
+        registry.register(
+            "certificate_failures",
+            "Consecutive failed attempts for the certificate; 0 once one succeeds or nothing is due",
+            failures.clone(),
+        );
+        let blocked = Family::<LimitLabels, Gauge>::default();
+        registry.register(
+            "certificate_ca_limit_wait_until_timestamp_seconds",
+            "Set while an order for the certificate waits for the CA-limit budget: until when, Unix seconds",
+            blocked.clone(),
+        );
+        let orders_remaining = Gauge::default();
+        registry.register(
+            "ca_limit_orders_remaining",
+            "New orders the account may still place in the current 3-hour window (acme.limits.orders_per_3_hours)",
+            orders_remaining.clone(),
+        );
         Self {
             registry,
+            next_attempt,
+            failures,
+            blocked,
+            orders_remaining,
             expiry,
             next_renewal,
             orders,
@@ -124,10 +163,54 @@ impl Metrics {
             .set(i64::try_from(unix(at)).unwrap_or(i64::MAX));
     }
 
+    pub fn set_next_attempt(&self, certificate: &str, at: SystemTime) {
+        self.next_attempt
+            .get_or_create(&Self::label(certificate))
+            .set(i64::try_from(unix(at)).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_failures(&self, certificate: &str, failures: u32) {
+        self.failures
+            .get_or_create(&Self::label(certificate))
+            .set(i64::from(failures));
+    }
+
+    /// The CA-limit wait of `certificate`, or none (the series is removed).
+    pub fn set_blocked(&self, certificate: &str, blocked: Option<crate::budget::Blocked>) {
+        use crate::budget::Limit;
+        for limit in [
+            Limit::OrdersPerAccount,
+            Limit::CertificatesPerNameSet,
+            Limit::FailedAuthorizationsPerName,
+        ] {
+            let labels = LimitLabels {
+                certificate: certificate.to_owned(),
+                limit: limit.label(),
+            };
+            match blocked {
+                Some(b) if b.limit == limit => {
+                    self.blocked
+                        .get_or_create(&labels)
+                        .set(i64::try_from(unix(b.until)).unwrap_or(i64::MAX));
+                }
+                _ => {
+                    self.blocked.remove(&labels);
+                }
+            }
+        }
+    }
+
+    pub fn set_orders_remaining(&self, remaining: u32) {
+        self.orders_remaining.set(i64::from(remaining));
+    }
+
     /// Drops the per-certificate gauges of a certificate no longer configured.
     pub fn forget(&self, certificate: &str) {
         self.expiry.remove(&Self::label(certificate));
         self.next_renewal.remove(&Self::label(certificate));
+        self.next_attempt.remove(&Self::label(certificate));
+        self.failures.remove(&Self::label(certificate));
+        self.set_blocked(certificate, None);
     }
 
     pub fn order_succeeded(&self, certificate: &str) {

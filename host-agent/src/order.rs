@@ -73,13 +73,48 @@ fn csr(domains: &[String], key: &KeyPair) -> Result<Vec<u8>, Error> {
     Ok(request.der().to_vec())
 }
 
+/// Why an order failed, and how far it got (for the CA-limit ledger).
+#[derive(Debug)]
+pub struct Failure {
+    pub error: Error,
+    /// Finalize was sent: the CA may have issued a certificate.
+    pub finalized: bool,
+    /// Names whose authorization the CA found invalid.
+    pub invalid_names: Vec<String>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            finalized: false,
+            invalid_names: Vec::new(),
+        }
+    }
+}
+
+fn finalized(error: Error) -> Failure {
+    Failure {
+        error,
+        finalized: true,
+        invalid_names: Vec::new(),
+    }
+}
+
+/// instant-acme's refusal of an order the CA returned without the `replaces`
+/// it was sent (RFC 9773 says the CA must reflect it; some do not).
+fn is_replaces_mismatch(e: &Error) -> bool {
+    matches!(e, Error::Acme { source: instant_acme::Error::Other(inner), .. }
+        if inner.to_string().contains("replaces field mismatch"))
+}
+
 /// Orders `spec`; `replaces` is the ARI identifier of the certificate being
 /// renewed when the CA supports ARI.
 pub async fn issue(
     cx: &OrderContext<'_>,
     spec: &Certificate,
     replaces: Option<&str>,
-) -> Result<Issued, Error> {
+) -> Result<Issued, Failure> {
     let identifiers: Vec<Identifier> = spec
         .domains
         .iter()
@@ -104,6 +139,9 @@ pub async fn issue(
                     );
                     nonce_retry!("placing the order", cx.account.new_order(&plain))?
                 }
+                Err(e) if is_replaces_mismatch(&e) => {
+                    return Err(Error::ReplacesNotReflected(e.to_string()).into());
+                }
                 other => other?,
             }
         }
@@ -126,7 +164,7 @@ pub async fn issue(
         match failed {
             None => break,
             Some(e) if e.is_bad_nonce() && attempt < crate::acme::NONCE_ATTEMPTS => attempt += 1,
-            Some(e) => return Err(e),
+            Some(e) => return Err(e.into()),
         }
     }
 
@@ -134,10 +172,9 @@ pub async fn issue(
     let mut pending = Vec::new();
     for authz in &order.state().authorizations {
         let Some(state) = &authz.state else {
-            return Err(Error::Validation(format!(
-                "authorization {} was not fetched",
-                authz.url
-            )));
+            return Err(
+                Error::Validation(format!("authorization {} was not fetched", authz.url)).into(),
+            );
         };
         let domain = state.identifier().to_string();
         match state.status {
@@ -147,9 +184,15 @@ pub async fn issue(
             }
             AuthorizationStatus::Pending => {}
             other => {
-                return Err(Error::Validation(format!(
-                    "authorization for {domain} is {other:?}"
-                )));
+                return Err(Failure {
+                    error: Error::Validation(format!("authorization for {domain} is {other:?}")),
+                    finalized: false,
+                    invalid_names: if other == AuthorizationStatus::Invalid {
+                        vec![domain]
+                    } else {
+                        Vec::new()
+                    },
+                });
             }
         }
         let challenge = state
@@ -159,6 +202,21 @@ pub async fn issue(
             .ok_or_else(|| {
                 Error::Validation(format!("the CA offers no http-01 challenge for {domain}"))
             })?;
+        // The filters answer no longer or stranger token (and must not be
+        // handed one that would break their snapshot bound).
+        if challenge.token.is_empty()
+            || challenge.token.len() > crate::config::MAX_TOKEN_LEN
+            || !challenge
+                .token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(Error::Validation(format!(
+                "the CA's http-01 token for {domain} is not 1-{} base64url characters",
+                crate::config::MAX_TOKEN_LEN
+            ))
+            .into());
+        }
         pending.push(Challenge {
             key_authorization: format!("{}.{thumbprint}", challenge.token),
             token: challenge.token.clone(),
@@ -197,28 +255,49 @@ pub async fn issue(
         }
     }
 
-    let status = nonce_retry!("waiting for validation", order.poll_ready(&polling()))?;
+    let status = match nonce_retry!("waiting for validation", order.poll_ready(&polling())) {
+        Ok(status) => status,
+        Err(error) => {
+            // The CA's problem for an invalid challenge comes back as the
+            // poll's error; which names failed is in the authorizations.
+            let (_, invalid_names) = invalid_detail(&mut order).await;
+            return Err(Failure {
+                error,
+                finalized: false,
+                invalid_names,
+            });
+        }
+    };
     if status != OrderStatus::Ready {
-        let detail = invalid_detail(&mut order).await;
-        return Err(Error::Validation(format!("order is {status:?}: {detail}")));
+        let (detail, invalid_names) = invalid_detail(&mut order).await;
+        return Err(Failure {
+            error: Error::Validation(format!("order is {status:?}: {detail}")),
+            finalized: false,
+            invalid_names,
+        });
     }
     // Every authorization is final: the filters can forget the tokens.
     drop(published);
 
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
-    nonce_retry!("finalizing the order", order.finalize_csr(&csr))?;
+    // From here on the CA may issue: a failure counts as a certificate.
+    nonce_retry!("finalizing the order", order.finalize_csr(&csr)).map_err(finalized)?;
     // Pebble and Let's Encrypt often answer the finalize with the order valid
     // already: fetch at once, poll only while it is processing.
-    let chain_pem = match nonce_retry!("downloading the certificate", order.certificate())? {
+    let chain_pem = match nonce_retry!("downloading the certificate", order.certificate())
+        .map_err(finalized)?
+    {
         Some(chain) => chain,
         None => nonce_retry!(
             "downloading the certificate",
             order.poll_certificate(&polling())
-        )?,
+        )
+        .map_err(finalized)?,
     };
     let key_pem = key.serialize_pem();
-    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())?;
+    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())
+        .map_err(finalized)?;
     Ok(Issued {
         chain_pem,
         key_pem,
@@ -226,9 +305,11 @@ pub async fn issue(
     })
 }
 
-/// Why an order went invalid, from its authorizations' challenge errors.
-async fn invalid_detail(order: &mut instant_acme::Order) -> String {
+/// Why an order went invalid, from its authorizations' challenge errors, and
+/// the names whose authorization is invalid.
+async fn invalid_detail(order: &mut instant_acme::Order) -> (String, Vec<String>) {
     let mut details = Vec::new();
+    let mut names = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(Ok(mut authz)) = authorizations.next().await {
         if let Err(e) = authz.refresh().await {
@@ -236,15 +317,19 @@ async fn invalid_detail(order: &mut instant_acme::Order) -> String {
             continue;
         }
         let domain = authz.identifier().to_string();
+        if authz.status == AuthorizationStatus::Invalid {
+            names.push(domain.clone());
+        }
         for challenge in &authz.challenges {
             if let Some(problem) = &challenge.error {
                 details.push(format!("{domain}: {problem}"));
             }
         }
     }
-    if details.is_empty() {
+    let detail = if details.is_empty() {
         "no reason given".into()
     } else {
         details.join("; ")
-    }
+    };
+    (detail, names)
 }

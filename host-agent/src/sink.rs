@@ -3,18 +3,17 @@
 //! plain PEM files for other consumers. A Kubernetes Secret sink implements
 //! the same trait later.
 //!
-//! Every file is replaced atomically (temporary file in the same directory,
-//! fsync, rename, fsync of the directory), so Envoy never reads half a file or
-//! a key that does not match its chain, and an interrupted write loses nothing.
+//! Every file is replaced atomically (`crate::files`), so Envoy never reads
+//! half a file or a key that does not match its chain, and an interrupted
+//! write loses nothing.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::PathBuf;
 
 use serde_json::json;
 
 use crate::Error;
+use crate::files::{create_private_dir, write_atomically};
 
 /// The `@type` of an SDS TLS secret.
 pub const SECRET_TYPE: &str =
@@ -73,41 +72,6 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// Replaces `path` with `contents` atomically, created with `mode`.
-pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // A leading dot keeps Envoy's watched_directory from acting on the temporary.
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io(format!("creating {}", tmp.display())))?;
-        // The mode given to open is masked by the umask; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io(format!("setting the mode of {}", tmp.display())))?;
-        file.write_all(contents)
-            .map_err(io(format!("writing {}", tmp.display())))?;
-        file.sync_all()
-            .map_err(io(format!("syncing {}", tmp.display())))?;
-        fs::rename(&tmp, path).map_err(io(format!("renaming into {}", path.display())))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(format!("syncing directory {}", dir.display())))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 impl FileSink {
     /// Uses `dir`, creating it if missing. The SDS files hold private keys and
     /// are 0600: Envoy must run as the same user as the agent.
@@ -146,9 +110,7 @@ impl FileSink {
 impl CertificateSink for FileSink {
     fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let pem_dir = self.pem_dir(&certificate.name);
-        fs::create_dir_all(&pem_dir).map_err(io(format!("creating {}", pem_dir.display())))?;
-        fs::set_permissions(&pem_dir, fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("setting the mode of {}", pem_dir.display())))?;
+        create_private_dir(&pem_dir)?;
         // Key before chain: a reader that sees the new chain finds its key.
         write_atomically(
             &pem_dir.join("tls.key"),
@@ -169,13 +131,21 @@ impl CertificateSink for FileSink {
     }
 
     fn installed(&self, name: &str) -> bool {
-        self.sds_path(name).is_file()
+        fs::symlink_metadata(self.sds_path(name)).is_ok_and(|m| m.is_file())
+    }
+
+    /// A file can be created in the directory (a read-only or full `sds_dir`
+    /// is found before an order, not after).
+    fn check_writable(&self, _name: &str) -> Result<(), Error> {
+        crate::files::probe_writable(&self.dir)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     fn cert(name: &str, serial: u8) -> IssuedCertificate {
         IssuedCertificate {
@@ -239,18 +209,14 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_keeps_the_previous_file() {
+    fn a_symlinked_certificate_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("www.json");
-        write_atomically(&target, b"old", 0o600).unwrap();
-        // Renaming onto a directory fails after the temporary was written.
-        let blocked = dir.path().join("blocked");
-        fs::create_dir(&blocked).unwrap();
-        fs::write(blocked.join("child"), b"x").unwrap();
-        assert!(write_atomically(&blocked, b"new", 0o600).is_err());
-        assert_eq!(fs::read(&target).unwrap(), b"old");
-        let leftovers = leftovers(dir.path());
-        assert!(leftovers.is_empty(), "temporary left behind: {leftovers:?}");
+        let outside = tempfile::tempdir().unwrap();
+        let sink = FileSink::new(dir.path().join("sds")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), sink.pem_dir("www")).unwrap();
+        let err = sink.install(&cert("www", 1)).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
     #[test]

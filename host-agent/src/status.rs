@@ -33,14 +33,30 @@ pub fn table(config: &Config, store: &dyn StateStore) -> Result<String, Error> {
             rows.push((status, " (not configured)"));
         }
     }
-    let cells: Vec<[String; 5]> = rows
+    let cells: Vec<[String; 7]> = rows
         .into_iter()
         .map(|(s, note)| {
+            let mut due = Vec::new();
+            if let Some(reason) = &s.due {
+                due.push(reason.clone());
+            }
+            if let Some(limit) = &s.waiting_for {
+                due.push(format!("waiting for the CA limit {limit}"));
+            }
+            if s.awaiting_install {
+                due.push("issued, waiting to be stored or installed".into());
+            }
             [
                 format!("{}{note}", s.name),
                 s.domains.join(","),
                 when(s.not_after),
                 when(s.next_renewal),
+                when(s.next_attempt),
+                if due.is_empty() {
+                    "-".into()
+                } else {
+                    due.join("; ")
+                },
                 match (&s.last_error, s.failures) {
                     (Some(e), 0) => e.clone(),
                     (Some(e), n) => format!("{e} ({n} failures)"),
@@ -49,7 +65,15 @@ pub fn table(config: &Config, store: &dyn StateStore) -> Result<String, Error> {
             ]
         })
         .collect();
-    let header = ["NAME", "DOMAINS", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR"];
+    let header = [
+        "NAME",
+        "DOMAINS",
+        "NOT AFTER",
+        "NEXT RENEWAL",
+        "NEXT ATTEMPT",
+        "DUE",
+        "LAST ERROR",
+    ];
     let mut widths = header.map(str::len);
     for row in &cells {
         for (w, cell) in widths.iter_mut().zip(row) {

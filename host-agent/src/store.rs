@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::config::KeyType;
-use crate::sink::write_atomically;
+use crate::files::write_atomically;
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
@@ -47,17 +47,42 @@ impl std::fmt::Debug for StoredCertificate {
     }
 }
 
-/// What the agent last knew and decided about a certificate.
+/// What the agent last knew and decided about a certificate. It is state, not
+/// only a report: the schedule (next attempt, failures, a pending forced
+/// renewal) is restored from it after a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
     pub domains: Vec<String>,
     /// Unix seconds.
     pub not_after: Option<u64>,
+    /// When the served certificate is planned to be renewed.
     pub next_renewal: Option<u64>,
+    /// When the agent acts on this certificate next: a retry, the end of a
+    /// CA-limit wait, or the next renewal-info check.
+    #[serde(default)]
+    pub next_attempt: Option<u64>,
+    /// Why an order is due (`forced`, `names changed`, ...), kept until one
+    /// succeeds.
+    #[serde(default)]
+    pub due: Option<String>,
+    /// A forced renewal (`acme-agent renew`) that has not succeeded yet.
+    #[serde(default)]
+    pub forced: bool,
     pub last_error: Option<String>,
+    /// The error's kind, as in the `error` label of the orders metric.
+    #[serde(default)]
+    pub last_error_kind: Option<String>,
+    #[serde(default)]
+    pub last_failure: Option<u64>,
     /// Consecutive failures since the last success.
     pub failures: u32,
+    /// The CA-limit budget the certificate waits for (`crate::budget::Limit`).
+    #[serde(default)]
+    pub waiting_for: Option<String>,
+    /// An issued certificate is waiting for its store or install step.
+    #[serde(default)]
+    pub awaiting_install: bool,
     pub updated: u64,
 }
 
@@ -103,6 +128,9 @@ pub trait StateStore: Send + Sync {
     fn save_status(&self, status: &Status) -> Result<(), Error>;
     /// Names of every certificate with a status record, sorted.
     fn status_names(&self) -> Result<Vec<String>, Error>;
+    /// The CA-limit ledger (`crate::budget`) for the CA at `directory_url`.
+    fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
+    fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
 }
 
 #[derive(Debug, Clone)]
@@ -112,13 +140,14 @@ pub struct Store {
 
 impl Store {
     /// Opens `dir`, creating it (and `certificates/`) 0700 when missing.
+    /// `certificates/` must be a real directory, not a symlink.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, Error> {
         let dir = dir.into();
-        for d in [dir.clone(), dir.join("certificates")] {
-            fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
-            fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
-                .map_err(io(format!("setting the mode of {}", d.display())))?;
-        }
+        fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("setting the mode of {}", dir.display())))?;
+        let certificates = dir.join("certificates");
+        crate::files::create_private_dir(&certificates)?;
         Ok(Self { dir })
     }
 
@@ -137,6 +166,12 @@ impl Store {
             .join(format!("account-{}.json", account_id(directory_url)))
     }
 
+    /// One ledger per directory URL, like the account.
+    pub fn ledger_path(&self, directory_url: &str) -> PathBuf {
+        self.dir
+            .join(format!("ledger-{}.json", account_id(directory_url)))
+    }
+
     fn certificate_path(&self, name: &str) -> PathBuf {
         self.dir.join("certificates").join(format!("{name}.json"))
     }
@@ -147,13 +182,10 @@ impl Store {
             .join(format!("{name}.status.json"))
     }
 
-    /// The file's bytes, or `None` when it does not exist.
+    /// The file's bytes, or `None` when it does not exist. A symlink is an
+    /// error: the agent never follows one it did not create.
     pub fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, Error> {
-        match fs::read(path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(format!("reading {}", path.display()))(e)),
-        }
+        crate::files::read_no_follow(path)
     }
 
     /// Writes a file holding a private key: 0600, atomically.
@@ -209,6 +241,14 @@ impl StateStore for Store {
         let json = serde_json::to_vec_pretty(status)
             .map_err(json_error(format!("serializing {}", path.display())))?;
         write_atomically(&path, &json, 0o600)
+    }
+
+    fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.read(&self.ledger_path(directory_url))
+    }
+
+    fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+        write_atomically(&self.ledger_path(directory_url), bytes, 0o600)
     }
 
     fn status_names(&self) -> Result<Vec<String>, Error> {

@@ -4,7 +4,10 @@
 //! tests can assert the exact objects the agent sends, and it models the part
 //! of server-side apply the agent relies on: per field manager, the data keys,
 //! labels and annotations it applied; a key a manager applied before and omits
-//! now is removed; other managers' keys stay.
+//! now is removed; other managers' keys stay. Tests can make it answer an
+//! error for one Secret and one method (`fail`), as a real API server does
+//! when an admission webhook denies a write (422), on a conflict (409) or
+//! when it is unavailable (500).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -37,6 +40,8 @@ struct State {
     secrets: BTreeMap<String, Stored>,
     seen: Vec<Seen>,
     version: u64,
+    /// (method, Secret name) -> the status code answered instead.
+    faults: BTreeMap<(String, String), u16>,
 }
 
 pub struct FakeKube {
@@ -149,6 +154,18 @@ impl FakeKube {
             let Some(name) = path.strip_prefix(&prefix) else {
                 return status(404, "NotFound", &format!("the fake has no {}", req.path));
             };
+            if let Some(code) = state.faults.get(&(req.method.clone(), name.to_owned())) {
+                let reason = match code {
+                    409 => "Conflict",
+                    422 => "Invalid",
+                    _ => "InternalError",
+                };
+                return status(
+                    *code,
+                    reason,
+                    &format!("injected {code} for secrets \"{name}\""),
+                );
+            }
             match req.method.as_str() {
                 "GET" => match state.secrets.get(name) {
                     Some(stored) => object_reply(&stored.object),
@@ -186,6 +203,35 @@ impl FakeKube {
                 owned: BTreeMap::new(),
             },
         );
+    }
+
+    /// Answers `code` to every `method` request for Secret `name` until
+    /// [`FakeKube::heal`].
+    pub fn fail(&self, method: &str, name: &str, code: u16) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .faults
+            .insert((method.to_owned(), name.to_owned()), code);
+    }
+
+    pub fn heal(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.faults.clear();
+    }
+
+    /// How many `method` requests for Secret `name` the fake has seen.
+    pub fn count(&self, method: &str, name: &str) -> usize {
+        let suffix = format!("/secrets/{name}");
+        self.seen()
+            .iter()
+            .filter(|s| {
+                s.method == method
+                    && s.path
+                        .split('?')
+                        .next()
+                        .is_some_and(|p| p.ends_with(&suffix))
+            })
+            .count()
     }
 
     pub fn secret(&self, name: &str) -> Option<Value> {

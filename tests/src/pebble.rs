@@ -33,6 +33,8 @@ pub struct Pebble {
     pub listen: SocketAddr,
     pub management: SocketAddr,
     pub http_port: u16,
+    /// `pebble-challtestsrv`'s management API (plain HTTP).
+    pub dns_management: SocketAddr,
     options: Options,
     dns: Child,
     dns_addr: SocketAddr,
@@ -97,12 +99,13 @@ impl Pebble {
             ],
         )?;
         let dns_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let dns_management: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut dns_cmd = Command::new("pebble-challtestsrv");
         dns_cmd
             .args(["-defaultIPv6", "", "-defaultIPv4", "127.0.0.1"])
             .args(["-dns01", &dns_addr.to_string()])
             .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-management", &format!("127.0.0.1:{}", free_port()?)]);
+            .args(["-management", &dns_management.to_string()]);
         let dns = spawn_logged(dns_cmd, dir.path().join("challtestsrv.log"))?;
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let management: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -114,6 +117,7 @@ impl Pebble {
             listen,
             management,
             http_port,
+            dns_management,
             options,
             dns,
             dns_addr,
@@ -180,6 +184,35 @@ impl Pebble {
             bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Makes the CA's DNS answer `host` with `address` only (where nothing
+    /// listens, validation of `host` fails while everything else works).
+    pub fn point_at(&self, host: &str, address: &str) -> Result<()> {
+        self.dns_management_post(
+            "/add-a",
+            &format!(r#"{{"host":"{host}.","addresses":["{address}"]}}"#),
+        )
+    }
+
+    /// Undoes [`Pebble::point_at`]: `host` resolves to 127.0.0.1 again.
+    pub fn clear_pointer(&self, host: &str) -> Result<()> {
+        self.dns_management_post("/clear-a", &format!(r#"{{"host":"{host}."}}"#))
+    }
+
+    fn dns_management_post(&self, path: &str, body: &str) -> Result<()> {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "5", "-X", "POST", "-d", body])
+            .arg(format!("http://{}{path}", self.dns_management))
+            .output()
+            .context("running curl")?;
+        if !out.status.success() {
+            bail!(
+                "challtestsrv {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// The root that signs this Pebble's certificates (a new one every start).

@@ -48,6 +48,8 @@ pub struct World {
     pub http_port: u16,
     /// Kubernetes mode against this fake API server.
     pub kube: Option<crate::fake_kube::FakeKube>,
+    /// Appended to the generated config (tables such as `[acme.limits]`).
+    pub extra_config: String,
 }
 
 impl World {
@@ -77,6 +79,7 @@ impl World {
             retry: (1, 4),
             http_port,
             kube: None,
+            extra_config: String::new(),
         }
     }
 
@@ -129,7 +132,11 @@ impl World {
             retry: self.retry,
             certificates: &certs,
         };
-        std::fs::write(self.config_path(), settings.toml()).unwrap();
+        std::fs::write(
+            self.config_path(),
+            format!("{}\n{}", settings.toml(), self.extra_config),
+        )
+        .unwrap();
     }
 
     /// In Kubernetes mode, the kubeconfig pointing at the fake API server
@@ -262,6 +269,52 @@ impl World {
             tail(&agent_log, 80),
             tail(&self.pebble.log(), 30)
         )
+    }
+
+    /// Waits until the agent's metric `name` (with `labels`) reaches `at_least`.
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[&str],
+        at_least: f64,
+        timeout: Duration,
+    ) -> f64 {
+        wait_for(
+            timeout,
+            &format!("{name}{labels:?} >= {at_least}"),
+            || {
+                let m = self.agent().metrics().ok()?;
+                let value = sum_samples(&m, name, labels);
+                (value >= at_least).then_some(value)
+            },
+            || self.context(),
+        )
+        .unwrap()
+    }
+
+    /// The `acme-agent status` line of certificate `name`.
+    pub fn status_line(&self, name: &str) -> String {
+        let out = self.cli(&["status"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The agent's stored status record of `name` (file mode).
+    pub fn status_record(&self, name: &str) -> serde_json::Value {
+        let path = self
+            .state_dir()
+            .join("certificates")
+            .join(format!("{name}.status.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null)
     }
 
     /// Waits until at least `n` orders of `certificate` succeeded.

@@ -163,3 +163,79 @@ fn certificates_become_tls_secrets_the_account_a_secret_and_foreign_secrets_are_
         "{table}"
     );
 }
+
+#[test]
+fn an_api_server_refusing_writes_or_reads_never_causes_a_second_order() {
+    let mut world = World::new(pebble::Options::default());
+    let kube = FakeKube::start(NS).unwrap();
+    // An admission webhook denies the certificate's Secret (422), then the
+    // API server reports a conflict (409), then fails (500).
+    kube.fail("PATCH", WWW.0, 422);
+    world.kube = Some(kube);
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let failures = ["certificate=\"www-example-com\""];
+    world.wait_metric(
+        "acme_agent_certificate_failures",
+        &failures,
+        2.0,
+        Duration::from_secs(60),
+    );
+    let orders = || world.metric("acme_agent_ca_limit_orders_remaining", &[]);
+    let after_one_order = orders();
+    for code in [409, 500] {
+        let seen = world.metric("acme_agent_certificate_failures", &failures);
+        world.kube.as_ref().unwrap().fail("PATCH", WWW.0, code);
+        world.wait_metric(
+            "acme_agent_certificate_failures",
+            &failures,
+            seen + 1.0,
+            Duration::from_secs(30),
+        );
+    }
+    assert_eq!(
+        orders(),
+        after_one_order,
+        "a refused write placed another order"
+    );
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 0.0);
+    let kube = world.kube.as_ref().unwrap();
+    kube.heal();
+    world.wait_issued(WWW.0, 1.0);
+    assert_eq!(orders(), after_one_order);
+    let chain = decoded(&kube.secret(WWW.0).unwrap(), "tls.crt").unwrap();
+    pebble::verify_chain(
+        &chain,
+        &world.pebble.issuing_root().unwrap(),
+        "www.example.com",
+    )
+    .unwrap();
+
+    // A read error at start is no "nothing stored": the agent retries the
+    // read and orders nothing until the API server answers.
+    world.agent.as_mut().unwrap().kill();
+    let kube = world.kube.as_ref().unwrap();
+    kube.fail("GET", WWW.0, 500);
+    let gets_before = kube.count("GET", WWW.0);
+    world.start_agent();
+    wait_for(
+        Duration::from_secs(20),
+        "the read retried",
+        || (world.kube.as_ref().unwrap().count("GET", WWW.0) >= gets_before + 3).then_some(()),
+        || world.context(),
+    )
+    .unwrap();
+    world.assert_nothing_registered_or_ordered();
+    world.kube.as_ref().unwrap().heal();
+    world.wait_scheduled();
+    world.assert_nothing_registered_or_ordered();
+    assert_eq!(
+        decoded(
+            &world.kube.as_ref().unwrap().secret(WWW.0).unwrap(),
+            "tls.crt"
+        )
+        .unwrap(),
+        chain
+    );
+}

@@ -1,0 +1,422 @@
+//! Keeps every configured certificate issued, served and renewed.
+//!
+//! One loop owns the schedule: per certificate, when to act next
+//! (`entry.rs`). Acting is a job on its own task (`job.rs`): restore from the
+//! store, install a certificate waiting for a step, or look whether an order
+//! is due (`trigger.rs`) and place it within the CA-limit budget
+//! (`ledger.rs`). Config changes arrive on a watch channel; results come back
+//! to the loop, which alone changes entries, and persists each one's status
+//! (which is also its schedule) after every change.
+
+mod entry;
+mod job;
+mod ledger;
+mod restore;
+pub mod trigger;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::Account;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::Error;
+use crate::account::HeldAccount;
+use crate::acme::{self, Http};
+use crate::challenges::ChallengeSet;
+use crate::config::{Acme as AcmeConfig, Certificate, Config};
+use crate::metrics::Metrics;
+use crate::schedule::Backoff;
+use crate::sink::CertificateSink;
+use crate::store::{StateStore, unix};
+
+use entry::Entry;
+use job::{ARI_RECHECK_MAX, Job, Outcome, Task};
+use ledger::SharedLedger;
+
+/// First wait before reading the store again after it failed at start;
+/// doubled up to [`RESTORE_RETRY_MAX`].
+const RESTORE_RETRY: Duration = Duration::from_secs(1);
+const RESTORE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Why a renewal request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewRefused {
+    /// No certificate of that name is configured.
+    Unknown,
+    /// An order for it is already running.
+    InProgress,
+}
+
+/// A request to the manager from outside its loop (the API).
+pub enum Request {
+    /// Order a new certificate now, whatever the schedule says.
+    Renew {
+        name: String,
+        reply: oneshot::Sender<Result<(), RenewRefused>>,
+    },
+}
+
+/// What the jobs share.
+pub struct Shared {
+    acme: AcmeConfig,
+    store: Arc<dyn StateStore>,
+    sink: Arc<dyn CertificateSink>,
+    challenges: Arc<ChallengeSet>,
+    metrics: Arc<Metrics>,
+    http: Http,
+    account: tokio::sync::Mutex<Option<HeldAccount>>,
+    ledger: SharedLedger,
+}
+
+impl Shared {
+    fn take_interrupted_order(&self, name: &str) -> Result<Option<u64>, Error> {
+        self.ledger.take_interrupted(self.store.as_ref(), name)
+    }
+}
+
+pub struct Manager {
+    shared: Arc<Shared>,
+    config: watch::Receiver<Arc<Config>>,
+    entries: BTreeMap<String, Entry>,
+    jobs: JoinSet<(String, u64, Outcome)>,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+    backoff: Backoff,
+    self_check: Option<String>,
+    requests: mpsc::Receiver<Request>,
+}
+
+impl Manager {
+    /// `config` carries the running config and every reload. The `acme` and
+    /// `state_dir` sections are read once: changing them needs a restart.
+    pub fn new(
+        config: watch::Receiver<Arc<Config>>,
+        store: Arc<dyn StateStore>,
+        sink: Arc<dyn CertificateSink>,
+        challenges: Arc<ChallengeSet>,
+        metrics: Arc<Metrics>,
+        requests: mpsc::Receiver<Request>,
+    ) -> Result<Self, Error> {
+        let current = Arc::clone(&config.borrow());
+        let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                acme: current.acme.clone(),
+                ledger: SharedLedger::new(current.acme.directory_url(), current.acme.limits),
+                store,
+                sink,
+                challenges,
+                metrics,
+                http,
+                account: tokio::sync::Mutex::new(None),
+            }),
+            config,
+            entries: BTreeMap::new(),
+            jobs: JoinSet::new(),
+            permits: Arc::new(Semaphore::new(current.order_concurrency)),
+            concurrency: current.order_concurrency,
+            backoff: current.retry.backoff(),
+            self_check: current.self_check.as_ref().map(|s| s.target.clone()),
+            requests,
+        })
+    }
+
+    /// The account in use once one is loaded or registered (tests, bench).
+    pub async fn account(&self) -> Option<Account> {
+        self.shared
+            .account
+            .lock()
+            .await
+            .as_ref()
+            .map(|h| h.account.clone())
+    }
+
+    /// Serves every valid stored certificate at once (no network needed), then
+    /// keeps all of them issued until `shutdown` flips to true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let config = Arc::clone(&self.config.borrow_and_update());
+        self.apply(&config);
+        loop {
+            self.start_due_jobs();
+            let next = self
+                .entries
+                .values()
+                .filter(|e| e.job.is_none())
+                .map(|e| e.due)
+                .min();
+            let sleep = next.map_or(Duration::from_secs(3600), |at| {
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                Some(joined) = self.jobs.join_next() => {
+                    if let Ok((name, epoch, outcome)) = joined {
+                        self.record(&name, epoch, outcome);
+                    }
+                }
+                changed = self.config.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let config = Arc::clone(&self.config.borrow_and_update());
+                    self.apply(&config);
+                }
+                Some(request) = self.requests.recv() => self.handle(request),
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+        }
+        // Orders in flight are abandoned (the CA expires them; the ledger
+        // counted them). Files are only ever replaced by rename, so stopping
+        // here leaves none half-written.
+        self.jobs.abort_all();
+        while self.jobs.join_next().await.is_some() {}
+        info!("certificate manager stopped");
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Renew { name, reply } => {
+                let now = SystemTime::now();
+                let answer = match self.entries.get_mut(&name) {
+                    None => Err(RenewRefused::Unknown),
+                    Some(entry) if entry.job.is_some() && entry.restored => {
+                        Err(RenewRefused::InProgress)
+                    }
+                    Some(entry) => {
+                        info!(certificate = name, "renewal requested");
+                        entry.force(now);
+                        Ok(())
+                    }
+                };
+                if answer.is_ok() {
+                    self.save_status(&name);
+                }
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Brings the schedule in line with `config`.
+    fn apply(&mut self, config: &Config) {
+        if config.acme != self.shared.acme {
+            warn!("changes to [acme] take effect after a restart");
+        }
+        if self.concurrency != config.order_concurrency {
+            // Jobs already running keep their permits from the old bound.
+            self.concurrency = config.order_concurrency;
+            self.permits = Arc::new(Semaphore::new(config.order_concurrency));
+        }
+        self.backoff = config.retry.backoff();
+        let self_check = config.self_check.as_ref().map(|s| s.target.clone());
+        if self_check.is_none() && (self.self_check.is_some() || self.entries.is_empty()) {
+            warn!("no [self_check] target: challenges go to the CA unchecked");
+        }
+        self.self_check = self_check;
+        let wanted: BTreeMap<&str, &Certificate> = config
+            .certificates
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let removed: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|name| !wanted.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(entry) = self.entries.remove(&name) {
+                if let Some(job) = entry.job {
+                    job.abort();
+                }
+                self.shared.metrics.forget(&name);
+                info!(
+                    certificate = name,
+                    "no longer configured: not renewed any more (files kept)"
+                );
+            }
+        }
+        let now = SystemTime::now();
+        for (name, spec) in wanted {
+            match self.entries.get_mut(name) {
+                Some(entry) if entry.spec == *spec => {}
+                Some(entry) => {
+                    info!(certificate = name, domains = ?spec.domains, "configuration changed");
+                    if let Some(job) = entry.job.take() {
+                        job.abort();
+                    }
+                    entry.respec(spec.clone(), now);
+                }
+                None => {
+                    self.entries
+                        .insert(name.to_owned(), Entry::new(spec.clone(), now));
+                }
+            }
+        }
+    }
+
+    fn start_due_jobs(&mut self) {
+        let now = SystemTime::now();
+        for (name, entry) in &mut self.entries {
+            if entry.job.is_some() || entry.due > now {
+                continue;
+            }
+            let (task, needs_permit) = if !entry.restored {
+                (Task::Restore, false)
+            } else if let Some(awaiting) = &entry.awaiting {
+                (Task::Install(awaiting.clone()), false)
+            } else {
+                (
+                    Task::Look {
+                        served: entry.served.clone(),
+                        reason: entry.static_reason(),
+                        two_thirds: entry.two_thirds(),
+                    },
+                    true,
+                )
+            };
+            let job = Job {
+                shared: Arc::clone(&self.shared),
+                spec: entry.spec.clone(),
+                task,
+                self_check: self.self_check.clone(),
+            };
+            let permits = needs_permit.then(|| Arc::clone(&self.permits));
+            let epoch = entry.epoch;
+            let name = name.clone();
+            let span = info_span!("certificate", name = %name);
+            let handle = self.jobs.spawn(
+                async move {
+                    // A closed semaphore is never used; if it were, run unbounded.
+                    let _permit = match permits {
+                        Some(p) => p.acquire_owned().await.ok(),
+                        None => None,
+                    };
+                    let (outcome, retry_after) = acme::capturing_retry_after(job.run()).await;
+                    let outcome = match outcome {
+                        Outcome::Failed {
+                            error,
+                            retry_after: None,
+                            ordered,
+                            reason,
+                            awaiting,
+                        } => Outcome::Failed {
+                            retry_after: retry_after.or(error.retry_after()),
+                            error,
+                            ordered,
+                            reason,
+                            awaiting,
+                        },
+                        other => other,
+                    };
+                    (name, epoch, outcome)
+                }
+                .instrument(span),
+            );
+            entry.job = Some(handle);
+        }
+    }
+
+    fn record(&mut self, name: &str, epoch: u64, outcome: Outcome) {
+        let metrics = Arc::clone(&self.shared.metrics);
+        let backoff = self.backoff;
+        let Some(entry) = self.entries.get_mut(name) else {
+            return;
+        };
+        if entry.epoch != epoch {
+            return;
+        }
+        entry.job = None;
+        let now = SystemTime::now();
+        match outcome {
+            Outcome::Restored(restored) => {
+                entry.restore(*restored, &backoff, now);
+                if let Some(served) = &entry.served {
+                    metrics.set_expiry(name, served.leaf.not_after);
+                }
+            }
+            Outcome::RestoreFailed(error) => {
+                let failures = entry.failures.saturating_add(1);
+                let wait = Backoff {
+                    initial: RESTORE_RETRY,
+                    max: RESTORE_RETRY_MAX,
+                }
+                .delay(failures, None, false);
+                warn!(
+                    certificate = name,
+                    retry_in_seconds = wait.as_secs_f64(),
+                    "reading the stored state failed, nothing is ordered until it answers: {error}"
+                );
+                entry.restore_failed(&error, wait, now);
+                // Nothing else is known yet, and the store may not take a write.
+                metrics.set_failures(name, entry.failures.max(1));
+                return;
+            }
+            Outcome::Installed {
+                leaf,
+                key_type,
+                ordered,
+            } => {
+                if ordered {
+                    metrics.order_succeeded(name);
+                }
+                metrics.set_expiry(name, leaf.not_after);
+                info!(
+                    certificate = name,
+                    not_after = unix(leaf.not_after),
+                    "certificate issued and installed"
+                );
+                entry.installed(leaf, key_type, ARI_RECHECK_MAX, now);
+            }
+            Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at),
+            Outcome::Failed {
+                error,
+                retry_after,
+                ordered,
+                reason,
+                awaiting,
+            } => {
+                if ordered {
+                    metrics.order_failed(name, error.kind());
+                }
+                let failures = entry.failures.saturating_add(1);
+                let wait = backoff.delay(failures, retry_after, error.is_rate_limited());
+                warn!(
+                    certificate = name,
+                    failures,
+                    retry_in_seconds = wait.as_secs_f64(),
+                    "{error}"
+                );
+                entry.failed(error.to_string(), error.kind(), reason, awaiting, wait, now);
+            }
+            Outcome::Blocked { blocked, reason } => entry.blocked(blocked, reason),
+        }
+        if let Some(at) = entry.next_renewal {
+            metrics.set_next_renewal(name, at);
+        }
+        metrics.set_next_attempt(name, entry.due);
+        metrics.set_failures(name, entry.failures);
+        metrics.set_blocked(name, entry.blocked);
+        if let Some(remaining) = self.shared.ledger.orders_remaining() {
+            metrics.set_orders_remaining(remaining);
+        }
+        self.save_status(name);
+    }
+
+    /// Persists an entry's status: its schedule survives a restart.
+    fn save_status(&self, name: &str) {
+        if let Some(entry) = self.entries.get(name)
+            && entry.restored
+            && let Err(e) = self
+                .shared
+                .store
+                .save_status(&entry.status(SystemTime::now()))
+        {
+            warn!(certificate = name, "saving status: {e}");
+        }
+    }
+}

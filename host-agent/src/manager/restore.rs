@@ -1,0 +1,96 @@
+//! Loading a certificate's state at start (or when it is added): the stored
+//! certificate is served again at once, without the network, and the status
+//! record brings back the schedule. A read error is an error, never taken for
+//! "nothing stored": the caller retries it and orders nothing meanwhile (a
+//! Kubernetes API blip at start must not re-issue everything).
+
+use std::time::SystemTime;
+
+use tracing::{error, info, warn};
+
+use super::Shared;
+use super::entry::{Awaiting, Restored};
+use super::trigger::Served;
+use crate::Error;
+use crate::certificate;
+use crate::config::Certificate;
+use crate::sink::IssuedCertificate;
+use crate::store::from_unix;
+
+/// Reads what the store has for `spec`, installs a stored certificate that is
+/// still good, and a placeholder where the sink needs one.
+pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
+    let name = &spec.name;
+    let now = SystemTime::now();
+    let stored = shared.store.load_certificate(name)?;
+    let status = shared.store.load_status(name)?;
+    let interrupted_order = shared.take_interrupted_order(name)?.map(from_unix);
+    let mut served = None;
+    let mut awaiting = None;
+    match stored {
+        Some(stored) => {
+            match certificate::verify(&stored.chain_pem, &stored.key_pem, &[], now) {
+                Ok(leaf) => {
+                    shared.metrics.set_expiry(name, leaf.not_after);
+                    let issued = IssuedCertificate {
+                        name: name.clone(),
+                        chain_pem: stored.chain_pem.clone(),
+                        key_pem: stored.key_pem.clone(),
+                    };
+                    match shared.sink.install(&issued) {
+                        Ok(()) => {
+                            info!(certificate = %name, "serving the stored certificate");
+                            served = Some(Served {
+                                leaf,
+                                key_type: stored.key_type,
+                            });
+                        }
+                        Err(e) => {
+                            // Held and installed again later; never re-ordered for this.
+                            error!(certificate = %name, "installing the stored certificate: {e}");
+                            awaiting = Some(Awaiting {
+                                chain_pem: stored.chain_pem,
+                                key_pem: stored.key_pem,
+                                leaf,
+                                key_type: stored.key_type,
+                                stored: true,
+                                installed: false,
+                                ordered: false,
+                            });
+                        }
+                    }
+                }
+                Err(e) => warn!(certificate = %name, "stored certificate unusable: {e}"),
+            }
+        }
+        None => info!(certificate = %name, "no stored certificate"),
+    }
+    if served.is_none() && shared.sink.wants_placeholder() && !shared.sink.installed(name) {
+        install_placeholder(shared, spec);
+    }
+    Ok(Restored {
+        served,
+        awaiting,
+        status,
+        interrupted_order,
+    })
+}
+
+/// Lets Envoy start (and serve the plain-HTTP challenges) before the first
+/// certificate exists: it refuses a missing SDS file.
+fn install_placeholder(shared: &Shared, spec: &Certificate) {
+    let result =
+        certificate::placeholder(&spec.domains, spec.key_type).and_then(|(chain_pem, key_pem)| {
+            shared.sink.install(&IssuedCertificate {
+                name: spec.name.clone(),
+                chain_pem,
+                key_pem,
+            })
+        });
+    match result {
+        Ok(()) => {
+            info!(certificate = %spec.name, "placeholder installed until the first certificate is issued")
+        }
+        Err(e) => error!(certificate = %spec.name, "installing a placeholder: {e}"),
+    }
+}

@@ -1,0 +1,309 @@
+//! The agent's failure semantics (README, "Failure semantics and CA limits"),
+//! each against real failures: a name the real Pebble cannot validate (its
+//! DNS, `pebble-challtestsrv`, points it where nothing listens while the
+//! self-check through Envoy passes), the CA stopped and restarted (which also
+//! forgets every account), an install step that fails, and restarts by
+//! SIGTERM and SIGKILL in the middle of a backoff.
+
+use std::time::{Duration, Instant};
+
+use acme_tests::pebble;
+use acme_tests::world::World;
+
+const WWW: (&str, &[&str]) = ("www", &["www.example.com"]);
+const WWW_BAD: (&str, &[&str]) = ("www", &["www.example.com", "bad.example.com"]);
+
+fn failed_orders(world: &World, name: &str) -> f64 {
+    world.metric(
+        "acme_agent_orders_total",
+        &[&format!("certificate=\"{name}\""), "result=\"failure\""],
+    )
+}
+
+fn orders_remaining(world: &World) -> f64 {
+    world.metric("acme_agent_ca_limit_orders_remaining", &[])
+}
+
+/// Asserts that for `how_long` the agent places no order and registers no
+/// account (its `orders_remaining` and registration counter stay put).
+fn assert_quiet(world: &World, how_long: Duration) {
+    // Once every certificate is restored, the gauges hold the ledger's counts.
+    for (name, _) in &world.certificates {
+        world.wait_metric(
+            "acme_agent_certificate_next_attempt_timestamp_seconds",
+            &[&format!("certificate=\"{name}\"")],
+            1.0,
+            Duration::from_secs(20),
+        );
+    }
+    let orders = orders_remaining(world);
+    let registrations = world.metric("acme_agent_account_registrations_total", &[]);
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(orders_remaining(world), orders, "{}", world.context());
+        assert_eq!(
+            world.metric("acme_agent_account_registrations_total", &[]),
+            registrations,
+            "{}",
+            world.context()
+        );
+    }
+}
+
+#[test]
+fn a_name_that_fails_at_the_ca_stays_due_and_visible_until_it_is_fixed() {
+    let mut world = World::new(pebble::Options::default());
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&["www"], 1);
+    world.wait_issued("www", 1.0);
+
+    // The CA cannot reach bad.example.com; the self-check through Envoy can.
+    world
+        .pebble
+        .point_at("bad.example.com", "127.0.0.2")
+        .unwrap();
+    world.certificates(&[WWW_BAD]).write_config();
+    // Retried, not forgotten after one failure (retry is 1 s doubling to 4 s).
+    world.wait_metric(
+        "acme_agent_orders_total",
+        &[
+            "certificate=\"www\"",
+            "result=\"failure\"",
+            "error=\"connection\"",
+        ],
+        2.0,
+        Duration::from_secs(30),
+    );
+    assert!(world.metric("acme_agent_certificate_failures", &["certificate=\"www\""]) >= 2.0);
+    let line = world.status_line("www");
+    assert!(line.contains("names changed"), "{line}");
+    assert!(
+        line.contains("bad.example.com") && line.contains("failures"),
+        "{line}"
+    );
+    let record = world.status_record("www");
+    assert_eq!(record["last_error_kind"], "connection", "{record}");
+    assert!(record["failures"].as_u64().unwrap() >= 2, "{record}");
+    // The old certificate is still served meanwhile.
+    world.wait_served(0, "www.example.com");
+
+    // Fixed: the next attempt succeeds and the certificate gains the name.
+    world.pebble.clear_pointer("bad.example.com").unwrap();
+    world.wait_issued("www", 2.0);
+    world.assert_valid("www", WWW_BAD.1);
+    world.wait_served(0, "bad.example.com");
+    assert_eq!(
+        world.metric("acme_agent_certificate_failures", &["certificate=\"www\""]),
+        0.0
+    );
+    let record = world.status_record("www");
+    assert_eq!(record["failures"], 0, "{record}");
+    assert!(record["last_error"].is_null(), "{record}");
+    assert!(record["due"].is_null(), "{record}");
+}
+
+#[test]
+fn failed_authorizations_stop_at_the_budget_and_the_wait_survives_a_restart() {
+    let mut world = World::new(pebble::Options::default());
+    world.extra_config = "[acme.limits]\nfailed_authorizations_per_name_per_hour = 2\n".into();
+    world
+        .pebble
+        .point_at("bad.example.com", "127.0.0.2")
+        .unwrap();
+    world
+        .certificates(&[("bad", &["bad.example.com"])])
+        .write_config();
+    world.start_agent();
+    world.add_envoy(&["bad"], 1);
+    world.wait_metric(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &[
+            "certificate=\"bad\"",
+            "limit=\"failed_authorizations_per_name\"",
+        ],
+        1.0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(failed_orders(&world, "bad"), 2.0, "{}", world.context());
+    let line = world.status_line("bad");
+    assert!(
+        line.contains("waiting for the CA limit failed_authorizations_per_name"),
+        "{line}"
+    );
+    // No third order, though the retry delay (1-4 s) passes several times.
+    assert_quiet(&world, Duration::from_secs(6));
+    assert_eq!(failed_orders(&world, "bad"), 2.0);
+
+    // The ledger is state: a SIGKILLed agent restarted keeps waiting.
+    world.agent.as_mut().unwrap().kill();
+    world.start_agent();
+    world.wait_metric(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &[
+            "certificate=\"bad\"",
+            "limit=\"failed_authorizations_per_name\"",
+        ],
+        1.0,
+        Duration::from_secs(30),
+    );
+    assert_quiet(&world, Duration::from_secs(4));
+    assert_eq!(
+        failed_orders(&world, "bad"),
+        0.0,
+        "no order after the restart"
+    );
+}
+
+#[test]
+fn duplicate_certificates_stop_at_the_budget_even_when_forced() {
+    let mut world = World::new(pebble::Options::default());
+    world.extra_config = "[acme.limits]\ncertificates_per_name_set_per_week = 2\n".into();
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&["www"], 1);
+    world.wait_issued("www", 1.0);
+    let out = world.cli(&["renew", "www"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    world.wait_issued("www", 2.0);
+    let before = world.issued_pem("www").0;
+
+    // A third certificate for the same names this week would exceed the budget.
+    let out = world.cli(&["renew", "www"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    world.wait_metric(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &["certificate=\"www\"", "limit=\"certificates_per_name_set\""],
+        1.0,
+        Duration::from_secs(20),
+    );
+    assert_quiet(&world, Duration::from_secs(3));
+    assert_eq!(world.issued_pem("www").0, before);
+    let line = world.status_line("www");
+    assert!(line.contains("forced renewal"), "{line}");
+    assert!(line.contains("certificates_per_name_set"), "{line}");
+}
+
+#[test]
+fn a_forced_renewal_survives_a_ca_outage_restarts_in_its_backoff_and_a_lost_account() {
+    let mut world = World::new(pebble::Options::default());
+    world.retry = (12, 12);
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&["www"], 1);
+    world.wait_issued("www", 1.0);
+    let first = world.issued_pem("www").0;
+
+    world.pebble.stop();
+    let out = world.cli(&["renew", "www"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    world.wait_metric(
+        "acme_agent_certificate_failures",
+        &["certificate=\"www\""],
+        1.0,
+        Duration::from_secs(20),
+    );
+    let record = world.status_record("www");
+    assert_eq!(record["forced"], true, "{record}");
+    let next_attempt = record["next_attempt"].as_u64().unwrap();
+
+    // The CA is back (with no memory of our account). Restarts inside the
+    // backoff place nothing: the next attempt is state.
+    world.pebble.restart().unwrap();
+    world.agent.as_mut().unwrap().signal("TERM").unwrap();
+    world
+        .agent
+        .as_mut()
+        .unwrap()
+        .wait(Duration::from_secs(10))
+        .unwrap();
+    world.start_agent();
+    assert_quiet(&world, Duration::from_secs(1));
+    world.agent.as_mut().unwrap().kill();
+    world.start_agent();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if next_attempt > now + 1 {
+        assert_quiet(&world, Duration::from_secs(next_attempt - now - 1));
+    }
+    assert_eq!(world.status_record("www")["forced"], true);
+
+    // Then the forced renewal goes on: the CA says the account does not
+    // exist, the agent registers again, and still renews.
+    world.wait_issued("www", 1.0);
+    let renewed = world.issued_pem("www").0;
+    assert_ne!(renewed, first);
+    world.assert_valid("www", WWW.1);
+    assert_eq!(
+        world.metric("acme_agent_account_registrations_total", &[]),
+        1.0
+    );
+    let record = world.status_record("www");
+    assert_eq!(record["forced"], false, "{record}");
+    assert_eq!(record["failures"], 0, "{record}");
+}
+
+#[test]
+fn an_issued_certificate_whose_install_fails_is_installed_later_never_ordered_again() {
+    let mut world = World::new(pebble::Options::default());
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&["www"], 1);
+    world.wait_issued("www", 1.0);
+    let first = world.issued_pem("www").0;
+    let orders_before = orders_remaining(&world);
+
+    // The PEM directory of the certificate becomes a file: every install
+    // fails after the order, while the directory itself stays writable.
+    let pem_dir = world.sds_dir().join("www");
+    std::fs::remove_dir_all(&pem_dir).unwrap();
+    std::fs::write(&pem_dir, b"in the way").unwrap();
+    let out = world.cli(&["renew", "www"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    world.wait_metric(
+        "acme_agent_certificate_failures",
+        &["certificate=\"www\""],
+        3.0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        orders_remaining(&world),
+        orders_before - 1.0,
+        "one order, then only installs"
+    );
+    assert!(world.status_record("www")["awaiting_install"] == true);
+    assert!(
+        world
+            .status_line("www")
+            .contains("issued, waiting to be stored or installed")
+    );
+
+    std::fs::remove_file(&pem_dir).unwrap();
+    world.wait_issued("www", 2.0);
+    assert_eq!(orders_remaining(&world), orders_before - 1.0);
+    let renewed = world.issued_pem("www").0;
+    assert_ne!(renewed, first);
+    world.assert_valid("www", WWW.1);
+    let record = world.status_record("www");
+    assert_eq!(record["awaiting_install"], false, "{record}");
+    assert_eq!(record["failures"], 0, "{record}");
+}
