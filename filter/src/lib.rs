@@ -220,13 +220,34 @@ impl Context for AcmeRoot {
                 .ok()
                 .flatten()
         });
+        // Whether this context still holds the lease, asked now: another may
+        // have taken over while the call was out, and then only its data
+        // counts and only it polls again.
+        let leader = lease::elect(&Host, self.owner, now);
+        if leader != self.leader {
+            info!(
+                "acme: {} the challenge poller of this Envoy",
+                if leader { "became" } else { "is no longer" }
+            );
+        }
+        self.leader = leader;
         match outcome {
+            Ok(SyncOutcome::Snapshot(_)) if !leader => {
+                info!("acme: dropped a sync answer that arrived after the lease moved on");
+            }
             Ok(SyncOutcome::Snapshot(snapshot)) => match store::apply(&Host, &snapshot) {
-                Ok(known) => {
+                Ok(store::Applied::Stored(known)) => {
                     Metrics::increment(self.metrics.sync_success);
                     Metrics::set(self.metrics.tokens_known, known);
                     info!(
                         "acme: synced challenge set version {} ({known} tokens)",
+                        snapshot.version
+                    );
+                }
+                Ok(store::Applied::Stale { stored }) => {
+                    Metrics::increment(self.metrics.sync_success);
+                    info!(
+                        "acme: kept challenge set version {stored}; the answer had version {}",
                         snapshot.version
                     );
                 }

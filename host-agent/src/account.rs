@@ -1,21 +1,17 @@
 //! The ACME account: one per directory URL, registered once and kept.
 //!
-//! Registering is the one step a restart or a failed write could repeat, so
-//! the account key is stored *before* the CA hears of it: the agent generates
-//! the key, persists it as pending, then registers with it. A restart that
-//! finds a pending key registers with that same key again, and the CA answers
-//! with the account it already has (RFC 8555 section 7.3.1), so one key never
-//! becomes two accounts. Once registered, the account stays in memory; if
-//! persisting its credentials fails, that write is retried before every later
-//! use, and nothing registers again.
-//!
-//! External Account Binding needs the CA's key binding at creation, which the
-//! ACME library offers only with a key it generates itself: with EAB the
-//! credentials are persisted right after registering (the window between the
-//! CA's answer and the write is the one a kill could still hit).
+//! Registering is the one step a failed write could repeat, so a registered
+//! account stays in memory from the CA's answer on: if persisting its
+//! credentials fails, that write is retried before every later use, and
+//! nothing registers again. The credentials are written the moment the CA
+//! answers; only a kill inside that write (milliseconds) can leave an account
+//! at the CA that the agent does not know, which costs one of the CA's
+//! registrations and nothing else. (Storing a key before registering with it
+//! would close even that window, but the ACME library registers a caller's
+//! key only without contact and EAB, which CAs such as acme2certifier and
+//! ZeroSSL refuse.)
 
-use instant_acme::{Account, AccountCredentials, ExternalAccountKey, Key, NewAccount};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -31,11 +27,7 @@ use crate::store::StateStore;
 #[derive(Serialize, Deserialize)]
 struct StoredAccount {
     directory: String,
-    #[serde(default)]
-    credentials: Option<AccountCredentials>,
-    /// A PKCS#8 key (base64) stored before registering with it.
-    #[serde(default)]
-    pending_key: Option<String>,
+    credentials: AccountCredentials,
 }
 
 fn encoding(context: impl Into<String>) -> impl FnOnce(serde_json::Error) -> Error {
@@ -68,22 +60,9 @@ impl HeldAccount {
     }
 }
 
-fn pkcs8_base64(der: &PrivatePkcs8KeyDer<'_>) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(der.secret_pkcs8_der())
-}
-
-fn pkcs8_from_base64(text: &str) -> Option<PrivatePkcs8KeyDer<'static>> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()
-        .map(PrivatePkcs8KeyDer::from)
-}
-
 /// The account for the configured CA: loaded from the store, or registered
-/// (see the module comment). A store that cannot be read is an error, never
-/// taken for "no account".
+/// and stored. A store that cannot be read is an error, never taken for "no
+/// account" (which would register another).
 pub async fn open(
     config: &AcmeConfig,
     store: &dyn StateStore,
@@ -99,11 +78,7 @@ pub async fn open(
             )))
         })
         .transpose()?;
-    if let Some(StoredAccount {
-        credentials: Some(credentials),
-        ..
-    }) = stored
-    {
+    if let Some(StoredAccount { credentials, .. }) = stored {
         let account = Account::builder_with_http(Box::new(http.clone()))
             .from_credentials(credentials)
             .await
@@ -116,72 +91,17 @@ pub async fn open(
             unpersisted: None,
         });
     }
-    if let Some(eab) = &config.eab {
-        return register_with_eab(config, eab, store, http, metrics).await;
-    }
-    let pending = stored.as_ref().and_then(|s| s.pending_key.as_deref());
-    let (key_der, resumed) = match pending.and_then(pkcs8_from_base64) {
-        Some(der) => (der, true),
-        None => {
-            let (_, der) =
-                Key::generate_pkcs8().map_err(Error::acme("generating the account key"))?;
-            let record = StoredAccount {
-                directory: directory.clone(),
-                credentials: None,
-                pending_key: Some(pkcs8_base64(&der)),
-            };
-            let json = serde_json::to_vec_pretty(&record)
-                .map_err(encoding("serializing the account key"))?;
-            // No registration without a stored key: else a restart could not
-            // find the account again.
-            store.write_account(&directory, &json)?;
-            (der, false)
-        }
+    let eab = match &config.eab {
+        Some(eab) => Some(ExternalAccountKey::new(
+            eab.key_id.clone(),
+            &crate::config::decode_base64url(&eab.hmac_key).ok_or_else(|| Error::Config {
+                path: "(config)".into(),
+                field: "acme.eab.hmac_key".into(),
+                reason: "must be base64url".into(),
+            })?,
+        )),
+        None => None,
     };
-    let (account, credentials) = nonce_retry!("registering the ACME account", async {
-        let key = Key::from_pkcs8_der(key_der.clone_key())?;
-        Account::builder_with_http(Box::new(http.clone()))
-            .create_from_key(
-                (key, PrivateKeyDer::Pkcs8(key_der.clone_key())),
-                directory.clone(),
-            )
-            .await
-    })?;
-    if let Some(email) = &config.email {
-        let contact = format!("mailto:{email}");
-        if let Err(e) = nonce_retry!(
-            "setting the account's contact",
-            account.update_contacts(&[contact.as_str()])
-        ) {
-            warn!("{e}");
-        }
-    }
-    if resumed {
-        info!(
-            account = account.id(),
-            "ACME account registered with the stored key"
-        );
-    } else {
-        metrics.account_registered();
-        info!(account = account.id(), "ACME account registered");
-    }
-    Ok(keep(account, credentials, config, store))
-}
-
-async fn register_with_eab(
-    config: &AcmeConfig,
-    eab: &crate::config::Eab,
-    store: &dyn StateStore,
-    http: &Http,
-    metrics: &Metrics,
-) -> Result<HeldAccount, Error> {
-    let directory = config.directory_url().to_owned();
-    let hmac = crate::config::decode_base64url(&eab.hmac_key).ok_or_else(|| Error::Config {
-        path: "(config)".into(),
-        field: "acme.eab.hmac_key".into(),
-        reason: "must be base64url".into(),
-    })?;
-    let eab = ExternalAccountKey::new(eab.key_id.clone(), &hmac);
     let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
     let new_account = NewAccount {
@@ -194,12 +114,13 @@ async fn register_with_eab(
         Account::builder_with_http(Box::new(http.clone())).create(
             &new_account,
             directory.clone(),
-            Some(&eab)
+            eab.as_ref()
         )
     )?;
+    let held = keep(account, credentials, config, store);
     metrics.account_registered();
-    info!(account = account.id(), "ACME account registered (EAB)");
-    Ok(keep(account, credentials, config, store))
+    info!(account = held.account.id(), "ACME account registered");
+    Ok(held)
 }
 
 /// Persists the new account's credentials; on failure keeps them to retry.
@@ -211,8 +132,7 @@ fn keep(
 ) -> HeldAccount {
     let record = StoredAccount {
         directory: config.directory_url().to_owned(),
-        credentials: Some(credentials),
-        pending_key: None,
+        credentials,
     };
     let mut held = HeldAccount {
         account,

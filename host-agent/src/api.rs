@@ -1,5 +1,12 @@
 //! The challenge API the filter long-polls (`docs/challenge-sync.md`), with
 //! `/healthz` and `/readyz` on the same listener.
+//!
+//! Everything a client controls is bounded, so no client can exhaust the
+//! agent: connections served at once (more wait in the kernel's backlog),
+//! long-polls held at once (one more is answered 503 at once), the time to
+//! send request headers, which is also how long a keep-alive connection may
+//! sit idle (`HEADER_READ_TIMEOUT`), and their size (`MAX_HEADER_BYTES`, 431
+//! above). No handler reads a request body.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::warn;
 
 use crate::challenges::ChallengeSet;
 use crate::manager::{RenewRefused, Request};
@@ -22,6 +30,13 @@ use crate::metrics::Metrics;
 
 /// Longest hold the API grants, whatever `wait` asks.
 pub const MAX_WAIT_SECONDS: u64 = 300;
+/// Time a client has to send a request's headers, counted from the moment the
+/// connection is ready for one: also the longest a keep-alive connection idles.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers) read; more is a 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Most request headers read.
+pub const MAX_HEADERS: usize = 64;
 
 /// What the API handlers share.
 pub struct ApiState {
@@ -35,11 +50,21 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Where `POST /v1/renew/{name}` goes; `None` answers 503.
     pub manager: Option<mpsc::Sender<Request>>,
+    /// Connections served at once.
+    pub connections: Arc<Semaphore>,
+    /// Long-polls held at once.
+    pub held_polls: Arc<Semaphore>,
 }
 
 impl ApiState {
     pub fn new(challenges: Arc<ChallengeSet>, token: Option<String>) -> Arc<Self> {
-        Self::with_parts(challenges, token, Arc::new(Metrics::new()), None)
+        Self::with_parts(
+            challenges,
+            token,
+            Arc::new(Metrics::new()),
+            None,
+            &crate::config::ChallengeApi::default(),
+        )
     }
 
     /// The state the agent runs with: its metrics, and the manager that takes
@@ -49,6 +74,7 @@ impl ApiState {
         token: Option<String>,
         metrics: Arc<Metrics>,
         manager: Option<mpsc::Sender<Request>>,
+        limits: &crate::config::ChallengeApi,
     ) -> Arc<Self> {
         Arc::new(Self {
             challenges,
@@ -57,6 +83,8 @@ impl ApiState {
             shutdown: watch::Sender::new(false),
             metrics,
             manager,
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            held_polls: Arc::new(Semaphore::new(limits.max_held_polls)),
         })
     }
 }
@@ -95,9 +123,21 @@ async fn challenges(
         )
             .into_response();
     };
+    // A filter that holds a newer version than ours (the agent restarted with
+    // a clock that went back) gets a version above it, so the versions it
+    // sees only grow and it never mistakes our set for an older one.
+    state.challenges.advance_past(asked);
     let mut versions = state.challenges.subscribe();
     let current = *versions.borrow_and_update();
     if current == asked {
+        let Ok(_held) = Arc::clone(&state.held_polls).try_acquire_owned() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "too many long-polls held\n",
+            )
+                .into_response();
+        };
         let mut shutdown = state.shutdown.subscribe();
         let hold = Duration::from_secs(wait.min(MAX_WAIT_SECONDS));
         tokio::select! {
@@ -226,6 +266,23 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// Connections the kernel queues while `max_connections` are served: the
+/// standard library's 128 would make clients beyond it retry their SYN for
+/// seconds during a burst.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// The API's listening socket.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves the API on `listener` until `shutdown` resolves; held long-polls are
 /// answered at once then, so shutdown never waits for a hold to run out.
 pub async fn serve(
@@ -233,16 +290,61 @@ pub async fn serve(
     state: Arc<ApiState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let stopping = Arc::clone(&state);
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        stopping.shutdown.send_replace(true);
-    })
-    .await
+    let app = router(Arc::clone(&state));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&state.connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin or stop.
+                    warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            },
+        );
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_header_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS);
+        let connection = builder.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let connection = graceful.watch(connection);
+        let metrics = Arc::clone(&state.metrics);
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics.api_connection_opened();
+            // A client that goes away or times out is no error of ours.
+            let _ = connection.await;
+            metrics.api_connection_closed();
+        });
+    }
+    state.shutdown.send_replace(true);
+    // Held long-polls answer at once now; anything else gets a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    Ok(())
 }
 
 #[cfg(test)]

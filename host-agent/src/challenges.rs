@@ -23,6 +23,10 @@ pub struct Snapshot {
     pub challenges: Vec<Challenge>,
 }
 
+/// Highest client version the set follows: Unix milliseconds reach it in
+/// the year 2^52 ms ~ 140,000 AD, and it leaves room to count above it.
+const MAX_CLIENT_VERSION: u64 = 1 << 52;
+
 /// Pending challenges keyed by token. Every change bumps the version and wakes
 /// held long-polls.
 #[derive(Debug)]
@@ -57,7 +61,7 @@ impl ChallengeSet {
     }
 
     fn bump(&self) {
-        self.version.send_modify(|v| *v += 1);
+        self.version.send_modify(|v| *v = v.saturating_add(1));
     }
 
     /// Adds challenges (all of an order's at once: one version, one sync).
@@ -81,6 +85,24 @@ impl ChallengeSet {
         if changed {
             self.bump();
         }
+    }
+
+    /// Moves the version above `seen` when it is not already: a client that
+    /// holds a version from before a restart with a clock set back.
+    pub fn advance_past(&self, seen: u64) {
+        // The client chooses `seen`: far-off values (no agent ever got there
+        // counting from the clock) are ignored rather than followed.
+        if seen > MAX_CLIENT_VERSION {
+            return;
+        }
+        self.version.send_if_modified(|v| {
+            if *v < seen {
+                *v = seen.saturating_add(1);
+                true
+            } else {
+                false
+            }
+        });
     }
 
     pub fn version(&self) -> u64 {
@@ -135,6 +157,24 @@ mod tests {
         let snap = set.snapshot();
         assert_eq!(snap.version, v0 + 2);
         assert_eq!(snap.challenges, vec![c("b")]);
+    }
+
+    #[test]
+    fn a_newer_client_version_moves_ours_past_it() {
+        let set = ChallengeSet::new();
+        let v0 = set.version();
+        set.advance_past(v0 - 10);
+        assert_eq!(set.version(), v0, "an older client changes nothing");
+        set.advance_past(v0 + 1000);
+        assert_eq!(set.version(), v0 + 1001);
+        set.publish([c("a")]);
+        assert_eq!(set.version(), v0 + 1002);
+        set.advance_past(u64::MAX);
+        assert_eq!(
+            set.version(),
+            v0 + 1002,
+            "an absurd client version is ignored"
+        );
     }
 
     #[test]

@@ -721,3 +721,129 @@ key_type = "ecdsa-p384"
         assert!(!debug.contains("c2VjcmV0LWhtYWMta2V5"), "{debug}");
     }
 }
+
+#[cfg(test)]
+mod refusals {
+    use super::*;
+
+    fn field_of(text: &str) -> (String, String) {
+        match Config::parse(text, Path::new("agent.toml")) {
+            Err(Error::Config { field, reason, .. }) => (field, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    fn config(storage: &str, certificates: &str, extra: &str) -> String {
+        format!("{storage}{extra}\n[acme]\ndirectory = \"letsencrypt-staging\"\n{certificates}")
+    }
+
+    const FILES: &str = "state_dir = \"/s\"\nsds_dir = \"/d\"\n";
+    const KUBE: &str = "[kubernetes]\nnamespace = \"istio-system\"\n";
+
+    fn cert(name: &str, domains: &str) -> String {
+        format!("\n[[certificate]]\nname = {name:?}\ndomains = [{domains}]\n")
+    }
+
+    #[test]
+    fn ip_literals_are_not_dns_names() {
+        for ip in ["192.0.2.1", "2001:db8::1", "[2001:db8::1]", "10.0.0.300"] {
+            let (field, reason) = field_of(&config(FILES, &cert("www", &format!("{ip:?}")), ""));
+            assert_eq!(field, "certificate[0].domains", "{ip}");
+            assert!(
+                reason.contains("IP address") || reason.contains("not a lower-case DNS name"),
+                "{ip}: {reason}"
+            );
+        }
+        let (_, reason) = field_of(&config(FILES, &cert("www", "\"192.0.2.1\""), ""));
+        assert!(
+            reason.contains("IP identifiers are not supported yet"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn kubernetes_names_must_be_storable_and_not_the_agents_own() {
+        let long = "a".repeat(64);
+        for name in [
+            "www-",
+            "-www",
+            long.as_str(),
+            "acme-agent-status",
+            "acme-agent-account-x",
+        ] {
+            let (field, _) = field_of(&config("", &cert(name, "\"www.example.com\""), KUBE));
+            assert_eq!(field, "certificate[0].name", "{name}");
+        }
+        // The same names are fine for files (they name no Secret or label).
+        assert!(
+            Config::parse(
+                &config(FILES, &cert("www-", "\"www.example.com\""), ""),
+                Path::new("agent.toml")
+            )
+            .is_ok()
+        );
+        let ok = "a".repeat(63);
+        assert!(
+            Config::parse(
+                &config("", &cert(&ok, "\"www.example.com\""), KUBE),
+                Path::new("agent.toml")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_snapshot_that_could_exceed_the_filters_limit_is_refused() {
+        let domains: Vec<String> = (0..100)
+            .map(|i| format!("\"host{i}.example.com\""))
+            .collect();
+        let mut certs = String::new();
+        for i in 0..64 {
+            certs.push_str(&cert(&format!("c{i}"), &domains.join(",")));
+        }
+        let (field, reason) = field_of(&config(FILES, &certs, "order_concurrency = 64\n"));
+        assert_eq!(field, "order_concurrency");
+        assert!(reason.contains("max_sync_bytes"), "{reason}");
+        // The default concurrency stays within the filter's default limit.
+        let parsed = Config::parse(&config(FILES, &certs, ""), Path::new("agent.toml")).unwrap();
+        assert!(snapshot_bound(&parsed.certificates, parsed.order_concurrency) <= 1_048_576);
+    }
+
+    #[test]
+    fn limits_and_api_bounds_are_checked() {
+        for (extra, field) in [
+            (
+                "[acme.limits]\norders_per_3_hours = 0\n",
+                "acme.limits.orders_per_3_hours",
+            ),
+            (
+                "[challenge_api]\nmax_connections = 0\n",
+                "challenge_api.max_connections",
+            ),
+            (
+                "[challenge_api]\nmax_connections = 8\nmax_held_polls = 8\n",
+                "challenge_api.max_held_polls",
+            ),
+        ] {
+            let text = format!("{FILES}\n[acme]\ndirectory = \"letsencrypt\"\n{extra}");
+            assert_eq!(field_of(&text).0, field, "{text}");
+        }
+        let c = Config::parse(
+            &format!("{FILES}\n[acme]\ndirectory = \"letsencrypt\"\n"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.acme.limits, Limits::default());
+        assert_eq!(c.acme.limits.certificates_per_name_set_per_week, 5);
+        assert_eq!(c.challenge_api.max_connections, 256);
+    }
+
+    #[test]
+    fn the_api_token_is_never_in_debug_output() {
+        let api = ChallengeApi {
+            token: Some("very-secret-token-123".into()),
+            ..ChallengeApi::default()
+        };
+        assert!(!format!("{api:?}").contains("very-secret"));
+    }
+}

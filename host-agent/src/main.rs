@@ -172,15 +172,14 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         config.challenge_api.token.clone(),
         Arc::clone(&metrics),
         Some(requests_tx),
+        &config.challenge_api,
     );
-    let listener = tokio::net::TcpListener::bind(config.challenge_api.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the challenge API to {}",
-                config.challenge_api.listen
-            )
-        })?;
+    let listener = api::bind(config.challenge_api.listen).with_context(|| {
+        format!(
+            "binding the challenge API to {}",
+            config.challenge_api.listen
+        )
+    })?;
     info!(address = %listener.local_addr()?, "challenge API listening");
 
     let (config_tx, config_rx) = watch::channel(Arc::new(config));

@@ -56,6 +56,7 @@ pub struct Metrics {
     failures: Family<CertificateLabel, Gauge>,
     blocked: Family<LimitLabels, Gauge>,
     orders_remaining: Gauge,
+    api_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,8 +131,15 @@ impl Metrics {
             "New orders the account may still place in the current 3-hour window (acme.limits.orders_per_3_hours)",
             orders_remaining.clone(),
         );
+        let api_connections = Gauge::default();
+        registry.register(
+            "api_connections",
+            "Connections open to the challenge API (at most challenge_api.max_connections)",
+            api_connections.clone(),
+        );
         Self {
             registry,
+            api_connections,
             next_attempt,
             failures,
             blocked,
@@ -198,6 +206,14 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    pub fn api_connection_opened(&self) {
+        self.api_connections.inc();
+    }
+
+    pub fn api_connection_closed(&self) {
+        self.api_connections.dec();
     }
 
     pub fn set_orders_remaining(&self, remaining: u32) {

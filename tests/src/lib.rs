@@ -1,6 +1,7 @@
 //! Test support: a proxy-wasm host on wasmtime that runs the built filter, and
 //! helpers that build the filter and find the workspace's tools.
 
+pub mod a2c;
 pub mod agent;
 pub mod envoy;
 pub mod fake_kube;

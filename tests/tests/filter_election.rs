@@ -155,3 +155,113 @@ fn new_tokens_reach_every_worker_after_one_sync() {
         assert_eq!(r.status, 200);
     }
 }
+
+/// Two pollers overlap when the first goes quiet long enough to lose the lease
+/// with its long-poll still out: the second takes over and syncs a newer set,
+/// then the first one's late answer (an older snapshot) arrives. Only the lease
+/// holder applies data or polls, checked when the answer arrives, and a token
+/// of the newer set is never removed by the older answer.
+#[test]
+fn a_late_answer_to_a_former_poller_is_dropped_and_it_does_not_poll_again() {
+    let envoy = Envoy::new();
+    let mut vms: Vec<(Vm, u32)> = (0..2).map(|_| envoy.worker(&config(""))).collect();
+    // Whoever polled first holds the lease; its long-poll stays out.
+    let mut first_call = None;
+    for _ in 0..5 {
+        envoy.process.advance_ms(100);
+        for (i, (vm, root)) in vms.iter_mut().enumerate() {
+            vm.tick(*root).unwrap();
+            for call in vm.take_http_calls() {
+                first_call.get_or_insert((i, call));
+            }
+        }
+    }
+    let (old, old_call) = first_call.expect("a poller");
+    let new = 1 - old;
+
+    // The old poller's worker stalls past the lease TTL; the other takes over
+    // and syncs version 20: tokens a and b.
+    let mut taken_over = None;
+    for _ in 0..30 {
+        envoy.process.advance_ms(100);
+        let (vm, root) = &mut vms[new];
+        vm.tick(*root).unwrap();
+        if let Some(call) = vm.take_http_calls().into_iter().next() {
+            taken_over = Some(call);
+            break;
+        }
+    }
+    let new_call = taken_over.expect("the other context takes over");
+    {
+        let (vm, _) = &mut vms[new];
+        vm.respond(
+            &new_call,
+            Some((
+                200,
+                snapshot_json(20, &[("a", "h.test"), ("b", "h.test")]).as_bytes(),
+            )),
+        )
+        .unwrap();
+        let _ = vm.take_http_calls();
+    }
+
+    // The stalled worker's long-poll answers late, with an older set (only a).
+    {
+        let (vm, _) = &mut vms[old];
+        vm.respond(
+            &old_call,
+            Some((200, snapshot_json(15, &[("a", "h.test")]).as_bytes())),
+        )
+        .unwrap();
+        assert!(
+            vm.take_http_calls().is_empty(),
+            "the former poller polled again on a leader flag from its last tick"
+        );
+    }
+    for (vm, root) in vms.iter_mut() {
+        let r = answered(get(vm, *root, "/.well-known/acme-challenge/b", "h.test"));
+        assert_eq!(
+            r.status, 200,
+            "token b of the newer set was removed by the late answer"
+        );
+    }
+    assert_eq!(
+        envoy.process.shared_data("acme/v1/version").as_deref(),
+        Some(b"20".as_slice())
+    );
+
+    // And the former poller stays quiet on its next ticks: one poller.
+    let (vm, root) = &mut vms[old];
+    envoy.process.advance_ms(100);
+    vm.tick(*root).unwrap();
+    assert!(vm.take_http_calls().is_empty());
+}
+
+/// Even the lease holder never stores an answer older than what it holds
+/// (an agent restarted with its clock set back answers with lower versions
+/// until it has moved past the filter's, which the filter's poll tells it).
+#[test]
+fn the_poller_keeps_a_newer_stored_set_over_an_older_answer() {
+    let envoy = Envoy::new();
+    let (mut vm, root, call) = synced_worker_with_call(&envoy, &config(""), &[("a", "h.test")]);
+    let stored = envoy.process.shared_data("acme/v1/version").unwrap();
+    let stored: u64 = String::from_utf8(stored).unwrap().parse().unwrap();
+    vm.respond(
+        &call,
+        Some((200, snapshot_json(stored - 1, &[]).as_bytes())),
+    )
+    .unwrap();
+    let r = answered(get(
+        &mut vm,
+        root,
+        "/.well-known/acme-challenge/a",
+        "h.test",
+    ));
+    assert_eq!(r.status, 200);
+    let next = vm.take_http_calls();
+    assert_eq!(next.len(), 1, "the poller goes on");
+    assert_eq!(
+        next[0].header(":path"),
+        Some(format!("/v1/challenges?version={stored}&wait=30").as_str())
+    );
+}

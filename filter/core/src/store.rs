@@ -108,7 +108,16 @@ fn write(data: &impl SharedData, key: &str, value: &[u8]) -> Result<(), Error> {
 /// Replaces the stored challenge set with `snapshot`; returns how many tokens are
 /// now known. New tokens are written before old ones are cleared, so a token
 /// present in both snapshots is answerable throughout.
-pub fn apply(data: &impl SharedData, snapshot: &Snapshot) -> Result<usize, Error> {
+///
+/// A snapshot not newer than the stored one is not applied: a late answer to
+/// an older poll (of a poller that has since lost the lease, say) must never
+/// remove a token a newer snapshot holds. The agent keeps versions growing
+/// for every filter, across its restarts (`docs/challenge-sync.md`).
+pub fn apply(data: &impl SharedData, snapshot: &Snapshot) -> Result<Applied, Error> {
+    let stored = stored_version(data);
+    if snapshot.version <= stored && stored != 0 {
+        return Ok(Applied::Stale { stored });
+    }
     let old = stored_index(data);
     for challenge in &snapshot.challenges {
         write(
@@ -134,7 +143,16 @@ pub fn apply(data: &impl SharedData, snapshot: &Snapshot) -> Result<usize, Error
     }
     write(data, INDEX_KEY, index.as_bytes())?;
     write(data, VERSION_KEY, snapshot.version.to_string().as_bytes())?;
-    Ok(snapshot.challenges.len())
+    Ok(Applied::Stored(snapshot.challenges.len()))
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored; this many tokens are known now.
+    Stored(usize),
+    /// Not newer than the `stored` version: left as it was.
+    Stale { stored: u64 },
 }
 
 #[cfg(test)]
@@ -205,12 +223,12 @@ mod tests {
         fn apply_replaces_the_set() {
             let data = Memory::default();
             assert_eq!(stored_version(&data), 0);
-            assert_eq!(apply(&data, &snap(3, &["a", "b"])).unwrap(), 2);
+            assert_eq!(apply(&data, &snap(3, &["a", "b"])).unwrap(), Applied::Stored(2));
             assert_eq!(stored_version(&data), 3);
             assert_eq!(lookup(&data, "a").unwrap().key_authorization, "a.k");
             assert_eq!(lookup(&data, "b").unwrap().identifier, "b.example");
 
-            assert_eq!(apply(&data, &snap(4, &["b", "c"])).unwrap(), 2);
+            assert_eq!(apply(&data, &snap(4, &["b", "c"])).unwrap(), Applied::Stored(2));
             assert_eq!(lookup(&data, "a"), None, "a token absent from the snapshot is removed");
             assert!(lookup(&data, "b").is_some());
             assert!(lookup(&data, "c").is_some());
@@ -219,6 +237,19 @@ mod tests {
             apply(&data, &snap(5, &[])).unwrap();
             assert_eq!(lookup(&data, "b"), None);
             assert_eq!(lookup(&data, "c"), None);
+        }
+    }
+
+    both_targets_test! {
+        fn a_late_older_snapshot_never_removes_a_newer_token() {
+            let data = Memory::default();
+            apply(&data, &snap(10, &["a", "b"])).unwrap();
+            assert_eq!(apply(&data, &snap(9, &["a"])).unwrap(), Applied::Stale { stored: 10 });
+            assert_eq!(apply(&data, &snap(10, &[])).unwrap(), Applied::Stale { stored: 10 });
+            assert!(lookup(&data, "b").is_some(), "b removed by an older snapshot");
+            assert_eq!(stored_version(&data), 10);
+            assert_eq!(apply(&data, &snap(11, &["a"])).unwrap(), Applied::Stored(1));
+            assert_eq!(lookup(&data, "b"), None);
         }
     }
 
