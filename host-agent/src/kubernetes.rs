@@ -172,6 +172,19 @@ fn annotation<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// Every Secret the agent reads or writes for `config` (Kubernetes mode):
+/// what a Role's `resourceNames` must list.
+pub fn secret_names(config: &crate::config::Config) -> Vec<String> {
+    let directory = config.acme.directory_url();
+    let mut names = vec![
+        STATUS_SECRET.to_owned(),
+        account_secret(directory),
+        ledger_secret(directory),
+    ];
+    names.extend(config.certificates.iter().map(|c| c.name.clone()));
+    names
+}
+
 fn account_secret(directory_url: &str) -> String {
     format!("acme-agent-account-{}", account_id(directory_url))
 }

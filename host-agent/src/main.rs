@@ -87,6 +87,12 @@ fn main() -> ExitCode {
                 cli.config.display(),
                 config.certificates.len()
             );
+            if config.kubernetes.is_some() {
+                println!(
+                    "Secrets the agent reads and writes (a Role's resourceNames): {}",
+                    acme_agent::kubernetes::secret_names(&config).join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Command::Status => match status_table(&config) {

@@ -111,3 +111,31 @@ fn help_lists_the_commands() {
         "{text}"
     );
 }
+
+#[test]
+fn check_config_lists_the_secrets_a_role_must_name_in_kubernetes_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let text = GOOD
+        .replace(
+            "state_dir = \"/tmp/acme-agent-state\"\nsds_dir = \"/tmp/acme-agent-sds\"\n",
+            "[kubernetes]\nnamespace = \"istio-system\"\n",
+        )
+        .replace("name = \"www\"", "name = \"www-example-com\"");
+    std::fs::write(&path, text).unwrap();
+    let out = agent(&["--config", path.to_str().unwrap(), "check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "acme-agent-status",
+        "acme-agent-account-67f2750652314251",
+        "acme-agent-ledger-67f2750652314251",
+        "www-example-com",
+    ] {
+        assert!(stdout.contains(name), "{name} missing: {stdout}");
+    }
+}

@@ -167,7 +167,7 @@ fn strict<T: serde::de::DeserializeOwned>(file: &Path, object: &Value) -> T {
 }
 
 fn validate_core(file: &Path, object: &Value) {
-    use k8s_openapi::api::{apps, core, rbac};
+    use k8s_openapi::api::{apps, core, networking, rbac};
     match (
         object["apiVersion"].as_str().unwrap(),
         object["kind"].as_str().unwrap(),
@@ -180,13 +180,19 @@ fn validate_core(file: &Path, object: &Value) {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
             drop(strict::<rbac::v1::RoleBinding>(file, object))
         }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            drop(strict::<networking::v1::NetworkPolicy>(file, object))
+        }
         (api, kind) => panic!("{}: no check for {api} {kind}", file.display()),
     }
 }
 
 fn is_core(object: &Value) -> bool {
     let api = object["apiVersion"].as_str().unwrap_or_default();
-    api == "v1" || api == "apps/v1" || api.starts_with("rbac.authorization.k8s.io/")
+    api == "v1"
+        || api == "apps/v1"
+        || api.starts_with("rbac.authorization.k8s.io/")
+        || api == "networking.k8s.io/v1"
 }
 
 const SETS: [&str; 3] = ["", "wasmplugin", "gateway-api"];
@@ -400,9 +406,63 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         pod["serviceAccountName"],
         object(&default, "ServiceAccount")["metadata"]["name"]
     );
-    // The Role: Secrets only.
+    // The Role: Secrets only; reading and patching only the agent's own
+    // (every one the config needs, for both Let's Encrypt directories), so
+    // never the mesh's CA key in the same namespace.
     let role = object(&default, "Role");
+    let mut readable = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
         assert_eq!(rule["resources"], serde_json::json!(["secrets"]));
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        if verbs != ["create"] {
+            let names = rule["resourceNames"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{verbs:?} on every Secret of {ns}"));
+            readable.extend(names.iter().map(|n| n.as_str().unwrap().to_owned()));
+        }
     }
+    for directory in ["letsencrypt", "letsencrypt-staging"] {
+        let text = config_map["data"]["agent.toml"]
+            .as_str()
+            .unwrap()
+            .replace("\"letsencrypt-staging\"", &format!("{directory:?}"));
+        let config = Config::parse(&text, Path::new("configmap agent.toml")).unwrap();
+        for name in acme_agent::kubernetes::secret_names(&config) {
+            assert!(
+                readable.contains(&name),
+                "the Role does not let the agent read {name}"
+            );
+        }
+    }
+    for mesh_ca in ["istio-ca-secret", "cacerts"] {
+        assert!(!readable.contains(mesh_ca));
+    }
+
+    // The NetworkPolicy: the agent's pods, its API port, and the gateways'
+    // pods of both the Istio Gateway and the Gateway API Gateway.
+    let policy = object(&default, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let rule = &policy["spec"]["ingress"][0];
+    assert_eq!(rule["ports"][0]["port"].as_u64(), Some(port));
+    let from: Vec<&Value> = rule["from"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| &f["podSelector"]["matchLabels"])
+        .collect();
+    assert!(from.contains(&&gateway["spec"]["selector"]), "{from:?}");
+    let k8s_gateway_name = k8s_gateway["metadata"]["name"].as_str().unwrap();
+    assert!(
+        from.iter()
+            .any(|m| m["gateway.networking.k8s.io/gateway-name"] == k8s_gateway_name),
+        "{from:?}"
+    );
 }
