@@ -74,6 +74,33 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), E
     result
 }
 
+/// Whether `name` is one of [`write_atomically`]'s temporaries (or a probe).
+fn is_temporary(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let suffix = rest
+        .rsplit_once(".tmp-")
+        .map(|(_, s)| s)
+        .or_else(|| rest.strip_prefix("probe-"));
+    suffix.is_some_and(|s| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Removes the temporaries a killed process left in `dir` (never following
+/// a symlink): a write interrupted by SIGKILL leaves its temporary behind,
+/// never a half-written file under the real name. Returns how many.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| e.file_name().to_str().is_some_and(is_temporary))
+        .filter(|e| fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Creates and removes a file in `dir`: fails when nothing can be written there.
 pub fn probe_writable(dir: &Path) -> Result<(), Error> {
     let probe = dir.join(format!(".probe-{}", random_suffix()));
@@ -153,6 +180,30 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"old");
         let leftovers = leftovers(dir.path());
         assert!(leftovers.is_empty(), "temporary left behind: {leftovers:?}");
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = [
+            "www.json",
+            ".hidden",
+            ".www.json.tmp-123",
+            "www.json.tmp-0123456789abcdef",
+        ];
+        let stale = [".www.json.tmp-0123456789abcdef", ".probe-fedcba9876543210"];
+        for name in keep.iter().chain(&stale) {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()), 2);
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

@@ -240,26 +240,19 @@ pub async fn issue(
         debug!(challenges = pending.len(), "self-check passed");
     }
 
-    // Tell the CA, one challenge at a time (the nonce is per request chain).
-    {
-        let mut authorizations = order.authorizations();
-        while let Some(result) = authorizations.next().await {
-            let mut authz = result.map_err(Error::acme("reading an authorization"))?;
-            if authz.status != AuthorizationStatus::Pending {
-                continue;
-            }
-            let mut challenge = authz
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| Error::Validation("http-01 challenge vanished".into()))?;
-            nonce_retry!("marking the challenge ready", challenge.set_ready())?;
-        }
-    }
-
-    let status = match nonce_retry!("waiting for validation", order.poll_ready(&polling())) {
+    // Tell the CA, one challenge at a time (the nonce is per request chain),
+    // and wait for its verdict. From the first challenge marked ready on, a
+    // failure may come with invalid authorizations (the CA validates at once
+    // or later, and reports it on whichever request comes next): which names
+    // failed is read from the authorizations, for the CA-limit ledger.
+    let told = tell_the_ca(&mut order).await;
+    let status = match told {
+        Ok(()) => nonce_retry!("waiting for validation", order.poll_ready(&polling())),
+        Err(e) => Err(e),
+    };
+    let status = match status {
         Ok(status) => status,
         Err(error) => {
-            // The CA's problem for an invalid challenge comes back as the
-            // poll's error; which names failed is in the authorizations.
             let (_, invalid_names) = invalid_detail(&mut order).await;
             return Err(Failure {
                 error,
@@ -303,6 +296,22 @@ pub async fn issue(
         key_pem,
         leaf,
     })
+}
+
+/// Marks every pending HTTP-01 challenge of `order` ready.
+async fn tell_the_ca(order: &mut instant_acme::Order) -> Result<(), Error> {
+    let mut authorizations = order.authorizations();
+    while let Some(result) = authorizations.next().await {
+        let mut authz = result.map_err(Error::acme("reading an authorization"))?;
+        if authz.status != AuthorizationStatus::Pending {
+            continue;
+        }
+        let mut challenge = authz
+            .challenge(ChallengeType::Http01)
+            .ok_or_else(|| Error::Validation("http-01 challenge vanished".into()))?;
+        nonce_retry!("marking the challenge ready", challenge.set_ready())?;
+    }
+    Ok(())
 }
 
 /// Why an order went invalid, from its authorizations' challenge errors, and

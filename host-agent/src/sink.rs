@@ -78,6 +78,16 @@ impl FileSink {
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, Error> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        // What a killed agent left: its temporaries, here and in each
+        // certificate's directory (symlinks are not followed).
+        crate::files::remove_stale_temporaries(&dir);
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    crate::files::remove_stale_temporaries(&entry.path());
+                }
+            }
+        }
         Ok(Self { dir })
     }
 

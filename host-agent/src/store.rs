@@ -148,6 +148,9 @@ impl Store {
             .map_err(io(format!("setting the mode of {}", dir.display())))?;
         let certificates = dir.join("certificates");
         crate::files::create_private_dir(&certificates)?;
+        for d in [&dir, &certificates] {
+            crate::files::remove_stale_temporaries(d);
+        }
         Ok(Self { dir })
     }
 

@@ -5,7 +5,7 @@
 //! forgets every account), an install step that fails, and restarts by
 //! SIGTERM and SIGKILL in the middle of a backoff.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use acme_tests::pebble;
 use acme_tests::world::World;
@@ -27,7 +27,12 @@ fn orders_remaining(world: &World) -> f64 {
 /// Asserts that for `how_long` the agent places no order and registers no
 /// account (its `orders_remaining` and registration counter stay put).
 fn assert_quiet(world: &World, how_long: Duration) {
-    // Once every certificate is restored, the gauges hold the ledger's counts.
+    wait_restored(world);
+    assert_quiet_until(world, SystemTime::now() + how_long);
+}
+
+/// Once every certificate is restored, the gauges hold the ledger's counts.
+fn wait_restored(world: &World) {
     for (name, _) in &world.certificates {
         world.wait_metric(
             "acme_agent_certificate_next_attempt_timestamp_seconds",
@@ -36,11 +41,14 @@ fn assert_quiet(world: &World, how_long: Duration) {
             Duration::from_secs(20),
         );
     }
+}
+
+/// [`assert_quiet`] up to a point in time.
+fn assert_quiet_until(world: &World, until: SystemTime) {
     let orders = orders_remaining(world);
     let registrations = world.metric("acme_agent_account_registrations_total", &[]);
-    let until = Instant::now() + how_long;
-    while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(200));
+    while SystemTime::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
         assert_eq!(orders_remaining(world), orders, "{}", world.context());
         assert_eq!(
             world.metric("acme_agent_account_registrations_total", &[]),
@@ -234,13 +242,12 @@ fn a_forced_renewal_survives_a_ca_outage_restarts_in_its_backoff_and_a_lost_acco
     assert_quiet(&world, Duration::from_secs(1));
     world.agent.as_mut().unwrap().kill();
     world.start_agent();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    if next_attempt > now + 1 {
-        assert_quiet(&world, Duration::from_secs(next_attempt - now - 1));
-    }
+    wait_restored(&world);
+    // Up to the stored next attempt (Unix seconds, rounded up), nothing.
+    assert_quiet_until(
+        &world,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(next_attempt) - Duration::from_millis(1500),
+    );
     assert_eq!(world.status_record("www")["forced"], true);
 
     // Then the forced renewal goes on: the CA says the account does not

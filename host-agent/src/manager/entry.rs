@@ -278,7 +278,8 @@ impl Entry {
             domains: self.spec.domains.clone(),
             not_after: self.served.as_ref().map(|s| unix(s.leaf.not_after)),
             next_renewal: self.next_renewal.map(unix),
-            next_attempt: Some(unix(self.due)),
+            // Rounded up: a restart must never act before the wait ends.
+            next_attempt: Some(unix(self.due + Duration::from_millis(999))),
             due: reason.map(|r| r.text().to_owned()),
             forced: self.forced,
             last_error: self.last_error.clone(),
