@@ -265,8 +265,33 @@ fn a_forced_renewal_survives_a_ca_outage_restarts_in_its_backoff_and_a_lost_acco
     assert_eq!(record["failures"], 0, "{record}");
 }
 
+/// Makes a directory read-only for everyone, root included (`chattr +i`:
+/// nothing can be created, renamed or removed in it) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: &std::path::Path) -> Self {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chattr +i {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 #[test]
-fn an_issued_certificate_whose_install_fails_is_installed_later_never_ordered_again() {
+fn a_read_only_sds_dir_costs_no_order_and_an_issued_certificate_is_installed_later() {
     let mut world = World::new(pebble::Options::default());
     world.certificates(&[WWW]).write_config();
     world.start_agent();
@@ -275,11 +300,8 @@ fn an_issued_certificate_whose_install_fails_is_installed_later_never_ordered_ag
     let first = world.issued_pem("www").0;
     let orders_before = orders_remaining(&world);
 
-    // The PEM directory of the certificate becomes a file: every install
-    // fails after the order, while the directory itself stays writable.
-    let pem_dir = world.sds_dir().join("www");
-    std::fs::remove_dir_all(&pem_dir).unwrap();
-    std::fs::write(&pem_dir, b"in the way").unwrap();
+    // sds_dir read-only before the order: found by the check, no order.
+    let sds = Immutable::set(&world.sds_dir());
     let out = world.cli(&["renew", "www"]);
     assert!(
         out.status.success(),
@@ -289,7 +311,24 @@ fn an_issued_certificate_whose_install_fails_is_installed_later_never_ordered_ag
     world.wait_metric(
         "acme_agent_certificate_failures",
         &["certificate=\"www\""],
-        3.0,
+        2.0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        orders_remaining(&world),
+        orders_before,
+        "ordered into a read-only sds_dir"
+    );
+    assert!(world.status_line("www").contains("not writable"));
+
+    // Only the certificate's own directory read-only: the order goes through,
+    // the install fails, and only the install is retried.
+    let pem = Immutable::set(&world.sds_dir().join("www"));
+    drop(sds);
+    world.wait_metric(
+        "acme_agent_certificate_failures",
+        &["certificate=\"www\""],
+        5.0,
         Duration::from_secs(30),
     );
     assert_eq!(
@@ -297,19 +336,25 @@ fn an_issued_certificate_whose_install_fails_is_installed_later_never_ordered_ag
         orders_before - 1.0,
         "one order, then only installs"
     );
-    assert!(world.status_record("www")["awaiting_install"] == true);
+    assert_eq!(world.status_record("www")["awaiting_install"], true);
     assert!(
         world
             .status_line("www")
             .contains("issued, waiting to be stored or installed")
     );
+    assert_eq!(
+        world.issued_pem("www").0,
+        first,
+        "nothing was half-written meanwhile"
+    );
 
-    std::fs::remove_file(&pem_dir).unwrap();
+    drop(pem);
     world.wait_issued("www", 2.0);
     assert_eq!(orders_remaining(&world), orders_before - 1.0);
     let renewed = world.issued_pem("www").0;
     assert_ne!(renewed, first);
     world.assert_valid("www", WWW.1);
+    world.wait_served(0, "www.example.com");
     let record = world.status_record("www");
     assert_eq!(record["awaiting_install"], false, "{record}");
     assert_eq!(record["failures"], 0, "{record}");

@@ -56,6 +56,8 @@ pub struct Entry {
     pub spec: Certificate,
     /// The store has answered for this certificate; until then nothing is ordered.
     pub restored: bool,
+    /// Failed reads of the store since the entry was created (their backoff).
+    pub restore_attempts: u32,
     pub served: Option<Served>,
     pub awaiting: Option<Awaiting>,
     /// Fixed per served leaf, so the two-thirds time does not move between looks.
@@ -83,6 +85,7 @@ impl Entry {
         Self {
             spec,
             restored: false,
+            restore_attempts: 0,
             served: None,
             awaiting: None,
             jitter: schedule::random_fraction(),
@@ -154,6 +157,7 @@ impl Entry {
 
     /// The store could not be read: nothing is ordered, the read is retried.
     pub fn restore_failed(&mut self, error: &crate::Error, wait: Duration, now: SystemTime) {
+        self.restore_attempts = self.restore_attempts.saturating_add(1);
         self.last_error = Some(format!("reading the stored state: {error}"));
         self.last_error_kind = Some(error.kind().to_owned());
         self.due = now + wait;

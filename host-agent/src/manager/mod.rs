@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use instant_acme::Account;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
@@ -123,16 +122,6 @@ impl Manager {
             self_check: current.self_check.as_ref().map(|s| s.target.clone()),
             requests,
         })
-    }
-
-    /// The account in use once one is loaded or registered (tests, bench).
-    pub async fn account(&self) -> Option<Account> {
-        self.shared
-            .account
-            .lock()
-            .await
-            .as_ref()
-            .map(|h| h.account.clone())
     }
 
     /// Serves every valid stored certificate at once (no network needed), then
@@ -340,12 +329,11 @@ impl Manager {
                 }
             }
             Outcome::RestoreFailed(error) => {
-                let failures = entry.failures.saturating_add(1);
                 let wait = Backoff {
                     initial: RESTORE_RETRY,
                     max: RESTORE_RETRY_MAX,
                 }
-                .delay(failures, None, false);
+                .delay(entry.restore_attempts.saturating_add(1), None, false);
                 warn!(
                     certificate = name,
                     retry_in_seconds = wait.as_secs_f64(),
