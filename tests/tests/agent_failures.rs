@@ -2,8 +2,9 @@
 //! each against real failures: a name the real Pebble cannot validate (its
 //! DNS, `pebble-challtestsrv`, points it where nothing listens while the
 //! self-check through Envoy passes), the CA stopped and restarted (which also
-//! forgets every account), an install step that fails, and restarts by
-//! SIGTERM and SIGKILL in the middle of a backoff.
+//! forgets every account), a read-only `sds_dir` and certificate directory
+//! (`chattr +i`, which holds for root too), and restarts by SIGTERM and
+//! SIGKILL in the middle of a backoff.
 
 use std::time::{Duration, SystemTime};
 
