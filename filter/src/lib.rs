@@ -170,6 +170,19 @@ impl AcmeRoot {
         }
     }
 
+    /// Claims or renews the poller lease; whether this context holds it now.
+    fn elect(&mut self, now: u64) -> bool {
+        let leader = lease::elect(&Host, self.owner, now);
+        if leader != self.leader {
+            info!(
+                "acme: {} the challenge poller of this Envoy",
+                if leader { "became" } else { "is no longer" }
+            );
+        }
+        self.leader = leader;
+        leader
+    }
+
     fn poll_if_due(&mut self, now: u64) {
         let Some(poller) = self.poller.as_mut() else {
             return;
@@ -223,14 +236,7 @@ impl Context for AcmeRoot {
         // Whether this context still holds the lease, asked now: another may
         // have taken over while the call was out, and then only its data
         // counts and only it polls again.
-        let leader = lease::elect(&Host, self.owner, now);
-        if leader != self.leader {
-            info!(
-                "acme: {} the challenge poller of this Envoy",
-                if leader { "became" } else { "is no longer" }
-            );
-        }
-        self.leader = leader;
+        let leader = self.elect(now);
         match outcome {
             Ok(SyncOutcome::Snapshot(_)) if !leader => {
                 info!("acme: dropped a sync answer that arrived after the lease moved on");
@@ -304,14 +310,7 @@ impl RootContext for AcmeRoot {
 
     fn on_tick(&mut self) {
         let now = now_ms();
-        let leader = lease::elect(&Host, self.owner, now);
-        if leader != self.leader {
-            info!(
-                "acme: {} the challenge poller of this Envoy",
-                if leader { "became" } else { "is no longer" }
-            );
-        }
-        self.leader = leader;
+        self.elect(now);
         self.poll_if_due(now);
     }
 

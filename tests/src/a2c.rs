@@ -33,76 +33,13 @@ pub struct A2c {
     dns: Child,
 }
 
-fn openssl(args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl").args(args).output()?;
-    if !out.status.success() {
-        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 impl A2c {
     /// Starts its DNS and the server; `renewal_force` makes its renewal info
     /// say "renew now" for every certificate.
     pub fn start(renewal_force: bool) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let p = |name: &str| dir.path().join(name).display().to_string();
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=acme2certifier test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.crt"),
-        ])?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            &p("tls.key"),
-            "-out",
-            &p("tls.csr"),
-        ])?;
-        std::fs::write(
-            dir.path().join("leaf.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-days",
-            "2",
-            "-in",
-            &p("tls.csr"),
-            "-CA",
-            &p("ca.crt"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-extfile",
-            &p("leaf.ext"),
-            "-out",
-            &p("tls.crt"),
-        ])?;
+        // One CA signs its TLS certificate and what it issues.
+        let tls = crate::tls::localhost(dir.path(), "acme2certifier test CA")?;
         std::fs::create_dir(dir.path().join("certs"))?;
         let mut dns = Command::new("pebble-challtestsrv");
         dns.args(["-defaultIPv6", "", "-defaultIPv4", "127.0.0.1"])
@@ -116,7 +53,7 @@ impl A2c {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut a2c = Self {
             directory_url: format!("https://{listen}/directory"),
-            ca: dir.path().join("ca.crt"),
+            ca: tls.ca,
             listen,
             server: None,
             dns,
@@ -160,8 +97,8 @@ impl A2c {
             .args([
                 "127.0.0.1",
                 &self.listen.port().to_string(),
-                &self.dir.path().join("tls.crt").display().to_string(),
-                &self.dir.path().join("tls.key").display().to_string(),
+                &self.dir.path().join("server.crt").display().to_string(),
+                &self.dir.path().join("server.key").display().to_string(),
             ])
             .env("ACME_SRV_CONFIGFILE", config)
             .stdin(Stdio::null())

@@ -10,6 +10,7 @@ pub mod pebble;
 pub mod probe;
 pub mod proxy_wasm_host;
 pub mod sync_server;
+pub mod tls;
 pub mod world;
 
 use std::path::{Path, PathBuf};

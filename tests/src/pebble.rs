@@ -55,49 +55,8 @@ impl Pebble {
     /// 127.0.0.1:`http_port`.
     pub fn start(http_port: u16, options: Options) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        // A CA and a leaf signed by it: rustls (like any WebPKI verifier)
-        // refuses a self-signed CA certificate presented as the server's.
-        let ca_key = dir.path().join("ca.key");
-        let ca = dir.path().join("ca.crt");
-        let key = dir.path().join("pebble.key");
-        let csr = dir.path().join("pebble.csr");
-        let cert = dir.path().join("pebble.crt");
-        let ext = dir.path().join("leaf.ext");
-        std::fs::write(
-            &ext,
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )?;
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        openssl(
-            &["req", "-x509"],
-            &ec,
-            &["-days", "2", "-subj", "/CN=test CA for Pebble"],
-            &[("-keyout", &ca_key), ("-out", &ca)],
-        )?;
-        openssl(
-            &["req"],
-            &ec,
-            &["-subj", "/CN=localhost"],
-            &[("-keyout", &key), ("-out", &csr)],
-        )?;
-        openssl(
-            &["x509", "-req", "-days", "2", "-CAcreateserial"],
-            &[],
-            &[],
-            &[
-                ("-in", &csr),
-                ("-CA", &ca),
-                ("-CAkey", &ca_key),
-                ("-extfile", &ext),
-                ("-out", &cert),
-            ],
-        )?;
+        let tls = crate::tls::localhost(dir.path(), "test CA for Pebble")?;
+        let (ca, cert, key) = (tls.ca, tls.cert, tls.key);
         let dns_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let dns_management: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut dns_cmd = Command::new("pebble-challtestsrv");
@@ -262,19 +221,6 @@ impl Pebble {
 }
 
 /// Runs `openssl <sub> <key opts> <args> <path opts>`, failing on a non-zero exit.
-fn openssl(sub: &[&str], key: &[&str], args: &[&str], paths: &[(&str, &PathBuf)]) -> Result<()> {
-    let mut cmd = Command::new("openssl");
-    cmd.args(sub).args(key).args(args);
-    for (flag, path) in paths {
-        cmd.arg(flag).arg(path);
-    }
-    let out = cmd.output().context("running openssl")?;
-    if !out.status.success() {
-        bail!("openssl {sub:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 fn pebble_config_json(
     listen: SocketAddr,
     management: SocketAddr,

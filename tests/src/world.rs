@@ -161,6 +161,17 @@ impl World {
             .unwrap()
     }
 
+    /// `acme-agent renew <name>`, which must be accepted.
+    pub fn renew(&self, name: &str) {
+        let out = self.cli(&["renew", name]);
+        assert!(
+            out.status.success(),
+            "renew {name}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.context()
+        );
+    }
+
     pub fn start_agent(&mut self) {
         let kube_env = self.kube_env();
         let env: Vec<(&str, &std::ffi::OsStr)> =

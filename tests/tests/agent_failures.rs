@@ -21,6 +21,19 @@ fn failed_orders(world: &World, name: &str) -> f64 {
     )
 }
 
+/// Waits until `certificate` waits for the CA-limit budget `limit`.
+fn wait_for_budget(world: &World, certificate: &str, limit: &str) {
+    world.wait_metric(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &[
+            &format!("certificate=\"{certificate}\""),
+            &format!("limit=\"{limit}\""),
+        ],
+        1.0,
+        Duration::from_secs(30),
+    );
+}
+
 fn orders_remaining(world: &World) -> f64 {
     world.metric("acme_agent_ca_limit_orders_remaining", &[])
 }
@@ -126,15 +139,7 @@ fn failed_authorizations_stop_at_the_budget_and_the_wait_survives_a_restart() {
         .write_config();
     world.start_agent();
     world.add_envoy(&["bad"], 1);
-    world.wait_metric(
-        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
-        &[
-            "certificate=\"bad\"",
-            "limit=\"failed_authorizations_per_name\"",
-        ],
-        1.0,
-        Duration::from_secs(30),
-    );
+    wait_for_budget(&world, "bad", "failed_authorizations_per_name");
     assert_eq!(failed_orders(&world, "bad"), 2.0, "{}", world.context());
     let line = world.status_line("bad");
     assert!(
@@ -148,15 +153,7 @@ fn failed_authorizations_stop_at_the_budget_and_the_wait_survives_a_restart() {
     // The ledger is state: a SIGKILLed agent restarted keeps waiting.
     world.agent.as_mut().unwrap().kill();
     world.start_agent();
-    world.wait_metric(
-        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
-        &[
-            "certificate=\"bad\"",
-            "limit=\"failed_authorizations_per_name\"",
-        ],
-        1.0,
-        Duration::from_secs(30),
-    );
+    wait_for_budget(&world, "bad", "failed_authorizations_per_name");
     assert_quiet(&world, Duration::from_secs(4));
     assert_eq!(
         failed_orders(&world, "bad"),
@@ -173,28 +170,13 @@ fn duplicate_certificates_stop_at_the_budget_even_when_forced() {
     world.start_agent();
     world.add_envoy(&["www"], 1);
     world.wait_issued("www", 1.0);
-    let out = world.cli(&["renew", "www"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    world.renew("www");
     world.wait_issued("www", 2.0);
     let before = world.issued_pem("www").0;
 
     // A third certificate for the same names this week would exceed the budget.
-    let out = world.cli(&["renew", "www"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    world.wait_metric(
-        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
-        &["certificate=\"www\"", "limit=\"certificates_per_name_set\""],
-        1.0,
-        Duration::from_secs(20),
-    );
+    world.renew("www");
+    wait_for_budget(&world, "www", "certificates_per_name_set");
     assert_quiet(&world, Duration::from_secs(3));
     assert_eq!(world.issued_pem("www").0, before);
     let line = world.status_line("www");
@@ -213,12 +195,7 @@ fn a_forced_renewal_survives_a_ca_outage_restarts_in_its_backoff_and_a_lost_acco
     let first = world.issued_pem("www").0;
 
     world.pebble.stop();
-    let out = world.cli(&["renew", "www"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    world.renew("www");
     world.wait_metric(
         "acme_agent_certificate_failures",
         &["certificate=\"www\""],
@@ -303,12 +280,7 @@ fn a_read_only_sds_dir_costs_no_order_and_an_issued_certificate_is_installed_lat
 
     // sds_dir read-only before the order: found by the check, no order.
     let sds = Immutable::set(&world.sds_dir());
-    let out = world.cli(&["renew", "www"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    world.renew("www");
     world.wait_metric(
         "acme_agent_certificate_failures",
         &["certificate=\"www\""],

@@ -139,12 +139,7 @@ fn certificates_become_tls_secrets_the_account_a_secret_and_foreign_secrets_are_
 
     // Renewal updates the same Secret in place.
     let before = decoded(&kube.secret(WWW.0).unwrap(), "tls.crt").unwrap();
-    let out = world.cli(&["renew", WWW.0]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    world.renew(WWW.0);
     world.wait_issued(WWW.0, 1.0);
     let after = decoded(&kube.secret(WWW.0).unwrap(), "tls.crt").unwrap();
     assert_ne!(before, after);
