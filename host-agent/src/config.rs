@@ -177,6 +177,18 @@ pub struct SelfCheck {
     pub target: String,
 }
 
+/// The SDS server's listener (for Envoy alone: loopback by default).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Sds {
+    #[serde(default = "default_sds_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_sds_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9181))
+}
+
 /// Kubernetes mode: certificates become `kubernetes.io/tls` Secrets and the
 /// agent's state (ACME account, issued certificates, status) lives in Secrets
 /// too, all in `namespace`.
@@ -244,6 +256,9 @@ pub struct Config {
     /// is set.
     pub sds_dir: Option<PathBuf>,
     pub kubernetes: Option<Kubernetes>,
+    /// The agent as Envoy's SDS server (delta xDS), for Envoy's on-demand
+    /// certificate selector: any number of certificates on one listener.
+    pub sds: Option<Sds>,
     #[serde(default)]
     pub challenge_api: ChallengeApi,
     pub self_check: Option<SelfCheck>,
@@ -326,14 +341,19 @@ impl Config {
     fn validate(&self, path: &Path) -> Result<(), Error> {
         match &self.kubernetes {
             None => {
-                for (field, value) in [("state_dir", &self.state_dir), ("sds_dir", &self.sds_dir)] {
-                    if value.is_none() {
-                        return Err(invalid(
-                            path,
-                            field,
-                            "missing (required unless [kubernetes] is set)",
-                        ));
-                    }
+                if self.state_dir.is_none() {
+                    return Err(invalid(
+                        path,
+                        "state_dir",
+                        "missing (required unless [kubernetes] is set)",
+                    ));
+                }
+                if self.sds_dir.is_none() && self.sds.is_none() {
+                    return Err(invalid(
+                        path,
+                        "sds_dir",
+                        "missing (required unless [kubernetes] or [sds] is set)",
+                    ));
                 }
             }
             Some(k) => {
@@ -845,5 +865,23 @@ mod refusals {
             ..ChallengeApi::default()
         };
         assert!(!format!("{api:?}").contains("very-secret"));
+    }
+}
+
+#[cfg(test)]
+mod sds_section {
+    use super::*;
+
+    #[test]
+    fn sds_makes_sds_dir_optional_and_listens_on_loopback() {
+        let base = "state_dir = \"/s\"\n[acme]\ndirectory = \"letsencrypt\"\n";
+        match Config::parse(base, Path::new("agent.toml")) {
+            Err(Error::Config { field, .. }) => assert_eq!(field, "sds_dir"),
+            other => panic!("{other:?}"),
+        }
+        let c = Config::parse(&format!("{base}[sds]\n"), Path::new("agent.toml")).unwrap();
+        let sds = c.sds.unwrap();
+        assert!(sds.listen.ip().is_loopback());
+        assert_eq!(sds.listen.port(), 9181);
     }
 }

@@ -22,6 +22,7 @@ pub mod manager;
 pub mod metrics;
 pub mod order;
 pub mod schedule;
+pub mod sds;
 pub mod self_check;
 pub mod sink;
 pub mod status;

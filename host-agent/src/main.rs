@@ -14,8 +14,8 @@ use acme_agent::control;
 use acme_agent::kubernetes::KubeStore;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
-use acme_agent::sink::CertificateSink;
-use acme_agent::sink::FileSink;
+use acme_agent::sds::{SdsSink, SecretSet};
+use acme_agent::sink::{CertificateSink, FileSink, Sinks};
 use acme_agent::status;
 use acme_agent::store::{StateStore, Store};
 use anyhow::Context as _;
@@ -146,7 +146,27 @@ fn status_table(config: &Config) -> anyhow::Result<String> {
 /// Where state and certificates go: files, or Secrets in Kubernetes mode.
 async fn backends(
     config: &Config,
+    secrets: Option<Arc<SecretSet>>,
 ) -> anyhow::Result<(Arc<dyn StateStore>, Arc<dyn CertificateSink>)> {
+    let (store, sink) = storage(config).await?;
+    let Some(secrets) = secrets else {
+        // Config validation requires sds_dir (or [kubernetes]) without [sds].
+        let sink = sink.context("sds_dir is required without [sds]")?;
+        return Ok((store, sink));
+    };
+    let sds: Arc<dyn CertificateSink> = Arc::new(SdsSink::new(secrets));
+    let sinks: Vec<Arc<dyn CertificateSink>> = match sink {
+        Some(sink) => vec![sink, sds],
+        None => vec![sds],
+    };
+    Ok((store, Arc::new(Sinks(sinks))))
+}
+
+/// The state store, and the sink that goes with it (none when files are not
+/// wanted: `[sds]` without `sds_dir`).
+async fn storage(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<dyn CertificateSink>>)> {
     if let Some(k8s) = &config.kubernetes {
         let client = kube::Client::try_default()
             .await
@@ -156,20 +176,22 @@ async fn backends(
             namespace = k8s.namespace,
             "Kubernetes mode: certificates and state in Secrets"
         );
-        return Ok((Arc::clone(&store) as Arc<dyn StateStore>, store));
+        return Ok((Arc::clone(&store) as Arc<dyn StateStore>, Some(store)));
     }
-    let (Some(state_dir), Some(sds_dir)) = (&config.state_dir, &config.sds_dir) else {
-        anyhow::bail!("state_dir and sds_dir are required without [kubernetes]");
+    let Some(state_dir) = &config.state_dir else {
+        anyhow::bail!("state_dir is required without [kubernetes]");
     };
-    Ok((
-        Arc::new(Store::open(state_dir)?),
-        Arc::new(FileSink::new(sds_dir)?),
-    ))
+    let sink = match &config.sds_dir {
+        Some(dir) => Some(Arc::new(FileSink::new(dir)?) as Arc<dyn CertificateSink>),
+        None => None,
+    };
+    Ok((Arc::new(Store::open(state_dir)?), sink))
 }
 
 #[tokio::main]
 async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
-    let (store, sink) = backends(&config).await?;
+    let secrets = config.sds.as_ref().map(|_| Arc::new(SecretSet::new()));
+    let (store, sink) = backends(&config, secrets.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
     let (requests_tx, requests_rx) = mpsc::channel(16);
@@ -188,9 +210,25 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     })?;
     info!(address = %listener.local_addr()?, "challenge API listening");
 
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sds = match (&config.sds, secrets) {
+        (Some(sds), Some(secrets)) => {
+            let listener = api::bind(sds.listen)
+                .with_context(|| format!("binding the SDS server to {}", sds.listen))?;
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(acme_agent::sds::serve(
+                listener,
+                secrets,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        _ => None,
+    };
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let manager = Manager::new(config_rx, store, sink, challenges, metrics, requests_rx)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, config_tx, stop_rx.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -208,6 +246,11 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         error!("certificate manager did not stop within 10 s");
     }
     reloader.abort();
+    if let Some(sds) = sds
+        && let Ok(Err(e)) = sds.await
+    {
+        error!("{e}");
+    }
     info!("stopped");
     Ok(())
 }
@@ -264,9 +307,10 @@ async fn watch_config(
                     || old.sds_dir != new.sds_dir
                     || old.kubernetes != new.kubernetes
                     || old.challenge_api != new.challenge_api
+                    || old.sds != new.sds
                 {
                     warn!(
-                        "changes to state_dir, sds_dir, [kubernetes] and [challenge_api] take effect after a restart"
+                        "changes to state_dir, sds_dir, [kubernetes], [challenge_api] and [sds] take effect after a restart"
                     );
                 }
                 info!(

@@ -53,11 +53,58 @@ pub trait CertificateSink: Send + Sync {
         true
     }
 
+    /// Installs a self-signed stand-in where [`wants_placeholder`] (a sink
+    /// that answers "no such certificate" by itself ignores it).
+    ///
+    /// [`wants_placeholder`]: CertificateSink::wants_placeholder
+    fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+        if self.wants_placeholder() {
+            self.install(certificate)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Fails when `name` could not be installed (a Kubernetes Secret of that
     /// name that is not the agent's), checked before an order is placed so no
     /// certificate is issued only to be refused.
     fn check_writable(&self, _name: &str) -> Result<(), Error> {
         Ok(())
+    }
+}
+
+/// Several sinks at once (SDS files and the SDS server, say): each gets every
+/// certificate; a failure of one is reported after the others were tried.
+pub struct Sinks(pub Vec<std::sync::Arc<dyn CertificateSink>>);
+
+impl CertificateSink for Sinks {
+    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+        let mut first_error = None;
+        for sink in &self.0 {
+            if let Err(e) = sink.install(certificate) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn installed(&self, name: &str) -> bool {
+        self.0.iter().all(|s| s.installed(name))
+    }
+
+    fn wants_placeholder(&self) -> bool {
+        self.0.iter().any(|s| s.wants_placeholder())
+    }
+
+    fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+        for sink in &self.0 {
+            sink.install_placeholder(certificate)?;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, name: &str) -> Result<(), Error> {
+        self.0.iter().try_for_each(|s| s.check_writable(name))
     }
 }
 

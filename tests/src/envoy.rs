@@ -463,3 +463,84 @@ static_resources:
 pub fn free_addr() -> Result<SocketAddr> {
     Ok(SocketAddr::from(([127, 0, 0, 1], http::free_port()?)))
 }
+
+/// An Envoy whose one HTTPS listener at `https` serves any number of
+/// certificates from the agent's SDS server at `sds` (delta xDS over ADS),
+/// picked by SNI with Envoy's on-demand certificate selector (1.37+). Answers
+/// every request with 200 "tls ok".
+pub fn on_demand_bootstrap(https: SocketAddr, admin: SocketAddr, sds: SocketAddr) -> String {
+    format!(
+        r#"node: {{ id: test, cluster: test }}
+admin:
+  address:
+    socket_address: {{ address: {admin_ip}, port_value: {admin_port} }}
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: {{ cluster_name: acme_sds }}
+static_resources:
+  listeners:
+  - name: https
+    address:
+      socket_address: {{ address: {ip}, port_value: {port} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          # Required by the on-demand selector (no session resumption).
+          disable_stateless_session_resumption: true
+          disable_stateful_session_resumption: true
+          common_tls_context:
+            custom_tls_certificate_selector:
+              name: envoy.tls.certificate_selectors.on_demand_secret
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_selectors.on_demand_secret.v3.Config
+                config_source: {{ ads: {{}}, resource_api_version: V3 }}
+                certificate_mapper:
+                  name: envoy.tls.certificate_mappers.sni
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_mappers.sni.v3.SNI
+                    default_value: no-sni
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: https
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "tls ok" }} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: acme_sds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: acme_sds
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {sds_ip}, port_value: {sds_port} }}
+"#,
+        admin_ip = admin.ip(),
+        admin_port = admin.port(),
+        ip = https.ip(),
+        port = https.port(),
+        sds_ip = sds.ip(),
+        sds_port = sds.port(),
+    )
+}

@@ -81,7 +81,7 @@ pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
 fn install_placeholder(shared: &Shared, spec: &Certificate) {
     let result =
         certificate::placeholder(&spec.domains, spec.key_type).and_then(|(chain_pem, key_pem)| {
-            shared.sink.install(&IssuedCertificate {
+            shared.sink.install_placeholder(&IssuedCertificate {
                 name: spec.name.clone(),
                 chain_pem,
                 key_pem,

@@ -1,0 +1,576 @@
+//! The agent as Envoy's secret discovery service: every installed certificate
+//! is served as an SDS `Secret` under its name and under each of its DNS
+//! names, so Envoy's on-demand certificate selector with the SNI mapper
+//! (`envoy.tls.certificate_selectors.on_demand_secret`, Envoy 1.37+) finds it
+//! by the client's SNI, and one static listener serves any number of them.
+//!
+//! Only the delta protocol is spoken, over ADS (`DeltaAggregatedResources`)
+//! and plain SDS (`DeltaSecrets`): with state-of-the-world a name the server
+//! does not serve can only be left out, which hangs that handshake for good
+//! (see `../shared/FACTS.md`); with delta it is answered with a removal and
+//! the handshake fails at once.
+//!
+//! Versions are a digest of the certificate chain, so they are the same after
+//! an agent restart and Envoy's `initial_resource_versions` on reconnect are
+//! honoured without resending anything.
+//!
+//! Bounded: names per stream ([`MAX_NAMES_PER_STREAM`]; more are answered as
+//! removed and not tracked), name length (253), streams per connection. The
+//! listener is for Envoy alone: loopback by default.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    Secret, TlsCertificate, secret,
+};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::Error;
+use crate::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
+
+/// Names one stream may subscribe to; a name beyond is answered as removed
+/// (its handshake fails at once) and not tracked.
+pub const MAX_NAMES_PER_STREAM: usize = 100_000;
+/// Longest name served (a DNS name's limit).
+const MAX_NAME_LEN: usize = 253;
+/// Responses queued per stream before the stream waits for Envoy to read.
+const STREAM_QUEUE: usize = 16;
+
+/// One secret as served: its version and the encoded resource.
+#[derive(Clone)]
+struct Served {
+    version: String,
+    resource: Any,
+    /// The certificate it belongs to (a name may move to another one).
+    certificate: String,
+}
+
+/// What the SDS server serves, keyed by secret name.
+pub struct SecretSet {
+    secrets: Mutex<BTreeMap<String, Served>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for SecretSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn version_of(chain_pem: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, chain_pem.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn encode(name: &str, chain_pem: &str, key_pem: &str) -> Any {
+    let inline = |text: &str| DataSource {
+        specifier: Some(data_source::Specifier::InlineString(text.to_owned())),
+        ..DataSource::default()
+    };
+    let secret = Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(chain_pem)),
+            private_key: Some(inline(key_pem)),
+            ..TlsCertificate::default()
+        })),
+    };
+    Any {
+        type_url: SECRET_TYPE.to_owned(),
+        value: secret.encode_to_vec(),
+    }
+}
+
+impl SecretSet {
+    pub fn new() -> Self {
+        Self {
+            secrets: Mutex::new(BTreeMap::new()),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Served>> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves `certificate` under its name and each of `names`, replacing
+    /// what it served before (a name it no longer covers is removed).
+    pub fn set(&self, certificate: &str, names: &[String], chain_pem: &str, key_pem: &str) {
+        let version = version_of(chain_pem);
+        let mut secrets = self.lock();
+        secrets.retain(|name, s| s.certificate != certificate || names.contains(name));
+        for name in std::iter::once(certificate).chain(names.iter().map(String::as_str)) {
+            secrets.insert(
+                name.to_owned(),
+                Served {
+                    version: version.clone(),
+                    resource: encode(name, chain_pem, key_pem),
+                    certificate: certificate.to_owned(),
+                },
+            );
+        }
+        drop(secrets);
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Stops serving everything of `certificate`.
+    pub fn remove(&self, certificate: &str) {
+        let mut secrets = self.lock();
+        let before = secrets.len();
+        secrets.retain(|_, s| s.certificate != certificate);
+        let changed = secrets.len() != before;
+        drop(secrets);
+        if changed {
+            self.changed.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<(String, Any)> {
+        self.lock()
+            .get(name)
+            .map(|s| (s.version.clone(), s.resource.clone()))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A sink that hands certificates to the SDS server.
+pub struct SdsSink {
+    set: Arc<SecretSet>,
+}
+
+impl SdsSink {
+    pub fn new(set: Arc<SecretSet>) -> Self {
+        Self { set }
+    }
+}
+
+impl CertificateSink for SdsSink {
+    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+        let leaf = crate::certificate::leaf(&certificate.chain_pem)?;
+        let names: Vec<String> = leaf.dns_names.into_iter().collect();
+        self.set.set(
+            &certificate.name,
+            &names,
+            &certificate.chain_pem,
+            &certificate.key_pem,
+        );
+        Ok(())
+    }
+
+    fn installed(&self, name: &str) -> bool {
+        self.set.contains(name)
+    }
+
+    /// A name not served yet is answered as removed: Envoy needs no file.
+    fn wants_placeholder(&self) -> bool {
+        false
+    }
+}
+
+/// What the server last told one stream about a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Told {
+    Nothing,
+    Version(String),
+    Removed,
+}
+
+/// One delta stream's subscriptions and what it was told.
+#[derive(Default)]
+struct Stream {
+    names: HashMap<String, Told>,
+    nonce: u64,
+}
+
+impl Stream {
+    /// Applies a request; the names it refused (over the cap, malformed) to be
+    /// answered as removed without tracking them.
+    fn request(&mut self, request: &DeltaDiscoveryRequest) -> Vec<String> {
+        let mut refused = Vec::new();
+        for (name, version) in &request.initial_resource_versions {
+            if self.names.len() < MAX_NAMES_PER_STREAM && name.len() <= MAX_NAME_LEN {
+                self.names
+                    .insert(name.clone(), Told::Version(version.clone()));
+            }
+        }
+        for name in &request.resource_names_subscribe {
+            if name.is_empty() || name.len() > MAX_NAME_LEN {
+                refused.push(name.clone());
+            } else if !self.names.contains_key(name) {
+                if self.names.len() >= MAX_NAMES_PER_STREAM {
+                    refused.push(name.clone());
+                } else {
+                    self.names.insert(name.clone(), Told::Nothing);
+                }
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            self.names.remove(name);
+        }
+        refused
+    }
+
+    /// What to send now: every subscribed name whose served state differs
+    /// from what the stream was told, plus `refused`.
+    fn diff(&mut self, set: &SecretSet, refused: Vec<String>) -> Option<DeltaDiscoveryResponse> {
+        let mut resources = Vec::new();
+        let mut removed = refused;
+        for (name, told) in &mut self.names {
+            match set.get(name) {
+                Some((version, resource)) => {
+                    if *told != Told::Version(version.clone()) {
+                        resources.push(Resource {
+                            name: name.clone(),
+                            version: version.clone(),
+                            resource: Some(resource),
+                            ..Resource::default()
+                        });
+                        *told = Told::Version(version);
+                    }
+                }
+                None => {
+                    if *told != Told::Removed {
+                        removed.push(name.clone());
+                        *told = Told::Removed;
+                    }
+                }
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        self.nonce += 1;
+        Some(DeltaDiscoveryResponse {
+            system_version_info: String::new(),
+            resources,
+            type_url: SECRET_TYPE.to_owned(),
+            removed_resources: removed,
+            nonce: self.nonce.to_string(),
+            ..DeltaDiscoveryResponse::default()
+        })
+    }
+}
+
+/// Serves one delta stream until Envoy closes it.
+async fn serve_stream(
+    set: Arc<SecretSet>,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut stream = Stream::default();
+    let mut changes = set.changed.subscribe();
+    loop {
+        let refused = tokio::select! {
+            // Shutdown ends the stream (Envoy reconnects to the next agent).
+            _ = stopping.wait_for(|stop| *stop) => break,
+            message = inbound.message() => match message {
+                Ok(Some(request)) => {
+                    if !request.type_url.is_empty() && request.type_url != SECRET_TYPE {
+                        debug!(type_url = request.type_url, "ignoring a request for another type");
+                        continue;
+                    }
+                    if let Some(error) = &request.error_detail {
+                        warn!(nonce = request.response_nonce, "Envoy rejected a secret: {}", error.message);
+                    }
+                    stream.request(&request)
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    debug!("SDS stream ended: {status}");
+                    break;
+                }
+            },
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                Vec::new()
+            }
+        };
+        if let Some(response) = stream.diff(&set, refused)
+            && out.send(Ok(response)).await.is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// The gRPC services: delta ADS and delta SDS over the same secrets.
+#[derive(Clone)]
+pub struct SdsServer {
+    set: Arc<SecretSet>,
+    stopping: watch::Receiver<bool>,
+}
+
+type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+impl SdsServer {
+    pub fn new(set: Arc<SecretSet>, stopping: watch::Receiver<bool>) -> Self {
+        Self { set, stopping }
+    }
+
+    fn delta(&self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaStream> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        tokio::spawn(serve_stream(
+            Arc::clone(&self.set),
+            request.into_inner(),
+            tx,
+            self.stopping.clone(),
+        ));
+        Response::new(ReceiverStream::new(rx))
+    }
+}
+
+const SOTW_REFUSED: &str = "only the delta protocol is served (api_type: DELTA_GRPC): state-of-the-world cannot refuse a name";
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for SdsServer {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented(SOTW_REFUSED))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Ok(self.delta(request))
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsServer {
+    type DeltaSecretsStream = DeltaStream;
+    type StreamSecretsStream = SotwStream;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Ok(self.delta(request))
+    }
+
+    async fn stream_secrets(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented(SOTW_REFUSED))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented(SOTW_REFUSED))
+    }
+}
+
+/// Streams per connection (Envoy uses one over ADS).
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Serves SDS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    set: Arc<SecretSet>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    info!(address = ?addr, "SDS server listening");
+    let (stop, stopping) = watch::channel(false);
+    let server = SdsServer::new(set, stopping);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let shutdown = async move {
+        shutdown.await;
+        stop.send_replace(true);
+    };
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
+        .add_service(SecretDiscoveryServiceServer::new(server))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::Io {
+            context: "serving SDS".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..DeltaDiscoveryRequest::default()
+        }
+    }
+
+    fn names(response: &DeltaDiscoveryResponse) -> (Vec<String>, Vec<String>) {
+        let mut sent: Vec<String> = response.resources.iter().map(|r| r.name.clone()).collect();
+        let mut removed = response.removed_resources.clone();
+        sent.sort();
+        removed.sort();
+        (sent, removed)
+    }
+
+    #[test]
+    fn served_under_the_name_and_every_dns_name_and_unknown_names_are_removed() {
+        let set = SecretSet::new();
+        set.set(
+            "www",
+            &["www.example.com".into(), "example.com".into()],
+            "chain",
+            "key",
+        );
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&["www.example.com", "nope.example.com", "www"]));
+        let response = stream.diff(&set, refused).unwrap();
+        assert_eq!(
+            names(&response),
+            (
+                vec!["www".into(), "www.example.com".into()],
+                vec!["nope.example.com".into()]
+            )
+        );
+        let secret = Secret::decode(
+            response.resources[0]
+                .resource
+                .as_ref()
+                .unwrap()
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert!(matches!(
+            secret.r#type,
+            Some(secret::Type::TlsCertificate(_))
+        ));
+        // Nothing changed: nothing to send.
+        assert!(stream.diff(&set, Vec::new()).is_none());
+    }
+
+    #[test]
+    fn a_renewal_is_pushed_and_a_dropped_name_removed() {
+        let set = SecretSet::new();
+        set.set(
+            "www",
+            &["www.example.com".into(), "old.example.com".into()],
+            "chain1",
+            "key",
+        );
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&["www.example.com", "old.example.com"]));
+        stream.diff(&set, refused).unwrap();
+        set.set("www", &["www.example.com".into()], "chain2", "key");
+        let response = stream.diff(&set, Vec::new()).unwrap();
+        assert_eq!(
+            names(&response),
+            (
+                vec!["www.example.com".into()],
+                vec!["old.example.com".into()]
+            )
+        );
+        assert_eq!(response.resources[0].version, version_of("chain2"));
+    }
+
+    #[test]
+    fn a_reconnect_with_current_versions_gets_nothing_resent() {
+        let set = SecretSet::new();
+        set.set("www", &["www.example.com".into()], "chain", "key");
+        let mut stream = Stream::default();
+        let mut request = subscribe(&["www.example.com"]);
+        request
+            .initial_resource_versions
+            .insert("www.example.com".into(), version_of("chain"));
+        let refused = stream.request(&request);
+        assert!(stream.diff(&set, refused).is_none());
+        // An older version held by Envoy is replaced.
+        let mut stream = Stream::default();
+        let mut request = subscribe(&["www.example.com"]);
+        request
+            .initial_resource_versions
+            .insert("www.example.com".into(), "old".into());
+        let refused = stream.request(&request);
+        assert_eq!(stream.diff(&set, refused).unwrap().resources.len(), 1);
+    }
+
+    #[test]
+    fn names_are_bounded() {
+        let set = SecretSet::new();
+        let mut stream = Stream::default();
+        let long = "a".repeat(300);
+        let refused = stream.request(&subscribe(&["", &long]));
+        assert_eq!(refused.len(), 2);
+        assert!(stream.names.is_empty());
+        let many: Vec<String> = (0..MAX_NAMES_PER_STREAM + 10)
+            .map(|i| format!("h{i}.example.com"))
+            .collect();
+        let request = DeltaDiscoveryRequest {
+            resource_names_subscribe: many,
+            ..DeltaDiscoveryRequest::default()
+        };
+        let refused = stream.request(&request);
+        assert_eq!(refused.len(), 10);
+        assert_eq!(stream.names.len(), MAX_NAMES_PER_STREAM);
+        let response = stream.diff(&set, refused).unwrap();
+        assert_eq!(response.removed_resources.len(), MAX_NAMES_PER_STREAM + 10);
+    }
+
+    #[test]
+    fn unsubscribed_names_are_forgotten() {
+        let set = SecretSet::new();
+        let mut stream = Stream::default();
+        stream.request(&subscribe(&["a.example.com"]));
+        stream.request(&DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec!["a.example.com".into()],
+            ..DeltaDiscoveryRequest::default()
+        });
+        assert!(stream.names.is_empty());
+        assert!(stream.diff(&set, Vec::new()).is_none());
+    }
+}

@@ -1,0 +1,254 @@
+//! The agent's SDS server (`acme_agent::sds`, in process) feeding a real
+//! Envoy 1.40's on-demand certificate selector over delta ADS: one static
+//! HTTPS listener serves every certificate by SNI, under each DNS name; an
+//! unknown name fails its handshake at once instead of hanging; a renewal is
+//! served on the next handshake while a connection opened before keeps
+//! working; after the server restarts, Envoy resubscribes and still serves.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acme_agent::sds::{self, SecretSet};
+use acme_tests::envoy::{Envoy, TlsSession, free_addr, on_demand_bootstrap, served_subject};
+use tokio::sync::oneshot;
+
+/// A self-signed P-256 certificate for `names` (CN the first): (chain, key).
+fn self_signed(dir: &Path, names: &[&str]) -> (String, String) {
+    let key = dir.join(format!("{}.key", names[0]));
+    let crt = dir.join(format!("{}.crt", names[0]));
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={}", names[0]),
+            "-addext",
+        ])
+        .arg(format!("subjectAltName={}", san.join(",")))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (
+        std::fs::read_to_string(crt).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    )
+}
+
+/// The SDS server on `addr` in its own runtime; stops when dropped.
+struct Server {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(addr: SocketAddr, set: Arc<SecretSet>) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = acme_agent::api::bind(addr).unwrap();
+                ready_tx.send(()).unwrap();
+                sds::serve(listener, set, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        ready_rx.recv().unwrap();
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn wait_subject(https: SocketAddr, sni: &str, want: &str, envoy: &Envoy) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let subject = served_subject(https, sni).unwrap_or_default();
+        if subject.contains(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sni}: served {subject:?}, want {want}\n{}",
+            envoy.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn one_listener_serves_every_certificate_by_sni_and_refuses_unknown_names_fast() {
+    let work = tempfile::tempdir().unwrap();
+    let set = Arc::new(SecretSet::new());
+    let (chain, key) = self_signed(work.path(), &["www.example.com", "example.com"]);
+    set.set(
+        "www",
+        &names(&["www.example.com", "example.com"]),
+        &chain,
+        &key,
+    );
+    let (chain, key) = self_signed(work.path(), &["api.example.com"]);
+    set.set("api", &names(&["api.example.com"]), &chain, &key);
+    let sds_addr = free_addr().unwrap();
+    let server = Server::start(sds_addr, Arc::clone(&set));
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds_addr), admin, 2).unwrap();
+
+    for (sni, cn) in [
+        ("www.example.com", "www.example.com"),
+        ("example.com", "www.example.com"),
+        ("api.example.com", "api.example.com"),
+    ] {
+        wait_subject(https, sni, cn, &envoy);
+    }
+
+    // A name nobody serves: the handshake fails at once, it does not hang.
+    let asked = Instant::now();
+    let subject = served_subject(https, "nope.example.com").unwrap();
+    assert_eq!(subject, "", "a certificate for an unknown name");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // A connection opened now keeps working across the renewal below.
+    let mut session = TlsSession::open(https, "www.example.com").unwrap();
+    let first = session.get("/", "www.example.com").unwrap();
+    assert_eq!((first.status, first.text().as_str()), (200, "tls ok"));
+
+    // A renewal: the next handshake gets the new certificate.
+    let (chain, key) = self_signed(
+        work.path(),
+        &["renewed.example.com", "www.example.com", "example.com"],
+    );
+    set.set(
+        "www",
+        &names(&["www.example.com", "example.com"]),
+        &chain,
+        &key,
+    );
+    wait_subject(https, "www.example.com", "renewed.example.com", &envoy);
+    let second = session.get("/", "www.example.com").unwrap();
+    assert_eq!((second.status, second.text().as_str()), (200, "tls ok"));
+
+    // The SDS server restarts (same secrets): Envoy resubscribes with the
+    // versions it holds and keeps serving; a later change still arrives.
+    drop(server);
+    let _server = Server::start(sds_addr, Arc::clone(&set));
+    wait_subject(https, "api.example.com", "api.example.com", &envoy);
+    let (chain, key) = self_signed(work.path(), &["api2.example.com", "api.example.com"]);
+    set.set("api", &names(&["api.example.com"]), &chain, &key);
+    wait_subject(https, "api.example.com", "api2.example.com", &envoy);
+}
+
+/// Waits until `https` presents for `sni` a chain that verifies against
+/// `root`; returns it.
+fn served_by_ca(https: SocketAddr, sni: &str, root: &str, envoy: &Envoy) -> String {
+    acme_tests::agent::wait_for(
+        Duration::from_secs(10),
+        &format!("{sni} served from the agent's SDS"),
+        || {
+            acme_tests::envoy::served_chain(https, sni)
+                .ok()
+                .filter(|c| acme_tests::pebble::verify_chain(c, root, sni).is_ok())
+        },
+        || envoy.log(),
+    )
+    .unwrap()
+}
+
+/// The agent binary with `[sds]`, the real Pebble, the filter on a plain-HTTP
+/// Envoy answering the validations, and an on-demand Envoy fed by the agent's
+/// SDS server: every issued certificate served by SNI on one static listener,
+/// a forced renewal served on the next handshake, and the same after the
+/// agent is SIGKILLed and restarted.
+#[test]
+fn the_agent_serves_its_certificates_to_an_on_demand_listener() {
+    use acme_tests::pebble;
+    use acme_tests::world::World;
+
+    let mut world = World::new(pebble::Options::default());
+    let sds_addr = free_addr().unwrap();
+    world.extra_config = format!("[sds]\nlisten = \"{sds_addr}\"\n");
+    world
+        .certificates(&[
+            ("www", &["www.example.com", "example.com"]),
+            ("api", &["api.example.com"]),
+        ])
+        .write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds_addr), admin, 2).unwrap();
+    world.wait_issued("www", 1.0);
+    world.wait_issued("api", 1.0);
+    let root = world.pebble.issuing_root().unwrap();
+    let served = |sni: &str| served_by_ca(https, sni, &root, &envoy);
+    for sni in ["www.example.com", "example.com", "api.example.com"] {
+        served(sni);
+    }
+    let asked = Instant::now();
+    assert_eq!(served_subject(https, "nope.example.com").unwrap(), "");
+    assert!(asked.elapsed() < Duration::from_secs(2));
+
+    let before = served("www.example.com");
+    world.renew("www");
+    world.wait_issued("www", 2.0);
+    acme_tests::agent::wait_for(
+        Duration::from_secs(10),
+        "the renewed certificate on a new handshake",
+        || (served("www.example.com") != before).then_some(()),
+        || envoy.log(),
+    )
+    .unwrap();
+
+    world.agent.as_mut().unwrap().kill();
+    world.start_agent();
+    world.wait_scheduled();
+    world.assert_nothing_registered_or_ordered();
+    for sni in ["www.example.com", "api.example.com"] {
+        served(sni);
+    }
+}
