@@ -4,14 +4,15 @@
 # envoy-config/standalone/ with only ports and paths changed. The agent orders
 # certificates for www.example.com + example.com and api.example.com; Envoy
 # answers the CA's challenges itself and then serves the certificates, which
-# the demo checks against Pebble's root. Runs until Ctrl-C.
+# it gets from the agent's SDS server on one listener, by SNI; the demo checks
+# them against Pebble's root. Runs until Ctrl-C.
 #
 #   scripts/demo.sh            # set up, run, check, keep running
 #   scripts/demo.sh --check    # stop after the check (exit 0 when it passed)
 #
-# Ports (loopback): HTTP 18080, HTTPS 18443, agent 19180, Envoy admin 19901,
-# app 18000, Pebble 14000 (management 15000), DNS 18053. Override with the
-# DEMO_*_PORT variables below if one is taken.
+# Ports (loopback): HTTP 18080, HTTPS 18443, agent 19180, agent SDS 19181,
+# Envoy admin 19901, app 18000, Pebble 14000 (management 15000), DNS 18053.
+# Override with the DEMO_*_PORT variables below if one is taken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,7 @@ esac
 HTTP_PORT=${DEMO_HTTP_PORT:-18080}
 HTTPS_PORT=${DEMO_HTTPS_PORT:-18443}
 AGENT_PORT=${DEMO_AGENT_PORT:-19180}
+SDS_PORT=${DEMO_SDS_PORT:-19181}
 ADMIN_PORT=${DEMO_ADMIN_PORT:-19901}
 APP_PORT=${DEMO_APP_PORT:-18000}
 PEBBLE_PORT=${DEMO_PEBBLE_PORT:-14000}
@@ -41,7 +43,7 @@ say "building the filter and the agent"
 wasm="$PWD/$(scripts/build-filter.sh 2>/dev/null)"
 agent="$PWD/$(scripts/build-agent.sh)"
 
-for port in $HTTP_PORT $HTTPS_PORT $AGENT_PORT $ADMIN_PORT $APP_PORT $PEBBLE_PORT $PEBBLE_MGMT_PORT $DNS_PORT $DNS_MGMT_PORT; do
+for port in $HTTP_PORT $HTTPS_PORT $AGENT_PORT $SDS_PORT $ADMIN_PORT $APP_PORT $PEBBLE_PORT $PEBBLE_MGMT_PORT $DNS_PORT $DNS_MGMT_PORT; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is in use (set the matching DEMO_*_PORT)"
   fi
@@ -49,7 +51,7 @@ done
 
 run="$PWD/.run/demo"
 rm -rf "$run"
-mkdir -p "$run/sds" "$run/www"
+mkdir -p "$run/www"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -102,19 +104,19 @@ pids+=($!)
 # ports and CA. For Let's Encrypt staging, keep directory = "letsencrypt-staging"
 # and drop ca_root; that is the whole change.
 sed -e "s|^state_dir = .*|state_dir = \"$run/state\"|" \
-    -e "s|^sds_dir = .*|sds_dir = \"$run/sds\"|" \
     -e "s|^directory = .*|directory = \"https://127.0.0.1:$PEBBLE_PORT/dir\"\nca_root = \"$run/ca.pem\"|" \
-    -e "s|^listen = .*|listen = \"127.0.0.1:$AGENT_PORT\"|" \
+    -e "s|127.0.0.1:9180|127.0.0.1:$AGENT_PORT|" \
+    -e "s|127.0.0.1:9181|127.0.0.1:$SDS_PORT|" \
     -e "s|^target = .*|target = \"127.0.0.1:$HTTP_PORT\"|" \
     envoy-config/standalone/agent.toml > "$run/agent.toml"
 "$agent" --config "$run/agent.toml" check-config >/dev/null
 
 # Envoy's config: envoy-config/standalone/envoy.yaml with the demo's ports and paths.
-sed -e "s|/etc/envoy/sds|$run/sds|g" \
-    -e "s|/etc/envoy/acme_filter.wasm|$wasm|" \
+sed -e "s|/etc/envoy/acme_filter.wasm|$wasm|" \
     -e "s|port_value: 80 }|port_value: $HTTP_PORT }|" \
     -e "s|port_value: 443 }|port_value: $HTTPS_PORT }|" \
     -e "s|port_value: 9180 }|port_value: $AGENT_PORT }|" \
+    -e "s|port_value: 9181 }|port_value: $SDS_PORT }|" \
     -e "s|port_value: 9901 }|port_value: $ADMIN_PORT }|" \
     -e "s|port_value: 8000 }|port_value: $APP_PORT }|" \
     -e "s|0.0.0.0|127.0.0.1|g" \
@@ -124,10 +126,6 @@ sed -e "s|/etc/envoy/sds|$run/sds|g" \
 say "starting the agent"
 "$agent" --config "$run/agent.toml" run > "$run/agent.log" 2>&1 &
 pids+=($!)
-for name in www api; do
-  for _ in $(seq 100); do [ -f "$run/sds/$name.json" ] && break; sleep 0.05; done
-  [ -f "$run/sds/$name.json" ] || die "the agent wrote no $name.json (see $run/agent.log)"
-done
 
 say "starting Envoy with the filter (--concurrency 2)"
 .venv/bin/envoy -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart \

@@ -1,6 +1,8 @@
-//! The standalone configuration a user copies (`envoy-config/standalone/`):
-//! Envoy accepts the bootstrap (`envoy --mode validate`), the agent accepts
-//! its config, and the two agree with each other.
+//! The standalone configurations a user copies: `envoy-config/standalone/`
+//! (Envoy 1.37+, every certificate from the agent's SDS server on one
+//! listener) and `envoy-config/standalone/files/` (older Envoys, one SDS file
+//! per certificate). For each: Envoy accepts the bootstrap (`envoy --mode
+//! validate`), the agent accepts its config, and the two agree.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,11 +12,21 @@ use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
 use acme_tests::envoy::envoy_binary;
 use acme_tests::{filter_wasm, workspace_root};
 
+const ON_DEMAND: &str = "envoy-config/standalone";
+const FILES: &str = "envoy-config/standalone/files";
+
 fn read(relative: &str) -> String {
     std::fs::read_to_string(workspace_root().join(relative)).unwrap()
 }
 
-/// The SDS secret names listed in the bootstrap.
+fn shape(dir: &str) -> (String, Config) {
+    let yaml = read(&format!("{dir}/envoy.yaml"));
+    let config =
+        Config::parse(&read(&format!("{dir}/agent.toml")), Path::new("agent.toml")).unwrap();
+    (yaml, config)
+}
+
+/// The SDS secret names listed in a file-shape bootstrap.
 fn sds_names(envoy_yaml: &str) -> Vec<String> {
     envoy_yaml
         .lines()
@@ -24,35 +36,12 @@ fn sds_names(envoy_yaml: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn envoy_validates_the_standalone_bootstrap() {
-    let yaml = read("envoy-config/standalone/envoy.yaml");
-    let work = tempfile::tempdir().unwrap();
-    let sds = work.path().join("sds");
-    // The paths a user would change, pointed at real files: Envoy checks that
-    // watched SDS files exist, and the agent's placeholders are what exists
-    // before the first certificate.
-    let sink = FileSink::new(&sds).unwrap();
-    let config = Config::parse(
-        &read("envoy-config/standalone/agent.toml"),
-        Path::new("agent.toml"),
-    )
-    .unwrap();
-    for cert in &config.certificates {
-        let (chain_pem, key_pem) =
-            acme_agent::certificate::placeholder(&cert.domains, cert.key_type).unwrap();
-        sink.install(&IssuedCertificate {
-            name: cert.name.clone(),
-            chain_pem,
-            key_pem,
-        })
-        .unwrap();
-    }
+fn validate(yaml: &str, work: &Path) {
     let wasm = filter_wasm().unwrap();
     let adapted = yaml
-        .replace("/etc/envoy/sds", &sds.display().to_string())
+        .replace("/etc/envoy/sds", &work.join("sds").display().to_string())
         .replace("/etc/envoy/acme_filter.wasm", &wasm.display().to_string());
-    let path = work.path().join("envoy.yaml");
+    let path = work.join("envoy.yaml");
     std::fs::write(&path, adapted).unwrap();
     let out = Command::new(envoy_binary().unwrap())
         .args(["--mode", "validate", "-c"])
@@ -68,25 +57,41 @@ fn envoy_validates_the_standalone_bootstrap() {
 }
 
 #[test]
-fn agent_config_matches_the_bootstrap() {
-    let yaml = read("envoy-config/standalone/envoy.yaml");
-    let config = Config::parse(
-        &read("envoy-config/standalone/agent.toml"),
-        Path::new("agent.toml"),
-    )
-    .unwrap();
-    let names: Vec<String> = config.certificates.iter().map(|c| c.name.clone()).collect();
-    assert_eq!(sds_names(&yaml), names, "one SDS entry per certificate");
-    assert_eq!(config.sds_dir.as_deref(), Some(Path::new("/etc/envoy/sds")));
+fn envoy_validates_both_standalone_bootstraps() {
+    let (yaml, _) = shape(ON_DEMAND);
+    let work = tempfile::tempdir().unwrap();
+    validate(&yaml, work.path());
+
+    // The file shape: Envoy checks that watched SDS files exist, and the
+    // agent's placeholders are what exists before the first certificate.
+    let (yaml, config) = shape(FILES);
+    let work = tempfile::tempdir().unwrap();
+    let sink = FileSink::new(work.path().join("sds")).unwrap();
+    for cert in &config.certificates {
+        let (chain_pem, key_pem) =
+            acme_agent::certificate::placeholder(&cert.domains, cert.key_type).unwrap();
+        sink.install(&IssuedCertificate {
+            name: cert.name.clone(),
+            chain_pem,
+            key_pem,
+        })
+        .unwrap();
+    }
+    validate(&yaml, work.path());
+}
+
+/// What both shapes share: the agent's API port and self-check target are
+/// the bootstrap's, and the filter is first in the plain-HTTP chain, enabled
+/// on the challenge route only.
+fn assert_plain_http_agrees(yaml: &str, config: &Config) {
     let agent_port = config.challenge_api.listen.port();
     assert!(
         yaml.contains(&format!("port_value: {agent_port} }}")),
         "the acme_agent cluster points at the agent's port {agent_port}"
     );
-    let self_check = config.self_check.expect("self_check is set").target;
+    let self_check = config.self_check.clone().expect("self_check is set").target;
     let (_, port) = self_check.rsplit_once(':').unwrap();
     assert!(yaml.contains(&format!("port_value: {port} }}")));
-    // The filter is first in the plain-HTTP chain, before the router.
     let http_filters = yaml.find("http_filters:").unwrap();
     let wasm = yaml[http_filters..]
         .find("extensions.filters.http.wasm.v3.Wasm")
@@ -95,11 +100,39 @@ fn agent_config_matches_the_bootstrap() {
         .find("envoy.filters.http.router")
         .unwrap();
     assert!(wasm < router);
-    // Enabled on the challenge route, which comes before the catch-all.
     let challenge_route = yaml
         .find(r#"prefix: "/.well-known/acme-challenge/""#)
         .unwrap();
     let catch_all = yaml.find(r#"prefix: "/" }"#).unwrap();
     assert!(challenge_route < catch_all);
     assert!(yaml[challenge_route..catch_all].contains("envoy.config.route.v3.FilterConfig"));
+}
+
+#[test]
+fn the_on_demand_agent_config_matches_its_bootstrap() {
+    let (yaml, config) = shape(ON_DEMAND);
+    assert_plain_http_agrees(&yaml, &config);
+    // No file and no entry per certificate: the agent's SDS, by SNI, delta.
+    assert_eq!(config.sds_dir, None);
+    assert!(sds_names(&yaml).is_empty());
+    let sds = config.sds.expect("[sds] is set");
+    assert!(sds.listen.ip().is_loopback());
+    let cluster = yaml.find("- name: acme_sds").unwrap();
+    assert!(
+        yaml[cluster..].contains(&format!("port_value: {} }}", sds.listen.port())),
+        "the acme_sds cluster points at the agent's sds.listen"
+    );
+    assert!(yaml.contains("api_type: DELTA_GRPC"));
+    assert!(yaml.contains("envoy.tls.certificate_selectors.on_demand_secret"));
+    assert!(yaml.contains("envoy.tls.certificate_mappers.sni"));
+}
+
+#[test]
+fn the_file_agent_config_matches_its_bootstrap() {
+    let (yaml, config) = shape(FILES);
+    assert_plain_http_agrees(&yaml, &config);
+    let names: Vec<String> = config.certificates.iter().map(|c| c.name.clone()).collect();
+    assert_eq!(sds_names(&yaml), names, "one SDS entry per certificate");
+    assert_eq!(config.sds_dir.as_deref(), Some(Path::new("/etc/envoy/sds")));
+    assert_eq!(config.sds, None);
 }
