@@ -182,11 +182,37 @@ pub struct SelfCheck {
 #[serde(deny_unknown_fields)]
 pub struct Sds {
     #[serde(default = "default_sds_listen")]
-    pub listen: SocketAddr,
+    pub listen: Listen,
 }
 
-fn default_sds_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9181))
+/// Where a server listens: `host:port`, or `unix:<path>` for a Unix socket
+/// (created 0600: only the agent's user, and Envoy's when it is the same, can
+/// connect; Envoy reaches it as a `pipe` address).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("{text:?}: a Unix socket needs an absolute path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        text.parse()
+            .map(Self::Tcp)
+            .map_err(|_| format!("{text:?} is neither host:port (an IP address) nor unix:/path"))
+    }
+}
+
+fn default_sds_listen() -> Listen {
+    Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 9181)))
 }
 
 /// Kubernetes mode: certificates become `kubernetes.io/tls` Secrets and the
@@ -880,8 +906,27 @@ mod sds_section {
             other => panic!("{other:?}"),
         }
         let c = Config::parse(&format!("{base}[sds]\n"), Path::new("agent.toml")).unwrap();
-        let sds = c.sds.unwrap();
-        assert!(sds.listen.ip().is_loopback());
-        assert_eq!(sds.listen.port(), 9181);
+        assert_eq!(
+            c.sds.unwrap().listen,
+            Listen::Tcp("127.0.0.1:9181".parse().unwrap())
+        );
+        let c = Config::parse(
+            &format!("{base}[sds]\nlisten = \"unix:/run/acme/sds.sock\"\n"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.sds.unwrap().listen,
+            Listen::Unix("/run/acme/sds.sock".into())
+        );
+        for bad in ["unix:relative.sock", "localhost:9181", "9181"] {
+            match Config::parse(
+                &format!("{base}[sds]\nlisten = {bad:?}\n"),
+                Path::new("agent.toml"),
+            ) {
+                Err(Error::Config { field, .. }) => assert_eq!(field, "sds.listen", "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 }

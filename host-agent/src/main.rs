@@ -213,8 +213,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let sds = match (&config.sds, secrets) {
         (Some(sds), Some(secrets)) => {
-            let listener = api::bind(sds.listen)
-                .with_context(|| format!("binding the SDS server to {}", sds.listen))?;
+            let listener = acme_agent::sds::Listener::bind(&sds.listen)?;
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(acme_agent::sds::serve(
                 listener,

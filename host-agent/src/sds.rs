@@ -408,34 +408,84 @@ impl SecretDiscoveryService for SdsServer {
 /// Streams per connection (Envoy uses one over ADS).
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
+/// A bound SDS listener.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Binds `listen`. A Unix socket is created 0600; a stale socket file
+    /// (from a killed agent) is replaced, anything else at the path is an
+    /// error.
+    pub fn bind(listen: &crate::config::Listen) -> Result<Self, Error> {
+        use crate::config::Listen;
+        let io = |context: String| move |source| Error::Io { context, source };
+        match listen {
+            Listen::Tcp(addr) => crate::api::bind(*addr)
+                .map(Self::Tcp)
+                .map_err(io(format!("binding the SDS server to {addr}"))),
+            Listen::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(Error::Io {
+                            context: format!("{} exists and is not a socket", path.display()),
+                            source: std::io::Error::other("refusing to replace it"),
+                        });
+                    }
+                    std::fs::remove_file(path)
+                        .map_err(io(format!("removing the stale {}", path.display())))?;
+                }
+                let listener = tokio::net::UnixListener::bind(path)
+                    .map_err(io(format!("binding the SDS server to {}", path.display())))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io(format!("setting the mode of {}", path.display())))?;
+                Ok(Self::Unix(listener))
+            }
+        }
+    }
+}
+
 /// Serves SDS on `listener` until `shutdown` resolves.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     set: Arc<SecretSet>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    info!(address = ?addr, "SDS server listening");
     let (stop, stopping) = watch::channel(false);
     let server = SdsServer::new(set, stopping);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let shutdown = async move {
         shutdown.await;
         stop.send_replace(true);
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
-        .add_service(SecretDiscoveryServiceServer::new(server))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Io {
-            context: "serving SDS".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    Ok(())
+        .add_service(SecretDiscoveryServiceServer::new(server));
+    let served = match listener {
+        Listener::Tcp(listener) => {
+            let addr: Option<SocketAddr> = listener.local_addr().ok();
+            info!(address = ?addr, "SDS server listening");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        Listener::Unix(listener) => {
+            info!(path = ?listener.local_addr().ok(), "SDS server listening");
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| Error::Io {
+        context: "serving SDS".into(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 #[cfg(test)]

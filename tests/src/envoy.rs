@@ -469,6 +469,28 @@ pub fn free_addr() -> Result<SocketAddr> {
 /// picked by SNI with Envoy's on-demand certificate selector (1.37+). Answers
 /// every request with 200 "tls ok".
 pub fn on_demand_bootstrap(https: SocketAddr, admin: SocketAddr, sds: SocketAddr) -> String {
+    on_demand_bootstrap_at(
+        https,
+        admin,
+        &format!(
+            "socket_address: {{ address: {}, port_value: {} }}",
+            sds.ip(),
+            sds.port()
+        ),
+    )
+}
+
+/// [`on_demand_bootstrap`] with the SDS server at a Unix socket (`pipe`).
+pub fn on_demand_bootstrap_pipe(https: SocketAddr, admin: SocketAddr, socket: &Path) -> String {
+    on_demand_bootstrap_at(
+        https,
+        admin,
+        &format!("pipe: {{ path: {} }}", socket.display()),
+    )
+}
+
+/// [`on_demand_bootstrap`] with the SDS server's Envoy address as YAML.
+fn on_demand_bootstrap_at(https: SocketAddr, admin: SocketAddr, sds_address: &str) -> String {
     format!(
         r#"node: {{ id: test, cluster: test }}
 admin:
@@ -534,13 +556,11 @@ static_resources:
       - lb_endpoints:
         - endpoint:
             address:
-              socket_address: {{ address: {sds_ip}, port_value: {sds_port} }}
+              {sds_address}
 "#,
         admin_ip = admin.ip(),
         admin_port = admin.port(),
         ip = https.ip(),
         port = https.port(),
-        sds_ip = sds.ip(),
-        sds_port = sds.port(),
     )
 }

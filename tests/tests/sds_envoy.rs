@@ -60,6 +60,10 @@ struct Server {
 
 impl Server {
     fn start(addr: SocketAddr, set: Arc<SecretSet>) -> Self {
+        Self::start_on(acme_agent::config::Listen::Tcp(addr), set)
+    }
+
+    fn start_on(listen: acme_agent::config::Listen, set: Arc<SecretSet>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -69,7 +73,7 @@ impl Server {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = acme_agent::api::bind(addr).unwrap();
+                let listener = sds::Listener::bind(&listen).unwrap();
                 ready_tx.send(()).unwrap();
                 sds::serve(listener, set, async {
                     let _ = stopped.await;
@@ -251,4 +255,30 @@ fn the_agent_serves_its_certificates_to_an_on_demand_listener() {
     for sni in ["www.example.com", "api.example.com"] {
         served(sni);
     }
+}
+
+/// The same over a Unix socket (0600), which Envoy reaches as a `pipe`.
+#[test]
+fn the_sds_server_listens_on_a_unix_socket() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let work = tempfile::tempdir().unwrap();
+    let set = Arc::new(SecretSet::new());
+    let (chain, key) = self_signed(work.path(), &["www.example.com"]);
+    set.set("www", &names(&["www.example.com"]), &chain, &key);
+    let socket = work.path().join("sds.sock");
+    // A stale socket of a killed agent is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let _server = Server::start_on(acme_agent::config::Listen::Unix(socket.clone()), set);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = acme_tests::envoy::on_demand_bootstrap_pipe(https, admin, &socket);
+    let envoy = Envoy::start(&config, admin, 1).unwrap();
+    wait_subject(https, "www.example.com", "www.example.com", &envoy);
+    // Anything else at the path is not replaced.
+    let file = work.path().join("not-a-socket");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(sds::Listener::bind(&acme_agent::config::Listen::Unix(file.clone())).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }

@@ -116,10 +116,13 @@ fn the_on_demand_agent_config_matches_its_bootstrap() {
     assert_eq!(config.sds_dir, None);
     assert!(sds_names(&yaml).is_empty());
     let sds = config.sds.expect("[sds] is set");
-    assert!(sds.listen.ip().is_loopback());
+    let acme_agent::config::Listen::Tcp(listen) = sds.listen else {
+        panic!("the example listens on loopback TCP");
+    };
+    assert!(listen.ip().is_loopback());
     let cluster = yaml.find("- name: acme_sds").unwrap();
     assert!(
-        yaml[cluster..].contains(&format!("port_value: {} }}", sds.listen.port())),
+        yaml[cluster..].contains(&format!("port_value: {} }}", listen.port())),
         "the acme_sds cluster points at the agent's sds.listen"
     );
     assert!(yaml.contains("api_type: DELTA_GRPC"));
