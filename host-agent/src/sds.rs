@@ -66,6 +66,8 @@ struct Served {
 pub struct SecretSet {
     secrets: Mutex<BTreeMap<String, Served>>,
     changed: watch::Sender<u64>,
+    /// Names all open streams track (what Envoy asked for and did not drop).
+    subscribed: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for SecretSet {
@@ -106,6 +108,7 @@ impl SecretSet {
         Self {
             secrets: Mutex::new(BTreeMap::new()),
             changed: watch::Sender::new(0),
+            subscribed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -151,6 +154,12 @@ impl SecretSet {
         self.lock()
             .get(name)
             .map(|s| (s.version.clone(), s.resource.clone()))
+    }
+
+    /// Names the open streams track in all: bounded by what Envoy keeps
+    /// subscribed (it drops a name answered "removed").
+    pub fn subscribed_names(&self) -> usize {
+        self.subscribed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -293,6 +302,7 @@ async fn serve_stream(
 ) {
     let mut stream = Stream::default();
     let mut changes = set.changed.subscribe();
+    let mut counted = 0usize;
     loop {
         let refused = tokio::select! {
             // Shutdown ends the stream (Envoy reconnects to the next agent).
@@ -321,12 +331,26 @@ async fn serve_stream(
                 Vec::new()
             }
         };
+        let tracked = stream.names.len();
+        recount(&set.subscribed, &mut counted, tracked);
         if let Some(response) = stream.diff(&set, refused)
             && out.send(Ok(response)).await.is_err()
         {
             break;
         }
     }
+    recount(&set.subscribed, &mut counted, 0);
+}
+
+/// Moves this stream's share of `total` from `*counted` to `now`.
+fn recount(total: &std::sync::atomic::AtomicUsize, counted: &mut usize, now: usize) {
+    use std::sync::atomic::Ordering;
+    if now > *counted {
+        total.fetch_add(now - *counted, Ordering::Relaxed);
+    } else {
+        total.fetch_sub(*counted - now, Ordering::Relaxed);
+    }
+    *counted = now;
 }
 
 /// The gRPC services: delta ADS and delta SDS over the same secrets.

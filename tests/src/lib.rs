@@ -11,6 +11,7 @@ pub mod probe;
 pub mod proxy_wasm_host;
 pub mod sync_server;
 pub mod tls;
+pub mod tls_probe;
 pub mod world;
 
 use std::path::{Path, PathBuf};

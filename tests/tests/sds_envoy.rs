@@ -282,3 +282,98 @@ fn the_sds_server_listens_on_a_unix_socket() {
     assert!(sds::Listener::bind(&acme_agent::config::Listen::Unix(file.clone())).is_err());
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Whoever connects chooses the SNI: 10,000 handshakes for random names
+/// leave Envoy's memory and the server's subscriptions bounded (every unknown
+/// name is answered "removed", Envoy drops it), and the configured name is
+/// served throughout.
+#[test]
+fn ten_thousand_random_snis_leave_memory_bounded_and_known_names_served() {
+    use acme_tests::tls_probe::handshake;
+
+    let work = tempfile::tempdir().unwrap();
+    let set = Arc::new(SecretSet::new());
+    let (chain, key) = self_signed(work.path(), &["www.example.com"]);
+    set.set("www", &names(&["www.example.com"]), &chain, &key);
+    let sds_addr = free_addr().unwrap();
+    let _server = Server::start(sds_addr, Arc::clone(&set));
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds_addr), admin, 2).unwrap();
+    wait_subject(https, "www.example.com", "www.example.com", &envoy);
+    let pid = envoy.pid().unwrap();
+    let timeout = Duration::from_secs(5);
+    let www_leaf = handshake(https, "www.example.com", timeout)
+        .unwrap()
+        .unwrap();
+    let rss_before = rss_kib(pid);
+
+    let started = Instant::now();
+    let served_unknown = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let served_unknown = &served_unknown;
+            scope.spawn(move || {
+                for i in 0..625 {
+                    let sni = format!(
+                        "r{t}x{i}x{:x}.random.example.com",
+                        started.elapsed().as_nanos()
+                    );
+                    if let Ok(Some(_)) = handshake(https, &sni, timeout) {
+                        served_unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        // Meanwhile, the configured name keeps being served.
+        scope.spawn(|| {
+            for _ in 0..50 {
+                let leaf = handshake(https, "www.example.com", timeout).unwrap();
+                assert_eq!(
+                    leaf.as_ref(),
+                    Some(&www_leaf),
+                    "www.example.com not served during the flood"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    });
+    let took = started.elapsed();
+    assert_eq!(
+        served_unknown.into_inner(),
+        0,
+        "a certificate for a name nobody has"
+    );
+    let rss_after = rss_kib(pid);
+    // Removed names are dropped by Envoy and unsubscribed from the server.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while set.subscribed_names() > 10 {
+        assert!(
+            Instant::now() < deadline,
+            "{} names still subscribed",
+            set.subscribed_names()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "10,000 random SNIs in {took:?}; Envoy RSS {rss_before} -> {rss_after} KiB; names subscribed after: {}",
+        set.subscribed_names()
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "Envoy grew from {rss_before} to {rss_after} KiB"
+    );
+    assert_eq!(
+        handshake(https, "www.example.com", timeout).unwrap(),
+        Some(www_leaf)
+    );
+}

@@ -1,0 +1,89 @@
+//! A TLS client for tests that need many handshakes (thousands, where
+//! spawning `openssl s_client` per handshake would take minutes): one
+//! handshake for an SNI, reporting the leaf certificate the server presented.
+//! It verifies nothing, on purpose: it only observes what is served (tests
+//! that check trust use `openssl` against the CA's root).
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// Accepts any certificate and remembers the leaf.
+#[derive(Debug, Default)]
+struct Observe {
+    leaf: Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for Observe {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.leaf.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// One handshake with `addr` for `sni`: the leaf's DER when the server
+/// presented one and the handshake completed, `None` when it refused.
+pub fn handshake(addr: SocketAddr, sni: &str, timeout: Duration) -> Result<Option<Vec<u8>>> {
+    let observe = Arc::new(Observe::default());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::clone(&observe) as Arc<dyn ServerCertVerifier>)
+    .with_no_client_auth();
+    let name = ServerName::try_from(sni.to_owned()).context("not a server name")?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut tcp = TcpStream::connect_timeout(&addr, timeout)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut tcp).is_err() {
+            return Ok(None);
+        }
+    }
+    let _ = conn.writer().flush();
+    let leaf = observe
+        .leaf
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    Ok(leaf)
+}
