@@ -185,6 +185,60 @@ pub struct Sds {
     pub listen: Listen,
 }
 
+/// On-demand TLS: who may get a certificate at their first handshake, and
+/// the bounds, since whoever connects chooses the name.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemand {
+    /// Names allowed: exact DNS names, or `*.suffix` for one more label.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// An HTTP URL asked `?domain=<name>`: only a 200 allows the name (after
+    /// `allow`, when both are set). Caddy's `ask`.
+    pub ask: Option<String>,
+    /// How long a handshake is held for its certificate.
+    #[serde(default = "default_on_demand_wait")]
+    pub max_wait_seconds: u64,
+    /// On-demand certificates being ordered at once; more are refused.
+    #[serde(default = "default_on_demand_concurrent")]
+    pub max_concurrent: usize,
+    /// New on-demand certificates per hour; more are refused.
+    #[serde(default = "default_on_demand_per_hour")]
+    pub max_per_hour: usize,
+    /// A refused name is answered "no" for this long without asking again.
+    #[serde(default = "default_on_demand_refused_cache")]
+    pub refused_cache_seconds: u64,
+    #[serde(default)]
+    pub key_type: KeyType,
+}
+
+fn default_on_demand_wait() -> u64 {
+    10
+}
+
+fn default_on_demand_concurrent() -> usize {
+    4
+}
+
+fn default_on_demand_per_hour() -> usize {
+    20
+}
+
+fn default_on_demand_refused_cache() -> u64 {
+    300
+}
+
+/// Whether `pattern` (an `[on_demand] allow` entry) allows `name`.
+pub fn on_demand_allows(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => name
+            .strip_suffix(suffix)
+            .and_then(|label| label.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        None => pattern == name,
+    }
+}
+
 /// Where a server listens: `host:port`, or `unix:<path>` for a Unix socket
 /// (created 0600: only the agent's user, and Envoy's when it is the same, can
 /// connect; Envoy reaches it as a `pipe` address).
@@ -285,6 +339,9 @@ pub struct Config {
     /// The agent as Envoy's SDS server (delta xDS), for Envoy's on-demand
     /// certificate selector: any number of certificates on one listener.
     pub sds: Option<Sds>,
+    /// On-demand TLS: a certificate ordered at the first handshake for a name
+    /// the policy allows (needs `[sds]`).
+    pub on_demand: Option<OnDemand>,
     #[serde(default)]
     pub challenge_api: ChallengeApi,
     pub self_check: Option<SelfCheck>,
@@ -311,7 +368,7 @@ fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> 
 
 /// A DNS name an ACME CA can issue for (a leading `*.` is not accepted: HTTP-01
 /// cannot validate wildcards).
-fn is_valid_domain(domain: &str) -> bool {
+pub fn is_valid_domain(domain: &str) -> bool {
     domain.len() <= 253
         && domain.contains('.')
         // No top-level domain is all digits: such a name is an address.
@@ -497,6 +554,16 @@ impl Config {
                     ));
                 }
             }
+            if self.on_demand.is_some() && cert.name.starts_with(crate::on_demand::NAME_PREFIX) {
+                return Err(invalid(
+                    path,
+                    at("name"),
+                    format!(
+                        "names starting with {:?} are the on-demand certificates'",
+                        crate::on_demand::NAME_PREFIX
+                    ),
+                ));
+            }
             if !names.insert(cert.name.as_str()) {
                 return Err(invalid(
                     path,
@@ -531,6 +598,62 @@ impl Config {
                         at("domains"),
                         format!("{domain:?} is listed twice"),
                     ));
+                }
+            }
+        }
+        if let Some(od) = &self.on_demand {
+            if self.sds.is_none() {
+                return Err(invalid(
+                    path,
+                    "on_demand",
+                    "needs [sds]: certificates ordered at a handshake reach Envoy through the agent's SDS server",
+                ));
+            }
+            if self.kubernetes.is_some() {
+                return Err(invalid(
+                    path,
+                    "on_demand",
+                    "is not available in Kubernetes mode (the gateway reads Secrets through credentialName)",
+                ));
+            }
+            if od.allow.is_empty() && od.ask.is_none() {
+                return Err(invalid(
+                    path,
+                    "on_demand.allow",
+                    "list the names to issue for (or set on_demand.ask): an open policy would let anyone order certificates",
+                ));
+            }
+            for (i, pattern) in od.allow.iter().enumerate() {
+                let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+                if !is_valid_domain(name) || is_ip_literal(name) {
+                    return Err(invalid(
+                        path,
+                        format!("on_demand.allow[{i}]"),
+                        format!("{pattern:?} is neither a lower-case DNS name nor *.<DNS name>"),
+                    ));
+                }
+            }
+            if let Some(ask) = &od.ask
+                && !(ask.starts_with("http://") || ask.starts_with("https://"))
+            {
+                return Err(invalid(
+                    path,
+                    "on_demand.ask",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            for (field, value, max) in [
+                ("on_demand.max_wait_seconds", od.max_wait_seconds, 60),
+                ("on_demand.max_concurrent", od.max_concurrent as u64, 64),
+                ("on_demand.max_per_hour", od.max_per_hour as u64, 10_000),
+                (
+                    "on_demand.refused_cache_seconds",
+                    od.refused_cache_seconds,
+                    86_400,
+                ),
+            ] {
+                if value == 0 || value > max {
+                    return Err(invalid(path, field, format!("must be between 1 and {max}")));
                 }
             }
         }
@@ -927,6 +1050,74 @@ mod sds_section {
                 Err(Error::Config { field, .. }) => assert_eq!(field, "sds.listen", "{bad}"),
                 other => panic!("{bad}: {other:?}"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod on_demand_section {
+    use super::*;
+
+    const BASE: &str = "state_dir = \"/s\"\n[acme]\ndirectory = \"letsencrypt\"\n[sds]\n";
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text, Path::new("agent.toml")) {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn patterns_allow_exact_names_and_one_more_label() {
+        assert!(on_demand_allows("shop.example.com", "shop.example.com"));
+        assert!(!on_demand_allows("shop.example.com", "a.shop.example.com"));
+        assert!(on_demand_allows("*.shop.example.com", "a.shop.example.com"));
+        assert!(!on_demand_allows("*.shop.example.com", "shop.example.com"));
+        assert!(!on_demand_allows(
+            "*.shop.example.com",
+            "a.b.shop.example.com"
+        ));
+        assert!(!on_demand_allows(
+            "*.shop.example.com",
+            "evilshop.example.com"
+        ));
+        assert!(!on_demand_allows("*.shop.example.com", ".shop.example.com"));
+    }
+
+    #[test]
+    fn the_policy_is_required_and_checked() {
+        let ok = format!("{BASE}[on_demand]\nallow = [\"*.shop.example.com\"]\n");
+        let c = Config::parse(&ok, Path::new("agent.toml")).unwrap();
+        let od = c.on_demand.unwrap();
+        assert_eq!(
+            (od.max_wait_seconds, od.max_concurrent, od.max_per_hour),
+            (10, 4, 20)
+        );
+        for (text, field) in [
+            (format!("{BASE}[on_demand]\n"), "on_demand.allow"),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"*\"]\n"),
+                "on_demand.allow[0]",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"192.0.2.1\"]\n"),
+                "on_demand.allow[0]",
+            ),
+            (
+                format!("{BASE}[on_demand]\nask = \"ftp://x\"\n"),
+                "on_demand.ask",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_wait_seconds = 0\n"),
+                "on_demand.max_wait_seconds",
+            ),
+            (
+                ok.replace("[sds]\n", "")
+                    .replace("state_dir", "sds_dir = \"/d\"\nstate_dir"),
+                "on_demand",
+            ),
+        ] {
+            assert_eq!(field_of(&text), field, "{text}");
         }
     }
 }

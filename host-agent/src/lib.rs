@@ -20,6 +20,7 @@ mod http1;
 pub mod kubernetes;
 pub mod manager;
 pub mod metrics;
+pub mod on_demand;
 pub mod order;
 pub mod schedule;
 pub mod sds;

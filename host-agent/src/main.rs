@@ -199,7 +199,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         Arc::clone(&challenges),
         config.challenge_api.token.clone(),
         Arc::clone(&metrics),
-        Some(requests_tx),
+        Some(requests_tx.clone()),
         &config.challenge_api,
     );
     let listener = api::bind(config.challenge_api.listen).with_context(|| {
@@ -215,9 +215,15 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         (Some(sds), Some(secrets)) => {
             let listener = acme_agent::sds::Listener::bind(&sds.listen)?;
             let mut stop = stop_rx.clone();
+            let gate = config.on_demand.as_ref().map(|od| {
+                Arc::new(acme_agent::on_demand::Handle(
+                    acme_agent::on_demand::OnDemandGate::new(od.clone(), requests_tx.clone()),
+                )) as Arc<dyn acme_agent::sds::Gate>
+            });
             Some(tokio::spawn(acme_agent::sds::serve(
                 listener,
                 secrets,
+                gate,
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },

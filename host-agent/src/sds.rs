@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
@@ -209,12 +210,26 @@ impl CertificateSink for SdsSink {
     }
 }
 
+/// What the SDS server asks about a name it has no certificate for (on-demand
+/// TLS, `crate::on_demand`).
+pub trait Gate: Send + Sync {
+    /// A handshake asked for `name`: `Some(wait)` holds the answer that long
+    /// while a certificate is being got; `None` refuses it at once.
+    fn requested(&self, name: &str) -> Option<Duration>;
+    /// Whether `name`, held, has been refused since (answer it at once).
+    fn refused(&self, name: &str) -> bool;
+    /// Changes when a held name is refused, to wake the streams holding it.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
 /// What the server last told one stream about a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Told {
     Nothing,
     Version(String),
     Removed,
+    /// Held for an on-demand certificate until then.
+    Pending(Instant),
 }
 
 /// One delta stream's subscriptions and what it was told.
@@ -253,8 +268,15 @@ impl Stream {
     }
 
     /// What to send now: every subscribed name whose served state differs
-    /// from what the stream was told, plus `refused`.
-    fn diff(&mut self, set: &SecretSet, refused: Vec<String>) -> Option<DeltaDiscoveryResponse> {
+    /// from what the stream was told, plus `refused`. A name with no
+    /// certificate is held while the gate says one is coming.
+    fn diff(
+        &mut self,
+        set: &SecretSet,
+        refused: Vec<String>,
+        gate: Option<&dyn Gate>,
+        now: Instant,
+    ) -> Option<DeltaDiscoveryResponse> {
         let mut resources = Vec::new();
         let mut removed = refused;
         for (name, told) in &mut self.names {
@@ -271,9 +293,20 @@ impl Stream {
                     }
                 }
                 None => {
-                    if *told != Told::Removed {
-                        removed.push(name.clone());
-                        *told = Told::Removed;
+                    let hold = match (&*told, gate) {
+                        (Told::Removed, _) => continue,
+                        (Told::Pending(until), Some(gate)) => {
+                            (now < *until && !gate.refused(name)).then_some(*until)
+                        }
+                        (Told::Nothing, Some(gate)) => gate.requested(name).map(|wait| now + wait),
+                        _ => None,
+                    };
+                    match hold {
+                        Some(until) => *told = Told::Pending(until),
+                        None => {
+                            removed.push(name.clone());
+                            *told = Told::Removed;
+                        }
                     }
                 }
             }
@@ -291,22 +324,48 @@ impl Stream {
             ..DeltaDiscoveryResponse::default()
         })
     }
+
+    /// The earliest end of a hold, if any name is held.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.names
+            .values()
+            .filter_map(|t| match t {
+                Told::Pending(until) => Some(*until),
+                _ => None,
+            })
+            .min()
+    }
 }
 
 /// Serves one delta stream until Envoy closes it.
 async fn serve_stream(
     set: Arc<SecretSet>,
+    gate: Option<Arc<dyn Gate>>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut stream = Stream::default();
     let mut changes = set.changed.subscribe();
+    let mut refusals = gate.as_ref().map(|g| g.subscribe());
     let mut counted = 0usize;
     loop {
+        let deadline = stream.next_deadline();
         let refused = tokio::select! {
             // Shutdown ends the stream (Envoy reconnects to the next agent).
             _ = stopping.wait_for(|stop| *stop) => break,
+            () = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => Vec::new(),
+            _ = async {
+                match refusals.as_mut() {
+                    Some(r) => r.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => Vec::new(),
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
                     if !request.type_url.is_empty() && request.type_url != SECRET_TYPE {
@@ -333,7 +392,7 @@ async fn serve_stream(
         };
         let tracked = stream.names.len();
         recount(&set.subscribed, &mut counted, tracked);
-        if let Some(response) = stream.diff(&set, refused)
+        if let Some(response) = stream.diff(&set, refused, gate.as_deref(), Instant::now())
             && out.send(Ok(response)).await.is_err()
         {
             break;
@@ -357,6 +416,7 @@ fn recount(total: &std::sync::atomic::AtomicUsize, counted: &mut usize, now: usi
 #[derive(Clone)]
 pub struct SdsServer {
     set: Arc<SecretSet>,
+    gate: Option<Arc<dyn Gate>>,
     stopping: watch::Receiver<bool>,
 }
 
@@ -364,14 +424,23 @@ type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
 type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
 
 impl SdsServer {
-    pub fn new(set: Arc<SecretSet>, stopping: watch::Receiver<bool>) -> Self {
-        Self { set, stopping }
+    pub fn new(
+        set: Arc<SecretSet>,
+        gate: Option<Arc<dyn Gate>>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            set,
+            gate,
+            stopping,
+        }
     }
 
     fn delta(&self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaStream> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         tokio::spawn(serve_stream(
             Arc::clone(&self.set),
+            self.gate.clone(),
             request.into_inner(),
             tx,
             self.stopping.clone(),
@@ -475,10 +544,11 @@ impl Listener {
 pub async fn serve(
     listener: Listener,
     set: Arc<SecretSet>,
+    gate: Option<Arc<dyn Gate>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let (stop, stopping) = watch::channel(false);
-    let server = SdsServer::new(set, stopping);
+    let server = SdsServer::new(set, gate, stopping);
     let shutdown = async move {
         shutdown.await;
         stop.send_replace(true);
@@ -543,7 +613,7 @@ mod tests {
         );
         let mut stream = Stream::default();
         let refused = stream.request(&subscribe(&["www.example.com", "nope.example.com", "www"]));
-        let response = stream.diff(&set, refused).unwrap();
+        let response = stream.diff(&set, refused, None, Instant::now()).unwrap();
         assert_eq!(
             names(&response),
             (
@@ -565,7 +635,11 @@ mod tests {
             Some(secret::Type::TlsCertificate(_))
         ));
         // Nothing changed: nothing to send.
-        assert!(stream.diff(&set, Vec::new()).is_none());
+        assert!(
+            stream
+                .diff(&set, Vec::new(), None, Instant::now())
+                .is_none()
+        );
     }
 
     #[test]
@@ -579,9 +653,9 @@ mod tests {
         );
         let mut stream = Stream::default();
         let refused = stream.request(&subscribe(&["www.example.com", "old.example.com"]));
-        stream.diff(&set, refused).unwrap();
+        stream.diff(&set, refused, None, Instant::now()).unwrap();
         set.set("www", &["www.example.com".into()], "chain2", "key");
-        let response = stream.diff(&set, Vec::new()).unwrap();
+        let response = stream.diff(&set, Vec::new(), None, Instant::now()).unwrap();
         assert_eq!(
             names(&response),
             (
@@ -602,7 +676,7 @@ mod tests {
             .initial_resource_versions
             .insert("www.example.com".into(), version_of("chain"));
         let refused = stream.request(&request);
-        assert!(stream.diff(&set, refused).is_none());
+        assert!(stream.diff(&set, refused, None, Instant::now()).is_none());
         // An older version held by Envoy is replaced.
         let mut stream = Stream::default();
         let mut request = subscribe(&["www.example.com"]);
@@ -610,7 +684,14 @@ mod tests {
             .initial_resource_versions
             .insert("www.example.com".into(), "old".into());
         let refused = stream.request(&request);
-        assert_eq!(stream.diff(&set, refused).unwrap().resources.len(), 1);
+        assert_eq!(
+            stream
+                .diff(&set, refused, None, Instant::now())
+                .unwrap()
+                .resources
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -631,7 +712,7 @@ mod tests {
         let refused = stream.request(&request);
         assert_eq!(refused.len(), 10);
         assert_eq!(stream.names.len(), MAX_NAMES_PER_STREAM);
-        let response = stream.diff(&set, refused).unwrap();
+        let response = stream.diff(&set, refused, None, Instant::now()).unwrap();
         assert_eq!(response.removed_resources.len(), MAX_NAMES_PER_STREAM + 10);
     }
 
@@ -645,6 +726,10 @@ mod tests {
             ..DeltaDiscoveryRequest::default()
         });
         assert!(stream.names.is_empty());
-        assert!(stream.diff(&set, Vec::new()).is_none());
+        assert!(
+            stream
+                .diff(&set, Vec::new(), None, Instant::now())
+                .is_none()
+        );
     }
 }

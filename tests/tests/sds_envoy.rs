@@ -75,7 +75,7 @@ impl Server {
             rt.block_on(async move {
                 let listener = sds::Listener::bind(&listen).unwrap();
                 ready_tx.send(()).unwrap();
-                sds::serve(listener, set, async {
+                sds::serve(listener, set, None, async {
                     let _ = stopped.await;
                 })
                 .await

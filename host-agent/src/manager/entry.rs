@@ -77,6 +77,8 @@ pub struct Entry {
     pub job: Option<AbortHandle>,
     /// Bumped when the spec changes, so a result for the old spec is ignored.
     pub epoch: u64,
+    /// Added by an on-demand handshake, not by the config.
+    pub on_demand: bool,
 }
 
 impl Entry {
@@ -100,6 +102,7 @@ impl Entry {
             blocked: None,
             job: None,
             epoch: 0,
+            on_demand: false,
         }
     }
 

@@ -57,6 +57,13 @@ pub enum Request {
         name: String,
         reply: oneshot::Sender<Result<(), RenewRefused>>,
     },
+    /// Get a certificate for `domain` because a handshake asked for it and
+    /// the on-demand policy allowed it (`crate::on_demand`).
+    OnDemand {
+        domain: String,
+        key_type: crate::config::KeyType,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// What the jobs share.
@@ -129,6 +136,7 @@ impl Manager {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let config = Arc::clone(&self.config.borrow_and_update());
         self.apply(&config);
+        self.restore_on_demand(&config);
         loop {
             self.start_due_jobs();
             let next = self
@@ -187,6 +195,69 @@ impl Manager {
                 }
                 let _ = reply.send(answer);
             }
+            Request::OnDemand {
+                domain,
+                key_type,
+                reply,
+            } => {
+                let _ = reply.send(self.add_on_demand(&domain, key_type));
+            }
+        }
+    }
+
+    /// A certificate for one on-demand `domain`, managed like a configured
+    /// one from now on (restored from its status after a restart).
+    fn add_on_demand(
+        &mut self,
+        domain: &str,
+        key_type: crate::config::KeyType,
+    ) -> Result<(), String> {
+        let name = crate::on_demand::name_for(domain);
+        if self.entries.contains_key(&name) {
+            return Ok(());
+        }
+        if !crate::config::is_valid_domain(domain) {
+            return Err(format!("{domain:?} is not a DNS name the agent orders"));
+        }
+        let spec = Certificate {
+            name: name.clone(),
+            domains: vec![domain.to_owned()],
+            key_type,
+        };
+        info!(certificate = name, domain, "on-demand certificate added");
+        let mut entry = Entry::new(spec, SystemTime::now());
+        entry.on_demand = true;
+        self.entries.insert(name, entry);
+        Ok(())
+    }
+
+    /// The on-demand certificates of earlier runs, from their status records.
+    fn restore_on_demand(&mut self, config: &Config) {
+        let Some(on_demand) = &config.on_demand else {
+            return;
+        };
+        let names = match self.shared.store.status_names() {
+            Ok(names) => names,
+            Err(e) => {
+                warn!("listing the on-demand certificates of earlier runs: {e}");
+                return;
+            }
+        };
+        for name in names {
+            if !name.starts_with(crate::on_demand::NAME_PREFIX) || self.entries.contains_key(&name)
+            {
+                continue;
+            }
+            match self.shared.store.load_status(&name) {
+                Ok(Some(status)) if status.domains.len() == 1 => {
+                    let _ = self.add_on_demand(&status.domains[0], on_demand.key_type);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(
+                    certificate = name,
+                    "reading an on-demand certificate's status: {e}"
+                ),
+            }
         }
     }
 
@@ -213,9 +284,9 @@ impl Manager {
             .collect();
         let removed: Vec<String> = self
             .entries
-            .keys()
-            .filter(|name| !wanted.contains_key(name.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(name, entry)| !entry.on_demand && !wanted.contains_key(name.as_str()))
+            .map(|(name, _)| name.clone())
             .collect();
         for name in removed {
             if let Some(entry) = self.entries.remove(&name) {

@@ -1,0 +1,304 @@
+//! On-demand TLS: a certificate ordered at the first handshake for a name the
+//! policy allows, while Envoy holds that handshake (the SDS server's
+//! [`Gate`]). Whoever connects chooses the name, so everything is bounded:
+//! the policy (`allow` patterns, and an optional `ask` URL that must answer
+//! 200), a wait per handshake, a cap on orders at once and per hour, and a
+//! cache of refused names (itself bounded) so a flood of one name costs one
+//! decision. A refused name orders nothing and stores nothing.
+//!
+//! An allowed name becomes a certificate of its own (named [`name_for`]),
+//! ordered, stored and renewed like a configured one, and served over SDS
+//! from then on; the manager restores it after a restart from its status
+//! record.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::config::{OnDemand as Config, is_valid_domain, on_demand_allows};
+use crate::manager::Request;
+use crate::sds::Gate;
+
+/// Prefix of on-demand certificates' names.
+pub const NAME_PREFIX: &str = "od-";
+/// Most refused names remembered; beyond, a refusal is not cached (the next
+/// handshake for it is decided again, still bounded by the caps).
+const MAX_REFUSED: usize = 10_000;
+/// How long the ask URL may take to answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a refusal for a cap (not the policy) is remembered.
+const CAP_REFUSAL: Duration = Duration::from_secs(5);
+
+/// The certificate name for an on-demand `domain`: `od-` and the domain
+/// with dots as underscores (no DNS name has one, so two domains never share
+/// a name), shortened with a digest when longer than 64.
+pub fn name_for(domain: &str) -> String {
+    let name = format!("{NAME_PREFIX}{}", domain.replace('.', "_"));
+    if name.len() <= 64 {
+        return name;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, domain.as_bytes());
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{}-{hex}", &name[..47])
+}
+
+#[derive(Default)]
+struct State {
+    /// Names being got, until when their handshakes are held.
+    held: HashMap<String, Instant>,
+    /// Refused names, until when.
+    refused: HashMap<String, Instant>,
+    /// When each name accepted in the last hour was.
+    accepted: VecDeque<Instant>,
+}
+
+/// The on-demand policy as the SDS server's gate.
+pub struct OnDemandGate {
+    config: Config,
+    manager: mpsc::Sender<Request>,
+    state: Mutex<State>,
+    refusals: watch::Sender<u64>,
+}
+
+impl OnDemandGate {
+    pub fn new(config: Config, manager: mpsc::Sender<Request>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            manager,
+            state: Mutex::new(State::default()),
+            refusals: watch::Sender::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn refuse(&self, name: &str, why: &str, for_how_long: Duration) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.held.remove(name);
+        if state.refused.len() >= MAX_REFUSED {
+            state.refused.retain(|_, until| *until > now);
+        }
+        if state.refused.len() < MAX_REFUSED {
+            state.refused.insert(name.to_owned(), now + for_how_long);
+        }
+        drop(state);
+        info!(name, "on-demand certificate refused: {why}");
+        self.refusals.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn refused_for(&self) -> Duration {
+        Duration::from_secs(self.config.refused_cache_seconds)
+    }
+
+    /// The policy that needs no network: a valid DNS name an `allow` pattern
+    /// matches (or any, when only `ask` decides).
+    fn allowed_by_patterns(&self, name: &str) -> bool {
+        is_valid_domain(name)
+            && (self.config.allow.is_empty()
+                || self.config.allow.iter().any(|p| on_demand_allows(p, name)))
+    }
+
+    /// The `ask` URL's answer for `name`: only a 200 allows.
+    async fn ask(&self, url: &str, name: &str) -> Result<bool, String> {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let uri: http::Uri = format!("{url}{separator}domain={name}")
+            .parse()
+            .map_err(|e| format!("ask URL: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        let request = http::Request::get(uri)
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(ASK_TIMEOUT, client.request(request)).await {
+            Err(_) => Err(format!("ask URL did not answer within {ASK_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(format!("ask URL: {e}")),
+            Ok(Ok(response)) => Ok(response.status() == http::StatusCode::OK),
+        }
+    }
+
+    /// Decides the network part and asks the manager for the certificate.
+    async fn get(self: Arc<Self>, name: String) {
+        if let Some(url) = &self.config.ask {
+            match self.ask(url, &name).await {
+                Ok(true) => {}
+                Ok(false) => return self.refuse(&name, "the ask URL said no", self.refused_for()),
+                Err(e) => {
+                    warn!(name, "{e}");
+                    return self.refuse(&name, "the ask URL failed", CAP_REFUSAL);
+                }
+            }
+        }
+        {
+            let now = Instant::now();
+            let mut state = self.lock();
+            while state
+                .accepted
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(3600))
+            {
+                state.accepted.pop_front();
+            }
+            if state.accepted.len() >= self.config.max_per_hour {
+                drop(state);
+                return self.refuse(&name, "on_demand.max_per_hour reached", CAP_REFUSAL);
+            }
+            state.accepted.push_back(now);
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request::OnDemand {
+            domain: name.clone(),
+            key_type: self.config.key_type,
+            reply,
+        };
+        if self.manager.send(request).await.is_err() {
+            return self.refuse(&name, "the agent is stopping", CAP_REFUSAL);
+        }
+        match answer.await {
+            Ok(Ok(())) => info!(name, "on-demand certificate requested"),
+            Ok(Err(why)) => self.refuse(&name, &why, CAP_REFUSAL),
+            Err(_) => self.refuse(&name, "the agent is stopping", CAP_REFUSAL),
+        }
+    }
+}
+
+/// The gate as the SDS server calls it.
+pub struct Handle(pub Arc<OnDemandGate>);
+
+impl Gate for Handle {
+    fn requested(&self, name: &str) -> Option<Duration> {
+        let gate = &self.0;
+        let now = Instant::now();
+        let wait = Duration::from_secs(gate.config.max_wait_seconds);
+        let mut state = gate.lock();
+        if state.refused.get(name).is_some_and(|until| *until > now) {
+            return None;
+        }
+        state.held.retain(|_, until| *until > now);
+        if let Some(until) = state.held.get(name) {
+            return Some(until.duration_since(now));
+        }
+        if !gate.allowed_by_patterns(name) {
+            drop(state);
+            gate.refuse(name, "not allowed by on_demand.allow", gate.refused_for());
+            return None;
+        }
+        if state.held.len() >= gate.config.max_concurrent {
+            return None;
+        }
+        state.held.insert(name.to_owned(), now + wait);
+        drop(state);
+        tokio::spawn(Arc::clone(gate).get(name.to_owned()));
+        Some(wait)
+    }
+
+    fn refused(&self, name: &str) -> bool {
+        self.0
+            .lock()
+            .refused
+            .get(name)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.refusals.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_distinct_bounded_and_valid() {
+        assert_eq!(name_for("a.shop.example.com"), "od-a_shop_example_com");
+        assert_ne!(name_for("a-b.example.com"), name_for("a.b-example.com"));
+        let long = format!("{}.example.com", "x".repeat(200));
+        let name = name_for(&long);
+        assert!(name.len() <= 64, "{name}");
+        assert_ne!(name, name_for(&format!("{}.example.com", "x".repeat(199))));
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+    }
+
+    fn gate(allow: &[&str], max_concurrent: usize) -> (Handle, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(16);
+        let config = Config {
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            ask: None,
+            max_wait_seconds: 10,
+            max_concurrent,
+            max_per_hour: 20,
+            refused_cache_seconds: 300,
+            key_type: Default::default(),
+        };
+        (Handle(OnDemandGate::new(config, tx)), rx)
+    }
+
+    #[tokio::test]
+    async fn only_allowed_names_are_held_and_asked_for_once() {
+        let (gate, mut requests) = gate(&["*.shop.example.com"], 2);
+        assert_eq!(gate.requested("evil.example.org"), None);
+        assert!(gate.refused("evil.example.org"), "a refusal is remembered");
+        assert_eq!(
+            gate.requested("A.shop.example.com"),
+            None,
+            "not a lower-case name"
+        );
+        assert!(gate.requested("a.shop.example.com").is_some());
+        // The same name again: held, not asked again.
+        assert!(gate.requested("a.shop.example.com").is_some());
+        let Some(Request::OnDemand { domain, reply, .. }) = requests.recv().await else {
+            panic!("no request");
+        };
+        assert_eq!(domain, "a.shop.example.com");
+        let _ = reply.send(Ok(()));
+        // The concurrency cap: one more held name, then refusals (not cached).
+        assert!(gate.requested("b.shop.example.com").is_some());
+        assert_eq!(gate.requested("c.shop.example.com"), None);
+        assert!(!gate.refused("c.shop.example.com"));
+        drop(requests);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_by_the_manager_is_remembered_briefly_and_wakes_streams() {
+        let (gate, mut requests) = gate(&["a.example.com"], 4);
+        let mut woken = gate.subscribe();
+        assert!(gate.requested("a.example.com").is_some());
+        let Some(Request::OnDemand { reply, .. }) = requests.recv().await else {
+            panic!("no request");
+        };
+        let _ = reply.send(Err("full".into()));
+        woken.changed().await.unwrap();
+        assert!(gate.refused("a.example.com"));
+    }
+}
