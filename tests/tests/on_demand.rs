@@ -124,3 +124,55 @@ fn allowed_names_get_a_certificate_at_their_first_handshake_and_others_nothing()
             .contains("a.shop.example.com")
     );
 }
+
+/// The `ask` URL decides alone when no `allow` list is set: a 200 allows,
+/// anything else refuses at once, and a refused name is not asked again.
+#[test]
+fn the_ask_url_decides_and_refusals_are_not_asked_twice() {
+    use std::sync::{Arc, Mutex};
+
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&asked);
+    let ask = acme_tests::http::Server::start(move |request| {
+        let domain = request.query("domain").unwrap_or_default().to_owned();
+        seen.lock().unwrap().push(domain.clone());
+        if domain == "ok.example.net" {
+            acme_tests::http::Reply::new(200, "yes")
+        } else {
+            acme_tests::http::Reply::new(403, "no")
+        }
+    })
+    .unwrap();
+    let mut world = World::new(pebble::Options::default());
+    let sds = free_addr().unwrap();
+    world.extra_config = format!(
+        "[sds]\nlisten = \"{sds}\"\n\n[on_demand]\nask = \"http://{}/allowed\"\nmax_wait_seconds = 20\n",
+        ask.addr()
+    );
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds), admin, 1).unwrap();
+
+    assert!(
+        handshake(https, "ok.example.net", Duration::from_secs(25))
+            .unwrap()
+            .is_some()
+    );
+    for _ in 0..3 {
+        let asked_at = Instant::now();
+        assert_eq!(
+            handshake(https, "no.example.net", Duration::from_secs(5)).unwrap(),
+            None
+        );
+        assert!(asked_at.elapsed() < Duration::from_secs(3));
+    }
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(
+        asked.iter().filter(|d| *d == "no.example.net").count(),
+        1,
+        "{asked:?}"
+    );
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 1.0);
+}
