@@ -108,6 +108,7 @@ sed -e "s|^state_dir = .*|state_dir = \"$run/state\"|" \
     -e "s|127.0.0.1:9180|127.0.0.1:$AGENT_PORT|" \
     -e "s|127.0.0.1:9181|127.0.0.1:$SDS_PORT|" \
     -e "s|^target = .*|target = \"127.0.0.1:$HTTP_PORT\"|" \
+    -e "s|^tls_target = .*|tls_target = \"127.0.0.1:$HTTPS_PORT\"|" \
     envoy-config/standalone/agent.toml > "$run/agent.toml"
 "$agent" --config "$run/agent.toml" check-config >/dev/null
 

@@ -175,6 +175,9 @@ pub struct SelfCheck {
     /// as a Kubernetes Service), where challenges are fetched with each domain
     /// as Host before the CA is told to validate.
     pub target: String,
+    /// Envoy's TLS listener as `host:port`, where tls-alpn-01 challenges are
+    /// checked with the CA's handshake.
+    pub tls_target: Option<String>,
 }
 
 /// The SDS server's listener (for Envoy alone: loopback by default).
@@ -323,6 +326,22 @@ pub struct Certificate {
     pub domains: Vec<String>,
     #[serde(default)]
     pub key_type: KeyType,
+    /// How the CA validates the names.
+    #[serde(default)]
+    pub challenge: ChallengeKind,
+}
+
+/// The ACME challenge a certificate is validated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum ChallengeKind {
+    /// Answered by the filter on Envoy's plain-HTTP listener (port 80).
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// Answered by Envoy's TLS listener with an `acme-tls/1` filter chain fed
+    /// by the agent's SDS server (port 443; port 80 may stay closed).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -457,15 +476,24 @@ impl Config {
             }
         }
         if let Some(check) = &self.self_check {
-            let valid = check.target.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !valid {
-                return Err(invalid(
-                    path,
-                    "self_check.target",
-                    "must be host:port (an address or a DNS name, and a port)",
-                ));
+            let host_port = |target: &str| {
+                target.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+            };
+            for (field, target) in [
+                ("self_check.target", Some(&check.target)),
+                ("self_check.tls_target", check.tls_target.as_ref()),
+            ] {
+                if let Some(target) = target
+                    && !host_port(target)
+                {
+                    return Err(invalid(
+                        path,
+                        field,
+                        "must be host:port (an address or a DNS name, and a port)",
+                    ));
+                }
             }
         }
         let directory = self.acme.directory_url();
@@ -569,6 +597,13 @@ impl Config {
                     path,
                     at("name"),
                     format!("{:?} is used twice", cert.name),
+                ));
+            }
+            if cert.challenge == ChallengeKind::TlsAlpn01 && self.sds.is_none() {
+                return Err(invalid(
+                    path,
+                    at("challenge"),
+                    "tls-alpn-01 needs [sds]: Envoy gets the challenge certificates from the agent's SDS server",
                 ));
             }
             if cert.domains.is_empty() || cert.domains.len() > 100 {
@@ -1020,6 +1055,24 @@ mod refusals {
 #[cfg(test)]
 mod sds_section {
     use super::*;
+
+    #[test]
+    fn tls_alpn_01_needs_sds() {
+        let cert = "[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\"]\nchallenge = \"tls-alpn-01\"\n";
+        let files = format!(
+            "state_dir = \"/s\"\nsds_dir = \"/d\"\n[acme]\ndirectory = \"letsencrypt\"\n{cert}"
+        );
+        match Config::parse(&files, Path::new("agent.toml")) {
+            Err(Error::Config { field, .. }) => assert_eq!(field, "certificate[0].challenge"),
+            other => panic!("{other:?}"),
+        }
+        let sds = format!("state_dir = \"/s\"\n[acme]\ndirectory = \"letsencrypt\"\n[sds]\n{cert}");
+        let c = Config::parse(&sds, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.certificates[0].challenge, ChallengeKind::TlsAlpn01);
+        let http = sds.replace("tls-alpn-01", "http-01");
+        let c = Config::parse(&http, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.certificates[0].challenge, ChallengeKind::Http01);
+    }
 
     #[test]
     fn sds_makes_sds_dir_optional_and_listens_on_loopback() {

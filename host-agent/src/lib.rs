@@ -7,6 +7,7 @@
 
 pub mod account;
 pub mod acme;
+pub mod alpn;
 pub mod api;
 pub mod budget;
 pub mod certificate;

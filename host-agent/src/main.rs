@@ -191,6 +191,7 @@ async fn storage(
 #[tokio::main]
 async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let secrets = config.sds.as_ref().map(|_| Arc::new(SecretSet::new()));
+    let alpn = config.sds.as_ref().map(|_| Arc::new(SecretSet::new()));
     let (store, sink) = backends(&config, secrets.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
@@ -223,6 +224,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             Some(tokio::spawn(acme_agent::sds::serve(
                 listener,
                 secrets,
+                alpn.clone().unwrap_or_default(),
                 gate,
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -232,7 +234,15 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
-    let manager = Manager::new(config_rx, store, sink, challenges, metrics, requests_rx)?;
+    let manager = Manager::new(
+        config_rx,
+        store,
+        sink,
+        challenges,
+        metrics,
+        requests_rx,
+        alpn,
+    )?;
 
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, config_tx, stop_rx.clone()));

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::Error;
 use crate::certificate::{self, Leaf};
 use crate::challenges::{Challenge, ChallengeSet};
-use crate::config::{Certificate, KeyType};
+use crate::config::{Certificate, ChallengeKind, KeyType};
 use crate::nonce_retry;
 use crate::self_check;
 
@@ -52,6 +52,10 @@ pub struct OrderContext<'a> {
     pub account: &'a Account,
     pub challenges: &'a ChallengeSet,
     pub self_check: Option<&'a str>,
+    /// tls-alpn-01 challenge certificates for the SDS server (with `[sds]`).
+    pub alpn: Option<&'a crate::sds::SecretSet>,
+    /// Envoy's TLS listener, where tls-alpn-01 is self-checked.
+    pub tls_check: Option<&'a str>,
 }
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
@@ -195,12 +199,16 @@ pub async fn issue(
                 });
             }
         }
+        let wanted = challenge_type(spec.challenge);
         let challenge = state
             .challenges
             .iter()
-            .find(|c| c.r#type == ChallengeType::Http01)
+            .find(|c| c.r#type == wanted)
             .ok_or_else(|| {
-                Error::Validation(format!("the CA offers no http-01 challenge for {domain}"))
+                Error::Validation(format!(
+                    "the CA offers no {} challenge for {domain}",
+                    challenge_name(spec.challenge)
+                ))
             })?;
         // The filters answer no longer or stranger token (and must not be
         // handed one that would break their snapshot bound).
@@ -212,7 +220,7 @@ pub async fn issue(
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(Error::Validation(format!(
-                "the CA's http-01 token for {domain} is not 1-{} base64url characters",
+                "the CA's token for {domain} is not 1-{} base64url characters",
                 crate::config::MAX_TOKEN_LEN
             ))
             .into());
@@ -224,28 +232,57 @@ pub async fn issue(
         });
     }
 
+    // HTTP-01 tokens go to the filters; tls-alpn-01 certificates to Envoy's
+    // acme-tls/1 filter chain through the SDS server. Both are withdrawn when
+    // the guards drop.
+    let (http, alpn) = match spec.challenge {
+        ChallengeKind::Http01 => (pending.as_slice(), &[][..]),
+        ChallengeKind::TlsAlpn01 => (&[][..], pending.as_slice()),
+    };
     let published = Published {
         set: cx.challenges,
-        tokens: pending.iter().map(|c| c.token.clone()).collect(),
+        tokens: http.iter().map(|c| c.token.clone()).collect(),
     };
-    cx.challenges.publish(pending.iter().cloned());
+    if !http.is_empty() {
+        cx.challenges.publish(http.iter().cloned());
+    }
+    let mut alpn_published = None;
+    if !alpn.is_empty() {
+        let set = cx.alpn.ok_or_else(|| {
+            Error::Validation("tls-alpn-01 needs the agent's SDS server ([sds])".into())
+        })?;
+        let guard = alpn_published.insert(crate::alpn::Published::new(set));
+        for c in alpn {
+            let (chain, key) =
+                crate::alpn::challenge_certificate(&c.identifier, &c.key_authorization)?;
+            guard.publish(&c.identifier, &chain, &key);
+        }
+    }
 
     if let Some(target) = cx.self_check {
-        let checks = pending
+        let checks = http
             .iter()
             .map(|c| self_check::check(target, &c.identifier, &c.token, &c.key_authorization));
         for result in futures_util::future::join_all(checks).await {
             result?;
         }
-        debug!(challenges = pending.len(), "self-check passed");
     }
+    if let Some(target) = cx.tls_check {
+        let checks = alpn
+            .iter()
+            .map(|c| crate::alpn::check(target, &c.identifier, &c.key_authorization));
+        for result in futures_util::future::join_all(checks).await {
+            result?;
+        }
+    }
+    debug!(challenges = pending.len(), "self-check passed");
 
     // Tell the CA, one challenge at a time (the nonce is per request chain),
     // and wait for its verdict. From the first challenge marked ready on, a
     // failure may come with invalid authorizations (the CA validates at once
     // or later, and reports it on whichever request comes next): which names
     // failed is read from the authorizations, for the CA-limit ledger.
-    let told = tell_the_ca(&mut order).await;
+    let told = tell_the_ca(&mut order, challenge_type(spec.challenge)).await;
     let status = match told {
         Ok(()) => nonce_retry!("waiting for validation", order.poll_ready(&polling())),
         Err(e) => Err(e),
@@ -271,6 +308,7 @@ pub async fn issue(
     }
     // Every authorization is final: the filters can forget the tokens.
     drop(published);
+    drop(alpn_published);
 
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
@@ -298,8 +336,22 @@ pub async fn issue(
     })
 }
 
-/// Marks every pending HTTP-01 challenge of `order` ready.
-async fn tell_the_ca(order: &mut instant_acme::Order) -> Result<(), Error> {
+fn challenge_type(kind: ChallengeKind) -> ChallengeType {
+    match kind {
+        ChallengeKind::Http01 => ChallengeType::Http01,
+        ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+    }
+}
+
+fn challenge_name(kind: ChallengeKind) -> &'static str {
+    match kind {
+        ChallengeKind::Http01 => "http-01",
+        ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+    }
+}
+
+/// Marks every pending challenge of `order` of type `wanted` ready.
+async fn tell_the_ca(order: &mut instant_acme::Order, wanted: ChallengeType) -> Result<(), Error> {
     let mut authorizations = order.authorizations();
     while let Some(result) = authorizations.next().await {
         let mut authz = result.map_err(Error::acme("reading an authorization"))?;
@@ -307,8 +359,8 @@ async fn tell_the_ca(order: &mut instant_acme::Order) -> Result<(), Error> {
             continue;
         }
         let mut challenge = authz
-            .challenge(ChallengeType::Http01)
-            .ok_or_else(|| Error::Validation("http-01 challenge vanished".into()))?;
+            .challenge(wanted.clone())
+            .ok_or_else(|| Error::Validation("the challenge vanished".into()))?;
         nonce_retry!("marking the challenge ready", challenge.set_ready())?;
     }
     Ok(())

@@ -416,9 +416,19 @@ fn recount(total: &std::sync::atomic::AtomicUsize, counted: &mut usize, now: usi
 #[derive(Clone)]
 pub struct SdsServer {
     set: Arc<SecretSet>,
+    /// tls-alpn-01 challenge certificates, asked for on streams that carry
+    /// [`SECRETS_HEADER`]: [`ALPN_SECRETS`].
+    alpn: Arc<SecretSet>,
     gate: Option<Arc<dyn Gate>>,
     stopping: watch::Receiver<bool>,
 }
+
+/// gRPC metadata (Envoy's `initial_metadata` on the `grpc_services` entry)
+/// that selects which secrets a stream gets: the tls-alpn-01 filter chain's
+/// selector asks for the same names (the SNI) as the ordinary one, and gets
+/// the challenge certificates by this header.
+pub const SECRETS_HEADER: &str = "x-acme-secrets";
+pub const ALPN_SECRETS: &str = "tls-alpn-01";
 
 type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
 type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
@@ -426,11 +436,13 @@ type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
 impl SdsServer {
     pub fn new(
         set: Arc<SecretSet>,
+        alpn: Arc<SecretSet>,
         gate: Option<Arc<dyn Gate>>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             set,
+            alpn,
             gate,
             stopping,
         }
@@ -438,9 +450,19 @@ impl SdsServer {
 
     fn delta(&self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaStream> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let alpn = request
+            .metadata()
+            .get(SECRETS_HEADER)
+            .is_some_and(|v| v.as_bytes() == ALPN_SECRETS.as_bytes());
+        // Challenge certificates exist only while an order runs: no gate.
+        let (set, gate) = if alpn {
+            (Arc::clone(&self.alpn), None)
+        } else {
+            (Arc::clone(&self.set), self.gate.clone())
+        };
         tokio::spawn(serve_stream(
-            Arc::clone(&self.set),
-            self.gate.clone(),
+            set,
+            gate,
             request.into_inner(),
             tx,
             self.stopping.clone(),
@@ -544,11 +566,12 @@ impl Listener {
 pub async fn serve(
     listener: Listener,
     set: Arc<SecretSet>,
+    alpn: Arc<SecretSet>,
     gate: Option<Arc<dyn Gate>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let (stop, stopping) = watch::channel(false);
-    let server = SdsServer::new(set, gate, stopping);
+    let server = SdsServer::new(set, alpn, gate, stopping);
     let shutdown = async move {
         shutdown.await;
         stop.send_replace(true);

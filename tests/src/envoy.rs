@@ -46,7 +46,10 @@ impl Envoy {
             .arg(&config_path)
             .args(["--concurrency", &concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "warning"])
-            .args(["--component-log-level", "wasm:info"])
+            .args([
+                "--component-log-level",
+                &std::env::var("ENVOY_COMPONENT_LOG").unwrap_or_else(|_| "wasm:info".into()),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -486,6 +489,75 @@ pub fn on_demand_bootstrap_pipe(https: SocketAddr, admin: SocketAddr, socket: &P
         https,
         admin,
         &format!("pipe: {{ path: {} }}", socket.display()),
+    )
+}
+
+/// [`on_demand_bootstrap`] with a first filter chain for tls-alpn-01: matched
+/// on ALPN `acme-tls/1` (so with `tls_inspector`), negotiating it, its
+/// certificate the agent's challenge certificate for the SNI (the same
+/// on-demand selector, on a stream that asks for the challenge secrets).
+pub fn on_demand_bootstrap_with_alpn(
+    https: SocketAddr,
+    admin: SocketAddr,
+    sds: SocketAddr,
+) -> String {
+    let plain = on_demand_bootstrap(https, admin, sds);
+    let alpn_chain = r#"    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector
+    filter_chains:
+    - filter_chain_match: { application_protocols: ["acme-tls/1"] }
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          disable_stateless_session_resumption: true
+          disable_stateful_session_resumption: true
+          common_tls_context:
+            alpn_protocols: ["acme-tls/1"]
+            custom_tls_certificate_selector:
+              name: envoy.tls.certificate_selectors.on_demand_secret
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_selectors.on_demand_secret.v3.Config
+                config_source:
+                  resource_api_version: V3
+                  api_config_source:
+                    api_type: DELTA_GRPC
+                    transport_api_version: V3
+                    grpc_services:
+                    - envoy_grpc: { cluster_name: acme_sds }
+                      initial_metadata:
+                      - { key: x-acme-secrets, value: tls-alpn-01 }
+                certificate_mapper:
+                  name: envoy.tls.certificate_mappers.sni
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.cert_mappers.sni.v3.SNI
+                    default_value: no-sni
+      # The CA closes after the handshake; a filter that closes at once (the
+      # network direct_response) would cut the handshake short.
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: acme_tls
+          route_config:
+            virtual_hosts:
+            - name: none
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                direct_response: { status: 404 }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#;
+    plain.replacen(
+        "    filter_chains:
+",
+        alpn_chain,
+        1,
     )
 }
 

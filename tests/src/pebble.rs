@@ -33,6 +33,8 @@ pub struct Pebble {
     pub listen: SocketAddr,
     pub management: SocketAddr,
     pub http_port: u16,
+    /// Where Pebble validates tls-alpn-01 (on 127.0.0.1).
+    pub tls_port: u16,
     /// `pebble-challtestsrv`'s management API (plain HTTP).
     pub dns_management: SocketAddr,
     options: Options,
@@ -68,7 +70,8 @@ impl Pebble {
         let dns = spawn_logged(dns_cmd, dir.path().join("challtestsrv.log"))?;
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let management: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config = pebble_config_json(listen, management, &cert, &key, http_port, free_port()?);
+        let tls_port = free_port()?;
+        let config = pebble_config_json(listen, management, &cert, &key, http_port, tls_port);
         std::fs::write(dir.path().join("pebble.json"), config)?;
         let mut pebble = Self {
             directory_url: format!("https://{listen}/dir"),
@@ -76,6 +79,7 @@ impl Pebble {
             listen,
             management,
             http_port,
+            tls_port,
             dns_management,
             options,
             dns,

@@ -64,6 +64,14 @@ impl Server {
     }
 
     fn start_on(listen: acme_agent::config::Listen, set: Arc<SecretSet>) -> Self {
+        Self::start_with(listen, set, Arc::default())
+    }
+
+    fn start_with(
+        listen: acme_agent::config::Listen,
+        set: Arc<SecretSet>,
+        alpn: Arc<SecretSet>,
+    ) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -75,7 +83,7 @@ impl Server {
             rt.block_on(async move {
                 let listener = sds::Listener::bind(&listen).unwrap();
                 ready_tx.send(()).unwrap();
-                sds::serve(listener, set, None, async {
+                sds::serve(listener, set, alpn, None, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -376,4 +384,66 @@ fn ten_thousand_random_snis_leave_memory_bounded_and_known_names_served() {
         handshake(https, "www.example.com", timeout).unwrap(),
         Some(www_leaf)
     );
+}
+
+/// The acme-tls/1 filter chain gets the tls-alpn-01 challenge certificate for
+/// the SNI, on a stream asking for the challenge secrets; any other handshake
+/// for that name gets the ordinary certificate.
+#[test]
+fn the_acme_tls_chain_serves_challenge_certificates_apart_from_the_ordinary_ones() {
+    let work = tempfile::tempdir().unwrap();
+    let set = Arc::new(SecretSet::new());
+    let (chain, key) = self_signed(work.path(), &["www.example.com"]);
+    set.set("www", &names(&["www.example.com"]), &chain, &key);
+    let alpn = Arc::new(SecretSet::new());
+    let (chain, key) =
+        acme_agent::alpn::challenge_certificate("www.example.com", "tok.thumb").unwrap();
+    alpn.set("www.example.com", &[], &chain, &key);
+    let sds_addr = free_addr().unwrap();
+    let _server = Server::start_with(
+        acme_agent::config::Listen::Tcp(sds_addr),
+        Arc::clone(&set),
+        alpn,
+    );
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let envoy = Envoy::start(
+        &acme_tests::envoy::on_demand_bootstrap_with_alpn(https, admin, sds_addr),
+        admin,
+        1,
+    )
+    .unwrap();
+    wait_subject(https, "www.example.com", "www.example.com", &envoy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &https.to_string(),
+                "-servername",
+                "www.example.com",
+            ])
+            .args(["-alpn", "acme-tls/1"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("ALPN protocol: acme-tls/1") {
+            let pem: String = text
+                .lines()
+                .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+                .take_while(|l| !l.starts_with("-----END CERTIFICATE"))
+                .chain(std::iter::once("-----END CERTIFICATE-----"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let der = acme_agent::certificate::parse_chain(&pem)
+                .unwrap()
+                .remove(0);
+            assert!(acme_agent::alpn::holds_digest(&der, "tok.thumb"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", envoy.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

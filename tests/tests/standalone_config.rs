@@ -126,6 +126,28 @@ fn the_on_demand_agent_config_matches_its_bootstrap() {
         "the acme_sds cluster points at the agent's sds.listen"
     );
     assert!(yaml.contains("api_type: DELTA_GRPC"));
+    // tls-alpn-01: an acme-tls/1 chain first, asking for the challenge
+    // secrets, and the self-check aimed at the HTTPS port.
+    let alpn = yaml
+        .find(r#"application_protocols: ["acme-tls/1"]"#)
+        .unwrap();
+    let ordinary = yaml.find("# Everything else: the certificate").unwrap();
+    assert!(alpn < ordinary);
+    assert!(yaml[alpn..ordinary].contains(&format!(
+        "{{ key: {}, value: {} }}",
+        acme_agent::sds::SECRETS_HEADER,
+        acme_agent::sds::ALPN_SECRETS
+    )));
+    assert!(yaml.contains("envoy.filters.listener.tls_inspector"));
+    let tls_target = config
+        .self_check
+        .as_ref()
+        .and_then(|c| c.tls_target.clone())
+        .unwrap();
+    assert!(yaml.contains(&format!(
+        "port_value: {} }}",
+        tls_target.rsplit_once(':').unwrap().1
+    )));
     assert!(yaml.contains("envoy.tls.certificate_selectors.on_demand_secret"));
     assert!(yaml.contains("envoy.tls.certificate_mappers.sni"));
 }

@@ -315,6 +315,7 @@ mod tests {
             name: "www".into(),
             domains: domains.iter().map(|d| d.to_string()).collect(),
             key_type: KeyType::EcdsaP256,
+            challenge: Default::default(),
         }
     }
 

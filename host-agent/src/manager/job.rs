@@ -87,11 +87,20 @@ pub enum Task {
     },
 }
 
+/// Where challenges are checked before the CA is told (`[self_check]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checks {
+    /// Envoy's plain-HTTP listener (HTTP-01).
+    pub http: Option<String>,
+    /// Envoy's TLS listener (tls-alpn-01).
+    pub tls: Option<String>,
+}
+
 pub struct Job {
     pub shared: Arc<Shared>,
     pub spec: Certificate,
     pub task: Task,
-    pub self_check: Option<String>,
+    pub checks: Checks,
 }
 
 /// Ends a ledger reservation when dropped (an aborted job included), as
@@ -119,7 +128,7 @@ impl Job {
             shared,
             spec,
             task,
-            self_check,
+            checks,
         } = self;
         match task {
             Task::Restore => match restore::restore(&shared, &spec) {
@@ -138,7 +147,7 @@ impl Job {
                     served: served.as_ref(),
                     reason,
                     two_thirds,
-                    self_check: self_check.as_deref(),
+                    checks: &checks,
                 };
                 look.run().await
             }
@@ -211,7 +220,7 @@ struct Look<'a> {
     served: Option<&'a Served>,
     reason: Option<Reason>,
     two_thirds: Option<SystemTime>,
-    self_check: Option<&'a str>,
+    checks: &'a Checks,
 }
 
 /// What renewal info (RFC 9773) said about the served certificate.
@@ -362,7 +371,9 @@ impl Look<'_> {
         let cx = OrderContext {
             account,
             challenges: &s.challenges,
-            self_check: self.self_check,
+            self_check: self.checks.http.as_deref(),
+            alpn: s.alpn.as_deref(),
+            tls_check: self.checks.tls.as_deref(),
         };
         let span = info_span!("order", domains = ?domains);
         let mut result = order::issue(&cx, self.spec, replaces.as_deref())

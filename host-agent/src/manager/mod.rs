@@ -33,8 +33,19 @@ use crate::sink::CertificateSink;
 use crate::store::{StateStore, unix};
 
 use entry::Entry;
-use job::{ARI_RECHECK_MAX, Job, Outcome, Task};
+use job::{ARI_RECHECK_MAX, Checks, Job, Outcome, Task};
 use ledger::SharedLedger;
+
+/// Where the config says challenges are checked.
+fn checks_of(config: &Config) -> Checks {
+    Checks {
+        http: config.self_check.as_ref().map(|s| s.target.clone()),
+        tls: config
+            .self_check
+            .as_ref()
+            .and_then(|s| s.tls_target.clone()),
+    }
+}
 
 /// First wait before reading the store again after it failed at start;
 /// doubled up to [`RESTORE_RETRY_MAX`].
@@ -76,6 +87,8 @@ pub struct Shared {
     http: Http,
     account: tokio::sync::Mutex<Option<HeldAccount>>,
     ledger: SharedLedger,
+    /// tls-alpn-01 challenge certificates, served by the SDS server.
+    alpn: Option<Arc<crate::sds::SecretSet>>,
 }
 
 impl Shared {
@@ -92,7 +105,7 @@ pub struct Manager {
     permits: Arc<Semaphore>,
     concurrency: usize,
     backoff: Backoff,
-    self_check: Option<String>,
+    checks: Checks,
     requests: mpsc::Receiver<Request>,
 }
 
@@ -106,6 +119,7 @@ impl Manager {
         challenges: Arc<ChallengeSet>,
         metrics: Arc<Metrics>,
         requests: mpsc::Receiver<Request>,
+        alpn: Option<Arc<crate::sds::SecretSet>>,
     ) -> Result<Self, Error> {
         let current = Arc::clone(&config.borrow());
         let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
@@ -119,6 +133,7 @@ impl Manager {
                 metrics,
                 http,
                 account: tokio::sync::Mutex::new(None),
+                alpn,
             }),
             config,
             entries: BTreeMap::new(),
@@ -126,7 +141,7 @@ impl Manager {
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
             concurrency: current.order_concurrency,
             backoff: current.retry.backoff(),
-            self_check: current.self_check.as_ref().map(|s| s.target.clone()),
+            checks: checks_of(&current),
             requests,
         })
     }
@@ -223,6 +238,7 @@ impl Manager {
             name: name.clone(),
             domains: vec![domain.to_owned()],
             key_type,
+            challenge: Default::default(),
         };
         info!(certificate = name, domain, "on-demand certificate added");
         let mut entry = Entry::new(spec, SystemTime::now());
@@ -272,11 +288,11 @@ impl Manager {
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();
-        let self_check = config.self_check.as_ref().map(|s| s.target.clone());
-        if self_check.is_none() && (self.self_check.is_some() || self.entries.is_empty()) {
+        let checks = checks_of(config);
+        if checks.http.is_none() && (self.checks.http.is_some() || self.entries.is_empty()) {
             warn!("no [self_check] target: challenges go to the CA unchecked");
         }
-        self.self_check = self_check;
+        self.checks = checks;
         let wanted: BTreeMap<&str, &Certificate> = config
             .certificates
             .iter()
@@ -343,7 +359,7 @@ impl Manager {
                 shared: Arc::clone(&self.shared),
                 spec: entry.spec.clone(),
                 task,
-                self_check: self.self_check.clone(),
+                checks: self.checks.clone(),
             };
             let permits = needs_permit.then(|| Arc::clone(&self.permits));
             let epoch = entry.epoch;

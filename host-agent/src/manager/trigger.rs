@@ -75,6 +75,7 @@ mod tests {
             name: "www".into(),
             domains: domains.iter().map(|d| d.to_string()).collect(),
             key_type,
+            challenge: Default::default(),
         }
     }
 

@@ -1,0 +1,229 @@
+//! tls-alpn-01 (RFC 8737) answered by Envoy: for each identifier, a
+//! self-signed challenge certificate carrying the critical `acmeIdentifier`
+//! extension (the SHA-256 of the key authorization), served by the agent's
+//! SDS server to Envoy's `acme-tls/1` filter chain while the order runs, so
+//! port 80 may stay closed. The self-check performs the handshake the CA
+//! will, before the CA is told.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, CustomExtension, KeyPair};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::Error;
+use crate::sds::SecretSet;
+
+/// The ALPN protocol of tls-alpn-01.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+/// id-pe-acmeIdentifier (RFC 8737 section 6.1), dotted.
+const ACME_IDENTIFIER_OID: &str = "1.3.6.1.5.5.7.1.31";
+
+/// SHA-256 of the key authorization: what the extension must hold.
+pub fn digest(key_authorization: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, key_authorization.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The challenge certificate for `identifier`: (chain PEM, key PEM).
+pub fn challenge_certificate(
+    identifier: &str,
+    key_authorization: &str,
+) -> Result<(String, String), Error> {
+    fn bad(what: &'static str) -> impl FnOnce(rcgen::Error) -> Error {
+        move |e| Error::Certificate(format!("{what}: {e}"))
+    }
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(bad("generating a tls-alpn-01 key"))?;
+    let mut params = CertificateParams::new(vec![identifier.to_owned()])
+        .map_err(bad("tls-alpn-01 certificate names"))?;
+    params
+        .custom_extensions
+        .push(CustomExtension::new_acme_identifier(&digest(
+            key_authorization,
+        )));
+    let cert = params
+        .self_signed(&key)
+        .map_err(bad("signing the tls-alpn-01 certificate"))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Serves an order's challenge certificates while alive; withdraws them when
+/// dropped (success, failure, abort).
+pub struct Published<'a> {
+    set: &'a SecretSet,
+    identifiers: Vec<String>,
+}
+
+impl<'a> Published<'a> {
+    pub fn new(set: &'a SecretSet) -> Self {
+        Self {
+            set,
+            identifiers: Vec::new(),
+        }
+    }
+
+    pub fn publish(&mut self, identifier: &str, chain_pem: &str, key_pem: &str) {
+        self.set.set(identifier, &[], chain_pem, key_pem);
+        self.identifiers.push(identifier.to_owned());
+    }
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        for identifier in &self.identifiers {
+            self.set.remove(identifier);
+        }
+    }
+}
+
+/// Accepts any certificate and remembers the leaf (the check is ours).
+#[derive(Debug, Default)]
+struct Observe {
+    leaf: Mutex<Option<Vec<u8>>>,
+}
+
+impl ServerCertVerifier for Observe {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self
+            .leaf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Whether `leaf` (DER) is a tls-alpn-01 certificate for `key_authorization`:
+/// its critical acmeIdentifier extension holds the digest.
+pub fn holds_digest(leaf: &[u8], key_authorization: &str) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(leaf) else {
+        return false;
+    };
+    let want = digest(key_authorization);
+    cert.extensions().iter().any(|ext| {
+        ext.critical
+            && ext.oid.to_id_string() == ACME_IDENTIFIER_OID
+            // DER OCTET STRING of 32 bytes: tag 0x04, length 0x20.
+            && ext.value.len() == 34
+            && ext.value[0] == 0x04
+            && ext.value[1] == 0x20
+            && ext.value[2..] == want
+    })
+}
+
+/// One handshake with `target` for `identifier`, offering only `acme-tls/1`:
+/// the leaf presented, if the handshake completed with that protocol.
+fn handshake_once(target: &str, identifier: &str) -> Result<Vec<u8>, String> {
+    let observe = Arc::new(Observe::default());
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::clone(&observe) as Arc<dyn ServerCertVerifier>)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    let name = ServerName::try_from(identifier.to_owned()).map_err(|e| e.to_string())?;
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let addr = target
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {target}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{target} resolves to nothing"))?;
+    let timeout = Duration::from_secs(3);
+    let mut tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .map_err(|e| format!("handshake: {e}"))?;
+    }
+    let _ = conn.writer().flush();
+    if conn.alpn_protocol() != Some(ACME_TLS_ALPN) {
+        return Err("acme-tls/1 was not negotiated".into());
+    }
+    observe
+        .leaf
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+        .ok_or_else(|| "no certificate presented".into())
+}
+
+/// Performs the CA's handshake at `target` until Envoy presents the challenge
+/// certificate for `identifier`, or the self-check deadline passes.
+pub async fn check(target: &str, identifier: &str, key_authorization: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + crate::self_check::DEADLINE;
+    loop {
+        let (t, i) = (target.to_owned(), identifier.to_owned());
+        let outcome = tokio::task::spawn_blocking(move || handshake_once(&t, &i))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let problem = match outcome {
+            Ok(leaf) if holds_digest(&leaf, key_authorization) => return Ok(()),
+            Ok(_) => format!("{identifier}: {target} presented another certificate"),
+            Err(e) => format!("{identifier}: {target}: {e}"),
+        };
+        if Instant::now() + Duration::from_millis(100) > deadline {
+            return Err(Error::SelfCheck(format!(
+                "{problem} (tls-alpn-01; does Envoy's TLS listener have the acme-tls/1 filter chain fed by this agent's SDS?)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_challenge_certificate_holds_the_digest_critically() {
+        let (chain, _) = challenge_certificate("www.example.com", "tok.thumb").unwrap();
+        let der = crate::certificate::parse_chain(&chain).unwrap().remove(0);
+        assert!(holds_digest(&der, "tok.thumb"));
+        assert!(!holds_digest(&der, "tok.other"));
+        let leaf = crate::certificate::leaf(&chain).unwrap();
+        assert!(leaf.dns_names.contains("www.example.com"));
+    }
+}

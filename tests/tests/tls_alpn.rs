@@ -1,0 +1,59 @@
+//! tls-alpn-01 (RFC 8737) answered by Envoy: the real Pebble validates on
+//! Envoy's TLS port with ALPN `acme-tls/1`; Envoy's `acme-tls/1` filter chain
+//! presents the agent's challenge certificate from its SDS server. No
+//! plain-HTTP listener exists at all (port 80 may stay closed), and the
+//! issued certificate is then served by the same listener's other chain.
+
+use std::time::Duration;
+
+use acme_tests::envoy::{Envoy, free_addr, on_demand_bootstrap_with_alpn, served_chain};
+use acme_tests::pebble;
+use acme_tests::world::World;
+
+#[test]
+fn a_certificate_validated_by_tls_alpn_01_through_envoy_with_no_http_listener() {
+    let mut world = World::new(pebble::Options::default());
+    let sds = free_addr().unwrap();
+    let tls: std::net::SocketAddr = format!("127.0.0.1:{}", world.pebble.tls_port)
+        .parse()
+        .unwrap();
+    world.self_check = None;
+    world.extra_config = format!(
+        "[sds]\nlisten = \"{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:9\"\ntls_target = \"{tls}\"\n"
+    );
+    world
+        .certificates(&[("www", &["www.example.com", "example.com"])])
+        .write_config();
+    let config = std::fs::read_to_string(world.config_path())
+        .unwrap()
+        .replace(
+            "domains = [\"www.example.com\", \"example.com\"]\n",
+            "domains = [\"www.example.com\", \"example.com\"]\nchallenge = \"tls-alpn-01\"\n",
+        );
+    assert!(config.contains("tls-alpn-01"));
+    std::fs::write(world.config_path(), config).unwrap();
+    world.start_agent();
+    let admin = free_addr().unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap_with_alpn(tls, admin, sds), admin, 2).unwrap();
+    world.wait_issued("www", 1.0);
+    let root = world.pebble.issuing_root().unwrap();
+    for sni in ["www.example.com", "example.com"] {
+        acme_tests::agent::wait_for(
+            Duration::from_secs(10),
+            &format!("{sni} served"),
+            || {
+                served_chain(tls, sni)
+                    .ok()
+                    .filter(|c| pebble::verify_chain(c, &root, sni).is_ok())
+            },
+            || format!("{}\n{}", world.context(), envoy.log()),
+        )
+        .unwrap();
+    }
+    // No HTTP-01 was attempted (there is no plain-HTTP listener to answer it).
+    let log = world.pebble.log();
+    assert!(log.contains("set VALID by completed challenge"), "{log}");
+    assert!(!log.contains("validate w/ HTTP"), "{log}");
+    // The challenge certificates are withdrawn once the order is done.
+    assert_eq!(world.metric("acme_agent_challenges_pending", &[]), 0.0);
+}
