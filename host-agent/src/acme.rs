@@ -129,7 +129,6 @@ impl Http {
             .with_tls_config(tls)
             .https_only()
             .enable_http1()
-            .enable_http2()
             .wrap_connector(tcp);
         Ok(Self {
             client: HyperClient::builder(TokioExecutor::new()).build(connector),

@@ -57,8 +57,9 @@ const STREAM_QUEUE: usize = 16;
 /// One secret as served: its version and the encoded resource.
 #[derive(Clone)]
 struct Served {
-    version: String,
-    resource: Any,
+    /// Shared: every stream compares it on every change.
+    version: Arc<str>,
+    resource: Arc<Any>,
     /// The certificate it belongs to (a name may move to another one).
     certificate: String,
 }
@@ -122,15 +123,15 @@ impl SecretSet {
     /// Serves `certificate` under its name and each of `names`, replacing
     /// what it served before (a name it no longer covers is removed).
     pub fn set(&self, certificate: &str, names: &[String], chain_pem: &str, key_pem: &str) {
-        let version = version_of(chain_pem);
+        let version: Arc<str> = version_of(chain_pem).into();
         let mut secrets = self.lock();
         secrets.retain(|name, s| s.certificate != certificate || names.contains(name));
         for name in std::iter::once(certificate).chain(names.iter().map(String::as_str)) {
             secrets.insert(
                 name.to_owned(),
                 Served {
-                    version: version.clone(),
-                    resource: encode(name, chain_pem, key_pem),
+                    version: Arc::clone(&version),
+                    resource: Arc::new(encode(name, chain_pem, key_pem)),
                     certificate: certificate.to_owned(),
                 },
             );
@@ -151,10 +152,11 @@ impl SecretSet {
         }
     }
 
-    fn get(&self, name: &str) -> Option<(String, Any)> {
+    /// The version and resource served under `name` (cheap clones).
+    fn get(&self, name: &str) -> Option<(Arc<str>, Arc<Any>)> {
         self.lock()
             .get(name)
-            .map(|s| (s.version.clone(), s.resource.clone()))
+            .map(|s| (Arc::clone(&s.version), Arc::clone(&s.resource)))
     }
 
     /// Names the open streams track in all: bounded by what Envoy keeps
@@ -226,7 +228,7 @@ pub trait Gate: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Told {
     Nothing,
-    Version(String),
+    Version(Arc<str>),
     Removed,
     /// Held for an on-demand certificate until then.
     Pending(Instant),
@@ -247,7 +249,7 @@ impl Stream {
         for (name, version) in &request.initial_resource_versions {
             if self.names.len() < MAX_NAMES_PER_STREAM && name.len() <= MAX_NAME_LEN {
                 self.names
-                    .insert(name.clone(), Told::Version(version.clone()));
+                    .insert(name.clone(), Told::Version(version.as_str().into()));
             }
         }
         for name in &request.resource_names_subscribe {
@@ -282,11 +284,11 @@ impl Stream {
         for (name, told) in &mut self.names {
             match set.get(name) {
                 Some((version, resource)) => {
-                    if *told != Told::Version(version.clone()) {
+                    if !matches!(told, Told::Version(v) if *v == version) {
                         resources.push(Resource {
                             name: name.clone(),
-                            version: version.clone(),
-                            resource: Some(resource),
+                            version: version.to_string(),
+                            resource: Some(Any::clone(&resource)),
                             ..Resource::default()
                         });
                         *told = Told::Version(version);
@@ -586,7 +588,17 @@ pub async fn serve(
         Listener::Tcp(listener) => {
             let addr: Option<SocketAddr> = listener.local_addr().ok();
             info!(address = ?addr, "SDS server listening");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Small gRPC frames each way: Nagle against delayed ACKs would add
+            // ~40 ms to a first handshake now and then.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |stream| {
+                    if let Ok(stream) = &stream {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    stream
+                },
+            );
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

@@ -25,6 +25,9 @@ use acme_tests::sync_server::SyncServer;
 use acme_tests::{filter_wasm, key_authorization, workspace_root};
 use anyhow::{Context as _, Result, bail};
 
+#[path = "bench/sds.rs"]
+mod sds;
+
 const TOKEN: &str = "bench-token_0123456789abcdefghijklmnopq";
 const HOST: &str = "www.example.com";
 
@@ -881,7 +884,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only <part>` runs one part: pass-through, challenge, propagation,
-    // reload, footprint, certificate.
+    // reload, footprint, sds, certificate.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -931,6 +934,11 @@ fn main() -> Result<()> {
             let (took, _) = ours(&pebble, &agent_bin, &certs)?;
             eprintln!("[bench] ours {took:.3} s");
         }
+    }
+    if run("sds") {
+        eprintln!("[bench] the agent as SDS server");
+        let count = if quick { 100 } else { 1000 };
+        sds::run(&mut rows, rounds, count, 100)?;
     }
     if run("certificate") {
         eprintln!("[bench] time to certificate (lego takes a while)");
