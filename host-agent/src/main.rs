@@ -218,7 +218,11 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             let mut stop = stop_rx.clone();
             let gate = config.on_demand.as_ref().map(|od| {
                 Arc::new(acme_agent::on_demand::Handle(
-                    acme_agent::on_demand::OnDemandGate::new(od.clone(), requests_tx.clone()),
+                    acme_agent::on_demand::OnDemandGate::new(
+                        od.clone(),
+                        requests_tx.clone(),
+                        Arc::clone(&secrets),
+                    ),
                 )) as Arc<dyn acme_agent::sds::Gate>
             });
             Some(tokio::spawn(acme_agent::sds::serve(

@@ -64,15 +64,22 @@ struct State {
 pub struct OnDemandGate {
     config: Config,
     manager: mpsc::Sender<Request>,
+    /// What the SDS server serves: a held name is done once it is there.
+    served: Arc<crate::sds::SecretSet>,
     state: Mutex<State>,
     refusals: watch::Sender<u64>,
 }
 
 impl OnDemandGate {
-    pub fn new(config: Config, manager: mpsc::Sender<Request>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        manager: mpsc::Sender<Request>,
+        served: Arc<crate::sds::SecretSet>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             manager,
+            served,
             state: Mutex::new(State::default()),
             refusals: watch::Sender::new(0),
         })
@@ -201,7 +208,10 @@ impl Gate for Handle {
         if state.refused.get(name).is_some_and(|until| *until > now) {
             return None;
         }
-        state.held.retain(|_, until| *until > now);
+        // Done (served) or timed out: no longer counts against max_concurrent.
+        state
+            .held
+            .retain(|held, until| *until > now && !gate.served.contains(held));
         if let Some(until) = state.held.get(name) {
             return Some(until.duration_since(now));
         }
@@ -251,6 +261,14 @@ mod tests {
     }
 
     fn gate(allow: &[&str], max_concurrent: usize) -> (Handle, mpsc::Receiver<Request>) {
+        let (handle, rx, _) = gate_serving(allow, max_concurrent);
+        (handle, rx)
+    }
+
+    fn gate_serving(
+        allow: &[&str],
+        max_concurrent: usize,
+    ) -> (Handle, mpsc::Receiver<Request>, Arc<crate::sds::SecretSet>) {
         let (tx, rx) = mpsc::channel(16);
         let config = Config {
             allow: allow.iter().map(|s| s.to_string()).collect(),
@@ -261,7 +279,12 @@ mod tests {
             refused_cache_seconds: 300,
             key_type: Default::default(),
         };
-        (Handle(OnDemandGate::new(config, tx)), rx)
+        let served = Arc::new(crate::sds::SecretSet::new());
+        (
+            Handle(OnDemandGate::new(config, tx, Arc::clone(&served))),
+            rx,
+            served,
+        )
     }
 
     #[tokio::test]
@@ -287,6 +310,18 @@ mod tests {
         assert_eq!(gate.requested("c.shop.example.com"), None);
         assert!(!gate.refused("c.shop.example.com"));
         drop(requests);
+    }
+
+    #[tokio::test]
+    async fn a_served_name_frees_its_slot() {
+        let (gate, _requests, served) = gate_serving(&["*.shop.example.com"], 1);
+        assert!(gate.requested("a.shop.example.com").is_some());
+        assert_eq!(gate.requested("b.shop.example.com"), None, "one at a time");
+        let (chain, key) =
+            crate::certificate::placeholder(&["a.shop.example.com".to_owned()], Default::default())
+                .unwrap();
+        served.set("od-a", &["a.shop.example.com".to_owned()], &chain, &key);
+        assert!(gate.requested("b.shop.example.com").is_some());
     }
 
     #[tokio::test]
