@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
+# Incremental caches add gigabytes to a build that CI always starts clean
+# (a full-disk CI run failed on them); a developer's own `cargo test` keeps them.
+export CARGO_INCREMENTAL=0
+
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "build the filter (wasm32-wasip1, release)"
