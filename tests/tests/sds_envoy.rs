@@ -165,6 +165,21 @@ fn one_listener_serves_every_certificate_by_sni_and_refuses_unknown_names_fast()
         asked.elapsed()
     );
 
+    // Malformed or oversized names (the client chooses them) fail as fast,
+    // and the names that exist are still served.
+    let long = "x".repeat(250);
+    for sni in ["bad_name!.example.com", "..example.com", long.as_str()] {
+        let asked = Instant::now();
+        let subject = served_subject(https, sni).unwrap();
+        assert_eq!(subject, "", "a certificate for {sni:?}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{sni:?}: {:?}",
+            asked.elapsed()
+        );
+    }
+    wait_subject(https, "api.example.com", "api.example.com", &envoy);
+
     // A connection opened now keeps working across the renewal below.
     let mut session = TlsSession::open(https, "www.example.com").unwrap();
     let first = session.get("/", "www.example.com").unwrap();
@@ -193,6 +208,19 @@ fn one_listener_serves_every_certificate_by_sni_and_refuses_unknown_names_fast()
     let (chain, key) = self_signed(work.path(), &["api2.example.com", "api.example.com"]);
     set.set("api", &names(&["api.example.com"]), &chain, &key);
     wait_subject(https, "api.example.com", "api2.example.com", &envoy);
+
+    // Envoy goes away mid-stream: the server forgets its subscriptions.
+    assert!(set.subscribed_names() > 0);
+    drop(envoy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while set.subscribed_names() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} names still subscribed",
+            set.subscribed_names()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until `https` presents for `sni` a chain that verifies against
