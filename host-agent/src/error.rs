@@ -42,6 +42,9 @@ pub enum Error {
     /// (RFC 9773 section 5 says it must); the order is placed again without.
     #[error("the CA did not reflect `replaces` in the order: {0}")]
     ReplacesNotReflected(String),
+    /// A DNS-01 solver could not write, find or see a challenge record.
+    #[error("dns-01: {0}")]
+    Dns(String),
     /// The agent stopped during the step (a restart finds it in the ledger).
     #[error("{0}")]
     Interrupted(String),
@@ -110,6 +113,7 @@ impl Error {
             Self::Kubernetes(_) => "kubernetes",
             Self::ReplacesNotReflected(_) => "replaces_not_reflected",
             Self::Interrupted(_) => "interrupted",
+            Self::Dns(_) => "dns_solver",
             Self::Acme { source, .. } => match source {
                 instant_acme::Error::Api(p) => p
                     .r#type

@@ -181,9 +181,15 @@ pub fn secret_names(config: &crate::config::Config) -> Vec<String> {
         account_secret(directory),
         ledger_secret(directory),
     ];
+    if !config.dns.is_empty() {
+        names.push(DNS_SECRET.to_owned());
+    }
     names.extend(config.certificates.iter().map(|c| c.name.clone()));
     names
 }
+
+/// The dns-01 record journal (Kubernetes mode).
+const DNS_SECRET: &str = "acme-agent-dns-records";
 
 fn account_secret(directory_url: &str) -> String {
     format!("acme-agent-account-{}", account_id(directory_url))
@@ -300,6 +306,19 @@ impl StateStore for KubeStore {
         let mut secret = self.secret(&name, "Opaque", data);
         secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
         self.apply(&name, FIELD_MANAGER, &secret)
+    }
+
+    fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .get_owned(DNS_SECRET)?
+            .and_then(|s| data_owned(&s, "records.json")))
+    }
+
+    fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
+        let mut data = BTreeMap::new();
+        data.insert("records.json".to_owned(), b64(bytes));
+        let secret = self.secret(DNS_SECRET, "Opaque", data);
+        self.apply(DNS_SECRET, FIELD_MANAGER, &secret)
     }
 
     fn status_names(&self) -> Result<Vec<String>, Error> {

@@ -14,6 +14,7 @@ pub mod certificate;
 pub mod challenges;
 pub mod config;
 pub mod control;
+pub mod dns;
 mod error;
 pub mod files;
 pub mod filter_wasm;

@@ -1,6 +1,7 @@
 //! One ACME order (RFC 8555 section 7.4), from new-order to a checked chain:
-//! publish every HTTP-01 challenge at once, self-check each through Envoy,
-//! tell the CA, poll, finalize with a fresh key, verify the chain.
+//! publish every challenge at once (HTTP-01 to the filters, tls-alpn-01 to
+//! the SDS server, dns-01 to the zone), check each as the CA will, tell the
+//! CA, poll, finalize with a fresh key, verify the chain.
 
 use std::time::{Duration, SystemTime};
 
@@ -56,6 +57,8 @@ pub struct OrderContext<'a> {
     pub alpn: Option<&'a crate::sds::SecretSet>,
     /// Envoy's TLS listener, where tls-alpn-01 is self-checked.
     pub tls_check: Option<&'a str>,
+    /// The dns-01 solvers and their record journal.
+    pub dns: Option<&'a std::sync::Arc<crate::dns::Dns>>,
 }
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
@@ -199,7 +202,8 @@ pub async fn issue(
                 });
             }
         }
-        let wanted = challenge_type(spec.challenge);
+        let kind = spec.challenge_for(state.wildcard);
+        let wanted = challenge_type(kind);
         let challenge = state
             .challenges
             .iter()
@@ -207,7 +211,7 @@ pub async fn issue(
             .ok_or_else(|| {
                 Error::Validation(format!(
                     "the CA offers no {} challenge for {domain}",
-                    challenge_name(spec.challenge)
+                    kind.as_str()
                 ))
             })?;
         // The filters answer no longer or stranger token (and must not be
@@ -225,20 +229,31 @@ pub async fn issue(
             ))
             .into());
         }
-        pending.push(Challenge {
-            key_authorization: format!("{}.{thumbprint}", challenge.token),
-            token: challenge.token.clone(),
-            identifier: domain,
-        });
+        pending.push((
+            kind,
+            Challenge {
+                key_authorization: format!("{}.{thumbprint}", challenge.token),
+                token: challenge.token.clone(),
+                identifier: domain,
+            },
+        ));
     }
+    let of_kind = |wanted: ChallengeKind| -> Vec<Challenge> {
+        pending
+            .iter()
+            .filter(|(kind, _)| *kind == wanted)
+            .map(|(_, c)| c.clone())
+            .collect()
+    };
+    let (http, alpn, dns) = (
+        of_kind(ChallengeKind::Http01),
+        of_kind(ChallengeKind::TlsAlpn01),
+        of_kind(ChallengeKind::Dns01),
+    );
 
     // HTTP-01 tokens go to the filters; tls-alpn-01 certificates to Envoy's
-    // acme-tls/1 filter chain through the SDS server. Both are withdrawn when
-    // the guards drop.
-    let (http, alpn) = match spec.challenge {
-        ChallengeKind::Http01 => (pending.as_slice(), &[][..]),
-        ChallengeKind::TlsAlpn01 => (&[][..], pending.as_slice()),
-    };
+    // acme-tls/1 filter chain through the SDS server; dns-01 records to the
+    // zone. All are withdrawn when the guards drop.
     let published = Published {
         set: cx.challenges,
         tokens: http.iter().map(|c| c.token.clone()).collect(),
@@ -252,10 +267,28 @@ pub async fn issue(
             Error::Validation("tls-alpn-01 needs the agent's SDS server ([sds])".into())
         })?;
         let guard = alpn_published.insert(crate::alpn::Published::new(set));
-        for c in alpn {
+        for c in &alpn {
             let (chain, key) =
                 crate::alpn::challenge_certificate(&c.identifier, &c.key_authorization)?;
             guard.publish(&c.identifier, &chain, &key);
+        }
+    }
+    let mut dns_published = None;
+    if !dns.is_empty() {
+        let (Some(context), Some(solver)) = (cx.dns, spec.dns.as_deref()) else {
+            return Err(Error::Dns(format!(
+                "certificate {} needs a dns-01 solver (dns = \"<name>\")",
+                spec.name
+            ))
+            .into());
+        };
+        let guard =
+            dns_published.insert(crate::dns::Published::new(std::sync::Arc::clone(context)));
+        for c in &dns {
+            let base = c.identifier.strip_prefix("*.").unwrap_or(&c.identifier);
+            guard
+                .add(solver, base, &crate::dns::txt_value(&c.key_authorization))
+                .await?;
         }
     }
 
@@ -275,6 +308,10 @@ pub async fn issue(
             result?;
         }
     }
+    // What the CA will query, every authoritative nameserver must serve.
+    if let Some(guard) = &dns_published {
+        guard.wait_propagated().await?;
+    }
     debug!(challenges = pending.len(), "self-check passed");
 
     // Tell the CA, one challenge at a time (the nonce is per request chain),
@@ -282,7 +319,7 @@ pub async fn issue(
     // failure may come with invalid authorizations (the CA validates at once
     // or later, and reports it on whichever request comes next): which names
     // failed is read from the authorizations, for the CA-limit ledger.
-    let told = tell_the_ca(&mut order, challenge_type(spec.challenge)).await;
+    let told = tell_the_ca(&mut order, spec).await;
     let status = match told {
         Ok(()) => nonce_retry!("waiting for validation", order.poll_ready(&polling())),
         Err(e) => Err(e),
@@ -306,9 +343,14 @@ pub async fn issue(
             invalid_names,
         });
     }
-    // Every authorization is final: the filters can forget the tokens.
+    // Every authorization is final: the filters can forget the tokens, and
+    // the zone the records (before finalizing, so a test or an operator
+    // finds the zone clean once the certificate is there).
     drop(published);
     drop(alpn_published);
+    if let Some(guard) = dns_published.take() {
+        guard.remove().await;
+    }
 
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
@@ -340,26 +382,22 @@ fn challenge_type(kind: ChallengeKind) -> ChallengeType {
     match kind {
         ChallengeKind::Http01 => ChallengeType::Http01,
         ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        ChallengeKind::Dns01 => ChallengeType::Dns01,
     }
 }
 
-fn challenge_name(kind: ChallengeKind) -> &'static str {
-    match kind {
-        ChallengeKind::Http01 => "http-01",
-        ChallengeKind::TlsAlpn01 => "tls-alpn-01",
-    }
-}
-
-/// Marks every pending challenge of `order` of type `wanted` ready.
-async fn tell_the_ca(order: &mut instant_acme::Order, wanted: ChallengeType) -> Result<(), Error> {
+/// Marks every pending challenge of `order` ready, of the type `spec` uses
+/// for that authorization.
+async fn tell_the_ca(order: &mut instant_acme::Order, spec: &Certificate) -> Result<(), Error> {
     let mut authorizations = order.authorizations();
     while let Some(result) = authorizations.next().await {
         let mut authz = result.map_err(Error::acme("reading an authorization"))?;
         if authz.status != AuthorizationStatus::Pending {
             continue;
         }
+        let wanted = challenge_type(spec.challenge_for(authz.wildcard));
         let mut challenge = authz
-            .challenge(wanted.clone())
+            .challenge(wanted)
             .ok_or_else(|| Error::Validation("the challenge vanished".into()))?;
         nonce_retry!("marking the challenge ready", challenge.set_ready())?;
     }

@@ -62,6 +62,9 @@ struct Served {
     resource: Arc<Any>,
     /// The certificate it belongs to (a name may move to another one).
     certificate: String,
+    /// For a wildcard (`*.example.com`): chain and key, to answer each name
+    /// it covers with a secret of that name (Envoy checks the name).
+    pem: Option<Arc<(String, String)>>,
 }
 
 /// What the SDS server serves, keyed by secret name.
@@ -133,6 +136,9 @@ impl SecretSet {
                     version: Arc::clone(&version),
                     resource: Arc::new(encode(name, chain_pem, key_pem)),
                     certificate: certificate.to_owned(),
+                    pem: name
+                        .starts_with("*.")
+                        .then(|| Arc::new((chain_pem.to_owned(), key_pem.to_owned()))),
                 },
             );
         }
@@ -152,11 +158,24 @@ impl SecretSet {
         }
     }
 
-    /// The version and resource served under `name` (cheap clones).
+    /// The version and resource served under `name` (cheap clones): its
+    /// own certificate, else a wildcard's for its parent (one label only,
+    /// as TLS matches wildcards).
     fn get(&self, name: &str) -> Option<(Arc<str>, Arc<Any>)> {
-        self.lock()
-            .get(name)
-            .map(|s| (Arc::clone(&s.version), Arc::clone(&s.resource)))
+        let secrets = self.lock();
+        if let Some(s) = secrets.get(name) {
+            return Some((Arc::clone(&s.version), Arc::clone(&s.resource)));
+        }
+        let (label, parent) = name.split_once('.')?;
+        if label.is_empty() || label == "*" {
+            return None;
+        }
+        let wildcard = secrets.get(&format!("*.{parent}"))?;
+        let pem = wildcard.pem.as_ref()?;
+        Some((
+            Arc::clone(&wildcard.version),
+            Arc::new(encode(name, &pem.0, &pem.1)),
+        ))
     }
 
     /// Names the open streams track in all: bounded by what Envoy keeps
@@ -674,6 +693,51 @@ mod tests {
             stream
                 .diff(&set, Vec::new(), None, Instant::now())
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn a_wildcard_answers_one_label_below_it_under_the_name_asked() {
+        let set = SecretSet::new();
+        set.set(
+            "wild",
+            &["*.apps.example.com".into(), "apps.example.com".into()],
+            "chain",
+            "key",
+        );
+        let mut stream = Stream::default();
+        let asked = [
+            "shop.apps.example.com",
+            "a.b.apps.example.com",
+            ".apps.example.com",
+            "apps.example.com",
+        ];
+        let refused = stream.request(&subscribe(&asked));
+        let response = stream.diff(&set, refused, None, Instant::now()).unwrap();
+        assert_eq!(
+            names(&response),
+            (
+                vec!["apps.example.com".into(), "shop.apps.example.com".into()],
+                vec![".apps.example.com".into(), "a.b.apps.example.com".into()]
+            )
+        );
+        // Envoy checks that the secret carries the name it asked for.
+        let shop = response
+            .resources
+            .iter()
+            .find(|r| r.name == "shop.apps.example.com")
+            .unwrap();
+        let secret = Secret::decode(shop.resource.as_ref().unwrap().value.as_slice()).unwrap();
+        assert_eq!(secret.name, "shop.apps.example.com");
+        // A renewal of the wildcard reaches the names it answered.
+        set.set("wild", &["*.apps.example.com".into()], "chain2", "key2");
+        let response = stream.diff(&set, Vec::new(), None, Instant::now()).unwrap();
+        assert_eq!(
+            names(&response),
+            (
+                vec!["shop.apps.example.com".into()],
+                vec!["apps.example.com".into()]
+            )
         );
     }
 

@@ -131,6 +131,9 @@ pub trait StateStore: Send + Sync {
     /// The CA-limit ledger (`crate::budget`) for the CA at `directory_url`.
     fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
     fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
+    /// The dns-01 records added and not yet deleted (`crate::dns::Journal`).
+    fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error>;
+    fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error>;
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +255,14 @@ impl StateStore for Store {
 
     fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         write_atomically(&self.ledger_path(directory_url), bytes, 0o600)
+    }
+
+    fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
+        self.read(&self.dir.join("dns-records.json"))
+    }
+
+    fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
+        write_atomically(&self.dir.join("dns-records.json"), bytes, 0o600)
     }
 
     fn status_names(&self) -> Result<Vec<String>, Error> {

@@ -39,6 +39,8 @@ pub fn agent_binary() -> Result<PathBuf> {
 pub struct Cert<'a> {
     pub name: &'a str,
     pub domains: &'a [&'a str],
+    /// More keys of its table (`dns = "main"`), TOML lines.
+    pub extra: &'a str,
 }
 
 /// The pieces of an agent config the tests vary.
@@ -81,8 +83,8 @@ impl Settings<'_> {
         }
         for cert in self.certificates {
             out.push_str(&format!(
-                "\n[[certificate]]\nname = {:?}\ndomains = {:?}\n",
-                cert.name, cert.domains
+                "\n[[certificate]]\nname = {:?}\ndomains = {:?}\n{}\n",
+                cert.name, cert.domains, cert.extra
             ));
         }
         out

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod envoy;
 pub mod fake_kube;
 pub mod http;
+pub mod named;
 pub mod pebble;
 pub mod probe;
 pub mod proxy_wasm_host;

@@ -22,6 +22,9 @@ pub struct Options {
     /// `PEBBLE_AUTHZREUSE`: percentage of valid authorizations reused for a
     /// new order of the same account (Pebble's default is 50).
     pub authz_reuse: Option<u8>,
+    /// The DNS server Pebble resolves and validates dns-01 with, instead of
+    /// `pebble-challtestsrv` (a real `named`, say).
+    pub dns_server: Option<SocketAddr>,
 }
 
 pub struct Pebble {
@@ -95,7 +98,10 @@ impl Pebble {
         let mut cmd = Command::new("pebble");
         cmd.arg("-config")
             .arg(self.dir.path().join("pebble.json"))
-            .args(["-dnsserver", &self.dns_addr.to_string()])
+            .args([
+                "-dnsserver",
+                &self.options.dns_server.unwrap_or(self.dns_addr).to_string(),
+            ])
             .env("PEBBLE_VA_NOSLEEP", "1");
         if let Some(percent) = self.options.authz_reuse {
             cmd.env("PEBBLE_AUTHZREUSE", percent.to_string());

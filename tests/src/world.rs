@@ -50,6 +50,8 @@ pub struct World {
     pub kube: Option<crate::fake_kube::FakeKube>,
     /// Appended to the generated config (tables such as `[acme.limits]`).
     pub extra_config: String,
+    /// More keys of a certificate's table, by certificate name.
+    pub certificate_extra: std::collections::BTreeMap<String, String>,
 }
 
 impl World {
@@ -80,6 +82,7 @@ impl World {
             http_port,
             kube: None,
             extra_config: String::new(),
+            certificate_extra: Default::default(),
         }
     }
 
@@ -119,7 +122,11 @@ impl World {
             .certificates
             .iter()
             .zip(&domains)
-            .map(|((name, _), domains)| Cert { name, domains })
+            .map(|((name, _), domains)| Cert {
+                name,
+                domains,
+                extra: self.certificate_extra.get(name).map_or("", String::as_str),
+            })
             .collect();
         let settings = Settings {
             directory_url: &self.pebble.directory_url,

@@ -63,6 +63,7 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
         certificates: &[Cert {
             name: "www",
             domains: DOMAINS,
+            extra: "",
         }],
     };
     let config = work.path().join("agent.toml");

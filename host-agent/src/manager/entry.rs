@@ -316,6 +316,7 @@ mod tests {
             domains: domains.iter().map(|d| d.to_string()).collect(),
             key_type: KeyType::EcdsaP256,
             challenge: Default::default(),
+            dns: None,
         }
     }
 

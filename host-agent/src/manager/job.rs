@@ -350,6 +350,12 @@ impl Look<'_> {
         if let Err(e) = s.sink.check_writable(name) {
             return Outcome::failed(e, reason);
         }
+        if let Some(solver) = self.spec.dns.as_deref()
+            && self.spec.uses_dns()
+            && let Err(e) = s.dns.preflight(solver).await
+        {
+            return Outcome::failed(e, reason);
+        }
         if replaces.is_some() && s.ledger.replaces_not_reflected(store) {
             replaces = None;
         }
@@ -374,6 +380,7 @@ impl Look<'_> {
             self_check: self.checks.http.as_deref(),
             alpn: s.alpn.as_deref(),
             tls_check: self.checks.tls.as_deref(),
+            dns: Some(&s.dns),
         };
         let span = info_span!("order", domains = ?domains);
         let mut result = order::issue(&cx, self.spec, replaces.as_deref())

@@ -89,6 +89,8 @@ pub struct Shared {
     ledger: SharedLedger,
     /// tls-alpn-01 challenge certificates, served by the SDS server.
     alpn: Option<Arc<crate::sds::SecretSet>>,
+    /// dns-01 solvers and the journal of records they added.
+    dns: Arc<crate::dns::Dns>,
 }
 
 impl Shared {
@@ -123,6 +125,8 @@ impl Manager {
     ) -> Result<Self, Error> {
         let current = Arc::clone(&config.borrow());
         let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
+        let dns = Arc::new(crate::dns::Dns::new(Arc::clone(&store)));
+        dns.configure(&current);
         Ok(Self {
             shared: Arc::new(Shared {
                 acme: current.acme.clone(),
@@ -134,6 +138,7 @@ impl Manager {
                 http,
                 account: tokio::sync::Mutex::new(None),
                 alpn,
+                dns,
             }),
             config,
             entries: BTreeMap::new(),
@@ -152,6 +157,7 @@ impl Manager {
         let config = Arc::clone(&self.config.borrow_and_update());
         self.apply(&config);
         self.restore_on_demand(&config);
+        tokio::spawn(Arc::clone(&self.shared.dns).sweep_until(shutdown.clone()));
         loop {
             self.start_due_jobs();
             let next = self
@@ -239,6 +245,7 @@ impl Manager {
             domains: vec![domain.to_owned()],
             key_type,
             challenge: Default::default(),
+            dns: None,
         };
         info!(certificate = name, domain, "on-demand certificate added");
         let mut entry = Entry::new(spec, SystemTime::now());
@@ -288,6 +295,7 @@ impl Manager {
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();
+        self.shared.dns.configure(config);
         let checks = checks_of(config);
         if checks.http.is_none() && (self.checks.http.is_some() || self.entries.is_empty()) {
             warn!("no [self_check] target: challenges go to the CA unchecked");

@@ -76,6 +76,7 @@ mod tests {
             domains: domains.iter().map(|d| d.to_string()).collect(),
             key_type,
             challenge: Default::default(),
+            dns: None,
         }
     }
 

@@ -645,6 +645,7 @@ fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> R
         .map(|((n, _), d)| Cert {
             name: n,
             domains: d,
+            extra: "",
         })
         .collect();
     let config_text = |certificates: &[Cert<'_>]| {
@@ -782,6 +783,7 @@ fn time_to_certificate(rows: &mut Vec<Row>, rounds: usize, many: usize) -> Resul
         pebble::Options {
             nonce_reject: Some(0),
             authz_reuse: Some(0),
+            ..pebble::Options::default()
         },
     )?;
     let mut serial = 0;
@@ -923,6 +925,7 @@ fn main() -> Result<()> {
             pebble::Options {
                 nonce_reject: Some(0),
                 authz_reuse: Some(0),
+                ..pebble::Options::default()
             },
         )?;
         let agent_bin = release_agent()?;

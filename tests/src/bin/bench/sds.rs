@@ -329,6 +329,7 @@ pub fn run(rows: &mut Vec<Row>, rounds: usize, count: usize, files: usize) -> Re
             pebble::Options {
                 nonce_reject: Some(0),
                 authz_reuse: Some(0),
+                ..pebble::Options::default()
             },
         )
     };

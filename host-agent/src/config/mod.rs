@@ -4,13 +4,16 @@
 //! exits 64 (EX_USAGE) on one: a typo must stop the start, not fall back to a
 //! default.
 
-use std::collections::BTreeSet;
+pub mod dns;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+pub use dns::{DnsSolver, TsigAlgorithm};
 
 /// Let's Encrypt's production directory, selected by `directory = "letsencrypt"`.
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -326,9 +329,29 @@ pub struct Certificate {
     pub domains: Vec<String>,
     #[serde(default)]
     pub key_type: KeyType,
-    /// How the CA validates the names.
+    /// How the CA validates the names (wildcards always by dns-01).
     #[serde(default)]
     pub challenge: ChallengeKind,
+    /// The `[dns.<name>]` solver for dns-01: required for a wildcard and
+    /// for `challenge = "dns-01"`.
+    pub dns: Option<String>,
+}
+
+impl Certificate {
+    /// The challenge for one authorization: a wildcard can only be validated
+    /// by dns-01; any other name by the certificate's `challenge`.
+    pub fn challenge_for(&self, wildcard: bool) -> ChallengeKind {
+        if wildcard {
+            ChallengeKind::Dns01
+        } else {
+            self.challenge
+        }
+    }
+
+    /// Whether an order for this certificate writes dns-01 records.
+    pub fn uses_dns(&self) -> bool {
+        self.challenge == ChallengeKind::Dns01 || self.domains.iter().any(|d| d.starts_with("*."))
+    }
 }
 
 /// The ACME challenge a certificate is validated with.
@@ -342,6 +365,20 @@ pub enum ChallengeKind {
     /// by the agent's SDS server (port 443; port 80 may stay closed).
     #[serde(rename = "tls-alpn-01")]
     TlsAlpn01,
+    /// A TXT record written by the certificate's `[dns.<name>]` solver (RFC
+    /// 2136); the only challenge for a wildcard.
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+impl ChallengeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http01 => "http-01",
+            Self::TlsAlpn01 => "tls-alpn-01",
+            Self::Dns01 => "dns-01",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -369,6 +406,9 @@ pub struct Config {
     pub order_concurrency: usize,
     #[serde(default)]
     pub retry: Retry,
+    /// DNS-01 solvers by name (RFC 2136 dynamic update with TSIG).
+    #[serde(default)]
+    pub dns: BTreeMap<String, DnsSolver>,
     #[serde(default, rename = "certificate")]
     pub certificates: Vec<Certificate>,
 }
@@ -385,8 +425,7 @@ fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> 
     }
 }
 
-/// A DNS name an ACME CA can issue for (a leading `*.` is not accepted: HTTP-01
-/// cannot validate wildcards).
+/// A DNS name an ACME CA can issue for (without a wildcard label).
 pub fn is_valid_domain(domain: &str) -> bool {
     domain.len() <= 253
         && domain.contains('.')
@@ -436,7 +475,11 @@ impl Config {
             };
             invalid(path, field, reason)
         })?;
+        let mut config = config;
         config.validate(path)?;
+        for (name, solver) in &mut config.dns {
+            solver.secret = dns::TsigSecret(dns::read_tsig_secret(path, name, solver)?);
+        }
         Ok(config)
     }
 
@@ -548,6 +591,9 @@ impl Config {
                 "must be between retry.initial_seconds and 86400",
             ));
         }
+        for (name, solver) in &self.dns {
+            solver.validate(path, name)?;
+        }
         let mut names = BTreeSet::new();
         for (i, cert) in self.certificates.iter().enumerate() {
             let at = |f: &str| format!("certificate[{i}].{f}");
@@ -606,6 +652,22 @@ impl Config {
                     "tls-alpn-01 needs [sds]: Envoy gets the challenge certificates from the agent's SDS server",
                 ));
             }
+            if let Some(solver) = &cert.dns
+                && !self.dns.contains_key(solver)
+            {
+                return Err(invalid(
+                    path,
+                    at("dns"),
+                    format!("no [dns.{solver}] solver is configured"),
+                ));
+            }
+            if cert.challenge == ChallengeKind::Dns01 && cert.dns.is_none() {
+                return Err(invalid(
+                    path,
+                    at("dns"),
+                    "challenge = \"dns-01\" needs a solver: add a [dns.<name>] section and dns = \"<name>\" here",
+                ));
+            }
             if cert.domains.is_empty() || cert.domains.len() > 100 {
                 return Err(invalid(path, at("domains"), "must list 1 to 100 domains"));
             }
@@ -620,11 +682,28 @@ impl Config {
                         ),
                     ));
                 }
-                if !is_valid_domain(domain) {
+                if let Some(base) = domain.strip_prefix("*.") {
+                    if !is_valid_domain(base) {
+                        return Err(invalid(
+                            path,
+                            at("domains"),
+                            format!("{domain:?} is not *.<lower-case DNS name>"),
+                        ));
+                    }
+                    if cert.dns.is_none() {
+                        return Err(invalid(
+                            path,
+                            at("domains"),
+                            format!(
+                                "{domain:?} is a wildcard, which only dns-01 can validate: add a [dns.<name>] solver (RFC 2136) and dns = \"<name>\" to this certificate"
+                            ),
+                        ));
+                    }
+                } else if !is_valid_domain(domain) {
                     return Err(invalid(
                         path,
                         at("domains"),
-                        format!("{domain:?} is not a lower-case DNS name (wildcards need DNS-01)"),
+                        format!("{domain:?} is not a lower-case DNS name"),
                     ));
                 }
                 if !seen.insert(domain) {
