@@ -31,6 +31,26 @@ pub fn digest(key_authorization: &str) -> [u8; 32] {
     out
 }
 
+/// The SNI the CA sends for `identifier`: the name itself, or for an IP
+/// address its reverse-DNS name (RFC 8738 section 6).
+pub fn sni_for(identifier: &str) -> String {
+    match identifier.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+        }
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let mut labels = Vec::with_capacity(32);
+            for byte in v6.octets().iter().rev() {
+                labels.push(format!("{:x}", byte & 0x0f));
+                labels.push(format!("{:x}", byte >> 4));
+            }
+            format!("{}.ip6.arpa", labels.join("."))
+        }
+        Err(_) => identifier.to_owned(),
+    }
+}
+
 /// The challenge certificate for `identifier`: (chain PEM, key PEM).
 pub fn challenge_certificate(
     identifier: &str,
@@ -69,9 +89,11 @@ impl<'a> Published<'a> {
         }
     }
 
+    /// Serves the certificate under the SNI the CA will send for `identifier`.
     pub fn publish(&mut self, identifier: &str, chain_pem: &str, key_pem: &str) {
-        self.set.set(identifier, &[], chain_pem, key_pem);
-        self.identifiers.push(identifier.to_owned());
+        let sni = sni_for(identifier);
+        self.set.set(&sni, &[], chain_pem, key_pem);
+        self.identifiers.push(sni);
     }
 }
 
@@ -162,7 +184,7 @@ fn handshake_once(target: &str, identifier: &str) -> Result<Vec<u8>, String> {
     .with_custom_certificate_verifier(Arc::clone(&observe) as Arc<dyn ServerCertVerifier>)
     .with_no_client_auth();
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-    let name = ServerName::try_from(identifier.to_owned()).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(sni_for(identifier)).map_err(|e| e.to_string())?;
     let mut conn =
         rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
     let addr = target
@@ -218,12 +240,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_address_is_asked_for_by_its_reverse_name() {
+        assert_eq!(sni_for("www.example.com"), "www.example.com");
+        assert_eq!(sni_for("192.0.2.7"), "7.2.0.192.in-addr.arpa");
+        // RFC 3596 section 2.5's example.
+        assert_eq!(
+            sni_for("4321:0:1:2:3:4:567:89ab"),
+            "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.0.0.0.0.1.2.3.4.ip6.arpa"
+        );
+    }
+
+    #[test]
     fn the_challenge_certificate_holds_the_digest_critically() {
         let (chain, _) = challenge_certificate("www.example.com", "tok.thumb").unwrap();
         let der = crate::certificate::parse_chain(&chain).unwrap().remove(0);
         assert!(holds_digest(&der, "tok.thumb"));
         assert!(!holds_digest(&der, "tok.other"));
         let leaf = crate::certificate::leaf(&chain).unwrap();
-        assert!(leaf.dns_names.contains("www.example.com"));
+        assert!(leaf.names.contains("www.example.com"));
     }
 }

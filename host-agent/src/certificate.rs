@@ -19,8 +19,9 @@ use crate::Error;
 pub struct Leaf {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
-    /// DNS names from the subjectAltName extension, lower-cased.
-    pub dns_names: BTreeSet<String>,
+    /// DNS names (lower-cased) and IP addresses (as text, the way the config
+    /// spells them) from the subjectAltName extension.
+    pub names: BTreeSet<String>,
     /// The ARI identifier (RFC 9773 section 4.1), when the leaf has an AKI.
     pub ari_id: Option<String>,
 }
@@ -28,7 +29,7 @@ pub struct Leaf {
 impl Leaf {
     /// True when every domain in `domains` is among the leaf's names.
     pub fn covers<'a>(&self, domains: impl IntoIterator<Item = &'a String>) -> bool {
-        domains.into_iter().all(|d| self.dns_names.contains(d))
+        domains.into_iter().all(|d| self.names.contains(d))
     }
 
     /// The leaf's validity as a duration (zero when the dates are inverted).
@@ -68,11 +69,26 @@ pub fn leaf(chain_pem: &str) -> Result<Leaf, Error> {
     let chain = parse_chain(chain_pem)?;
     let (_, cert) = X509Certificate::from_der(chain[0].as_ref())
         .map_err(|e| bad(format!("leaf is not X.509: {e}")))?;
-    let mut dns_names = BTreeSet::new();
+    let mut names = BTreeSet::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name {
-                dns_names.insert(dns.to_ascii_lowercase());
+            match name {
+                GeneralName::DNSName(dns) => {
+                    names.insert(dns.to_ascii_lowercase());
+                }
+                GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        names.insert(ip.to_string());
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -82,7 +98,7 @@ pub fn leaf(chain_pem: &str) -> Result<Leaf, Error> {
     Ok(Leaf {
         not_before: to_system_time(cert.validity().not_before),
         not_after: to_system_time(cert.validity().not_after),
-        dns_names,
+        names,
         ari_id,
     })
 }
@@ -107,7 +123,7 @@ pub fn verify(
     let info = leaf(chain_pem)?;
     let missing: Vec<&String> = domains
         .iter()
-        .filter(|d| !info.dns_names.contains(*d))
+        .filter(|d| !info.names.contains(*d))
         .collect();
     if !missing.is_empty() {
         return Err(bad(format!("leaf does not cover {missing:?}")));
@@ -177,10 +193,25 @@ mod tests {
             SystemTime::now(),
         )
         .unwrap();
-        assert_eq!(leaf.dns_names.len(), 2);
+        assert_eq!(leaf.names.len(), 2);
         assert!(leaf.not_after > leaf.not_before);
         assert!(leaf.covers(&domains(&["a.example.com"])));
         assert!(!leaf.covers(&domains(&["c.example.com"])));
+    }
+
+    #[test]
+    fn ip_addresses_are_names_as_the_config_writes_them() {
+        let (chain, key) = self_signed(&["192.0.2.7", "2001:db8::1", "www.example.com"]);
+        let leaf = verify(
+            &chain,
+            &key,
+            &domains(&["2001:db8::1", "192.0.2.7"]),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(leaf.names.contains("192.0.2.7"));
+        assert!(leaf.names.contains("2001:db8::1"));
+        assert!(!leaf.covers(&domains(&["192.0.2.8"])));
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum Error {
     /// (RFC 9773 section 5 says it must); the order is placed again without.
     #[error("the CA did not reflect `replaces` in the order: {0}")]
     ReplacesNotReflected(String),
+    /// The CA does not offer the certificate profile the config asks for.
+    #[error("{0}")]
+    Profile(String),
     /// A DNS-01 solver could not write, find or see a challenge record.
     #[error("dns-01: {0}")]
     Dns(String),
@@ -114,6 +117,7 @@ impl Error {
             Self::ReplacesNotReflected(_) => "replaces_not_reflected",
             Self::Interrupted(_) => "interrupted",
             Self::Dns(_) => "dns_solver",
+            Self::Profile(_) => "profile",
             Self::Acme { source, .. } => match source {
                 instant_acme::Error::Api(p) => p
                     .r#type

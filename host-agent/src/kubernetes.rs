@@ -354,7 +354,7 @@ impl CertificateSink for KubeStore {
             return Ok(());
         }
         let domains: Vec<String> = crate::certificate::leaf(&certificate.chain_pem)
-            .map(|l| l.dns_names.into_iter().collect())
+            .map(|l| l.names.into_iter().collect())
             .unwrap_or_default();
         let key_type = rcgen::KeyPair::from_pem(&certificate.key_pem)
             .ok()

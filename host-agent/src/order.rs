@@ -115,6 +115,27 @@ fn is_replaces_mismatch(e: &Error) -> bool {
         if inner.to_string().contains("replaces field mismatch"))
 }
 
+/// Refuses a profile the CA's directory does not list, naming what it offers
+/// (no silent fallback to its default); checked before any order.
+pub fn check_profile(account: &Account, spec: &Certificate) -> Result<(), Error> {
+    let Some(profile) = spec.profile.as_deref() else {
+        return Ok(());
+    };
+    let mut offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
+    offered.sort_unstable();
+    if offered.contains(&profile) {
+        return Ok(());
+    }
+    let offered = if offered.is_empty() {
+        "none: its directory lists no profiles".to_owned()
+    } else {
+        offered.join(", ")
+    };
+    Err(Error::Profile(format!(
+        "the CA offers no certificate profile {profile:?} (it offers {offered})"
+    )))
+}
+
 /// Orders `spec`; `replaces` is the ARI identifier of the certificate being
 /// renewed when the CA supports ARI.
 pub async fn issue(
@@ -122,18 +143,32 @@ pub async fn issue(
     spec: &Certificate,
     replaces: Option<&str>,
 ) -> Result<Issued, Failure> {
+    // RFC 8738: an address is an `ip` identifier (the config only lets
+    // canonical addresses through).
     let identifiers: Vec<Identifier> = spec
         .domains
         .iter()
-        .map(|d| Identifier::Dns(d.clone()))
+        .map(|d| match d.parse::<std::net::IpAddr>() {
+            Ok(ip) => Identifier::Ip(ip),
+            Err(_) => Identifier::Dns(d.clone()),
+        })
         .collect();
-    let plain = NewOrder::new(&identifiers);
+    fn with_profile<'a>(order: NewOrder<'a>, profile: Option<&'a str>) -> NewOrder<'a> {
+        match profile {
+            Some(profile) => order.profile(profile),
+            None => order,
+        }
+    }
+    let profile = spec.profile.as_deref();
+    let plain = with_profile(NewOrder::new(&identifiers), profile);
     let mut order = match replaces.and_then(|r| r.split_once('.')) {
         Some((aki, serial)) => {
-            let renewal = NewOrder::new(&identifiers).replaces(CertificateIdentifier {
-                authority_key_identifier: aki.into(),
-                serial: serial.into(),
-            });
+            let renewal = with_profile(NewOrder::new(&identifiers), profile).replaces(
+                CertificateIdentifier {
+                    authority_key_identifier: aki.into(),
+                    serial: serial.into(),
+                },
+            );
             match nonce_retry!("placing the order", cx.account.new_order(&renewal)) {
                 // RFC 9773 section 5: a certificate already replaced (by an
                 // order that failed later, say) is renewed without `replaces`.

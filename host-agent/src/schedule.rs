@@ -51,6 +51,18 @@ impl Backoff {
     }
 }
 
+/// Least wait between attempts however close the expiry.
+pub const MIN_WAIT: Duration = Duration::from_secs(60);
+
+/// `wait` shortened, for a certificate that expires at `not_after`, to half
+/// of the life it has left (at least [`MIN_WAIT`]): short-lived certificates
+/// (6-day profiles) get more attempts before they lapse than a one-hour
+/// backoff or a one-day `Retry-After` would leave them.
+pub fn within_life(wait: Duration, not_after: SystemTime, now: SystemTime) -> Duration {
+    let left = not_after.duration_since(now).unwrap_or(Duration::ZERO);
+    wait.min((left / 2).max(MIN_WAIT))
+}
+
 /// Renewal time without ARI: two thirds into the validity period, moved
 /// earlier by up to 1/30 of the lifetime (`jitter` in `[0, 1)`) so that many
 /// certificates issued together do not all renew in the same second.
@@ -96,6 +108,19 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn waits_never_outlast_half_the_remaining_life() {
+        let hour = Duration::from_secs(3600);
+        // A 6-day certificate renewed at two thirds has 2 days left: an hour
+        // of backoff stands, a day of Retry-After becomes a day.
+        assert_eq!(within_life(hour, t(2 * 86_400), t(0)), hour);
+        assert_eq!(within_life(DAY * 3, t(2 * 86_400), t(0)), DAY);
+        // Two hours left: an hour at most; a minute at least.
+        assert_eq!(within_life(DAY, t(7200), t(0)), hour);
+        assert_eq!(within_life(DAY, t(30), t(0)), MIN_WAIT);
+        assert_eq!(within_life(DAY, t(0), t(100)), MIN_WAIT);
     }
 
     #[test]

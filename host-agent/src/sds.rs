@@ -211,7 +211,7 @@ impl SdsSink {
 impl CertificateSink for SdsSink {
     fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let leaf = crate::certificate::leaf(&certificate.chain_pem)?;
-        let names: Vec<String> = leaf.dns_names.into_iter().collect();
+        let names: Vec<String> = leaf.names.into_iter().collect();
         self.set.set(
             &certificate.name,
             &names,

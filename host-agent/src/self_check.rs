@@ -17,8 +17,13 @@ const RETRY_EVERY: Duration = Duration::from_millis(100);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn fetch_once(target: &str, domain: &str, path: &str) -> Result<(u16, Bytes), String> {
+    // An IPv6 identifier goes in brackets, as the CA sends it (RFC 8738).
+    let host = match domain.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{domain}]"),
+        Err(_) => domain.to_owned(),
+    };
     let request = http::Request::get(path)
-        .header(http::header::HOST, domain)
+        .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "acme-agent self-check")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;

@@ -282,8 +282,14 @@ pub fn verify_chain(chain_pem: &str, root_pem: &str, domain: &str) -> Result<()>
     )?;
     std::fs::write(dir.path().join("root.pem"), root_pem)?;
     let mut cmd = Command::new("openssl");
+    // An address is checked against the IP SANs, a name against the DNS ones.
+    let check = if domain.parse::<std::net::IpAddr>().is_ok() {
+        "-verify_ip"
+    } else {
+        "-verify_hostname"
+    };
     cmd.current_dir(dir.path())
-        .args(["verify", "-CAfile", "root.pem", "-verify_hostname", domain]);
+        .args(["verify", "-CAfile", "root.pem", check, domain]);
     if certs.len() > 1 {
         cmd.args(["-untrusted", "rest.pem"]);
     }

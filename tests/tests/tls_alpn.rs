@@ -12,6 +12,17 @@ use acme_tests::world::World;
 
 #[test]
 fn a_certificate_validated_by_tls_alpn_01_through_envoy_with_no_http_listener() {
+    tls_alpn_01(&["www.example.com", "example.com"]);
+}
+
+/// RFC 8738 section 6: for an address the CA's SNI is its reverse-DNS name,
+/// under which the agent serves the challenge certificate.
+#[test]
+fn an_ip_address_is_validated_by_tls_alpn_01_under_its_reverse_name() {
+    tls_alpn_01(&["127.0.0.1", "www.example.com"]);
+}
+
+fn tls_alpn_01(domains: &[&str]) {
     let mut world = World::new(pebble::Options::default());
     let sds = free_addr().unwrap();
     let tls: std::net::SocketAddr = format!("127.0.0.1:{}", world.pebble.tls_port)
@@ -21,23 +32,17 @@ fn a_certificate_validated_by_tls_alpn_01_through_envoy_with_no_http_listener() 
     world.extra_config = format!(
         "[sds]\nlisten = \"{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:9\"\ntls_target = \"{tls}\"\n"
     );
+    world.certificates(&[("www", domains)]);
     world
-        .certificates(&[("www", &["www.example.com", "example.com"])])
-        .write_config();
-    let config = std::fs::read_to_string(world.config_path())
-        .unwrap()
-        .replace(
-            "domains = [\"www.example.com\", \"example.com\"]\n",
-            "domains = [\"www.example.com\", \"example.com\"]\nchallenge = \"tls-alpn-01\"\n",
-        );
-    assert!(config.contains("tls-alpn-01"));
-    std::fs::write(world.config_path(), config).unwrap();
+        .certificate_extra
+        .insert("www".into(), "challenge = \"tls-alpn-01\"".into());
+    world.write_config();
     world.start_agent();
     let admin = free_addr().unwrap();
     let envoy = Envoy::start(&on_demand_bootstrap_with_alpn(tls, admin, sds), admin, 2).unwrap();
     world.wait_issued("www", 1.0);
     let root = world.pebble.issuing_root().unwrap();
-    for sni in ["www.example.com", "example.com"] {
+    for &sni in domains {
         acme_tests::agent::wait_for(
             Duration::from_secs(10),
             &format!("{sni} served"),

@@ -335,6 +335,9 @@ pub struct Certificate {
     /// The `[dns.<name>]` solver for dns-01: required for a wildcard and
     /// for `challenge = "dns-01"`.
     pub dns: Option<String>,
+    /// The CA's certificate profile to order (`classic`, `tlsserver`,
+    /// `shortlived` at Let's Encrypt); the CA's default when unset.
+    pub profile: Option<String>,
 }
 
 impl Certificate {
@@ -661,11 +664,17 @@ impl Config {
                     format!("no [dns.{solver}] solver is configured"),
                 ));
             }
-            if cert.challenge == ChallengeKind::Dns01 && cert.dns.is_none() {
+            if let Some(profile) = &cert.profile
+                && (profile.is_empty()
+                    || profile.len() > 64
+                    || !profile
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+            {
                 return Err(invalid(
                     path,
-                    at("dns"),
-                    "challenge = \"dns-01\" needs a solver: add a [dns.<name>] section and dns = \"<name>\" here",
+                    at("profile"),
+                    "must be 1-64 characters of [A-Za-z0-9._-], as the CA's directory lists it",
                 ));
             }
             if cert.domains.is_empty() || cert.domains.len() > 100 {
@@ -673,14 +682,35 @@ impl Config {
             }
             let mut seen = BTreeSet::new();
             for domain in &cert.domains {
-                if is_ip_literal(domain) {
-                    return Err(invalid(
-                        path,
-                        at("domains"),
-                        format!(
-                            "{domain:?} is an IP address: IP identifiers are not supported yet (only DNS names)"
-                        ),
-                    ));
+                if let Some(ip) = ip_identifier(domain) {
+                    // RFC 8738 section 7: no dns-01 for an address.
+                    if cert.challenge == ChallengeKind::Dns01 {
+                        return Err(invalid(
+                            path,
+                            at("challenge"),
+                            format!(
+                                "{domain:?} is an IP address, which dns-01 cannot validate: use http-01 or tls-alpn-01"
+                            ),
+                        ));
+                    }
+                    if ip.to_string() != *domain {
+                        return Err(invalid(
+                            path,
+                            at("domains"),
+                            format!(
+                                "{domain:?} is an IP address: write it as {:?} (no brackets, the canonical form)",
+                                ip.to_string()
+                            ),
+                        ));
+                    }
+                    if !seen.insert(domain) {
+                        return Err(invalid(
+                            path,
+                            at("domains"),
+                            format!("{domain:?} is listed twice"),
+                        ));
+                    }
+                    continue;
                 }
                 if let Some(base) = domain.strip_prefix("*.") {
                     if !is_valid_domain(base) {
@@ -713,6 +743,13 @@ impl Config {
                         format!("{domain:?} is listed twice"),
                     ));
                 }
+            }
+            if cert.challenge == ChallengeKind::Dns01 && cert.dns.is_none() {
+                return Err(invalid(
+                    path,
+                    at("dns"),
+                    "challenge = \"dns-01\" needs a solver: add a [dns.<name>] section and dns = \"<name>\" here",
+                ));
             }
         }
         if let Some(od) = &self.on_demand {
@@ -829,6 +866,14 @@ fn is_kubernetes_label_value(name: &str) -> bool {
         && name.bytes().all(|b| alnum(b) || b == b'-')
         && name.bytes().next().is_some_and(alnum)
         && name.bytes().last().is_some_and(alnum)
+}
+
+/// The address `text` names (with or without IPv6 brackets), if it is one.
+fn ip_identifier(text: &str) -> Option<std::net::IpAddr> {
+    text.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .ok()
 }
 
 /// An IPv4 or IPv6 literal, which must not be ordered as a DNS name.
@@ -1028,20 +1073,29 @@ mod refusals {
     }
 
     #[test]
-    fn ip_literals_are_not_dns_names() {
-        for ip in ["192.0.2.1", "2001:db8::1", "[2001:db8::1]", "10.0.0.300"] {
+    fn ip_addresses_are_identifiers_in_canonical_form_and_never_dns_01() {
+        for ip in ["192.0.2.1", "2001:db8::1"] {
+            let text = config(
+                FILES,
+                &cert("www", &format!("{ip:?}, \"www.example.com\"")),
+                "",
+            );
+            let parsed = Config::parse(&text, Path::new("agent.toml")).unwrap();
+            assert_eq!(parsed.certificates[0].domains[0], ip);
+        }
+        for (ip, want) in [
+            ("[2001:db8::1]", "write it as \"2001:db8::1\""),
+            ("2001:DB8:0::1", "write it as \"2001:db8::1\""),
+            ("10.0.0.300", "not a lower-case DNS name"),
+        ] {
             let (field, reason) = field_of(&config(FILES, &cert("www", &format!("{ip:?}")), ""));
             assert_eq!(field, "certificate[0].domains", "{ip}");
-            assert!(
-                reason.contains("IP address") || reason.contains("not a lower-case DNS name"),
-                "{ip}: {reason}"
-            );
+            assert!(reason.contains(want), "{ip}: {reason}");
         }
-        let (_, reason) = field_of(&config(FILES, &cert("www", "\"192.0.2.1\""), ""));
-        assert!(
-            reason.contains("IP identifiers are not supported yet"),
-            "{reason}"
-        );
+        let dns01 = format!("{}challenge = \"dns-01\"\n", cert("www", "\"192.0.2.1\""));
+        let (field, reason) = field_of(&config(FILES, &dns01, ""));
+        assert_eq!(field, "certificate[0].challenge");
+        assert!(reason.contains("dns-01 cannot validate"), "{reason}");
     }
 
     #[test]

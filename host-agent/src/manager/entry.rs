@@ -317,6 +317,7 @@ mod tests {
             key_type: KeyType::EcdsaP256,
             challenge: Default::default(),
             dns: None,
+            profile: None,
         }
     }
 
@@ -324,7 +325,7 @@ mod tests {
         Leaf {
             not_before: from,
             not_after: from + 90 * DAY,
-            dns_names: domains.iter().map(|d| d.to_string()).collect(),
+            names: domains.iter().map(|d| d.to_string()).collect(),
             ari_id: None,
         }
     }

@@ -356,6 +356,9 @@ impl Look<'_> {
         {
             return Outcome::failed(e, reason);
         }
+        if let Err(e) = order::check_profile(account, self.spec) {
+            return Outcome::failed(e, reason);
+        }
         if replaces.is_some() && s.ledger.replaces_not_reflected(store) {
             replaces = None;
         }

@@ -28,7 +28,7 @@ use crate::acme::{self, Http};
 use crate::challenges::ChallengeSet;
 use crate::config::{Acme as AcmeConfig, Certificate, Config};
 use crate::metrics::Metrics;
-use crate::schedule::Backoff;
+use crate::schedule::{self, Backoff};
 use crate::sink::CertificateSink;
 use crate::store::{StateStore, unix};
 
@@ -246,6 +246,7 @@ impl Manager {
             key_type,
             challenge: Default::default(),
             dns: None,
+            profile: None,
         };
         info!(certificate = name, domain, "on-demand certificate added");
         let mut entry = Entry::new(spec, SystemTime::now());
@@ -467,7 +468,10 @@ impl Manager {
                     metrics.order_failed(name, error.kind());
                 }
                 let failures = entry.failures.saturating_add(1);
-                let wait = backoff.delay(failures, retry_after, error.is_rate_limited());
+                let mut wait = backoff.delay(failures, retry_after, error.is_rate_limited());
+                if let Some(served) = &entry.served {
+                    wait = schedule::within_life(wait, served.leaf.not_after, now);
+                }
                 warn!(
                     certificate = name,
                     failures,

@@ -55,7 +55,7 @@ pub fn reason(spec: &Certificate, served: Option<&Served>, forced: bool) -> Opti
     let wanted: std::collections::BTreeSet<&str> =
         spec.domains.iter().map(String::as_str).collect();
     let have: std::collections::BTreeSet<&str> =
-        served.leaf.dns_names.iter().map(String::as_str).collect();
+        served.leaf.names.iter().map(String::as_str).collect();
     if wanted != have {
         return Some(Reason::NamesChanged);
     }
@@ -77,6 +77,7 @@ mod tests {
             key_type,
             challenge: Default::default(),
             dns: None,
+            profile: None,
         }
     }
 
@@ -85,7 +86,7 @@ mod tests {
             leaf: Leaf {
                 not_before: SystemTime::UNIX_EPOCH,
                 not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(90 * 86_400),
-                dns_names: domains.iter().map(|d| d.to_string()).collect(),
+                names: domains.iter().map(|d| d.to_string()).collect(),
                 ari_id: None,
             },
             key_type,
@@ -137,7 +138,7 @@ mod tests {
                 want,
                 "{:?} served {:?} forced {forced}",
                 spec.domains,
-                served.map(|s| s.leaf.dns_names)
+                served.map(|s| s.leaf.names)
             );
         }
     }

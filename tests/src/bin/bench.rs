@@ -25,6 +25,8 @@ use acme_tests::sync_server::SyncServer;
 use acme_tests::{filter_wasm, key_authorization, workspace_root};
 use anyhow::{Context as _, Result, bail};
 
+#[path = "bench/dns.rs"]
+mod dns;
 #[path = "bench/sds.rs"]
 mod sds;
 
@@ -617,8 +619,14 @@ fn release_agent() -> Result<PathBuf> {
 /// agent up and synced (placeholder SDS files so Envoy can start), then the
 /// certificates added to the agent's config (SIGHUP) until Envoy serves each
 /// with a chain from Pebble. The account is registered within the timed part,
-/// as the peers do. Returns (seconds, agent peak RSS kB).
-fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> Result<(f64, u64)> {
+/// as the peers do. With `dns` (a `[dns.main]` section), every name is
+/// validated by dns-01 through it. Returns (seconds, agent peak RSS kB).
+fn ours(
+    pebble: &Pebble,
+    agent_bin: &Path,
+    certs: &[(String, Vec<String>)],
+    dns: Option<&str>,
+) -> Result<(f64, u64)> {
     let work = tempfile::tempdir()?;
     let sds = work.path().join("sds");
     let sink = FileSink::new(&sds)?;
@@ -645,7 +653,11 @@ fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> R
         .map(|((n, _), d)| Cert {
             name: n,
             domains: d,
-            extra: "",
+            extra: if dns.is_some() {
+                "challenge = \"dns-01\"\ndns = \"main\""
+            } else {
+                ""
+            },
         })
         .collect();
     let config_text = |certificates: &[Cert<'_>]| {
@@ -661,9 +673,10 @@ fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> R
             certificates,
         };
         format!(
-            "order_concurrency = {}\n{}",
+            "order_concurrency = {}\n{}{}",
             certs.len().min(64),
-            settings.toml()
+            settings.toml(),
+            dns.unwrap_or_default()
         )
     };
     let config_path = work.path().join("agent.toml");
@@ -690,7 +703,7 @@ fn ours(pebble: &Pebble, agent_bin: &Path, certs: &[(String, Vec<String>)]) -> R
     std::fs::write(&config_path, config_text(&cert_refs))?;
     agent.signal("HUP")?;
     for (_, domains) in certs {
-        let sni = &domains[0];
+        let sni = &domains[0].replace("*.", "wild.");
         wait_for(
             Duration::from_secs(120),
             "certificate served",
@@ -803,7 +816,7 @@ fn time_to_certificate(rows: &mut Vec<Row>, rounds: usize, many: usize) -> Resul
     };
     let (mut t_ours, mut t_lego, mut t_certbot) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        t_ours.push(ours(&pebble, &agent_bin, &fresh(1))?.0);
+        t_ours.push(ours(&pebble, &agent_bin, &fresh(1), None)?.0);
         t_lego.push(lego(&pebble, &fresh(1)[0].1)?);
         t_certbot.push(certbot(&pebble, &fresh(1)[0].1)?);
     }
@@ -821,7 +834,7 @@ fn time_to_certificate(rows: &mut Vec<Row>, rounds: usize, many: usize) -> Resul
         ),
     });
 
-    let (ours_many, peak) = ours(&pebble, &agent_bin, &fresh(many))?;
+    let (ours_many, peak) = ours(&pebble, &agent_bin, &fresh(many), None)?;
     let mut lego_many = 0.0;
     for (_, domains) in fresh(many) {
         lego_many += lego(&pebble, &domains)?;
@@ -886,7 +899,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only <part>` runs one part: pass-through, challenge, propagation,
-    // reload, footprint, sds, certificate.
+    // reload, footprint, sds, dns, certificate.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -934,7 +947,7 @@ fn main() -> Result<()> {
                 format!("o{i}"),
                 vec![format!("www.o{i}.example.com"), format!("o{i}.example.com")],
             )];
-            let (took, _) = ours(&pebble, &agent_bin, &certs)?;
+            let (took, _) = ours(&pebble, &agent_bin, &certs, None)?;
             eprintln!("[bench] ours {took:.3} s");
         }
     }
@@ -942,6 +955,10 @@ fn main() -> Result<()> {
         eprintln!("[bench] the agent as SDS server");
         let count = if quick { 100 } else { 1000 };
         sds::run(&mut rows, rounds, count, 100)?;
+    }
+    if run("dns") {
+        eprintln!("[bench] wildcard by dns-01 (RFC 2136 on BIND)");
+        dns::run(&mut rows, if quick { 3 } else { 7 })?;
     }
     if run("certificate") {
         eprintln!("[bench] time to certificate (lego takes a while)");

@@ -337,7 +337,7 @@ pub fn run(rows: &mut Vec<Row>, rounds: usize, count: usize, files: usize) -> Re
     let certs: Vec<(String, Vec<String>)> = (0..files)
         .map(|i| (format!("f{i}"), vec![format!("f{i}.files.example.com")]))
         .collect();
-    let (t_files, files_peak) = ours(&fresh_pebble()?, &agent_bin, &certs)?;
+    let (t_files, files_peak) = ours(&fresh_pebble()?, &agent_bin, &certs, None)?;
     eprintln!("[bench] sds: {count} certificates through one on-demand listener");
     let (t_many, agent_peak, envoy_rss) = many_on_demand(&fresh_pebble()?, &agent_bin, count)?;
     let pebble = fresh_pebble()?;
