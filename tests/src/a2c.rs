@@ -31,6 +31,8 @@ pub struct A2c {
     listen: SocketAddr,
     server: Option<Child>,
     dns: Child,
+    /// `[Order] profiles` (JSON: name -> description), listed in the directory.
+    profiles: Option<String>,
 }
 
 impl A2c {
@@ -57,6 +59,7 @@ impl A2c {
             listen,
             server: None,
             dns,
+            profiles: None,
             dir,
         };
         a2c.start_server(renewal_force)?;
@@ -73,13 +76,18 @@ impl A2c {
              issuing_ca_key: {key}\nissuing_ca_cert: {cert}\nca_cert_chain_list: [\"{cert}\"]\n\
              issuing_ca_crl: {crl}\ncert_save_path: {certs}\ncert_validity_days: 30\n\n\
              [DBhandler]\nhandler_module: acme2certifier.dbhandlers.wsgi_handler\ndbfile: {db}\n\n\
-             [Renewalinfo]\nrenewal_force: {renewal_force}\nretry_after_timeout: 60\n",
+             [Renewalinfo]\nrenewal_force: {renewal_force}\nretry_after_timeout: 60\n{order}",
             key = p("ca.key"),
             cert = p("ca.crt"),
             certs = p("certs"),
             crl = p("ca.crl"),
             db = p("acme_srv.db"),
             renewal_force = if renewal_force { "True" } else { "False" },
+            order = self
+                .profiles
+                .as_ref()
+                .map(|json| format!("\n[Order]\nprofiles: {json}\n"))
+                .unwrap_or_default(),
         );
         let path = self.dir.path().join("acme_srv.cfg");
         std::fs::write(&path, config)?;
@@ -139,6 +147,32 @@ impl A2c {
     pub fn restart(&mut self, renewal_force: bool) -> Result<()> {
         self.stop();
         self.start_server(renewal_force)
+    }
+
+    /// Restarts the server listing `profiles` (JSON: name -> description)
+    /// in its directory's `meta.profiles`.
+    pub fn restart_with_profiles(&mut self, renewal_force: bool, profiles: &str) -> Result<()> {
+        self.profiles = Some(profiles.to_owned());
+        self.restart(renewal_force)
+    }
+
+    /// The profile of every order it received, oldest first (from its
+    /// sqlite database).
+    pub fn order_profiles(&self) -> Result<Vec<String>> {
+        let out = Command::new(workspace_root().join(".venv/bin/python"))
+            .args([
+                "-c",
+                "import sqlite3, sys; print('\\n'.join(r[0] or '' for r in sqlite3.connect(sys.argv[1]).execute('select profile from orders order by id')))",
+            ])
+            .arg(self.dir.path().join("acme_srv.db"))
+            .output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_owned)
+            .collect())
     }
 
     fn stop(&mut self) {

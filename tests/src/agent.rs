@@ -44,6 +44,7 @@ pub struct Cert<'a> {
 }
 
 /// The pieces of an agent config the tests vary.
+#[derive(Clone, Copy)]
 pub struct Settings<'a> {
     pub directory_url: &'a str,
     pub ca_root: &'a Path,

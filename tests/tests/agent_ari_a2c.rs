@@ -4,7 +4,9 @@
 //! filter in a real Envoy on 127.0.0.1:80 (where acme2certifier validates).
 //! An ARI-due renewal and a forced renewal both end with a new certificate
 //! served; the CA's deviation is counted once under its own error kind and
-//! remembered, so no later order trips on it.
+//! remembered, so no later order trips on it. Then certificate profiles,
+//! which acme2certifier lists when configured: a listed profile is sent with
+//! the order (its database records it), another is refused before any order.
 //!
 //! The only test that binds ports 80 and 53 (see `acme_tests::a2c`).
 
@@ -51,9 +53,11 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
     let sds = work.path().join("sds");
     let api = free_addr().unwrap();
     let http = "127.0.0.1:80".parse().unwrap();
+    // Owned copies: the server is restarted while the settings are in use.
+    let (directory_url, ca) = (a2c.directory_url.clone(), a2c.ca.clone());
     let settings = Settings {
-        directory_url: &a2c.directory_url,
-        ca_root: &a2c.ca,
+        directory_url: &directory_url,
+        ca_root: &ca,
         state_dir: &state,
         sds_dir: &sds,
         kubernetes: None,
@@ -134,7 +138,7 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
     // the CA does not reflect it; the agent orders again without it.
     a2c.restart(true).unwrap();
     agent.kill();
-    let agent = Agent::start(&config, api, &log).unwrap();
+    let mut agent = Agent::start(&config, api, &log).unwrap();
     wait_metric(
         &agent,
         "acme_agent_orders_total",
@@ -199,5 +203,78 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
             == 1,
         "logged once"
     );
+
+    // Profiles: acme2certifier lists those its config names. A listed one
+    // is sent with the order; another is refused before any order, naming
+    // the CA's offer.
+    a2c.restart_with_profiles(
+        false,
+        r#"{"classic": "the default", "shortlived": "6 days"}"#,
+    )
+    .unwrap();
+    assert!(
+        a2c.directory().unwrap()["meta"]["profiles"]["shortlived"].is_string(),
+        "{}",
+        a2c.directory().unwrap()
+    );
+    let with_profile = |profile: &str| {
+        let extra = format!("profile = \"{profile}\"");
+        let settings = Settings {
+            certificates: &[Cert {
+                name: "www",
+                domains: DOMAINS,
+                extra: &extra,
+            }],
+            ..settings
+        };
+        std::fs::write(&config, settings.toml()).unwrap();
+    };
+    with_profile("shortlived");
+    agent.kill();
+    let mut agent = Agent::start(&config, api, &log).unwrap();
+    let orders_before = a2c.order_profiles().unwrap().len();
+    let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
+        .args(["--config", &config.display().to_string(), "renew", "www"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_metric(
+        &agent,
+        "acme_agent_orders_total",
+        &["result=\"success\""],
+        1.0,
+        &context,
+    );
+    let profiles = a2c.order_profiles().unwrap();
+    assert_eq!(
+        profiles.last().map(String::as_str),
+        Some("shortlived"),
+        "{profiles:?}"
+    );
+    served(&issued());
+
+    with_profile("tlsserver");
+    agent.kill();
+    let agent = Agent::start(&config, api, &log).unwrap();
+    let orders_before_refusal = a2c.order_profiles().unwrap().len();
+    assert!(orders_before_refusal > orders_before);
+    let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
+        .args(["--config", &config.display().to_string(), "renew", "www"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_metric(
+        &agent,
+        "acme_agent_certificate_failures",
+        &["certificate=\"www\""],
+        1.0,
+        &context,
+    );
+    let status = std::fs::read_to_string(state.join("certificates/www.status.json")).unwrap();
+    assert!(
+        status.contains("\\\"tlsserver\\\"") && status.contains("classic, shortlived"),
+        "{status}"
+    );
+    assert_eq!(a2c.order_profiles().unwrap().len(), orders_before_refusal);
     drop(envoy);
 }
