@@ -81,6 +81,18 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
             acme_tests::world::tail(&std::fs::read_to_string(&a2c_log).unwrap_or_default(), 40)
         )
     };
+    // `acme-agent renew www`, which must be accepted.
+    let renew = || {
+        let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
+            .args(["--config", &config.display().to_string(), "renew", "www"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let mut agent = Agent::start(&config, api, &log).unwrap();
 
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
@@ -170,15 +182,7 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
 
     // A forced renewal: the agent remembers the CA's deviation and orders
     // without `replaces` at once.
-    let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
-        .args(["--config", &config.display().to_string(), "renew", "www"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    renew();
     wait_metric(
         &agent,
         "acme_agent_orders_total",
@@ -233,11 +237,7 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
     agent.kill();
     let mut agent = Agent::start(&config, api, &log).unwrap();
     let orders_before = a2c.order_profiles().unwrap().len();
-    let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
-        .args(["--config", &config.display().to_string(), "renew", "www"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    renew();
     wait_metric(
         &agent,
         "acme_agent_orders_total",
@@ -258,11 +258,7 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
     let agent = Agent::start(&config, api, &log).unwrap();
     let orders_before_refusal = a2c.order_profiles().unwrap().len();
     assert!(orders_before_refusal > orders_before);
-    let out = std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
-        .args(["--config", &config.display().to_string(), "renew", "www"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    renew();
     wait_metric(
         &agent,
         "acme_agent_certificate_failures",

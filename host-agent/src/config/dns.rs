@@ -212,31 +212,8 @@ mod tests {
         assert_eq!(parse_server("ns1.example.com"), None);
     }
 
+    use crate::config::tests::{GOOD, field_of};
     use crate::config::{ChallengeKind, Config};
-
-    const GOOD: &str = r#"
-state_dir = "/var/lib/acme-agent"
-sds_dir = "/etc/envoy/sds"
-
-[acme]
-directory = "letsencrypt-staging"
-
-[[certificate]]
-name = "www"
-domains = ["www.example.com", "example.com"]
-
-[[certificate]]
-name = "api"
-domains = ["api.example.com"]
-key_type = "ecdsa-p384"
-"#;
-
-    fn field_of(text: &str) -> String {
-        match Config::parse(text, Path::new("agent.toml")) {
-            Err(Error::Config { field, .. }) => field,
-            other => panic!("expected a config error, got {other:?}"),
-        }
-    }
 
     #[test]
     fn wildcards_need_a_dns_solver_whose_secret_is_read() {

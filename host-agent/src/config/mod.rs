@@ -929,10 +929,11 @@ impl Acme {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// A valid config the tests (here and in `dns`) vary.
+    pub(crate) const GOOD: &str = r#"
 state_dir = "/var/lib/acme-agent"
 sds_dir = "/etc/envoy/sds"
 
@@ -953,7 +954,8 @@ domains = ["api.example.com"]
 key_type = "ecdsa-p384"
 "#;
 
-    fn field_of(text: &str) -> String {
+    /// The field a config error names (panics on anything else).
+    pub(crate) fn field_of(text: &str) -> String {
         match Config::parse(text, Path::new("agent.toml")) {
             Err(Error::Config { field, .. }) => field,
             other => panic!("expected a config error, got {other:?}"),

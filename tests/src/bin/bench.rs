@@ -724,9 +724,8 @@ fn ours(
     Ok((took, peak))
 }
 
-fn lego(pebble: &Pebble, domains: &[String]) -> Result<f64> {
-    let work = tempfile::tempdir()?;
-    let started = Instant::now();
+/// lego against `pebble`, its state in `work`: the arguments every run shares.
+fn lego_command(pebble: &Pebble, work: &Path) -> Command {
     let mut cmd = Command::new("lego");
     cmd.env("LEGO_CA_CERTIFICATES", &pebble.tls_root)
         .args([
@@ -736,57 +735,72 @@ fn lego(pebble: &Pebble, domains: &[String]) -> Result<f64> {
             "ops@example.com",
             "--accept-tos",
         ])
-        .args([
-            "--http",
-            "--http.port",
-            &format!("127.0.0.1:{}", pebble.http_port),
-        ])
         .arg("--path")
-        .arg(work.path());
-    for d in domains {
-        cmd.args(["--domains", d]);
-    }
-    let out = cmd.arg("run").output().context("running lego")?;
+        .arg(work);
+    cmd
+}
+
+/// Runs a peer's command to completion; its wall time in seconds.
+fn timed(mut cmd: Command, started: Instant, what: &str) -> Result<f64> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("lego failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn certbot(pebble: &Pebble, domains: &[String]) -> Result<f64> {
+fn lego(pebble: &Pebble, domains: &[String]) -> Result<f64> {
     let work = tempfile::tempdir()?;
     let started = Instant::now();
+    let mut cmd = lego_command(pebble, work.path());
+    cmd.args([
+        "--http",
+        "--http.port",
+        &format!("127.0.0.1:{}", pebble.http_port),
+    ]);
+    for d in domains {
+        cmd.args(["--domains", d]);
+    }
+    cmd.arg("run");
+    timed(cmd, started, "lego")
+}
+
+/// certbot against `pebble`, its state in `work`: the arguments every run
+/// shares (no prompt, the account's email).
+fn certbot_command(pebble: &Pebble, work: &Path) -> Command {
     let mut cmd = Command::new("certbot");
     cmd.env("REQUESTS_CA_BUNDLE", &pebble.tls_root)
         .args([
             "certonly",
-            "--standalone",
             "--non-interactive",
             "--agree-tos",
             "-m",
             "ops@example.com",
         ])
         .args(["--server", &pebble.directory_url])
-        .args([
-            "--http-01-port",
-            &pebble.http_port.to_string(),
-            "--http-01-address",
-            "127.0.0.1",
-        ])
         .arg("--config-dir")
-        .arg(work.path().join("config"))
+        .arg(work.join("config"))
         .arg("--work-dir")
-        .arg(work.path().join("work"))
+        .arg(work.join("work"))
         .arg("--logs-dir")
-        .arg(work.path().join("logs"));
+        .arg(work.join("logs"));
+    cmd
+}
+
+fn certbot(pebble: &Pebble, domains: &[String]) -> Result<f64> {
+    let work = tempfile::tempdir()?;
+    let started = Instant::now();
+    let mut cmd = certbot_command(pebble, work.path());
+    cmd.arg("--standalone").args([
+        "--http-01-port",
+        &pebble.http_port.to_string(),
+        "--http-01-address",
+        "127.0.0.1",
+    ]);
     for d in domains {
         cmd.args(["-d", d]);
     }
-    let out = cmd.output().context("running certbot")?;
-    if !out.status.success() {
-        bail!("certbot failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(started.elapsed().as_secs_f64())
+    timed(cmd, started, "certbot")
 }
 
 fn time_to_certificate(rows: &mut Vec<Row>, rounds: usize, many: usize) -> Result<()> {

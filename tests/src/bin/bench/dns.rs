@@ -5,15 +5,14 @@
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 use std::time::Instant;
 
 use acme_tests::http::free_port;
 use acme_tests::named::{Named, Zone};
 use acme_tests::pebble::{self, Pebble};
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 
-use super::{Row, median, ours, release_agent, spread};
+use super::{Row, certbot_command, lego_command, median, ours, release_agent, spread, timed};
 
 fn certbot(pebble: &Pebble, named: &Named, domains: &[String]) -> Result<f64> {
     let work = tempfile::tempdir()?;
@@ -30,71 +29,43 @@ fn certbot(pebble: &Pebble, named: &Named, domains: &[String]) -> Result<f64> {
     )?;
     std::fs::set_permissions(&ini, std::fs::Permissions::from_mode(0o600))?;
     let started = Instant::now();
-    let mut cmd = Command::new("certbot");
-    cmd.env("REQUESTS_CA_BUNDLE", &pebble.tls_root)
-        .args([
-            "certonly",
-            "--authenticator",
-            "dns-rfc2136",
-            "--dns-rfc2136-propagation-seconds",
-            "0",
-            "--non-interactive",
-            "--agree-tos",
-            "-m",
-            "ops@example.com",
-        ])
-        .args(["--server", &pebble.directory_url])
-        .arg("--dns-rfc2136-credentials")
-        .arg(&ini)
-        .arg("--config-dir")
-        .arg(work.path().join("config"))
-        .arg("--work-dir")
-        .arg(work.path().join("work"))
-        .arg("--logs-dir")
-        .arg(work.path().join("logs"));
+    let mut cmd = certbot_command(pebble, work.path());
+    cmd.args([
+        "--authenticator",
+        "dns-rfc2136",
+        "--dns-rfc2136-propagation-seconds",
+        "0",
+    ])
+    .arg("--dns-rfc2136-credentials")
+    .arg(&ini);
     for d in domains {
         cmd.args(["-d", d]);
     }
-    let out = cmd.output().context("running certbot")?;
-    if !out.status.success() {
-        bail!("certbot failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(started.elapsed().as_secs_f64())
+    timed(cmd, started, "certbot")
 }
 
 fn lego(pebble: &Pebble, named: &Named, domains: &[String]) -> Result<f64> {
     let work = tempfile::tempdir()?;
     let started = Instant::now();
-    let mut cmd = Command::new("lego");
-    cmd.env("LEGO_CA_CERTIFICATES", &pebble.tls_root)
-        .env("RFC2136_NAMESERVER", named.addr.to_string())
+    let mut cmd = lego_command(pebble, work.path());
+    cmd.env("RFC2136_NAMESERVER", named.addr.to_string())
         .env("RFC2136_TSIG_KEY", &named.key_name)
         .env("RFC2136_TSIG_SECRET", &named.key_secret)
         .env("RFC2136_TSIG_ALGORITHM", "hmac-sha256.")
         .env("RFC2136_POLLING_INTERVAL", "0")
         .env("RFC2136_SEQUENCE_INTERVAL", "0")
         .args([
-            "--server",
-            &pebble.directory_url,
-            "--email",
-            "ops@example.com",
-            "--accept-tos",
             "--dns",
             "rfc2136",
             "--dns.resolvers",
             &named.addr.to_string(),
-            "--dns.disable-cp",
         ])
-        .arg("--path")
-        .arg(work.path());
+        .arg("--dns.disable-cp");
     for d in domains {
         cmd.args(["--domains", d]);
     }
-    let out = cmd.arg("run").output().context("running lego")?;
-    if !out.status.success() {
-        bail!("lego failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(started.elapsed().as_secs_f64())
+    cmd.arg("run");
+    timed(cmd, started, "lego")
 }
 
 pub fn run(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
