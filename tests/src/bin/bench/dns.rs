@@ -111,7 +111,7 @@ pub fn run(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         what: "Time to a wildcard certificate (`*.x.example.com` + `x.example.com`, both by dns-01, RFC 2136 on BIND 9): ours (config edit -> Envoy serves it) / lego / certbot (command -> files)".into(),
         result: format!("{} / {} / {}", fmt(&t_ours), fmt(&t_lego), fmt(&t_certbot)),
         note: format!(
-            "ours / best peer = **{:.2}**; target <= 0.2; peers without propagation waits (certbot `--dns-rfc2136-propagation-seconds 0`, lego `--dns.disable-cp`, 0 s intervals); ours checks every nameserver",
+            "{rounds} rounds; ours / best peer = **{:.2}**; target <= 0.2; peers without propagation waits (certbot `--dns-rfc2136-propagation-seconds 0`, lego `--dns.disable-cp`, 0 s intervals); ours checks every nameserver",
             median(&mut t_ours.clone()) / best_peer
         ),
     });
