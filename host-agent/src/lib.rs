@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 mod error;
+pub mod events;
 pub mod files;
 pub mod filter_wasm;
 mod http1;

@@ -11,6 +11,7 @@ use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
 use acme_agent::control;
+use acme_agent::events::{Events, KubeEvents, NoEvents};
 use acme_agent::kubernetes::KubeStore;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
@@ -143,40 +144,61 @@ fn status_table(config: &Config) -> anyhow::Result<String> {
     Ok(status::table(config, &Store::existing(state_dir))?)
 }
 
-/// Where state and certificates go: files, or Secrets in Kubernetes mode.
-async fn backends(
-    config: &Config,
-    secrets: Option<Arc<SecretSet>>,
-) -> anyhow::Result<(Arc<dyn StateStore>, Arc<dyn CertificateSink>)> {
-    let (store, sink) = storage(config).await?;
+/// Where state and certificates go: files, or Secrets in Kubernetes mode;
+/// and where Events go (Kubernetes mode only).
+struct Backends {
+    store: Arc<dyn StateStore>,
+    sink: Arc<dyn CertificateSink>,
+    events: Arc<dyn Events>,
+}
+
+async fn backends(config: &Config, secrets: Option<Arc<SecretSet>>) -> anyhow::Result<Backends> {
+    let (store, sink, events) = storage(config).await?;
     let Some(secrets) = secrets else {
         // Config validation requires sds_dir (or [kubernetes]) without [sds].
         let sink = sink.context("sds_dir is required without [sds]")?;
-        return Ok((store, sink));
+        return Ok(Backends {
+            store,
+            sink,
+            events,
+        });
     };
     let sds: Arc<dyn CertificateSink> = Arc::new(SdsSink::new(secrets));
     let sinks: Vec<Arc<dyn CertificateSink>> = match sink {
         Some(sink) => vec![sink, sds],
         None => vec![sds],
     };
-    Ok((store, Arc::new(Sinks(sinks))))
+    Ok(Backends {
+        store,
+        sink: Arc::new(Sinks(sinks)),
+        events,
+    })
 }
 
-/// The state store, and the sink that goes with it (none when files are not
-/// wanted: `[sds]` without `sds_dir`).
+/// The state store, the sink that goes with it (none when files are not
+/// wanted: `[sds]` without `sds_dir`), and the Events.
 async fn storage(
     config: &Config,
-) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<dyn CertificateSink>>)> {
+) -> anyhow::Result<(
+    Arc<dyn StateStore>,
+    Option<Arc<dyn CertificateSink>>,
+    Arc<dyn Events>,
+)> {
     if let Some(k8s) = &config.kubernetes {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+        let events = Arc::new(KubeEvents::start(client.clone(), &k8s.namespace));
         let store = Arc::new(KubeStore::new(client, &k8s.namespace, Handle::current()));
         info!(
             namespace = k8s.namespace,
-            "Kubernetes mode: certificates and state in Secrets"
+            "Kubernetes mode: certificates and state in Secrets, Events on them"
         );
-        return Ok((Arc::clone(&store) as Arc<dyn StateStore>, Some(store)));
+        return Ok((
+            Arc::clone(&store) as Arc<dyn StateStore>,
+            Some(store),
+            events,
+        ));
     }
     let Some(state_dir) = &config.state_dir else {
         anyhow::bail!("state_dir is required without [kubernetes]");
@@ -185,14 +207,18 @@ async fn storage(
         Some(dir) => Some(Arc::new(FileSink::new(dir)?) as Arc<dyn CertificateSink>),
         None => None,
     };
-    Ok((Arc::new(Store::open(state_dir)?), sink))
+    Ok((Arc::new(Store::open(state_dir)?), sink, Arc::new(NoEvents)))
 }
 
 #[tokio::main]
 async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let secrets = config.sds.as_ref().map(|_| Arc::new(SecretSet::new()));
     let alpn = config.sds.as_ref().map(|_| Arc::new(SecretSet::new()));
-    let (store, sink) = backends(&config, secrets.clone()).await?;
+    let Backends {
+        store,
+        sink,
+        events,
+    } = backends(&config, secrets.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
     let (requests_tx, requests_rx) = mpsc::channel(16);
@@ -246,7 +272,8 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         metrics,
         requests_rx,
         alpn,
-    )?;
+    )?
+    .with_events(events);
 
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, config_tx, stop_rx.clone()));

@@ -7,7 +7,9 @@
 //! now is removed; other managers' keys stay. Tests can make it answer an
 //! error for one Secret and one method (`fail`), as a real API server does
 //! when an admission webhook denies a write (422), on a conflict (409) or
-//! when it is unavailable (500).
+//! when it is unavailable (500). Events (`events.k8s.io/v1`): created, and
+//! patched by JSON merge patch, as kube-runtime's `Recorder` does to count a
+//! series.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -42,6 +44,24 @@ struct State {
     version: u64,
     /// (method, Secret name) -> the status code answered instead.
     faults: BTreeMap<(String, String), u16>,
+    /// Events by name.
+    events: BTreeMap<String, Value>,
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
 }
 
 pub struct FakeKube {
@@ -141,6 +161,7 @@ impl FakeKube {
         let state: Arc<Mutex<State>> = Arc::default();
         let handler_state = Arc::clone(&state);
         let prefix = format!("/api/v1/namespaces/{namespace}/secrets/");
+        let events_prefix = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
         let server = Server::start(move |req: &Request| {
             let mut state = handler_state.lock().unwrap_or_else(|e| e.into_inner());
             let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
@@ -151,6 +172,47 @@ impl FakeKube {
                 body: body.clone(),
             });
             let (path, _) = req.path.split_once('?').unwrap_or((&req.path, ""));
+            if let Some(rest) = path.strip_prefix(&events_prefix) {
+                state.version += 1;
+                let version = state.version.to_string();
+                return match (req.method.as_str(), rest.strip_prefix('/')) {
+                    ("POST", None) => {
+                        let mut event = body.clone();
+                        let name = event["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                        if state.events.contains_key(&name) {
+                            return status(
+                                409,
+                                "AlreadyExists",
+                                &format!("events \"{name}\" already exists"),
+                            );
+                        }
+                        event["metadata"]["resourceVersion"] = json!(version);
+                        state.events.insert(name, event.clone());
+                        let mut reply = object_reply(&event);
+                        reply.status = 201;
+                        reply
+                    }
+                    ("PATCH", Some(name))
+                        if req.header("content-type") == Some("application/merge-patch+json") =>
+                    {
+                        let Some(event) = state.events.get_mut(name) else {
+                            return status(
+                                404,
+                                "NotFound",
+                                &format!("events \"{name}\" not found"),
+                            );
+                        };
+                        merge(event, &body);
+                        event["metadata"]["resourceVersion"] = json!(version);
+                        object_reply(event)
+                    }
+                    _ => status(
+                        405,
+                        "MethodNotAllowed",
+                        "the fake creates and merge-patches events",
+                    ),
+                };
+            }
             let Some(name) = path.strip_prefix(&prefix) else {
                 return status(404, "NotFound", &format!("the fake has no {}", req.path));
             };
@@ -242,6 +304,12 @@ impl FakeKube {
     pub fn secret_names(&self) -> Vec<String> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.secrets.keys().cloned().collect()
+    }
+
+    /// Every Event, as stored (a series' count patched in).
+    pub fn events(&self) -> Vec<Value> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.events.values().cloned().collect()
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -406,12 +406,20 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         pod["serviceAccountName"],
         object(&default, "ServiceAccount")["metadata"]["name"]
     );
-    // The Role: Secrets only; reading and patching only the agent's own
-    // (every one the config needs, for both Let's Encrypt directories), so
-    // never the mesh's CA key in the same namespace.
+    // The Role: Secrets, reading and patching only the agent's own (every
+    // one the config needs, for both Let's Encrypt directories), so never
+    // the mesh's CA key in the same namespace; and creating and patching
+    // Events (kube-runtime's Recorder does exactly those two).
     let role = object(&default, "Role");
     let mut readable = BTreeSet::new();
+    let mut events_rules = 0;
     for rule in role["rules"].as_array().unwrap() {
+        if rule["apiGroups"] == serde_json::json!(["events.k8s.io"]) {
+            assert_eq!(rule["resources"], serde_json::json!(["events"]));
+            assert_eq!(rule["verbs"], serde_json::json!(["create", "patch"]));
+            events_rules += 1;
+            continue;
+        }
         assert_eq!(rule["resources"], serde_json::json!(["secrets"]));
         let verbs: Vec<&str> = rule["verbs"]
             .as_array()
@@ -442,6 +450,16 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     for mesh_ca in ["istio-ca-secret", "cacerts"] {
         assert!(!readable.contains(mesh_ca));
     }
+    assert_eq!(events_rules, 1, "the Role lets the agent record Events");
+    let env = &container["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "POD_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "{env}"
+    );
 
     // The NetworkPolicy: the agent's pods, its API port, and the gateways'
     // pods of both the Istio Gateway and the Gateway API Gateway.

@@ -234,3 +234,73 @@ fn an_api_server_refusing_writes_or_reads_never_causes_a_second_order() {
         chain
     );
 }
+
+/// Events of one reason on one object.
+fn events_with(kube: &FakeKube, reason: &str) -> Vec<serde_json::Value> {
+    kube.events()
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+#[test]
+fn events_tell_issued_renewed_and_failed_once_per_series() {
+    let mut world = World::new(pebble::Options::default());
+    world.kube = Some(FakeKube::start(NS).unwrap());
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    world.wait_issued(WWW.0, 1.0);
+    let kube = world.kube.as_ref().unwrap();
+    let wait_event = |reason: &str| {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("an Event {reason}"),
+            || (!events_with(kube, reason).is_empty()).then_some(()),
+            || format!("{:#?}\n{}", kube.events(), world.context()),
+        )
+        .unwrap();
+    };
+    wait_event("Issued");
+    let issued = &events_with(kube, "Issued")[0];
+    assert_eq!(issued["type"], "Normal", "{issued}");
+    assert_eq!(issued["regarding"]["kind"], "Secret");
+    assert_eq!(issued["regarding"]["name"], WWW.0);
+    assert_eq!(issued["regarding"]["namespace"], NS);
+    assert_eq!(issued["reportingController"], "acme-agent");
+    assert!(issued["note"].as_str().unwrap().contains("valid until"));
+
+    world.renew(WWW.0);
+    world.wait_issued(WWW.0, 2.0);
+    wait_event("Renewed");
+
+    // The Secret's write now fails on every attempt: one Warning Event whose
+    // series counts the attempts, not one Event per retry.
+    kube.fail("PATCH", WWW.0, 422);
+    world.renew(WWW.0);
+    let failures = ["certificate=\"www-example-com\""];
+    world.wait_metric(
+        "acme_agent_certificate_failures",
+        &failures,
+        3.0,
+        Duration::from_secs(60),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the Failed Event's series counted",
+        || {
+            let failed = events_with(kube, "Failed");
+            (failed.len() == 1 && failed[0]["series"]["count"].as_u64() >= Some(2)).then_some(())
+        },
+        || format!("{:#?}", kube.events()),
+    )
+    .unwrap();
+    let failed = &events_with(kube, "Failed")[0];
+    assert_eq!(failed["type"], "Warning");
+    assert!(
+        failed["note"].as_str().unwrap().starts_with("kubernetes: "),
+        "{failed}"
+    );
+    kube.heal();
+    world.wait_issued(WWW.0, 3.0);
+}

@@ -27,6 +27,7 @@ use crate::account::HeldAccount;
 use crate::acme::{self, Http};
 use crate::challenges::ChallengeSet;
 use crate::config::{Acme as AcmeConfig, Certificate, Config};
+use crate::events::{Events, Happened, NoEvents};
 use crate::metrics::Metrics;
 use crate::schedule::{self, Backoff};
 use crate::sink::CertificateSink;
@@ -109,6 +110,8 @@ pub struct Manager {
     backoff: Backoff,
     checks: Checks,
     requests: mpsc::Receiver<Request>,
+    /// Kubernetes Events about each certificate (none outside Kubernetes).
+    events: Arc<dyn Events>,
 }
 
 impl Manager {
@@ -148,7 +151,14 @@ impl Manager {
             backoff: current.retry.backoff(),
             checks: checks_of(&current),
             requests,
+            events: Arc::new(NoEvents),
         })
+    }
+
+    /// Reports what happens to each certificate as Kubernetes Events too.
+    pub fn with_events(mut self, events: Arc<dyn Events>) -> Self {
+        self.events = events;
+        self
     }
 
     /// Serves every valid stored certificate at once (no network needed), then
@@ -447,6 +457,15 @@ impl Manager {
             } => {
                 if ordered {
                     metrics.order_succeeded(name);
+                    let not_after = leaf.not_after;
+                    self.events.publish(
+                        name,
+                        if entry.served.is_some() {
+                            Happened::Renewed { not_after }
+                        } else {
+                            Happened::Issued { not_after }
+                        },
+                    );
                 }
                 metrics.set_expiry(name, leaf.not_after);
                 info!(
@@ -478,9 +497,25 @@ impl Manager {
                     retry_in_seconds = wait.as_secs_f64(),
                     "{error}"
                 );
+                self.events.publish(
+                    name,
+                    Happened::Failed {
+                        kind: error.kind().to_owned(),
+                        message: error.to_string(),
+                    },
+                );
                 entry.failed(error.to_string(), error.kind(), reason, awaiting, wait, now);
             }
-            Outcome::Blocked { blocked, reason } => entry.blocked(blocked, reason),
+            Outcome::Blocked { blocked, reason } => {
+                self.events.publish(
+                    name,
+                    Happened::WaitingForBudget {
+                        limit: blocked.limit.label().to_owned(),
+                        until: blocked.until,
+                    },
+                );
+                entry.blocked(blocked, reason);
+            }
         }
         if let Some(at) = entry.next_renewal {
             metrics.set_next_renewal(name, at);
