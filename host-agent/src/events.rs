@@ -1,11 +1,15 @@
 //! Kubernetes Events about certificates, where `kubectl describe` and
 //! `kubectl get events` show them (what cert-manager users look at first):
 //! issued, renewed, failed (the error kind and message), waiting for a
-//! CA-limit budget. Recorded on the certificate's Secret. Aggregated by
+//! CA-limit budget, a Gateway's request refused. Recorded on the Gateways a
+//! derived certificate comes from, or on the Secret of a config-file
+//! certificate. Aggregated by
 //! kube-runtime's `Recorder`: the same reason on the same object within its
 //! window patches the Event's series count instead of creating another, so a
 //! retry loop does not flood the namespace.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -14,6 +18,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::gateways::GatewayRef;
 use crate::store::rfc3339;
 
 /// Events waiting to be sent; more are dropped (and logged) rather than
@@ -25,16 +30,33 @@ const MAX_NOTE: usize = 1000;
 /// Something that happened to a certificate worth an Event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Happened {
-    Issued { not_after: SystemTime },
-    Renewed { not_after: SystemTime },
-    Failed { kind: String, message: String },
-    WaitingForBudget { limit: String, until: SystemTime },
+    Issued {
+        not_after: SystemTime,
+    },
+    Renewed {
+        not_after: SystemTime,
+    },
+    Failed {
+        kind: String,
+        message: String,
+    },
+    WaitingForBudget {
+        limit: String,
+        until: SystemTime,
+    },
+    /// A Gateway asks for something the agent refuses (no order placed).
+    Conflict {
+        message: String,
+    },
 }
 
 impl Happened {
     fn event(&self) -> Event {
         let at = |t: &SystemTime| rfc3339(*t).unwrap_or_default();
         let (type_, reason, action, note) = match self {
+            Self::Conflict { message } => {
+                (EventType::Warning, "Conflict", "Derive", message.clone())
+            }
             Self::Issued { not_after } => (
                 EventType::Normal,
                 "Issued",
@@ -84,6 +106,11 @@ impl Happened {
 /// Where the manager reports what happened.
 pub trait Events: Send + Sync {
     fn publish(&self, certificate: &str, happened: Happened);
+    /// A Gateway's request the agent refuses.
+    fn conflict(&self, _gateway: &GatewayRef, _message: &str) {}
+    /// Which Gateways each derived certificate comes from (their Events go
+    /// there instead of to the Secret).
+    fn set_gateways(&self, _users: BTreeMap<String, Vec<GatewayRef>>) {}
 }
 
 /// Outside Kubernetes: the log and the metrics say it all.
@@ -93,49 +120,98 @@ impl Events for NoEvents {
     fn publish(&self, _: &str, _: Happened) {}
 }
 
-/// Events on each certificate's Secret in `namespace`, sent in order by one
-/// task (an aggregated Event is created, then patched).
+/// Events in the cluster, sent in order by one task (an aggregated Event is
+/// created, then patched).
 pub struct KubeEvents {
-    queue: mpsc::Sender<(String, Happened)>,
+    namespace: String,
+    queue: mpsc::Sender<(ObjectReference, Happened)>,
+    users: Mutex<BTreeMap<String, Vec<GatewayRef>>>,
+}
+
+fn gateway_reference(gateway: &GatewayRef) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(gateway.kind.api_version().into()),
+        kind: Some("Gateway".into()),
+        name: Some(gateway.name.clone()),
+        namespace: Some(gateway.namespace.clone()),
+        uid: gateway.uid.clone(),
+        ..ObjectReference::default()
+    }
 }
 
 impl KubeEvents {
-    /// Spawns the sender on the current runtime.
+    /// Spawns the sender on the current runtime; certificates' Secrets are in
+    /// `namespace`.
     pub fn start(client: Client, namespace: &str) -> Self {
         let reporter = Reporter {
             controller: "acme-agent".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
         let recorder = Recorder::new(client, reporter);
-        let (queue, mut rx) = mpsc::channel::<(String, Happened)>(QUEUE);
-        let namespace = namespace.to_owned();
+        let (queue, mut rx) = mpsc::channel::<(ObjectReference, Happened)>(QUEUE);
         tokio::spawn(async move {
-            while let Some((certificate, happened)) = rx.recv().await {
-                let regarding = ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Secret".into()),
-                    name: Some(certificate.clone()),
-                    namespace: Some(namespace.clone()),
-                    ..ObjectReference::default()
-                };
+            while let Some((regarding, happened)) = rx.recv().await {
                 if let Err(e) = recorder.publish(&happened.event(), &regarding).await {
-                    warn!(certificate, "recording a Kubernetes Event failed: {e}");
+                    warn!(
+                        object = regarding.name.as_deref().unwrap_or_default(),
+                        "recording a Kubernetes Event failed: {e}"
+                    );
                 }
             }
         });
-        Self { queue }
+        Self {
+            namespace: namespace.to_owned(),
+            queue,
+            users: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn send(&self, regarding: ObjectReference, happened: Happened) {
+        if self.queue.try_send((regarding, happened)).is_err() {
+            warn!("Kubernetes Event dropped: the queue is full");
+        }
     }
 }
 
 impl Events for KubeEvents {
     fn publish(&self, certificate: &str, happened: Happened) {
-        if self
-            .queue
-            .try_send((certificate.to_owned(), happened))
-            .is_err()
-        {
-            warn!(certificate, "Kubernetes Event dropped: the queue is full");
+        let gateways = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(certificate)
+            .cloned()
+            .unwrap_or_default();
+        if gateways.is_empty() {
+            let secret = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Secret".into()),
+                name: Some(certificate.to_owned()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectReference::default()
+            };
+            self.send(secret, happened);
+            return;
         }
+        for gateway in &gateways {
+            self.send(gateway_reference(gateway), happened.clone());
+        }
+    }
+
+    fn conflict(&self, gateway: &GatewayRef, message: &str) {
+        self.send(
+            gateway_reference(gateway),
+            Happened::Conflict {
+                message: message.to_owned(),
+            },
+        );
+    }
+
+    fn set_gateways(&self, users: BTreeMap<String, Vec<GatewayRef>>) {
+        *self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = users;
     }
 }
 

@@ -150,10 +150,11 @@ struct Backends {
     store: Arc<dyn StateStore>,
     sink: Arc<dyn CertificateSink>,
     events: Arc<dyn Events>,
+    client: Option<kube::Client>,
 }
 
 async fn backends(config: &Config, secrets: Option<Arc<SecretSet>>) -> anyhow::Result<Backends> {
-    let (store, sink, events) = storage(config).await?;
+    let (store, sink, events, client) = storage(config).await?;
     let Some(secrets) = secrets else {
         // Config validation requires sds_dir (or [kubernetes]) without [sds].
         let sink = sink.context("sds_dir is required without [sds]")?;
@@ -161,6 +162,7 @@ async fn backends(config: &Config, secrets: Option<Arc<SecretSet>>) -> anyhow::R
             store,
             sink,
             events,
+            client,
         });
     };
     let sds: Arc<dyn CertificateSink> = Arc::new(SdsSink::new(secrets));
@@ -172,24 +174,30 @@ async fn backends(config: &Config, secrets: Option<Arc<SecretSet>>) -> anyhow::R
         store,
         sink: Arc::new(Sinks(sinks)),
         events,
+        client,
     })
 }
 
 /// The state store, the sink that goes with it (none when files are not
-/// wanted: `[sds]` without `sds_dir`), and the Events.
+/// wanted: `[sds]` without `sds_dir`), the Events, and the Kubernetes client.
 async fn storage(
     config: &Config,
 ) -> anyhow::Result<(
     Arc<dyn StateStore>,
     Option<Arc<dyn CertificateSink>>,
     Arc<dyn Events>,
+    Option<kube::Client>,
 )> {
     if let Some(k8s) = &config.kubernetes {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
         let events = Arc::new(KubeEvents::start(client.clone(), &k8s.namespace));
-        let store = Arc::new(KubeStore::new(client, &k8s.namespace, Handle::current()));
+        let store = Arc::new(KubeStore::new(
+            client.clone(),
+            &k8s.namespace,
+            Handle::current(),
+        ));
         info!(
             namespace = k8s.namespace,
             "Kubernetes mode: certificates and state in Secrets, Events on them"
@@ -198,6 +206,7 @@ async fn storage(
             Arc::clone(&store) as Arc<dyn StateStore>,
             Some(store),
             events,
+            Some(client),
         ));
     }
     let Some(state_dir) = &config.state_dir else {
@@ -207,7 +216,12 @@ async fn storage(
         Some(dir) => Some(Arc::new(FileSink::new(dir)?) as Arc<dyn CertificateSink>),
         None => None,
     };
-    Ok((Arc::new(Store::open(state_dir)?), sink, Arc::new(NoEvents)))
+    Ok((
+        Arc::new(Store::open(state_dir)?),
+        sink,
+        Arc::new(NoEvents),
+        None,
+    ))
 }
 
 #[tokio::main]
@@ -218,6 +232,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         store,
         sink,
         events,
+        client,
     } = backends(&config, secrets.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
@@ -263,7 +278,30 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    // With Gateway discovery, the file's config goes through it and comes
+    // out with the derived certificates added.
+    let discovery = config
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.gateways.as_ref())
+        .map(|g| g.namespaces.clone())
+        .zip(client);
+    let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+    let file_tx = match discovery {
+        Some((namespaces, client)) => {
+            let (file_tx, file_rx) = watch::channel(Arc::new(config));
+            tokio::spawn(acme_agent::discovery::run(
+                client,
+                namespaces,
+                file_rx,
+                config_tx,
+                Arc::clone(&events),
+                stop_rx.clone(),
+            ));
+            file_tx
+        }
+        None => config_tx,
+    };
     let manager = Manager::new(
         config_rx,
         store,
@@ -276,7 +314,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     .with_events(events);
 
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
-    let reloader = tokio::spawn(watch_config(path, config_tx, stop_rx.clone()));
+    let reloader = tokio::spawn(watch_config(path, file_tx, stop_rx.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {

@@ -9,7 +9,14 @@
 //! when an admission webhook denies a write (422), on a conflict (409) or
 //! when it is unavailable (500). Events (`events.k8s.io/v1`): created, and
 //! patched by JSON merge patch, as kube-runtime's `Recorder` does to count a
-//! series.
+//! series. Custom resources the agent watches (Istio and Gateway API
+//! Gateways), put and deleted by the test: list (with the collection's
+//! resourceVersion) and watch from a resourceVersion, as kube-runtime's
+//! `watcher` does: a watch answers the changes after that version as
+//! newline-delimited events and then ends (a real API server may end a watch
+//! at any time; the watcher resumes from the last version it saw), and a
+//! version older than the fake keeps (`compact`) is answered 410 Gone, which
+//! makes the watcher list again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -46,6 +53,69 @@ struct State {
     faults: BTreeMap<(String, String), u16>,
     /// Events by name.
     events: BTreeMap<String, Value>,
+    /// Watched resources: collection path -> name -> object.
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Every change to them: (resourceVersion, collection path, ADDED |
+    /// MODIFIED | DELETED, object).
+    changes: Vec<(u64, String, &'static str, Value)>,
+    /// Changes at or below this version are forgotten (410 Gone).
+    compacted: u64,
+}
+
+/// How long a watch waits for a change before it ends.
+const WATCH_HOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn list_reply(collection: &str, state: &State) -> Reply {
+    let items: Vec<Value> = state
+        .objects
+        .get(collection)
+        .map(|o| o.values().cloned().collect())
+        .unwrap_or_default();
+    object_reply(&json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": { "resourceVersion": state.version.to_string() },
+        "items": items,
+    }))
+}
+
+/// Answers a watch from `since`: the changes after it (waiting up to
+/// [`WATCH_HOLD`] for one), or 410 Gone for a compacted version.
+fn watch_reply(collection: &str, since: u64, state: &Mutex<State>) -> Reply {
+    let deadline = std::time::Instant::now() + WATCH_HOLD;
+    loop {
+        {
+            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+            if since < state.compacted {
+                let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "reason": "Expired", "code": 410,
+                    "message": format!("too old resource version: {since} ({})", state.compacted)}});
+                let mut reply = Reply::new(200, format!("{gone}\n"));
+                reply
+                    .headers
+                    .push(("content-type".into(), "application/json".into()));
+                return reply;
+            }
+            let lines: Vec<String> = state
+                .changes
+                .iter()
+                .filter(|(version, path, _, _)| *version > since && path == collection)
+                .map(|(_, _, kind, object)| json!({"type": kind, "object": object}).to_string())
+                .collect();
+            if !lines.is_empty() || std::time::Instant::now() > deadline {
+                let mut body = lines.join("\n");
+                if !body.is_empty() {
+                    body.push('\n');
+                }
+                let mut reply = Reply::new(200, body);
+                reply
+                    .headers
+                    .push(("content-type".into(), "application/json".into()));
+                return reply;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// RFC 7386 JSON merge patch.
@@ -172,6 +242,18 @@ impl FakeKube {
                 body: body.clone(),
             });
             let (path, _) = req.path.split_once('?').unwrap_or((&req.path, ""));
+            if path.ends_with("/gateways") && req.method == "GET" {
+                let collection = path.to_owned();
+                if req.query("watch").is_some_and(|w| w == "true" || w == "1") {
+                    let since = req
+                        .query("resourceVersion")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    drop(state);
+                    return watch_reply(&collection, since, &handler_state);
+                }
+                return list_reply(&collection, &state);
+            }
             if let Some(rest) = path.strip_prefix(&events_prefix) {
                 state.version += 1;
                 let version = state.version.to_string();
@@ -304,6 +386,54 @@ impl FakeKube {
     pub fn secret_names(&self) -> Vec<String> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.secrets.keys().cloned().collect()
+    }
+
+    /// Creates or replaces a watched object (its collection path, e.g.
+    /// `/apis/networking.istio.io/v1/namespaces/ns/gateways`), as `kubectl
+    /// apply` would; watchers see ADDED or MODIFIED.
+    pub fn put_object(&self, collection: &str, mut object: Value) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.version += 1;
+        let version = state.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{version}"));
+        }
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        let objects = state.objects.entry(collection.to_owned()).or_default();
+        let kind = if objects.insert(name, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        state
+            .changes
+            .push((version, collection.to_owned(), kind, object));
+    }
+
+    /// Deletes a watched object; watchers see DELETED.
+    pub fn delete_object(&self, collection: &str, name: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut object) = state
+            .objects
+            .get_mut(collection)
+            .and_then(|o| o.remove(name))
+        else {
+            return;
+        };
+        state.version += 1;
+        let version = state.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        state
+            .changes
+            .push((version, collection.to_owned(), "DELETED", object));
+    }
+
+    /// Forgets every change so far: a watch from an older version gets 410.
+    pub fn compact(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.compacted = state.version;
+        state.changes.clear();
     }
 
     /// Every Event, as stored (a series' count patched in).

@@ -413,7 +413,18 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     let role = object(&default, "Role");
     let mut readable = BTreeSet::new();
     let mut events_rules = 0;
+    let mut gateway_rules = 0;
     for rule in role["rules"].as_array().unwrap() {
+        if rule["resources"] == serde_json::json!(["gateways"]) {
+            // kube-runtime's watcher lists, then watches.
+            assert_eq!(rule["verbs"], serde_json::json!(["list", "watch"]));
+            assert_eq!(
+                rule["apiGroups"],
+                serde_json::json!(["networking.istio.io", "gateway.networking.k8s.io"])
+            );
+            gateway_rules += 1;
+            continue;
+        }
         if rule["apiGroups"] == serde_json::json!(["events.k8s.io"]) {
             assert_eq!(rule["resources"], serde_json::json!(["events"]));
             assert_eq!(rule["verbs"], serde_json::json!(["create", "patch"]));
@@ -451,6 +462,17 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         assert!(!readable.contains(mesh_ca));
     }
     assert_eq!(events_rules, 1, "the Role lets the agent record Events");
+    let watched = Config::parse(
+        config_map["data"]["agent.toml"].as_str().unwrap(),
+        Path::new("configmap agent.toml"),
+    )
+    .unwrap()
+    .kubernetes
+    .and_then(|k| k.gateways)
+    .map(|g| g.namespaces)
+    .unwrap_or_default();
+    assert_eq!(watched, [ns], "Gateways watched where the Role grants it");
+    assert_eq!(gateway_rules, 1, "the Role lets the agent watch Gateways");
     let env = &container["env"];
     assert!(
         env.as_array()

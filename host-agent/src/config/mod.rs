@@ -282,6 +282,16 @@ fn default_sds_listen() -> Listen {
 #[serde(deny_unknown_fields)]
 pub struct Kubernetes {
     pub namespace: String,
+    /// Certificates derived from Gateways (Istio and Gateway API) annotated
+    /// `acme-agent.envoy-acme.io/issue: "true"` in these namespaces.
+    pub gateways: Option<GatewayDiscovery>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayDiscovery {
+    /// Namespaces whose Gateways are watched.
+    pub namespaces: Vec<String>,
 }
 
 /// Waits between failed attempts for one certificate: `initial_seconds`,
@@ -518,6 +528,26 @@ impl Config {
                         "kubernetes.namespace",
                         "is not a Kubernetes namespace name",
                     ));
+                }
+                if let Some(gateways) = &k.gateways {
+                    if gateways.namespaces.is_empty() {
+                        return Err(invalid(
+                            path,
+                            "kubernetes.gateways.namespaces",
+                            "list the namespaces whose Gateways are watched",
+                        ));
+                    }
+                    if let Some(bad) = gateways
+                        .namespaces
+                        .iter()
+                        .find(|n| !is_kubernetes_label_value(n) || n.contains('_'))
+                    {
+                        return Err(invalid(
+                            path,
+                            "kubernetes.gateways.namespaces",
+                            format!("{bad:?} is not a Kubernetes namespace name"),
+                        ));
+                    }
                 }
             }
         }
@@ -859,7 +889,7 @@ pub const RESERVED_PREFIX: &str = "acme-agent-";
 
 /// A Kubernetes label value that is also a Secret name: 1-63 of `[a-z0-9-]`,
 /// starting and ending with a letter or digit.
-fn is_kubernetes_label_value(name: &str) -> bool {
+pub fn is_kubernetes_label_value(name: &str) -> bool {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     !name.is_empty()
         && name.len() <= 63

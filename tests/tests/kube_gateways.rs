@@ -1,0 +1,200 @@
+//! Certificates derived from annotated Gateways, with the real agent binary,
+//! Pebble and Envoy, against the in-test fake Kubernetes API server
+//! (`acme_tests::fake_kube`: a fake because no API server can run here; it
+//! lists and watches Gateways as kube-runtime's watcher expects, 410 Gone
+//! included). An Istio Gateway and a Gateway API Gateway each get their
+//! Secret issued; a host added to a Gateway is ordered within seconds; two
+//! Gateways asking for different names in one Secret get Conflict Events and
+//! no order; a deleted Gateway's certificate is no longer renewed.
+
+use std::time::Duration;
+
+use acme_tests::agent::wait_for;
+use acme_tests::fake_kube::{FakeKube, decoded};
+use acme_tests::pebble;
+use acme_tests::world::World;
+use serde_json::{Value, json};
+
+const NS: &str = "istio-system";
+const ISTIO: &str = "/apis/networking.istio.io/v1/namespaces/istio-system/gateways";
+const GATEWAY_API: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/istio-system/gateways";
+
+fn istio_gateway(name: &str, secret: &str, hosts: &[&str]) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "annotations": {"acme-agent.envoy-acme.io/issue": "true"},
+        },
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [
+                {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]},
+                {"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                 "hosts": hosts.iter().map(|h| format!("{NS}/{h}")).collect::<Vec<_>>(),
+                 "tls": {"mode": "SIMPLE", "credentialName": secret}},
+            ],
+        },
+    })
+}
+
+fn chain_of(kube: &FakeKube, secret: &str) -> Option<String> {
+    kube.secret(secret).and_then(|s| decoded(&s, "tls.crt"))
+}
+
+/// Waits until Secret `secret` holds a chain from Pebble covering `hosts`.
+fn wait_secret_covers(world: &World, secret: &str, hosts: &[&str]) {
+    let kube = world.kube.as_ref().unwrap();
+    let root = world.pebble.issuing_root().unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        &format!("Secret {secret} issued for {hosts:?}"),
+        || {
+            let chain = chain_of(kube, secret)?;
+            hosts
+                .iter()
+                .all(|h| pebble::verify_chain(&chain, &root, h).is_ok())
+                .then_some(())
+        },
+        || world.context(),
+    )
+    .unwrap();
+}
+
+fn conflict_events_on(kube: &FakeKube, gateway: &str) -> Vec<Value> {
+    kube.events()
+        .into_iter()
+        .filter(|e| e["reason"] == "Conflict" && e["regarding"]["name"] == gateway)
+        .collect()
+}
+
+#[test]
+fn certificates_follow_annotated_gateways() {
+    let mut world = World::new(pebble::Options::default());
+    let kube = FakeKube::start(NS).unwrap();
+    kube.put_object(ISTIO, istio_gateway("main", "www-gw", &["www.example.com"]));
+    // Not annotated: ignored.
+    let mut quiet = istio_gateway("quiet", "quiet-gw", &["quiet.example.com"]);
+    quiet["metadata"]["annotations"] = json!({});
+    kube.put_object(ISTIO, quiet);
+    world.kube = Some(kube);
+    world.extra_config = format!("[kubernetes.gateways]\nnamespaces = [\"{NS}\"]\n");
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    wait_secret_covers(&world, "www-gw", &["www.example.com"]);
+    let kube = world.kube.as_ref().unwrap();
+    assert!(kube.secret("quiet-gw").is_none());
+
+    // A host added to the Gateway: ordered within seconds.
+    kube.put_object(
+        ISTIO,
+        istio_gateway("main", "www-gw", &["www.example.com", "api.example.com"]),
+    );
+    wait_secret_covers(&world, "www-gw", &["www.example.com", "api.example.com"]);
+
+    // A Gateway API Gateway: its listener's Secret.
+    kube.put_object(
+        GATEWAY_API,
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {
+                "name": "web",
+                "namespace": NS,
+                "annotations": {"acme-agent.envoy-acme.io/issue": "true"},
+            },
+            "spec": {
+                "gatewayClassName": "istio",
+                "listeners": [{
+                    "name": "shop", "protocol": "HTTPS", "port": 443,
+                    "hostname": "shop.example.com",
+                    "tls": {"mode": "Terminate", "certificateRefs": [{"name": "shop-gw"}]},
+                }],
+            },
+        }),
+    );
+    wait_secret_covers(&world, "shop-gw", &["shop.example.com"]);
+    // Issued Events go to the Gateway the certificate comes from.
+    wait_for(
+        Duration::from_secs(10),
+        "an Issued Event on the Gateway API Gateway",
+        || {
+            kube.events()
+                .iter()
+                .any(|e| {
+                    e["reason"] == "Issued"
+                        && e["regarding"]["kind"] == "Gateway"
+                        && e["regarding"]["name"] == "web"
+                        && e["regarding"]["apiVersion"] == "gateway.networking.k8s.io/v1"
+                })
+                .then_some(())
+        },
+        || format!("{:#?}", kube.events()),
+    )
+    .unwrap();
+
+    // Another Gateway asks for other names in the same Secret: Conflict
+    // Events on both, and no order for it.
+    let orders = world.metric("acme_agent_orders_total", &[]);
+    kube.put_object(
+        ISTIO,
+        istio_gateway("other", "www-gw", &["other.example.com"]),
+    );
+    for gateway in ["main", "other"] {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("a Conflict Event on {gateway}"),
+            || (!conflict_events_on(kube, gateway).is_empty()).then_some(()),
+            || format!("{:#?}\n{}", kube.events(), world.context()),
+        )
+        .unwrap();
+    }
+    let conflict = &conflict_events_on(kube, "other")[0];
+    assert_eq!(conflict["type"], "Warning");
+    assert!(
+        conflict["note"]
+            .as_str()
+            .unwrap()
+            .contains("ask for different names in Secret www-gw"),
+        "{conflict}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), orders);
+    assert!(!chain_of(kube, "www-gw").unwrap().is_empty());
+
+    // The conflicting Gateway goes: www-gw is managed again (restored from
+    // its Secret without an order; a forced renewal then goes through).
+    let issued = world.metric(
+        "acme_agent_orders_total",
+        &["certificate=\"www-gw\"", "result=\"success\""],
+    );
+    kube.delete_object(ISTIO, "other");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), orders);
+    world.renew("www-gw");
+    world.wait_issued("www-gw", issued + 1.0);
+
+    // A deleted Gateway: its certificate is no longer renewed (the Secret
+    // stays).
+    kube.delete_object(GATEWAY_API, "web");
+    wait_for(
+        Duration::from_secs(10),
+        "shop-gw no longer managed",
+        || (!world.cli(&["renew", "shop-gw"]).status.success()).then_some(()),
+        || world.context(),
+    )
+    .unwrap();
+    assert!(kube.secret("shop-gw").is_some());
+
+    // The watch history is compacted (a watcher resuming from an older
+    // version gets 410 Gone and lists again): a change still arrives.
+    kube.compact();
+    kube.put_object(
+        ISTIO,
+        istio_gateway("main", "www-gw", &["www.example.com", "new.example.com"]),
+    );
+    wait_secret_covers(&world, "www-gw", &["www.example.com", "new.example.com"]);
+}
