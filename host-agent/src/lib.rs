@@ -23,6 +23,7 @@ pub mod filter_wasm;
 pub mod gateways;
 mod http1;
 pub mod kubernetes;
+pub mod lease;
 pub mod manager;
 pub mod metrics;
 pub mod on_demand;

@@ -278,6 +278,16 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let namespace = config
+        .kubernetes
+        .as_ref()
+        .map(|k| k.namespace.clone())
+        .unwrap_or_default();
+    let election = config
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.leader_election.clone())
+        .zip(client.clone());
     // With Gateway discovery, the file's config goes through it and comes
     // out with the derived certificates added.
     let discovery = config
@@ -302,7 +312,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
         None => config_tx,
     };
-    let manager = Manager::new(
+    let mut manager = Manager::new(
         config_rx,
         store,
         sink,
@@ -313,14 +323,39 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     )?
     .with_events(events);
 
+    // The API serves probes and metrics from the start; a replica that must
+    // hold the Lease stays not-ready (so the gateways' long-polls go to the
+    // holder) until it does, and stops when it loses it.
+    let (lost_tx, mut lost_rx) = watch::channel(false);
+    let lost = lost_tx.subscribe();
+    let stopper = stop_tx.clone();
+    let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = lost_rx.wait_for(|lost| *lost) => error!("lost the Lease: stopping (the pod restarts as a follower)"),
+        }
+        stopper.send_replace(true);
+    }));
+    if let Some((election, client)) = election {
+        let elector = Arc::new(acme_agent::lease::Elector::new(
+            client,
+            &namespace,
+            &election.lease,
+            &identity(),
+            Duration::from_secs(election.duration_seconds),
+        ));
+        let mut stop = stop_rx.clone();
+        if !hold_lease(&elector, &mut stop).await {
+            let _ = stop_tx.send(true);
+            api.await??;
+            return Ok(());
+        }
+        tokio::spawn(keep_lease(Arc::clone(&elector), lost_tx, stop_rx.clone()));
+        manager = manager.with_leader(elector);
+    }
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, file_tx, stop_rx.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-
-    let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {
-        shutdown_signal().await;
-        stop_tx.send_replace(true);
-    }));
     api.await??;
     // Bounded: the manager only aborts its jobs and waits for them to unwind.
     if tokio::time::timeout(Duration::from_secs(10), manager)
@@ -335,8 +370,71 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     {
         error!("{e}");
     }
+    if *lost.borrow() {
+        anyhow::bail!("lost the Lease");
+    }
     info!("stopped");
     Ok(())
+}
+
+/// This replica's name in the Lease: the pod's name (POD_NAME, from the
+/// downward API), else the host's, with the process id.
+fn identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "acme-agent".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Waits (not ready) until this replica holds the Lease; false on shutdown.
+async fn hold_lease(
+    elector: &acme_agent::lease::Elector,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let retry = elector.duration() / 5;
+    info!(
+        identity = elector.identity(),
+        "waiting for the Lease (this replica orders only while it holds it)"
+    );
+    loop {
+        match elector.acquire_or_renew().await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => warn!("{e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
+/// Renews the Lease a few times per duration; flags `lost` once it is not
+/// ours any more (another replica took it, or no renewal succeeded within
+/// the duration).
+async fn keep_lease(
+    elector: Arc<acme_agent::lease::Elector>,
+    lost: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = elector.duration() / 3;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let holds = match elector.acquire_or_renew().await {
+            Ok(holds) => holds,
+            Err(e) => {
+                warn!("renewing the Lease: {e}");
+                elector.holds_locally()
+            }
+        };
+        if !holds || !elector.holds_locally() {
+            lost.send_replace(true);
+            return;
+        }
+    }
 }
 
 /// How often the config file is compared with the running config. Polling,

@@ -402,22 +402,85 @@ pub fn bootstrap_with_listeners(
     agent: SocketAddr,
     extra_listeners: &str,
 ) -> String {
-    let endpoint = |name: &str, addr: SocketAddr| {
-        format!(
-            r#"  - name: {name}
+    bootstrap_with_agents(listen, admin, filters, upstream, &[agent], extra_listeners)
+}
+
+/// [`bootstrap_with_listeners`] with several agent replicas behind the
+/// `acme_agent` cluster, each health-checked on `/readyz` every 250 ms: as a
+/// Kubernetes Service routes only to ready pods, the filter's long-poll
+/// reaches only the replica that holds the Lease. A replica that turns
+/// unhealthy has its connections closed, so a long-poll held by a paused
+/// former holder fails at once and the filter polls the new one.
+pub fn bootstrap_with_agents(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    filters: &str,
+    upstream: SocketAddr,
+    agents: &[SocketAddr],
+    extra_listeners: &str,
+) -> String {
+    let agent_cluster = if let [agent] = agents {
+        endpoint_cluster("acme_agent", &[*agent], "")
+    } else {
+        endpoint_cluster(
+            "acme_agent",
+            agents,
+            r#"
+    close_connections_on_host_health_failure: true
+    health_checks:
+    - timeout: 0.2s
+      interval: 0.25s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      no_traffic_interval: 0.25s
+      http_health_check: { path: /readyz }"#,
+        )
+    };
+    bootstrap_parts(
+        listen,
+        admin,
+        filters,
+        upstream,
+        &agent_cluster,
+        extra_listeners,
+    )
+}
+
+/// A STATIC cluster `name` over `addrs`, with `extra` (YAML at the
+/// cluster's indentation) appended.
+fn endpoint_cluster(name: &str, addrs: &[SocketAddr], extra: &str) -> String {
+    let endpoints: String = addrs
+        .iter()
+        .map(|addr| {
+            format!(
+                r#"
+        - endpoint:
+            address:
+              socket_address: {{ address: {ip}, port_value: {port} }}"#,
+                ip = addr.ip(),
+                port = addr.port()
+            )
+        })
+        .collect();
+    format!(
+        r#"  - name: {name}
     type: STATIC
     connect_timeout: 1s
     load_assignment:
       cluster_name: {name}
       endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: {ip}, port_value: {port} }}"#,
-            ip = addr.ip(),
-            port = addr.port()
-        )
-    };
+      - lb_endpoints:{endpoints}{extra}"#
+    )
+}
+
+fn bootstrap_parts(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    filters: &str,
+    upstream: SocketAddr,
+    agent_cluster: &str,
+    extra_listeners: &str,
+) -> String {
     format!(
         r#"node: {{ id: test, cluster: test }}
 admin:
@@ -457,8 +520,7 @@ static_resources:
         admin_port = admin.port(),
         ip = listen.ip(),
         port = listen.port(),
-        upstream_cluster = endpoint("upstream", upstream),
-        agent_cluster = endpoint("acme_agent", agent),
+        upstream_cluster = endpoint_cluster("upstream", &[upstream], ""),
     )
 }
 

@@ -16,7 +16,10 @@
 //! newline-delimited events and then ends (a real API server may end a watch
 //! at any time; the watcher resumes from the last version it saw), and a
 //! version older than the fake keeps (`compact`) is answered 410 Gone, which
-//! makes the watcher list again.
+//! makes the watcher list again. Leases (`coordination.k8s.io/v1`): get,
+//! create (409 if it exists) and replace with optimistic concurrency (409
+//! when the resourceVersion sent is not the stored one), which is what
+//! leader election relies on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -60,6 +63,8 @@ struct State {
     changes: Vec<(u64, String, &'static str, Value)>,
     /// Changes at or below this version are forgotten (410 Gone).
     compacted: u64,
+    /// Successful Lease replacements (renewals and takeovers).
+    lease_writes: u64,
 }
 
 /// How long a watch waits for a change before it ends.
@@ -232,6 +237,8 @@ impl FakeKube {
         let handler_state = Arc::clone(&state);
         let prefix = format!("/api/v1/namespaces/{namespace}/secrets/");
         let events_prefix = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
+        let leases_prefix = format!("/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases");
+        let namespace_name = namespace.to_owned();
         let server = Server::start(move |req: &Request| {
             let mut state = handler_state.lock().unwrap_or_else(|e| e.into_inner());
             let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
@@ -253,6 +260,78 @@ impl FakeKube {
                     return watch_reply(&collection, since, &handler_state);
                 }
                 return list_reply(&collection, &state);
+            }
+            if let Some(rest) = path.strip_prefix(&leases_prefix) {
+                let name = rest.trim_start_matches('/');
+                let collection = leases_prefix.clone();
+                let stored = state
+                    .objects
+                    .get(&collection)
+                    .and_then(|o| o.get(name))
+                    .cloned();
+                return match (req.method.as_str(), name.is_empty(), stored) {
+                    ("GET", false, Some(lease)) => object_reply(&lease),
+                    ("GET", false, None) => {
+                        status(404, "NotFound", &format!("leases \"{name}\" not found"))
+                    }
+                    ("POST", true, _) => {
+                        let name = body["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                        if state
+                            .objects
+                            .get(&collection)
+                            .is_some_and(|o| o.contains_key(&name))
+                        {
+                            return status(
+                                409,
+                                "AlreadyExists",
+                                &format!("leases \"{name}\" already exists"),
+                            );
+                        }
+                        state.version += 1;
+                        let mut lease = body.clone();
+                        lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                        lease["metadata"]["namespace"] = json!(namespace_name);
+                        state
+                            .objects
+                            .entry(collection)
+                            .or_default()
+                            .insert(name, lease.clone());
+                        let mut reply = object_reply(&lease);
+                        reply.status = 201;
+                        reply
+                    }
+                    ("PUT", false, Some(current)) => {
+                        if body["metadata"]["resourceVersion"]
+                            != current["metadata"]["resourceVersion"]
+                        {
+                            return status(
+                                409,
+                                "Conflict",
+                                &format!(
+                                    "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                                ),
+                            );
+                        }
+                        state.version += 1;
+                        let mut lease = body.clone();
+                        lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                        state
+                            .objects
+                            .entry(collection)
+                            .or_default()
+                            .insert(name.to_owned(), lease.clone());
+                        state.lease_writes += 1;
+                        object_reply(&lease)
+                    }
+                    ("PUT", false, None) => {
+                        status(404, "NotFound", &format!("leases \"{name}\" not found"))
+                    }
+                    _ => status(
+                        405,
+                        "MethodNotAllowed",
+                        "the fake gets, creates and replaces leases",
+                    ),
+                };
             }
             if let Some(rest) = path.strip_prefix(&events_prefix) {
                 state.version += 1;
@@ -434,6 +513,16 @@ impl FakeKube {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.compacted = state.version;
         state.changes.clear();
+    }
+
+    /// The Lease `name`, if any.
+    pub fn lease(&self, name: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let collection = format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{}/leases",
+            self.namespace
+        );
+        state.objects.get(&collection)?.get(name).cloned()
     }
 
     /// Every Event, as stored (a series' count patched in).

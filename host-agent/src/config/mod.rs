@@ -285,6 +285,27 @@ pub struct Kubernetes {
     /// Certificates derived from Gateways (Istio and Gateway API) annotated
     /// `acme-agent.envoy-acme.io/issue: "true"` in these namespaces.
     pub gateways: Option<GatewayDiscovery>,
+    /// Several replicas: the holder of this Lease orders and renews.
+    pub leader_election: Option<LeaderElection>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderElection {
+    /// The Lease's name, in the agent's namespace.
+    #[serde(default = "default_lease")]
+    pub lease: String,
+    /// How long a holder that stopped renewing keeps the Lease.
+    #[serde(default = "default_lease_seconds")]
+    pub duration_seconds: u64,
+}
+
+fn default_lease() -> String {
+    "acme-agent".into()
+}
+
+fn default_lease_seconds() -> u64 {
+    15
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -528,6 +549,22 @@ impl Config {
                         "kubernetes.namespace",
                         "is not a Kubernetes namespace name",
                     ));
+                }
+                if let Some(le) = &k.leader_election {
+                    if !is_kubernetes_label_value(&le.lease) {
+                        return Err(invalid(
+                            path,
+                            "kubernetes.leader_election.lease",
+                            "is not a Lease name (1-63 of [a-z0-9-])",
+                        ));
+                    }
+                    if !(3..=300).contains(&le.duration_seconds) {
+                        return Err(invalid(
+                            path,
+                            "kubernetes.leader_election.duration_seconds",
+                            "must be between 3 and 300",
+                        ));
+                    }
                 }
                 if let Some(gateways) = &k.gateways {
                     if gateways.namespaces.is_empty() {

@@ -359,6 +359,19 @@ impl Look<'_> {
         if let Err(e) = order::check_profile(account, self.spec) {
             return Outcome::failed(e, reason);
         }
+        // Several replicas: right before the order, this one must still
+        // hold the Lease (a replica paused past it must not order).
+        if let Some(leader) = &s.leader
+            && !leader.still_holds().await
+        {
+            return Outcome::failed(
+                Error::Kubernetes(format!(
+                    "{} does not hold the Lease any more: no order",
+                    leader.identity()
+                )),
+                reason,
+            );
+        }
         if replaces.is_some() && s.ledger.replaces_not_reflected(store) {
             replaces = None;
         }

@@ -92,6 +92,8 @@ pub struct Shared {
     alpn: Option<Arc<crate::sds::SecretSet>>,
     /// dns-01 solvers and the journal of records they added.
     dns: Arc<crate::dns::Dns>,
+    /// With several replicas: the Lease this one must hold to order.
+    leader: Option<Arc<crate::lease::Elector>>,
 }
 
 impl Shared {
@@ -142,6 +144,7 @@ impl Manager {
                 account: tokio::sync::Mutex::new(None),
                 alpn,
                 dns,
+                leader: None,
             }),
             config,
             entries: BTreeMap::new(),
@@ -153,6 +156,15 @@ impl Manager {
             requests,
             events: Arc::new(NoEvents),
         })
+    }
+
+    /// Orders only while `leader` holds its Lease (checked right before
+    /// each order). Call before `run`.
+    pub fn with_leader(mut self, leader: Arc<crate::lease::Elector>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.leader = Some(leader);
+        }
+        self
     }
 
     /// Reports what happens to each certificate as Kubernetes Events too.
