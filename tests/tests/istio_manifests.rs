@@ -167,7 +167,7 @@ fn strict<T: serde::de::DeserializeOwned>(file: &Path, object: &Value) -> T {
 }
 
 fn validate_core(file: &Path, object: &Value) {
-    use k8s_openapi::api::{apps, core, networking, rbac};
+    use k8s_openapi::api::{apps, core, networking, policy, rbac};
     match (
         object["apiVersion"].as_str().unwrap(),
         object["kind"].as_str().unwrap(),
@@ -176,6 +176,9 @@ fn validate_core(file: &Path, object: &Value) {
         ("v1", "ConfigMap") => drop(strict::<core::v1::ConfigMap>(file, object)),
         ("v1", "Service") => drop(strict::<core::v1::Service>(file, object)),
         ("apps/v1", "Deployment") => drop(strict::<apps::v1::Deployment>(file, object)),
+        ("policy/v1", "PodDisruptionBudget") => {
+            drop(strict::<policy::v1::PodDisruptionBudget>(file, object))
+        }
         ("rbac.authorization.k8s.io/v1", "Role") => drop(strict::<rbac::v1::Role>(file, object)),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
             drop(strict::<rbac::v1::RoleBinding>(file, object))
@@ -193,6 +196,7 @@ fn is_core(object: &Value) -> bool {
         || api == "apps/v1"
         || api.starts_with("rbac.authorization.k8s.io/")
         || api == "networking.k8s.io/v1"
+        || api == "policy/v1"
 }
 
 const SETS: [&str; 3] = ["", "wasmplugin", "gateway-api"];
@@ -414,6 +418,7 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     let mut readable = BTreeSet::new();
     let mut events_rules = 0;
     let mut gateway_rules = 0;
+    let mut lease_rules = 0;
     for rule in role["rules"].as_array().unwrap() {
         if rule["resources"] == serde_json::json!(["gateways"]) {
             // kube-runtime's watcher lists, then watches.
@@ -423,6 +428,19 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
                 serde_json::json!(["networking.istio.io", "gateway.networking.k8s.io"])
             );
             gateway_rules += 1;
+            continue;
+        }
+        if rule["apiGroups"] == serde_json::json!(["coordination.k8s.io"]) {
+            assert_eq!(rule["resources"], serde_json::json!(["leases"]));
+            let verbs = rule["verbs"].clone();
+            if verbs == serde_json::json!(["create"]) {
+                lease_rules += 1;
+            } else {
+                // Leader election reads and replaces exactly its Lease.
+                assert_eq!(verbs, serde_json::json!(["get", "update"]));
+                assert_eq!(rule["resourceNames"], serde_json::json!(["acme-agent"]));
+                lease_rules += 1;
+            }
             continue;
         }
         if rule["apiGroups"] == serde_json::json!(["events.k8s.io"]) {
@@ -473,6 +491,24 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     .unwrap_or_default();
     assert_eq!(watched, [ns], "Gateways watched where the Role grants it");
     assert_eq!(gateway_rules, 1, "the Role lets the agent watch Gateways");
+    // Two replicas elect the one that orders; a PodDisruptionBudget keeps one.
+    let election = Config::parse(
+        config_map["data"]["agent.toml"].as_str().unwrap(),
+        Path::new("configmap agent.toml"),
+    )
+    .unwrap()
+    .kubernetes
+    .and_then(|k| k.leader_election)
+    .expect("leader election configured");
+    assert_eq!(lease_rules, 2, "the Role lets the agent hold its Lease");
+    assert_eq!(election.lease, "acme-agent");
+    assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2));
+    let pdb = object(&default, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"].as_u64(), Some(1));
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
     let env = &container["env"];
     assert!(
         env.as_array()
