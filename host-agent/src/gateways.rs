@@ -25,6 +25,9 @@ use crate::config::{Certificate, ChallengeKind, Config, RESERVED_PREFIX, is_vali
 pub const ISSUE_ANNOTATION: &str = "acme-agent.envoy-acme.io/issue";
 /// The `[dns.<name>]` solver for the Gateway's wildcard hosts.
 pub const DNS_ANNOTATION: &str = "acme-agent.envoy-acme.io/dns";
+/// `"true"`: take over the Gateway's existing Secrets (cert-manager's) and
+/// renew them at their time instead of ordering at once.
+pub const ADOPT_ANNOTATION: &str = "acme-agent.envoy-acme.io/adopt";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -89,6 +92,7 @@ struct Wish {
     gateway: GatewayRef,
     hosts: BTreeSet<String>,
     dns: Option<String>,
+    adopt: bool,
 }
 
 fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
@@ -232,11 +236,17 @@ pub fn derive(gateways: &[Gateway], config: &Config) -> Derived {
             continue;
         }
         let dns = gateway.annotations.get(DNS_ANNOTATION).cloned();
+        let adopt = gateway
+            .annotations
+            .get(ADOPT_ANNOTATION)
+            .map(String::as_str)
+            == Some("true");
         for (secret, hosts) in wishes(gateway, agent_namespace, &mut conflicts) {
             by_secret.entry(secret).or_default().push(Wish {
                 gateway: gateway.at.clone(),
                 hosts,
                 dns: dns.clone(),
+                adopt,
             });
         }
     }
@@ -292,6 +302,7 @@ pub fn derive(gateways: &[Gateway], config: &Config) -> Derived {
             challenge: ChallengeKind::Http01,
             dns: first.dns.clone(),
             profile: None,
+            adopt: wishes.iter().any(|w| w.adopt),
         });
     }
     conflicts.sort();

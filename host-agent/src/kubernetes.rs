@@ -261,6 +261,47 @@ impl StateStore for KubeStore {
         }))
     }
 
+    fn adopt_certificate(
+        &self,
+        name: &str,
+        domains: &[String],
+    ) -> Result<Option<StoredCertificate>, Error> {
+        let secret = self
+            .call(self.api.get_opt(name))
+            .map_err(failed(format!("reading Secret {}/{name}", self.namespace)))?;
+        let Some(secret) = secret.filter(|s| !owned(s)) else {
+            return Ok(None);
+        };
+        let text = |key: &str| data(&secret, key).map(|b| String::from_utf8_lossy(b).into_owned());
+        let (chain_pem, key_pem) = (
+            text("tls.crt").unwrap_or_default(),
+            text("tls.key").unwrap_or_default(),
+        );
+        // Labels and ownership become the agent's; the certificate stays as
+        // it is (renewed at its time, or ordered at once if it does not
+        // cover the names: the trigger decides).
+        let object = self.tls_secret(name, &chain_pem, &key_pem, domains, None);
+        self.patch(name, FIELD_MANAGER, &object)?;
+        let from = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("cert-manager.io/certificate-name"))
+            .map(|c| format!("cert-manager Certificate {c}"))
+            .unwrap_or_else(|| "another writer".into());
+        tracing::info!(
+            certificate = name,
+            from,
+            "adopted the existing Secret (its certificate is served until its renewal time)"
+        );
+        Ok(Some(StoredCertificate {
+            domains: domains.to_vec(),
+            key_type: KeyType::default(),
+            chain_pem,
+            key_pem,
+        }))
+    }
+
     fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
         let secret = self.tls_secret(
             name,

@@ -131,6 +131,18 @@ pub trait StateStore: Send + Sync {
     /// The CA-limit ledger (`crate::budget`) for the CA at `directory_url`.
     fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
     fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
+    /// Takes over the certificate stored under `name` by someone else (a
+    /// Secret without the agent's label), when there is one: from now on it
+    /// is the agent's. `None` when there is nothing to adopt (no such
+    /// certificate, or it is the agent's already).
+    fn adopt_certificate(
+        &self,
+        name: &str,
+        domains: &[String],
+    ) -> Result<Option<StoredCertificate>, Error> {
+        let _ = (name, domains);
+        Ok(None)
+    }
     /// The dns-01 records added and not yet deleted (`crate::dns::Journal`).
     fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error>;
     fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error>;

@@ -304,3 +304,104 @@ fn events_tell_issued_renewed_and_failed_once_per_series() {
     kube.heal();
     world.wait_issued(WWW.0, 3.0);
 }
+
+/// A `kubernetes.io/tls` Secret as cert-manager writes it.
+fn cert_manager_secret(name: &str, chain: &str, key: &str, domains: &[&str]) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": {"controller.cert-manager.io/fao": "true"},
+            "annotations": {
+                "cert-manager.io/certificate-name": name,
+                "cert-manager.io/issuer-name": "letsencrypt",
+                "cert-manager.io/issuer-kind": "ClusterIssuer",
+                "cert-manager.io/common-name": domains[0],
+                "cert-manager.io/alt-names": domains.join(","),
+            },
+        },
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": b64(chain), "tls.key": b64(key), "ca.crt": ""},
+    })
+}
+
+#[test]
+fn a_cert_manager_secret_is_adopted_with_the_opt_in_and_left_alone_without() {
+    // Real certificates from Pebble for the two names, first issued by the
+    // agent under other names and then written as cert-manager would.
+    let mut world = World::new(pebble::Options::default());
+    world.kube = Some(FakeKube::start(NS).unwrap());
+    world
+        .certificates(&[
+            ("seed", &["adopt.example.com"]),
+            ("seed2", &["alone.example.com"]),
+        ])
+        .write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    world.wait_issued("seed", 1.0);
+    world.wait_issued("seed2", 1.0);
+    world.agent.as_mut().unwrap().kill();
+    let kube = world.kube.as_ref().unwrap();
+    let pem = |name: &str, key: &str| decoded(&kube.secret(name).unwrap(), key).unwrap();
+    let (chain, key) = (pem("seed", "tls.crt"), pem("seed", "tls.key"));
+    let (chain2, key2) = (pem("seed2", "tls.crt"), pem("seed2", "tls.key"));
+    kube.insert(
+        "adopted",
+        cert_manager_secret("adopted", &chain, &key, &["adopt.example.com"]),
+    );
+    kube.insert(
+        "left-alone",
+        cert_manager_secret("left-alone", &chain2, &key2, &["alone.example.com"]),
+    );
+    let before = kube.secret("left-alone").unwrap();
+
+    world.certificates(&[
+        ("adopted", &["adopt.example.com"]),
+        ("left-alone", &["alone.example.com"]),
+    ]);
+    world
+        .certificate_extra
+        .insert("adopted".into(), "adopt = true".into());
+    world.write_config();
+    world.start_agent();
+    let kube = world.kube.as_ref().unwrap();
+    // Adopted: the agent's labels, the same certificate, served until its
+    // renewal time (its expiry is known, nothing is ordered).
+    world.wait_metric(
+        "acme_agent_certificate_expiry_timestamp_seconds",
+        &["certificate=\"adopted\""],
+        1.0,
+        Duration::from_secs(20),
+    );
+    let adopted = kube.secret("adopted").unwrap();
+    assert_eq!(
+        adopted["metadata"]["labels"]["app.kubernetes.io/managed-by"], "acme-agent",
+        "{adopted}"
+    );
+    assert_eq!(decoded(&adopted, "tls.crt").unwrap(), chain);
+    assert_eq!(decoded(&adopted, "tls.key").unwrap(), key);
+    // Without the opt-in: left exactly as it was, and not ordered.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(kube.secret("left-alone").unwrap(), before);
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 0.0);
+    assert!(
+        world.metric(
+            "acme_agent_certificate_failures",
+            &["certificate=\"left-alone\""]
+        ) >= 1.0
+    );
+    let next = world.metric(
+        "acme_agent_certificate_next_renewal_timestamp_seconds",
+        &["certificate=\"adopted\""],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(next > now + 3600.0, "renewal at {next}, now {now}");
+}

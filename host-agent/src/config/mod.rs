@@ -369,6 +369,11 @@ pub struct Certificate {
     /// The CA's certificate profile to order (`classic`, `tlsserver`,
     /// `shortlived` at Let's Encrypt); the CA's default when unset.
     pub profile: Option<String>,
+    /// Kubernetes mode: take over an existing Secret of this name that the
+    /// agent did not write (cert-manager's, say), serving its certificate
+    /// until its renewal time instead of ordering at once.
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 impl Certificate {

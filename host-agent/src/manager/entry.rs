@@ -318,6 +318,7 @@ mod tests {
             challenge: Default::default(),
             dns: None,
             profile: None,
+            adopt: false,
         }
     }
 

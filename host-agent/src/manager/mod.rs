@@ -269,6 +269,7 @@ impl Manager {
             challenge: Default::default(),
             dns: None,
             profile: None,
+            adopt: false,
         };
         info!(certificate = name, domain, "on-demand certificate added");
         let mut entry = Entry::new(spec, SystemTime::now());

@@ -22,7 +22,17 @@ use crate::store::from_unix;
 pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
     let name = &spec.name;
     let now = SystemTime::now();
-    let stored = shared.store.load_certificate(name)?;
+    // With the opt-in, a Secret someone else wrote (cert-manager's) is taken
+    // over and its certificate kept, instead of ordering at once.
+    let adopted = if spec.adopt {
+        shared.store.adopt_certificate(name, &spec.domains)?
+    } else {
+        None
+    };
+    let stored = match adopted {
+        Some(adopted) => Some(adopted),
+        None => shared.store.load_certificate(name)?,
+    };
     let status = shared.store.load_status(name)?;
     let interrupted_order = shared.take_interrupted_order(name)?.map(from_unix);
     let mut served = None;

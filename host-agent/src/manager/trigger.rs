@@ -78,6 +78,7 @@ mod tests {
             challenge: Default::default(),
             dns: None,
             profile: None,
+            adopt: false,
         }
     }
 
