@@ -6,7 +6,9 @@
 //! cluster without one of the CRDs only logs). Until a watcher has listed,
 //! and while it fails, what it last saw stands: an API blip never drops a
 //! certificate. Conflicts are logged and recorded as Events on the Gateways
-//! when they change.
+//! when they change. A certificate no Gateway asks for any more is no longer
+//! renewed; its Secret stays, marked with [`RELEASED_ANNOTATION`] (cleared
+//! if a Gateway asks for it again).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -23,6 +25,53 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::events::Events;
 use crate::gateways::{self, Conflict, Derived, Gateway, GatewayRef, Kind};
+use crate::kubernetes::{MANAGED_BY, MANAGED_BY_LABEL};
+
+/// On a Secret whose certificate no annotated Gateway asks for any more.
+pub const RELEASED_ANNOTATION: &str = "acme-agent.envoy-acme.io/released";
+/// The field manager of that one annotation (apart from the agent's own, so
+/// applying or clearing it touches nothing else).
+const RELEASE_MANAGER: &str = "acme-agent-release";
+
+/// Marks (or, `released` false, unmarks) the agent's Secret `name`; a
+/// Secret that does not exist or is not the agent's is left alone.
+async fn mark(secrets: &Api<k8s_openapi::api::core::v1::Secret>, name: &str, released: bool) {
+    let Ok(Some(secret)) = secrets.get_opt(name).await else {
+        return;
+    };
+    let labels = secret.metadata.labels.unwrap_or_default();
+    if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY) {
+        return;
+    }
+    let marked = secret
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key(RELEASED_ANNOTATION);
+    if marked == released {
+        return;
+    }
+    let annotations = if released {
+        serde_json::json!({ RELEASED_ANNOTATION: format!(
+            "{}: no annotated Gateway asks for it; no longer renewed",
+            crate::store::rfc3339(std::time::SystemTime::now()).unwrap_or_default()
+        ) })
+    } else {
+        serde_json::json!({})
+    };
+    let object = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": name, "annotations": annotations },
+    });
+    let params = kube::api::PatchParams::apply(RELEASE_MANAGER).force();
+    if let Err(e) = secrets
+        .patch(name, &params, &kube::api::Patch::Apply(&object))
+        .await
+    {
+        warn!(secret = name, "marking the Secret released: {e}");
+    }
+}
 
 fn resource(kind: Kind) -> ApiResource {
     let (group, version) = match kind {
@@ -98,6 +147,15 @@ pub async fn run(
         }
     }
     let mut all = futures_util::stream::select_all(streams);
+    let agent_namespace = file
+        .borrow()
+        .kubernetes
+        .as_ref()
+        .map(|k| k.namespace.clone())
+        .unwrap_or_default();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &agent_namespace);
+    let mut derived_names: std::collections::BTreeSet<String> = Default::default();
     let mut seen: BTreeMap<(Kind, String), Seen> = BTreeMap::new();
     let mut conflicts: Vec<Conflict> = Vec::new();
     let mut failing: BTreeMap<(Kind, String), bool> = BTreeMap::new();
@@ -164,6 +222,22 @@ pub async fn run(
             }
             conflicts = derived.conflicts.clone();
         }
+        let names: std::collections::BTreeSet<String> = derived
+            .certificates
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        for gone in derived_names.difference(&names) {
+            info!(
+                certificate = gone,
+                "no annotated Gateway asks for it any more: no longer renewed"
+            );
+            mark(&secrets, gone, true).await;
+        }
+        for back in names.difference(&derived_names) {
+            mark(&secrets, back, false).await;
+        }
+        derived_names = names;
         let config = merged(&file_config, &derived);
         merged_tx.send_if_modified(|current| {
             if **current == config {

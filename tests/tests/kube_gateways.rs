@@ -187,7 +187,14 @@ fn certificates_follow_annotated_gateways() {
         || world.context(),
     )
     .unwrap();
-    assert!(kube.secret("shop-gw").is_some());
+    let released = kube.secret("shop-gw").unwrap();
+    assert!(
+        released["metadata"]["annotations"]["acme-agent.envoy-acme.io/released"]
+            .as_str()
+            .is_some_and(|r| r.contains("no longer renewed")),
+        "{released}"
+    );
+    assert!(decoded(&released, "tls.crt").is_some_and(|c| c.contains("BEGIN")));
 
     // The watch history is compacted (a watcher resuming from an older
     // version gets 410 Gone and lists again): a change still arrives.

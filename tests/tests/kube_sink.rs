@@ -244,9 +244,11 @@ fn events_with(kube: &FakeKube, reason: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn events_tell_issued_renewed_and_failed_once_per_series() {
+fn events_tell_issued_renewed_failed_once_per_series_and_budget_waits() {
     let mut world = World::new(pebble::Options::default());
     world.kube = Some(FakeKube::start(NS).unwrap());
+    // Three certificates for the name set, then the budget waits.
+    world.extra_config = "[acme.limits]\ncertificates_per_name_set_per_week = 3\n".into();
     world.certificates(&[WWW]).write_config();
     world.start_agent();
     world.add_envoy(&[], 1);
@@ -303,6 +305,19 @@ fn events_tell_issued_renewed_and_failed_once_per_series() {
     );
     kube.heal();
     world.wait_issued(WWW.0, 3.0);
+
+    // A fourth certificate for the same names would pass the CA's limit:
+    // the wait is an Event too.
+    world.renew(WWW.0);
+    wait_event("WaitingForCALimit");
+    let waiting = &events_with(kube, "WaitingForCALimit")[0];
+    assert!(
+        waiting["note"]
+            .as_str()
+            .unwrap()
+            .contains("certificates_per_name_set"),
+        "{waiting}"
+    );
 }
 
 /// A `kubernetes.io/tls` Secret as cert-manager writes it.
