@@ -410,6 +410,16 @@ fn a_cert_manager_secret_is_adopted_with_the_opt_in_and_left_alone_without() {
             &["certificate=\"left-alone\""]
         ) >= 1.0
     );
+    // ... and says so where the operator looks.
+    assert!(
+        kube.events().iter().any(|e| e["reason"] == "Failed"
+            && e["regarding"]["name"] == "left-alone"
+            && e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("not managed by acme-agent"))),
+        "{:#?}",
+        kube.events()
+    );
     let next = world.metric(
         "acme_agent_certificate_next_renewal_timestamp_seconds",
         &["certificate=\"adopted\""],

@@ -458,6 +458,15 @@ impl Manager {
                     retry_in_seconds = wait.as_secs_f64(),
                     "reading the stored state failed, nothing is ordered until it answers: {error}"
                 );
+                // A Secret that is not the agent's (refused, never ordered
+                // for) shows up here too: say it where the operator looks.
+                self.events.publish(
+                    name,
+                    Happened::Failed {
+                        kind: error.kind().to_owned(),
+                        message: error.to_string(),
+                    },
+                );
                 entry.restore_failed(&error, wait, now);
                 // Nothing else is known yet, and the store may not take a write.
                 metrics.set_failures(name, entry.failures.max(1));
