@@ -480,26 +480,18 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         assert!(!readable.contains(mesh_ca));
     }
     assert_eq!(events_rules, 1, "the Role lets the agent record Events");
-    let watched = Config::parse(
+    let shipped = Config::parse(
         config_map["data"]["agent.toml"].as_str().unwrap(),
         Path::new("configmap agent.toml"),
     )
     .unwrap()
     .kubernetes
-    .and_then(|k| k.gateways)
-    .map(|g| g.namespaces)
-    .unwrap_or_default();
+    .expect("the shipped config is in Kubernetes mode");
+    let watched = shipped.gateways.map(|g| g.namespaces).unwrap_or_default();
     assert_eq!(watched, [ns], "Gateways watched where the Role grants it");
     assert_eq!(gateway_rules, 1, "the Role lets the agent watch Gateways");
     // Two replicas elect the one that orders; a PodDisruptionBudget keeps one.
-    let election = Config::parse(
-        config_map["data"]["agent.toml"].as_str().unwrap(),
-        Path::new("configmap agent.toml"),
-    )
-    .unwrap()
-    .kubernetes
-    .and_then(|k| k.leader_election)
-    .expect("leader election configured");
+    let election = shipped.leader_election.expect("leader election configured");
     assert_eq!(lease_rules, 2, "the Role lets the agent hold its Lease");
     assert_eq!(election.lease, "acme-agent");
     assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2));
