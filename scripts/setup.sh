@@ -15,7 +15,7 @@ for t in wasm32-wasip1 wasm32-unknown-unknown; do
 done
 
 # Debian packages. `apt-get update` only when something is missing.
-pkgs=(pebble wrk binaryen openssl curl nodejs lego certbot bind9 bind9-dnsutils python3-certbot-dns-rfc2136 iproute2)
+pkgs=(pebble wrk binaryen openssl curl nodejs lego certbot bind9 bind9-dnsutils python3-certbot-dns-rfc2136 iproute2 prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@ pub mod named;
 pub mod pebble;
 pub mod probe;
 pub mod proxy_wasm_host;
+pub mod schemas;
 pub mod sync_server;
 pub mod tls;
 pub mod tls_probe;

@@ -1,0 +1,322 @@
+//! The shipped alerts and dashboard (`envoy-config/monitoring/`): the rule
+//! file passes `promtool check rules` and its unit tests (`promtool test
+//! rules`, every alert firing and not); the PrometheusRule holds the same
+//! groups and is valid against the prometheus-operator CRD; and a real
+//! Prometheus (Debian's, a child process on loopback) scraping a real agent
+//! and a real Envoy with the filter finds every series the rules and the
+//! dashboard query, with the labels they use, and evaluates every rule and
+//! every dashboard query without error. A renamed metric or label fails here.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use acme_tests::agent::wait_for;
+use acme_tests::envoy::free_addr;
+use acme_tests::pebble;
+use acme_tests::schemas::{crd_schemas, validate_custom, yaml_docs};
+use acme_tests::workspace_root;
+use acme_tests::world::World;
+use serde_json::Value;
+
+const WWW: (&str, &[&str]) = ("www", &["www.example.com"]);
+
+fn monitoring() -> PathBuf {
+    workspace_root().join("envoy-config/monitoring")
+}
+
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(monitoring())
+        .output()
+        .expect("promtool (scripts/setup.sh installs Debian's prometheus)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn the_rules_pass_promtool_and_their_unit_tests() {
+    let checked = promtool(&["check", "rules", "alerts.yaml"]);
+    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
+    let tested = promtool(&["test", "rules", "alerts_test.yaml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+    // Every alert has a unit test that expects it to fire.
+    let tests = std::fs::read_to_string(monitoring().join("alerts_test.yaml")).unwrap();
+    for alert in alert_names() {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "{alert} has no promtool test"
+        );
+    }
+}
+
+fn rule_groups() -> Value {
+    yaml_docs(&monitoring().join("alerts.yaml"))[0]["groups"].clone()
+}
+
+fn alert_names() -> Vec<String> {
+    rule_groups()[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_prometheus_rule_is_valid_and_holds_the_same_groups() {
+    let object = &yaml_docs(&monitoring().join("prometheusrule.yaml"))[0];
+    let schemas = crd_schemas(&["prometheusrules-crd.yaml"]);
+    validate_custom(&schemas, Path::new("prometheusrule.yaml"), object);
+    assert_eq!(object["spec"]["groups"], rule_groups());
+}
+
+/// The metrics the rules and the dashboard use, with the labels they use.
+const SERIES: &[(&str, &[&str])] = &[
+    (
+        "acme_agent_certificate_expiry_timestamp_seconds",
+        &["certificate"],
+    ),
+    ("acme_agent_certificate_failures", &["certificate"]),
+    (
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &["certificate", "limit"],
+    ),
+    ("acme_agent_ca_limit_orders_remaining", &[]),
+    (
+        "acme_agent_orders_total",
+        &["certificate", "result", "error"],
+    ),
+    (
+        "acme_agent_acme_request_duration_seconds_bucket",
+        &["method", "le"],
+    ),
+    ("acme_agent_challenges_pending", &[]),
+    ("acme_filter_sync_success", &[]),
+    ("acme_filter_sync_failure", &[]),
+    ("acme_filter_challenges_served", &[]),
+    ("acme_filter_challenges_not_found", &[]),
+    ("acme_filter_challenges_rejected", &[]),
+    ("acme_filter_tokens_known", &[]),
+    ("up", &["job", "instance"]),
+];
+
+fn dashboard_queries() -> Vec<String> {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(monitoring().join("dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn rule_queries() -> Vec<String> {
+    rule_groups()[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Prometheus as a child process on loopback; killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(agent: SocketAddr, envoy_admin: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_addr().unwrap();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n- {rules:?}\nscrape_configs:\n- job_name: acme-agent\n  static_configs:\n  - targets: [\"{agent}\"]\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: [\"{envoy_admin}\"]\n",
+            rules = monitoring().join("alerts.yaml").display().to_string()
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus (scripts/setup.sh installs Debian's prometheus)");
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// GET `path` of the HTTP API with `params` URL-encoded; its `data`.
+    fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<Value, String> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5", "-G"]);
+        for (name, value) in params {
+            cmd.arg("--data-urlencode").arg(format!("{name}={value}"));
+        }
+        let out = cmd
+            .arg(format!("http://{}{path}", self.addr))
+            .output()
+            .map_err(|e| e.to_string())?;
+        let body: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))?;
+        if body["status"] != "success" {
+            return Err(body.to_string());
+        }
+        Ok(body["data"].clone())
+    }
+}
+
+#[test]
+fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
+    // Every metric the rules and the dashboard name is in SERIES.
+    let known: BTreeSet<&str> = SERIES.iter().map(|(m, _)| *m).collect();
+    for query in rule_queries().iter().chain(&dashboard_queries()) {
+        for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("acme_agent_") || word.starts_with("acme_filter_") {
+                let metric = word.trim_end_matches("_bucket");
+                assert!(
+                    known.contains(word) || known.contains(format!("{metric}_bucket").as_str()),
+                    "{word} (in {query}) is not checked below"
+                );
+            }
+        }
+    }
+
+    // A running system with something to show: a certificate issued, then
+    // a forced renewal waiting for the CA-limit budget (one per week here).
+    let mut world = World::new(pebble::Options::default());
+    world.extra_config = "[acme.limits]\ncertificates_per_name_set_per_week = 1\n".into();
+    world.certificates(&[WWW]).write_config();
+    world.start_agent();
+    world.add_envoy(&["www"], 1);
+    world.wait_issued(WWW.0, 1.0);
+    world.renew(WWW.0);
+    world.wait_metric(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &["certificate=\"www\""],
+        1.0,
+        Duration::from_secs(20),
+    );
+
+    let prometheus = Prometheus::start(world.api, world.nodes[0].admin);
+    wait_for(
+        Duration::from_secs(30),
+        "Prometheus scraping the agent and Envoy",
+        || {
+            let up = prometheus
+                .api("/api/v1/query", &[("query", "up == 1")])
+                .ok()?;
+            (up["result"].as_array()?.len() == 2).then_some(())
+        },
+        || world.context(),
+    )
+    .unwrap();
+
+    for (metric, labels) in SERIES {
+        let series = wait_for(
+            Duration::from_secs(10),
+            &format!("series {metric}"),
+            || {
+                let data = prometheus
+                    .api("/api/v1/series", &[("match[]", metric)])
+                    .ok()?;
+                let list = data.as_array()?.clone();
+                (!list.is_empty()).then_some(list)
+            },
+            || {
+                // What the agent and Envoy export under similar names.
+                let exported = |addr: SocketAddr, path: &str| {
+                    acme_tests::http::get(addr, path, "metrics")
+                        .map(|r| r.text())
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| {
+                            (l.contains("acme_filter") || l.contains("acme_agent_c"))
+                                && !l.starts_with('#')
+                        })
+                        .take(40)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                format!(
+                    "{metric} missing; exported:\n{}\n{}",
+                    exported(world.api, "/metrics"),
+                    exported(world.nodes[0].admin, "/stats/prometheus")
+                )
+            },
+        )
+        .unwrap();
+        for label in *labels {
+            assert!(
+                series.iter().any(|s| s.get(label).is_some()),
+                "{metric} has no label {label}: {series:?}"
+            );
+        }
+    }
+
+    for query in dashboard_queries() {
+        let query = query.replace("$__rate_interval", "1m");
+        prometheus
+            .api("/api/v1/query", &[("query", &query)])
+            .unwrap_or_else(|e| panic!("dashboard query {query}: {e}"));
+    }
+    // Prometheus evaluates every rule, without error.
+    let alerts = alert_names();
+    wait_for(
+        Duration::from_secs(20),
+        "every rule evaluated",
+        || {
+            let data = prometheus.api("/api/v1/rules", &[]).ok()?;
+            let rules: Vec<Value> = data["groups"]
+                .as_array()?
+                .iter()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            let healthy: BTreeSet<String> = rules
+                .iter()
+                .filter(|r| r["health"] == "ok" && r["lastError"].as_str().unwrap_or("") == "")
+                .map(|r| r["name"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            alerts.iter().all(|a| healthy.contains(a)).then_some(())
+        },
+        || {
+            format!(
+                "{:#}",
+                prometheus.api("/api/v1/rules", &[]).unwrap_or_default()
+            )
+        },
+    )
+    .unwrap();
+}
