@@ -306,7 +306,7 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
                 .collect();
             let healthy: BTreeSet<String> = rules
                 .iter()
-                .filter(|r| r["health"] == "ok" && r["lastError"].as_str().unwrap_or("") == "")
+                .filter(|r| r["health"] == "ok" && r["lastError"].as_str().unwrap_or("").is_empty())
                 .map(|r| r["name"].as_str().unwrap_or_default().to_owned())
                 .collect();
             alerts.iter().all(|a| healthy.contains(a)).then_some(())
