@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the agent binary into its own target directory (so a test can run
 # this while `cargo test` holds the lock of the main one). Prints its path.
-# PROFILE=release for an optimised build (the demo); debug by default.
+# PROFILE=release for an optimised build (the benchmarks); debug by default
+# (the demo and the tests): target/agent/<profile>/acme-agent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Called from inside `cargo test` too: drop the variables cargo set for the

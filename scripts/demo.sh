@@ -11,7 +11,8 @@
 #   scripts/demo.sh --check    # stop after the check (exit 0 when it passed)
 #
 # Ports (loopback): HTTP 18080, HTTPS 18443, agent 19180, agent SDS 19181,
-# Envoy admin 19901, app 18000, Pebble 14000 (management 15000), DNS 18053.
+# Envoy admin 19901, app 18000, Pebble 14000 (management 15000), DNS 18053
+# (management 18055).
 # Override with the DEMO_*_PORT variables below if one is taken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +36,13 @@ PEBBLE_MGMT_PORT=${DEMO_PEBBLE_MGMT_PORT:-15000}
 DNS_PORT=${DEMO_DNS_PORT:-18053}
 DNS_MGMT_PORT=${DEMO_DNS_MGMT_PORT:-18055}
 
-say() { printf '\033[1m[demo]\033[0m %s\n' "$*" >&2; }
+# Bold only on a terminal: no escape codes in a captured log.
+if [ -t 2 ]; then b=$'\033[1m' n=$'\033[0m'; else b="" n=""; fi
+if [ -t 1 ]; then ob=$'\033[1m' on=$'\033[0m'; else ob="" on=""; fi
+say() { printf '%s[demo]%s %s\n' "$b" "$n" "$*" >&2; }
 die() { say "FAILED: $*"; exit 1; }
 
-scripts/setup.sh
+scripts/setup.sh demo
 say "building the filter and the agent"
 wasm="$PWD/$(scripts/build-filter.sh 2>/dev/null)"
 agent="$PWD/$(scripts/build-agent.sh)"
@@ -158,7 +162,7 @@ done
 
 echo
 for domain in "${domains[@]}"; do
-  printf '\033[1mhttps://%s:%s/\033[0m -> %s\n' "$domain" "$HTTPS_PORT" \
+  printf '%shttps://%s:%s/%s -> %s\n' "$ob" "$domain" "$HTTPS_PORT" "$on" \
     "$(curl -s --resolve "$domain:$HTTPS_PORT:127.0.0.1" --cacert "$run/pebble-root.pem" "https://$domain:$HTTPS_PORT/")"
   openssl s_client -connect "127.0.0.1:$HTTPS_PORT" -servername "$domain" </dev/null 2>/dev/null \
     | openssl x509 -noout -subject -ext subjectAltName -issuer -enddate 2>/dev/null \
@@ -176,8 +180,11 @@ elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 printf 'first verified TLS answer: %s s after the command, %s s after the CA started\n' \
   "$(elapsed "$t0" "$first")" "$(elapsed "$started" "$first")"
 echo
+status_cmd="${agent#"$PWD/"} --config ${run#"$PWD/"}/agent.toml status"
+echo "\$ $status_cmd"
 "$agent" --config "$run/agent.toml" status
 echo
+say "inspect the agent again with: $status_cmd"
 say "logs: $run/{agent,envoy,pebble,challtestsrv,app}.log; configs: $run/{agent.toml,envoy.yaml}"
 
 if $check_only; then
