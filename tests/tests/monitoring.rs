@@ -77,6 +77,13 @@ fn the_prometheus_rule_is_valid_and_holds_the_same_groups() {
     let schemas = crd_schemas(&["prometheusrules-crd.yaml"]);
     validate_custom(&schemas, Path::new("prometheusrule.yaml"), object);
     assert_eq!(object["spec"]["groups"], rule_groups());
+    // `kubectl apply -k envoy-config/monitoring` applies it.
+    let kustomization = &yaml_docs(&monitoring().join("kustomization.yaml"))[0];
+    assert_eq!(
+        kustomization["resources"],
+        serde_json::json!(["prometheusrule.yaml"])
+    );
+    assert_eq!(kustomization["namespace"], object["metadata"]["namespace"]);
 }
 
 /// The metrics the rules and the dashboard use, with the labels they use.
