@@ -114,6 +114,18 @@ async fn challenges(
     if !authorized(&state, &headers) {
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
     }
+    // A replica that does not hold the Lease (or has not started) has no
+    // challenges of its own: its empty set must never replace the holder's
+    // in a filter that reached it anyway. The filter keeps its data and
+    // polls again.
+    if !state.ready.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "not ready: this agent does not serve challenges (yet)\n",
+        )
+            .into_response();
+    }
     let version = query.get("version").and_then(|v| v.parse::<u64>().ok());
     let wait = query.get("wait").and_then(|v| v.parse::<u64>().ok());
     let (Some(asked), Some(wait)) = (version, wait) else {

@@ -427,6 +427,10 @@ pub fn bootstrap_with_agents(
             agents,
             r#"
     close_connections_on_host_health_failure: true
+    # No replica ready (a takeover in progress): no request at all, rather
+    # than Envoy's panic mode spreading polls over unready replicas.
+    common_lb_config:
+      healthy_panic_threshold: { value: 0 }
     health_checks:
     - timeout: 0.2s
       interval: 0.25s

@@ -105,6 +105,10 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
         std::thread::sleep(Duration::from_millis(300));
     }
     assert_eq!(orders_placed(&b.log()), 0, "{}", b.log());
+    // A filter that reaches it anyway gets no (empty) set to replace the
+    // holder's with.
+    let poll = http::get(b_api, "/v1/challenges?version=0&wait=1", "acme-agent").unwrap();
+    assert_eq!(poll.status, 503);
 
     // SIGKILL the holder right after a forced renewal is accepted.
     world.renew(WWW.0);

@@ -432,6 +432,7 @@ fn propagation(rows: &mut Vec<Row>, tokens: usize) -> Result<()> {
         .build()?;
     let set = Arc::new(ChallengeSet::new());
     let state = ApiState::new(Arc::clone(&set), None);
+    state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let agent = listener.local_addr()?;
     runtime.spawn(api::serve(listener, state, std::future::pending()));
