@@ -408,9 +408,8 @@ pub fn bootstrap_with_listeners(
 /// [`bootstrap_with_listeners`] with several agent replicas behind the
 /// `acme_agent` cluster, each health-checked on `/readyz` every 250 ms: as a
 /// Kubernetes Service routes only to ready pods, the filter's long-poll
-/// reaches only the replica that holds the Lease. A replica that turns
-/// unhealthy has its connections closed, so a long-poll held by a paused
-/// former holder fails at once and the filter polls the new one.
+/// reaches only the replica that holds the Lease (a long-poll already held
+/// by a replica that stalls ends at its timeout: `poll_wait_seconds` + 5).
 pub fn bootstrap_with_agents(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -426,7 +425,6 @@ pub fn bootstrap_with_agents(
             "acme_agent",
             agents,
             r#"
-    close_connections_on_host_health_failure: true
     # No replica ready (a takeover in progress): no request at all, rather
     # than Envoy's panic mode spreading polls over unready replicas.
     common_lb_config:

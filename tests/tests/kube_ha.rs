@@ -81,7 +81,12 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
     // Envoy with the filter, its agent cluster over both replicas.
     let http: SocketAddr = format!("127.0.0.1:{}", world.http_port).parse().unwrap();
     let admin = free_addr().unwrap();
-    let filter = wasm_filter_yaml(&filter_wasm().unwrap(), r#"{"agent_cluster":"acme_agent"}"#);
+    // A poll held by a holder that stalls ends at poll_wait_seconds + 5:
+    // 7 s here (30 s + 5 by default).
+    let filter = wasm_filter_yaml(
+        &filter_wasm().unwrap(),
+        r#"{"agent_cluster":"acme_agent","poll_wait_seconds":2}"#,
+    );
     let envoy = Envoy::start(
         &bootstrap_with_agents(
             http,
@@ -181,7 +186,15 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
                 .and_then(|s| decoded(&s, "tls.crt"))
                 .filter(|c| c.contains("BEGIN"))
         },
-        || a.log(),
+        || {
+            format!(
+                "{}\n--- envoy clusters ---\n{}\n--- envoy filter stats ---\n{}\n--- envoy log ---\n{}",
+                a.log(),
+                envoy.admin_text("/clusters").unwrap_or_default().lines().filter(|l| l.starts_with("acme_agent")).collect::<Vec<_>>().join("\n"),
+                envoy.admin_text("/stats?filter=acme_filter").unwrap_or_default(),
+                acme_tests::world::tail(&envoy.log(), 40)
+            )
+        },
     )
     .unwrap();
     // b wakes: it places no order and stops, having lost the Lease.
