@@ -361,7 +361,7 @@ impl Look<'_> {
         }
         // Several replicas: right before the order, this one must still
         // hold the Lease (a replica paused past it must not order).
-        if let Some(leader) = &s.leader
+        if let Some(leader) = s.leader.get()
             && !leader.still_holds().await
         {
             return Outcome::failed(

@@ -93,7 +93,7 @@ pub struct Shared {
     /// dns-01 solvers and the journal of records they added.
     dns: Arc<crate::dns::Dns>,
     /// With several replicas: the Lease this one must hold to order.
-    leader: Option<Arc<crate::lease::Elector>>,
+    leader: std::sync::OnceLock<Arc<crate::lease::Elector>>,
 }
 
 impl Shared {
@@ -144,7 +144,7 @@ impl Manager {
                 account: tokio::sync::Mutex::new(None),
                 alpn,
                 dns,
-                leader: None,
+                leader: std::sync::OnceLock::new(),
             }),
             config,
             entries: BTreeMap::new(),
@@ -160,9 +160,9 @@ impl Manager {
 
     /// Orders only while `leader` holds its Lease (checked right before
     /// each order). Call before `run`.
-    pub fn with_leader(mut self, leader: Arc<crate::lease::Elector>) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.leader = Some(leader);
+    pub fn with_leader(self, leader: Arc<crate::lease::Elector>) -> Self {
+        if self.shared.leader.set(leader).is_err() {
+            warn!("a Lease was already set for this manager; keeping the first");
         }
         self
     }
