@@ -123,10 +123,7 @@ impl Rfc2136 {
     pub async fn record_name(&self, domain: &str) -> Result<Name, Error> {
         let mut name = fqdn(&format!("_acme-challenge.{domain}"))?;
         for _ in 0..MAX_CNAMES {
-            let (server, recurse) = match self.server_for(&name) {
-                Ok(found) => found,
-                Err(e) => return Err(e),
-            };
+            let (server, recurse) = self.server_for(&name)?;
             let answer = self
                 .query(server, &name, RecordType::CNAME, recurse)
                 .await?;
