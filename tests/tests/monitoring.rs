@@ -76,6 +76,13 @@ fn the_prometheus_rule_is_valid_and_holds_the_same_groups() {
     let object = &yaml_docs(&monitoring().join("prometheusrule.yaml"))[0];
     let schemas = crd_schemas(&["prometheusrules-crd.yaml"]);
     validate_custom(&schemas, Path::new("prometheusrule.yaml"), object);
+    // The check catches a typo (an API server would prune the field).
+    let mut typo = object.clone();
+    typo["spec"]["groups"][0]["rules"][0]["anotations"] = serde_json::json!({});
+    let caught = std::panic::catch_unwind(|| {
+        validate_custom(&schemas, Path::new("typo.yaml"), &typo);
+    });
+    assert!(caught.is_err(), "a misspelt field passed the CRD check");
     assert_eq!(object["spec"]["groups"], rule_groups());
     // `kubectl apply -k envoy-config/monitoring` applies it.
     let kustomization = &yaml_docs(&monitoring().join("kustomization.yaml"))[0];
