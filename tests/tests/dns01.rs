@@ -122,12 +122,21 @@ fn a_name_delegated_by_cname_is_validated_in_the_zone_it_points_into() {
     assert_zone_clean(&named, &world);
 }
 
-/// The status record's `last_error` of `name`.
+/// The status record's `last_error` of `name`, once there is one (the
+/// record is written just after the metrics move).
 fn last_error(world: &World, name: &str) -> String {
-    world.status_record(name)["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
+    wait_for(
+        Duration::from_secs(10),
+        &format!("a last_error in {name}'s status"),
+        || {
+            world.status_record(name)["last_error"]
+                .as_str()
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+        },
+        || world.context(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -160,8 +169,8 @@ fn a_wrong_tsig_key_fails_clearly_with_backoff_and_places_no_order() {
         3.0,
         Duration::from_secs(30),
     );
-    assert_eq!(world.status_record("wild")["last_error_kind"], "dns_solver");
     let error = last_error(&world, "wild");
+    assert_eq!(world.status_record("wild")["last_error_kind"], "dns_solver");
     assert!(
         error.contains("BADSIG") || error.contains("BADKEY"),
         "{error}"

@@ -41,7 +41,17 @@ fn a_profile_the_ca_does_not_offer_is_refused_before_any_order() {
         2.0,
         Duration::from_secs(30),
     );
-    let record = world.status_record("short");
+    // The record is written just after the metrics move.
+    let record = acme_tests::agent::wait_for(
+        Duration::from_secs(10),
+        "short's status record with its error",
+        || {
+            let record = world.status_record("short");
+            record["last_error_kind"].is_string().then_some(record)
+        },
+        || world.context(),
+    )
+    .unwrap();
     assert_eq!(record["last_error_kind"], "profile", "{record}");
     let error = record["last_error"].as_str().unwrap_or_default();
     // Debian's Pebble 2.4 lists no profiles in its directory.
