@@ -238,11 +238,6 @@ async fn renew(
             format!("no certificate named {name:?}\n"),
         )
             .into_response(),
-        Ok(Err(RenewRefused::InProgress)) => (
-            StatusCode::CONFLICT,
-            format!("an order for {name} is already running\n"),
-        )
-            .into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
     }
 }

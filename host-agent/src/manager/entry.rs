@@ -185,11 +185,14 @@ impl Entry {
     }
 
     /// Nothing is due before `renew_at`; look again at `check_at`. Only now,
-    /// with nothing due, does an earlier failure stop mattering.
-    pub fn wait(&mut self, renew_at: SystemTime, check_at: SystemTime) {
+    /// with nothing due, does an earlier failure stop mattering. A renewal
+    /// requested while the look ran is due at once.
+    pub fn wait(&mut self, renew_at: SystemTime, check_at: SystemTime, now: SystemTime) {
         self.next_renewal = Some(renew_at);
-        self.due = check_at;
-        self.reason = None;
+        self.due = if self.forced { now } else { check_at };
+        if !self.forced {
+            self.reason = None;
+        }
         self.blocked = None;
         if !self.forced && self.awaiting.is_none() {
             self.failures = 0;
@@ -387,8 +390,9 @@ mod tests {
         );
         assert!(e.forced);
         // A later look that finds the renewal time far away does not clear it.
-        e.wait(t(60 * 86_400), t(3600));
+        e.wait(t(60 * 86_400), t(3600), t(70));
         assert!(e.forced, "the forced renewal was dropped");
+        assert_eq!(e.due, t(70), "the forced renewal is due at once");
         assert_eq!(e.failures, 1, "the failure was hidden");
         assert_eq!(e.static_reason(), Some(Reason::Forced));
         e.installed(
@@ -415,8 +419,9 @@ mod tests {
             Duration::from_secs(60),
             t(1),
         );
-        e.wait(t(60 * 86_400), t(3600));
+        e.wait(t(60 * 86_400), t(3600), t(2));
         assert_eq!(e.failures, 0);
+        assert_eq!(e.due, t(3600));
         assert_eq!(e.status(t(2)).last_error, None);
     }
 
@@ -515,7 +520,7 @@ mod tests {
         assert!(e.awaiting.is_some());
         assert!(e.status(t(3)).awaiting_install);
         // A look that finds nothing else due keeps it and its failure.
-        e.wait(t(60 * 86_400), t(100));
+        e.wait(t(60 * 86_400), t(100), t(50));
         assert!(e.awaiting.is_some());
         assert_eq!(e.failures, 1);
         // A spec it no longer fits drops it.

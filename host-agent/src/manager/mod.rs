@@ -58,8 +58,6 @@ const RESTORE_RETRY_MAX: Duration = Duration::from_secs(60);
 pub enum RenewRefused {
     /// No certificate of that name is configured.
     Unknown,
-    /// An order for it is already running.
-    InProgress,
 }
 
 /// A request to the manager from outside its loop (the API).
@@ -224,9 +222,8 @@ impl Manager {
                 let now = SystemTime::now();
                 let answer = match self.entries.get_mut(&name) {
                     None => Err(RenewRefused::Unknown),
-                    Some(entry) if entry.job.is_some() && entry.restored => {
-                        Err(RenewRefused::InProgress)
-                    }
+                    // While a job runs (a renewal-info check, an order), the
+                    // request is kept: due as soon as the job ends.
                     Some(entry) => {
                         info!(certificate = name, "renewal requested");
                         entry.force(now);
@@ -497,7 +494,7 @@ impl Manager {
                 );
                 entry.installed(leaf, key_type, ARI_RECHECK_MAX, now);
             }
-            Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at),
+            Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at, now),
             Outcome::Failed {
                 error,
                 retry_after,
