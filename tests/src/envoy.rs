@@ -242,6 +242,28 @@ pub fn served_subject(addr: SocketAddr, sni: &str) -> Result<String> {
         .unwrap_or_default())
 }
 
+/// Waits up to `timeout` until `addr` presents for `sni` a chain that
+/// verifies against `root` (PEM); returns it. `context` explains a timeout.
+pub fn wait_served_by_ca(
+    addr: SocketAddr,
+    sni: &str,
+    root: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+) -> String {
+    crate::agent::wait_for(
+        timeout,
+        &format!("{sni} served with a chain from the CA"),
+        || {
+            served_chain(addr, sni)
+                .ok()
+                .filter(|c| crate::pebble::verify_chain(c, root, sni).is_ok())
+        },
+        context,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// The certificate chain (PEM, leaf first) Envoy presents at `addr` for
 /// `sni`, read with `openssl s_client -showcerts`.
 pub fn served_chain(addr: SocketAddr, sni: &str) -> Result<String> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::agent::{Agent, Cert, Settings, sum_samples, wait_for};
 use crate::envoy::{
-    Envoy, bootstrap_with_listeners, free_addr, https_listener, served_chain, wasm_filter_yaml,
+    Envoy, bootstrap_with_listeners, free_addr, https_listener, wait_served_by_ca, wasm_filter_yaml,
 };
 use crate::filter_wasm;
 use crate::http::{Reply, Server, free_port};
@@ -408,18 +408,13 @@ impl World {
     /// Pebble's current root; returns it.
     pub fn wait_served(&self, index: usize, sni: &str) -> String {
         let root = self.pebble.issuing_root().unwrap();
-        let https = self.nodes[index].https;
-        wait_for(
+        wait_served_by_ca(
+            self.nodes[index].https,
+            sni,
+            &root,
             Duration::from_secs(10),
-            &format!("{sni} served with a chain from the CA"),
-            || {
-                served_chain(https, sni)
-                    .ok()
-                    .filter(|c| pebble::verify_chain(c, &root, sni).is_ok())
-            },
             || self.context(),
         )
-        .unwrap()
     }
 }
 

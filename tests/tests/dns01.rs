@@ -9,9 +9,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use acme_tests::agent::wait_for;
-use acme_tests::envoy::served_chain;
+use acme_tests::envoy::wait_served_by_ca;
 use acme_tests::named::{Named, Zone};
-use acme_tests::pebble::{self, verify_chain};
+use acme_tests::pebble;
 use acme_tests::world::{ISSUE_TIMEOUT, World};
 
 /// A TXT record the operator put there: the agent must never touch it.
@@ -61,18 +61,10 @@ fn assert_zone_clean(named: &Named, world: &World) {
 }
 
 fn served(world: &World, sni: &str) -> String {
-    wait_for(
-        ISSUE_TIMEOUT,
-        &format!("a certificate served for {sni}"),
-        || {
-            let chain = served_chain(world.nodes[0].https, sni).ok()?;
-            verify_chain(&chain, &world.pebble.issuing_root().ok()?, sni)
-                .is_ok()
-                .then_some(chain)
-        },
-        || world.context(),
-    )
-    .unwrap()
+    let root = world.pebble.issuing_root().unwrap();
+    wait_served_by_ca(world.nodes[0].https, sni, &root, ISSUE_TIMEOUT, || {
+        world.context()
+    })
 }
 
 #[test]

@@ -226,17 +226,7 @@ fn one_listener_serves_every_certificate_by_sni_and_refuses_unknown_names_fast()
 /// Waits until `https` presents for `sni` a chain that verifies against
 /// `root`; returns it.
 fn served_by_ca(https: SocketAddr, sni: &str, root: &str, envoy: &Envoy) -> String {
-    acme_tests::agent::wait_for(
-        Duration::from_secs(10),
-        &format!("{sni} served from the agent's SDS"),
-        || {
-            acme_tests::envoy::served_chain(https, sni)
-                .ok()
-                .filter(|c| acme_tests::pebble::verify_chain(c, root, sni).is_ok())
-        },
-        || envoy.log(),
-    )
-    .unwrap()
+    acme_tests::envoy::wait_served_by_ca(https, sni, root, Duration::from_secs(10), || envoy.log())
 }
 
 /// The agent binary with `[sds]`, the real Pebble, the filter on a plain-HTTP

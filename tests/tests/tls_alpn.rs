@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use acme_tests::envoy::{Envoy, free_addr, on_demand_bootstrap_with_alpn, served_chain};
+use acme_tests::envoy::{Envoy, free_addr, on_demand_bootstrap_with_alpn, wait_served_by_ca};
 use acme_tests::pebble;
 use acme_tests::world::World;
 
@@ -43,17 +43,9 @@ fn tls_alpn_01(domains: &[&str]) {
     world.wait_issued("www", 1.0);
     let root = world.pebble.issuing_root().unwrap();
     for &sni in domains {
-        acme_tests::agent::wait_for(
-            Duration::from_secs(10),
-            &format!("{sni} served"),
-            || {
-                served_chain(tls, sni)
-                    .ok()
-                    .filter(|c| pebble::verify_chain(c, &root, sni).is_ok())
-            },
-            || format!("{}\n{}", world.context(), envoy.log()),
-        )
-        .unwrap();
+        wait_served_by_ca(tls, sni, &root, Duration::from_secs(10), || {
+            format!("{}\n{}", world.context(), envoy.log())
+        });
     }
     // No HTTP-01 was attempted (there is no plain-HTTP listener to answer it).
     let log = world.pebble.log();
