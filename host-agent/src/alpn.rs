@@ -105,13 +105,25 @@ impl Drop for Published<'_> {
     }
 }
 
-/// Accepts any certificate and remembers the leaf (the check is ours).
+/// A TLS client verifier that accepts any certificate and remembers the
+/// leaf: for handshakes whose check is the caller's (the challenge
+/// certificate's digest here; what a server presents, in the tests).
 #[derive(Debug, Default)]
-struct Observe {
+pub struct LeafObserver {
     leaf: Mutex<Option<Vec<u8>>>,
 }
 
-impl ServerCertVerifier for Observe {
+impl LeafObserver {
+    /// The leaf (DER) the server presented, taken.
+    pub fn take_leaf(&self) -> Option<Vec<u8>> {
+        self.leaf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl ServerCertVerifier for LeafObserver {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -174,7 +186,7 @@ pub fn holds_digest(leaf: &[u8], key_authorization: &str) -> bool {
 /// One handshake with `target` for `identifier`, offering only `acme-tls/1`:
 /// the leaf presented, if the handshake completed with that protocol.
 fn handshake_once(target: &str, identifier: &str) -> Result<Vec<u8>, String> {
-    let observe = Arc::new(Observe::default());
+    let observe = Arc::new(LeafObserver::default());
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -205,10 +217,7 @@ fn handshake_once(target: &str, identifier: &str) -> Result<Vec<u8>, String> {
         return Err("acme-tls/1 was not negotiated".into());
     }
     observe
-        .leaf
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take()
+        .take_leaf()
         .ok_or_else(|| "no certificate presented".into())
 }
 

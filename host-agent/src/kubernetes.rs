@@ -159,6 +159,11 @@ fn owned(secret: &Secret) -> bool {
         .is_some_and(|v| v == MANAGED_BY)
 }
 
+/// A data key of `secret` as text (PEM).
+fn text(secret: &Secret, key: &str) -> Option<String> {
+    data(secret, key).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
 fn data<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
     secret.data.as_ref()?.get(key).map(|b| b.0.as_slice())
 }
@@ -238,8 +243,8 @@ impl StateStore for KubeStore {
         let Some(secret) = self.get_owned(name)? else {
             return Ok(None);
         };
-        let text = |key: &str| data(&secret, key).map(|b| String::from_utf8_lossy(b).into_owned());
-        let (Some(chain_pem), Some(key_pem)) = (text("tls.crt"), text("tls.key")) else {
+        let (Some(chain_pem), Some(key_pem)) = (text(&secret, "tls.crt"), text(&secret, "tls.key"))
+        else {
             return Ok(None);
         };
         let domains = annotation(&secret, "domains")
@@ -272,10 +277,9 @@ impl StateStore for KubeStore {
         let Some(secret) = secret.filter(|s| !owned(s)) else {
             return Ok(None);
         };
-        let text = |key: &str| data(&secret, key).map(|b| String::from_utf8_lossy(b).into_owned());
         let (chain_pem, key_pem) = (
-            text("tls.crt").unwrap_or_default(),
-            text("tls.key").unwrap_or_default(),
+            text(&secret, "tls.crt").unwrap_or_default(),
+            text(&secret, "tls.key").unwrap_or_default(),
         );
         // Labels and ownership become the agent's; the certificate stays as
         // it is (renewed at its time, or ordered at once if it does not

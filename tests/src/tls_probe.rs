@@ -1,67 +1,24 @@
 //! A TLS client for tests that need many handshakes (thousands, where
 //! spawning `openssl s_client` per handshake would take minutes): one
 //! handshake for an SNI, reporting the leaf certificate the server presented.
-//! It verifies nothing, on purpose: it only observes what is served (tests
-//! that check trust use `openssl` against the CA's root).
+//! It verifies nothing, on purpose (the agent's `LeafObserver`): it only
+//! observes what is served (tests that check trust use `openssl` against the
+//! CA's root).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use acme_agent::alpn::LeafObserver;
 use anyhow::{Context as _, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-
-/// Accepts any certificate and remembers the leaf.
-#[derive(Debug, Default)]
-struct Observe {
-    leaf: Mutex<Option<Vec<u8>>>,
-}
-
-impl ServerCertVerifier for Observe {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.leaf.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::ServerName;
 
 /// One handshake with `addr` for `sni`: the leaf's DER when the server
 /// presented one and the handshake completed, `None` when it refused.
 pub fn handshake(addr: SocketAddr, sni: &str, timeout: Duration) -> Result<Option<Vec<u8>>> {
-    let observe = Arc::new(Observe::default());
+    let observe = Arc::new(LeafObserver::default());
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -80,10 +37,5 @@ pub fn handshake(addr: SocketAddr, sni: &str, timeout: Duration) -> Result<Optio
         }
     }
     let _ = conn.writer().flush();
-    let leaf = observe
-        .leaf
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    Ok(leaf)
+    Ok(observe.take_leaf())
 }
