@@ -8,7 +8,11 @@
 //! certificate. Conflicts are logged and recorded as Events on the Gateways
 //! when they change. A certificate no Gateway asks for any more is no longer
 //! renewed; its Secret stays, marked with [`RELEASED_ANNOTATION`] (cleared
-//! if a Gateway asks for it again).
+//! if a Gateway asks for it again). When a watched namespace is not the
+//! agent's, the ReferenceGrants of the agent's namespace are watched too
+//! (a Gateway there may reference the agent's Secrets only with a grant);
+//! nothing is derived until they have been listed once (or their watch
+//! failed), so a restart does not report a granted reference as refused.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -24,7 +28,9 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::events::Events;
-use crate::gateways::{self, Conflict, Derived, Gateway, GatewayRef, Kind};
+use crate::gateways::{
+    self, Conflict, Derived, GATEWAY_API_GROUP, Gateway, GatewayRef, Kind, ReferenceGrant,
+};
 use crate::kubernetes::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// On a Secret whose certificate no annotated Gateway asks for any more.
@@ -73,17 +79,40 @@ async fn mark(secrets: &Api<k8s_openapi::api::core::v1::Secret>, name: &str, rel
     }
 }
 
-fn resource(kind: Kind) -> ApiResource {
-    let (group, version) = match kind {
-        Kind::Istio => ("networking.istio.io", "v1"),
-        Kind::GatewayApi => ("gateway.networking.k8s.io", "v1"),
+/// What one watcher watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Gateways(Kind),
+    /// ReferenceGrants (`v1beta1`, served by every Gateway API release that
+    /// has them) of the agent's namespace.
+    Grants,
+}
+
+fn resource(source: Source) -> ApiResource {
+    let (group, version, kind, plural) = match source {
+        Source::Gateways(Kind::Istio) => ("networking.istio.io", "v1", "Gateway", "gateways"),
+        Source::Gateways(Kind::GatewayApi) => (GATEWAY_API_GROUP, "v1", "Gateway", "gateways"),
+        Source::Grants => (
+            GATEWAY_API_GROUP,
+            "v1beta1",
+            "ReferenceGrant",
+            "referencegrants",
+        ),
     };
     ApiResource {
         group: group.into(),
         version: version.into(),
         api_version: format!("{group}/{version}"),
-        kind: "Gateway".into(),
-        plural: "gateways".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn grant(object: &DynamicObject) -> ReferenceGrant {
+    ReferenceGrant {
+        namespace: object.metadata.namespace.clone().unwrap_or_default(),
+        name: object.metadata.name.clone().unwrap_or_default(),
+        spec: object.data.get("spec").cloned().unwrap_or_default(),
     }
 }
 
@@ -111,15 +140,72 @@ pub fn merged(file: &Config, derived: &Derived) -> Config {
 }
 
 type Watch = Pin<
-    Box<dyn Stream<Item = (Kind, String, Result<Event<DynamicObject>, watcher::Error>)> + Send>,
+    Box<dyn Stream<Item = (Source, String, Result<Event<DynamicObject>, watcher::Error>)> + Send>,
 >;
 
 /// One watcher's view: what it listed and was told since.
 #[derive(Default)]
 struct Seen {
-    gateways: BTreeMap<String, Gateway>,
-    /// Objects of a list in progress (replaces `gateways` when done).
-    listing: Option<BTreeMap<String, Gateway>>,
+    objects: BTreeMap<String, DynamicObject>,
+    /// Objects of a list in progress (replaces `objects` when done).
+    listing: Option<BTreeMap<String, DynamicObject>>,
+    /// A list has completed, or the watch has failed: what it holds is
+    /// all there is to go by.
+    settled: bool,
+}
+
+impl Seen {
+    /// Takes in one event; false for a list still in progress (nothing to
+    /// derive from yet).
+    fn apply(&mut self, event: Event<DynamicObject>) -> bool {
+        let name = |o: &DynamicObject| o.metadata.name.clone().unwrap_or_default();
+        match event {
+            Event::Init => self.listing = Some(BTreeMap::new()),
+            Event::InitApply(object) => {
+                self.listing
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(name(&object), object);
+                return false;
+            }
+            Event::InitDone => {
+                self.objects = self.listing.take().unwrap_or_default();
+                self.settled = true;
+            }
+            Event::Apply(object) => {
+                self.objects.insert(name(&object), object);
+            }
+            Event::Delete(object) => {
+                self.objects.remove(&name(&object));
+            }
+        }
+        true
+    }
+}
+
+fn watch(client: &Client, namespace: &str, source: Source) -> Watch {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &resource(source));
+    let namespace = namespace.to_owned();
+    Box::pin(
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(move |event| (source, namespace.clone(), event)),
+    )
+}
+
+/// The Gateways and ReferenceGrants every watcher has seen.
+fn snapshot(seen: &BTreeMap<(Source, String), Seen>) -> (Vec<Gateway>, Vec<ReferenceGrant>) {
+    let mut gateways_seen = Vec::new();
+    let mut grants = Vec::new();
+    for ((source, _), view) in seen {
+        for object in view.objects.values() {
+            match source {
+                Source::Gateways(kind) => gateways_seen.push(gateway(*kind, object)),
+                Source::Grants => grants.push(grant(object)),
+            }
+        }
+    }
+    (gateways_seen, grants)
 }
 
 /// Runs until `stop`: watches the Gateways of `namespaces` and sends the
@@ -133,69 +219,56 @@ pub async fn run(
     events: Arc<dyn Events>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut streams: Vec<Watch> = Vec::new();
-    for namespace in &namespaces {
-        for kind in [Kind::Istio, Kind::GatewayApi] {
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), namespace, &resource(kind));
-            let namespace = namespace.clone();
-            streams.push(Box::pin(
-                watcher::watcher(api, watcher::Config::default())
-                    .default_backoff()
-                    .map(move |event| (kind, namespace.clone(), event)),
-            ));
-        }
-    }
-    let mut all = futures_util::stream::select_all(streams);
     let agent_namespace = file
         .borrow()
         .kubernetes
         .as_ref()
         .map(|k| k.namespace.clone())
         .unwrap_or_default();
+    let mut streams: Vec<Watch> = Vec::new();
+    for namespace in &namespaces {
+        for kind in [Kind::Istio, Kind::GatewayApi] {
+            streams.push(watch(&client, namespace, Source::Gateways(kind)));
+        }
+    }
+    // Grants matter only to Gateways of other namespaces; without any, the
+    // agent needs no access to them.
+    let grants_watched = namespaces.iter().any(|n| *n != agent_namespace);
+    if grants_watched {
+        streams.push(watch(&client, &agent_namespace, Source::Grants));
+    }
+    let mut all = futures_util::stream::select_all(streams);
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client.clone(), &agent_namespace);
     let mut derived_names: std::collections::BTreeSet<String> = Default::default();
-    let mut seen: BTreeMap<(Kind, String), Seen> = BTreeMap::new();
+    let mut seen: BTreeMap<(Source, String), Seen> = BTreeMap::new();
     let mut conflicts: Vec<Conflict> = Vec::new();
-    let mut failing: BTreeMap<(Kind, String), bool> = BTreeMap::new();
-    info!(?namespaces, "watching annotated Gateways");
+    let mut failing: BTreeMap<(Source, String), bool> = BTreeMap::new();
+    info!(?namespaces, grants_watched, "watching annotated Gateways");
     loop {
         tokio::select! {
             next = all.next() => {
-                let Some((kind, namespace, event)) = next else { return };
-                let view = seen.entry((kind, namespace.clone())).or_default();
+                let Some((source, namespace, event)) = next else { return };
+                let view = seen.entry((source, namespace.clone())).or_default();
                 match event {
                     Ok(event) => {
-                        if failing.remove(&(kind, namespace.clone())).is_some() {
-                            info!(?kind, namespace, "watching Gateways again");
+                        if failing.remove(&(source, namespace.clone())).is_some() {
+                            info!(?source, namespace, "watching again");
                         }
-                        match event {
-                            Event::Init => view.listing = Some(BTreeMap::new()),
-                            Event::InitApply(object) => {
-                                let g = gateway(kind, &object);
-                                view.listing.get_or_insert_with(BTreeMap::new).insert(g.at.name.clone(), g);
-                                continue;
-                            }
-                            Event::InitDone => {
-                                view.gateways = view.listing.take().unwrap_or_default();
-                            }
-                            Event::Apply(object) => {
-                                let g = gateway(kind, &object);
-                                view.gateways.insert(g.at.name.clone(), g);
-                            }
-                            Event::Delete(object) => {
-                                let g = gateway(kind, &object);
-                                view.gateways.remove(&g.at.name);
-                            }
+                        if !view.apply(event) {
+                            continue;
                         }
                     }
                     Err(e) => {
                         // Once per failing spell: the backoff retries.
-                        if failing.insert((kind, namespace.clone()), true).is_none() {
-                            warn!(?kind, namespace, "watching Gateways failed (is the CRD installed? retried with backoff): {e}");
+                        if failing.insert((source, namespace.clone()), true).is_none() {
+                            warn!(?source, namespace, "watching failed (is the CRD installed? retried with backoff): {e}");
                         }
-                        continue;
+                        // A watch failing before its first list: derive
+                        // from what the others have (once), not wait for it.
+                        if std::mem::replace(&mut view.settled, true) {
+                            continue;
+                        }
                     }
                 }
             }
@@ -206,12 +279,15 @@ pub async fn run(
             }
             _ = stop.wait_for(|s| *s) => return,
         }
+        let grants_settled = seen
+            .get(&(Source::Grants, agent_namespace.clone()))
+            .is_some_and(|v| v.settled);
+        if grants_watched && !grants_settled {
+            continue;
+        }
         let file_config = Arc::clone(&file.borrow());
-        let all_gateways: Vec<Gateway> = seen
-            .values()
-            .flat_map(|v| v.gateways.values().cloned())
-            .collect();
-        let derived = gateways::derive(&all_gateways, &file_config);
+        let (all_gateways, grants) = snapshot(&seen);
+        let derived = gateways::derive(&all_gateways, &grants, &file_config);
         events.set_gateways(derived.users.clone());
         if derived.conflicts != conflicts {
             for conflict in &derived.conflicts {

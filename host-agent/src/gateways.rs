@@ -8,8 +8,15 @@
 //!   workload's namespace, which must be the agent's.
 //! - Gateway API `gateway.networking.k8s.io/v1` Gateways: listeners with
 //!   `protocol: HTTPS`, `tls.mode: Terminate` (the default), a `hostname`,
-//!   and `tls.certificateRefs` to core Secrets in the Gateway's namespace,
-//!   which must be the agent's.
+//!   and `tls.certificateRefs` to core Secrets in the agent's namespace. A
+//!   Gateway of another namespace may reference one only when a
+//!   `ReferenceGrant` in the agent's namespace allows it, as the Gateway API
+//!   requires of every cross-namespace reference: otherwise any tenant who
+//!   can create a Gateway could have the agent write any Secret it may write.
+//!
+//! `adopt` is never taken from a Gateway: a Gateway's annotation asking for
+//! it is ignored and reported (only the agent's config file can let it take
+//! over a Secret it did not write).
 //!
 //! Pure: the watchers (`crate::discovery`) hand in what they see, and every
 //! refusal comes back as a [`Conflict`] to report; a conflicting Secret is
@@ -25,9 +32,12 @@ use crate::config::{Certificate, ChallengeKind, Config, RESERVED_PREFIX, is_vali
 pub const ISSUE_ANNOTATION: &str = "acme-agent.envoy-acme.io/issue";
 /// The `[dns.<name>]` solver for the Gateway's wildcard hosts.
 pub const DNS_ANNOTATION: &str = "acme-agent.envoy-acme.io/dns";
-/// `"true"`: take over the Gateway's existing Secrets (cert-manager's) and
-/// renew them at their time instead of ordering at once.
+/// Once let a Gateway have its existing Secrets taken over; now ignored and
+/// reported, because whoever may edit a Gateway could take over a Secret
+/// they do not own with it. `adopt = true` in the config file does that.
 pub const ADOPT_ANNOTATION: &str = "acme-agent.envoy-acme.io/adopt";
+/// The Gateway API group, of Gateways and ReferenceGrants.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -71,6 +81,49 @@ pub struct Gateway {
     pub spec: Value,
 }
 
+/// A `gateway.networking.k8s.io/v1beta1` ReferenceGrant as the watcher sees
+/// it: in its namespace, it lets the `from` kinds of other namespaces
+/// reference the `to` kinds there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceGrant {
+    pub namespace: String,
+    pub name: String,
+    pub spec: Value,
+}
+
+impl ReferenceGrant {
+    /// Whether it lets Gateways of `gateway_namespace` reference Secret
+    /// `secret` of its own namespace: one `from` entry and one `to` entry of
+    /// the same grant must match (an absent `to.name` means every Secret).
+    fn permits(&self, gateway_namespace: &str, secret: &str) -> bool {
+        let from = array_at(&self.spec, "from").iter().any(|f| {
+            str_at(f, "group") == Some(GATEWAY_API_GROUP)
+                && str_at(f, "kind") == Some("Gateway")
+                && str_at(f, "namespace") == Some(gateway_namespace)
+        });
+        let to = array_at(&self.spec, "to").iter().any(|t| {
+            str_at(t, "group").unwrap_or("").is_empty()
+                && str_at(t, "kind") == Some("Secret")
+                && str_at(t, "name").is_none_or(|name| name == secret)
+        });
+        from && to
+    }
+}
+
+/// Whether a Gateway of `gateway_namespace` may reference Secret
+/// `namespace/secret`: always in its own namespace, else by a grant there.
+fn reference_allowed(
+    grants: &[ReferenceGrant],
+    gateway_namespace: &str,
+    namespace: &str,
+    secret: &str,
+) -> bool {
+    gateway_namespace == namespace
+        || grants
+            .iter()
+            .any(|g| g.namespace == namespace && g.permits(gateway_namespace, secret))
+}
+
 /// A Gateway's request the agent refuses, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Conflict {
@@ -92,7 +145,6 @@ struct Wish {
     gateway: GatewayRef,
     hosts: BTreeSet<String>,
     dns: Option<String>,
-    adopt: bool,
 }
 
 fn str_at<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
@@ -110,6 +162,7 @@ fn array_at<'a>(value: &'a Value, key: &str) -> &'a [Value] {
 fn wishes(
     gateway: &Gateway,
     agent_namespace: &str,
+    grants: &[ReferenceGrant],
     conflicts: &mut Vec<Conflict>,
 ) -> BTreeMap<String, BTreeSet<String>> {
     let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -177,6 +230,15 @@ fn wishes(
                         ));
                         continue;
                     }
+                    let from = &gateway.at.namespace;
+                    if !reference_allowed(grants, from, namespace, secret) {
+                        // Refused until a grant appears (the watcher then
+                        // derives again); never ordered meanwhile.
+                        refuse(format!(
+                            "listener {listener_name} references Secret {namespace}/{secret} of another namespace, and no ReferenceGrant in {namespace} allows it (from: group {GATEWAY_API_GROUP}, kind Gateway, namespace {from}; to: group \"\", kind Secret, name {secret} or none)"
+                        ));
+                        continue;
+                    }
                     let Some(hostname) = str_at(listener, "hostname") else {
                         refuse(format!(
                             "listener {listener_name} has no hostname: the agent orders certificates for names only"
@@ -217,8 +279,9 @@ fn refused_host(host: &str, dns: Option<&str>, config: &Config) -> Option<String
 }
 
 /// The certificates the annotated `gateways` ask for, given the agent's
-/// `config` (its namespace, solvers, and file certificates, which win).
-pub fn derive(gateways: &[Gateway], config: &Config) -> Derived {
+/// `config` (its namespace, solvers, and file certificates, which win) and
+/// the ReferenceGrants seen (for cross-namespace `certificateRefs`).
+pub fn derive(gateways: &[Gateway], grants: &[ReferenceGrant], config: &Config) -> Derived {
     let Some(agent_namespace) = config.kubernetes.as_ref().map(|k| k.namespace.as_str()) else {
         return Derived::default();
     };
@@ -236,17 +299,21 @@ pub fn derive(gateways: &[Gateway], config: &Config) -> Derived {
             continue;
         }
         let dns = gateway.annotations.get(DNS_ANNOTATION).cloned();
-        let adopt = gateway
-            .annotations
-            .get(ADOPT_ANNOTATION)
-            .map(String::as_str)
-            == Some("true");
-        for (secret, hosts) in wishes(gateway, agent_namespace, &mut conflicts) {
+        if gateway.annotations.contains_key(ADOPT_ANNOTATION) {
+            // Reported, and the Gateway's Secrets derived as if it were not
+            // there: a Secret the agent did not write stays untouched.
+            conflicts.push(Conflict {
+                gateway: gateway.at.clone(),
+                message: format!(
+                    "annotation {ADOPT_ANNOTATION} is ignored: a Gateway cannot make the agent take over a Secret it did not write; set adopt = true on the certificate in the agent's config file instead"
+                ),
+            });
+        }
+        for (secret, hosts) in wishes(gateway, agent_namespace, grants, &mut conflicts) {
             by_secret.entry(secret).or_default().push(Wish {
                 gateway: gateway.at.clone(),
                 hosts,
                 dns: dns.clone(),
-                adopt,
             });
         }
     }
@@ -302,7 +369,7 @@ pub fn derive(gateways: &[Gateway], config: &Config) -> Derived {
             challenge: ChallengeKind::Http01,
             dns: first.dns.clone(),
             profile: None,
-            adopt: wishes.iter().any(|w| w.adopt),
+            adopt: false,
         });
     }
     conflicts.sort();
@@ -372,7 +439,7 @@ mod tests {
                  "tls": {"mode": "PASSTHROUGH"}},
             ]),
         );
-        let derived = derive(std::slice::from_ref(&gw), &config(""));
+        let derived = derive(std::slice::from_ref(&gw), &[], &config(""));
         assert!(derived.conflicts.is_empty(), "{:?}", derived.conflicts);
         let names: Vec<(&str, Vec<&str>)> = derived
             .certificates
@@ -394,7 +461,7 @@ mod tests {
         assert_eq!(derived.users["www"], vec![gw.at.clone()]);
         // Not annotated: nothing.
         let quiet = istio("main", false, json!([https(&["www.example.com"], "www")]));
-        assert_eq!(derive(&[quiet], &config("")), Derived::default());
+        assert_eq!(derive(&[quiet], &[], &config("")), Derived::default());
     }
 
     #[test]
@@ -418,7 +485,7 @@ mod tests {
             true,
             json!({ "listeners": listeners }),
         );
-        let derived = derive(&[gw], &config(""));
+        let derived = derive(&[gw], &[], &config(""));
         assert_eq!(derived.certificates.len(), 1);
         assert_eq!(
             derived.certificates[0].domains,
@@ -434,11 +501,116 @@ mod tests {
         assert!(messages.iter().any(|m| m.contains("has no hostname")));
     }
 
+    fn grant(namespace: &str, from_namespace: &str, from_kind: &str, to: Value) -> ReferenceGrant {
+        ReferenceGrant {
+            namespace: namespace.into(),
+            name: "g".into(),
+            spec: json!({
+                "from": [{"group": GATEWAY_API_GROUP, "kind": from_kind, "namespace": from_namespace}],
+                "to": [to],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_cross_namespace_reference_needs_a_reference_grant() {
+        let listeners = json!([
+            {"name": "shop", "protocol": "HTTPS", "port": 443, "hostname": "shop.example.com",
+             "tls": {"certificateRefs": [{"name": "shop", "namespace": "istio-system"}]}},
+        ]);
+        let gw = gateway(
+            Kind::GatewayApi,
+            "apps",
+            "web",
+            true,
+            json!({ "listeners": listeners }),
+        );
+        let refused = |grants: &[ReferenceGrant], case: &str| {
+            let derived = derive(std::slice::from_ref(&gw), grants, &config(""));
+            assert!(derived.certificates.is_empty(), "{case}");
+            assert_eq!(derived.conflicts.len(), 1, "{case}");
+            let message = &derived.conflicts[0].message;
+            assert!(
+                message.contains("no ReferenceGrant in istio-system")
+                    && message.contains("namespace apps"),
+                "{case}: {message}"
+            );
+        };
+        refused(&[], "no grant");
+        let secret = json!({"group": "", "kind": "Secret"});
+        let misfits = [
+            (
+                grant("apps", "apps", "Gateway", secret.clone()),
+                "a grant in the Gateway's namespace, not the Secret's",
+            ),
+            (
+                grant("istio-system", "other", "Gateway", secret.clone()),
+                "from another namespace",
+            ),
+            (
+                grant("istio-system", "apps", "HTTPRoute", secret.clone()),
+                "from HTTPRoutes",
+            ),
+            (
+                grant(
+                    "istio-system",
+                    "apps",
+                    "Gateway",
+                    json!({"group": "", "kind": "Secret", "name": "other"}),
+                ),
+                "to another Secret",
+            ),
+            (
+                grant(
+                    "istio-system",
+                    "apps",
+                    "Gateway",
+                    json!({"group": "", "kind": "ConfigMap"}),
+                ),
+                "to ConfigMaps",
+            ),
+        ];
+        for (misfit, case) in misfits {
+            refused(&[misfit], case);
+        }
+        for to in [
+            json!({"group": "", "kind": "Secret", "name": "shop"}),
+            secret,
+        ] {
+            let grants = [grant("istio-system", "apps", "Gateway", to.clone())];
+            let derived = derive(std::slice::from_ref(&gw), &grants, &config(""));
+            assert!(
+                derived.conflicts.is_empty(),
+                "{to}: {:?}",
+                derived.conflicts
+            );
+            assert_eq!(derived.certificates.len(), 1, "{to}");
+            assert_eq!(derived.certificates[0].name, "shop");
+            assert_eq!(derived.certificates[0].domains, ["shop.example.com"]);
+        }
+    }
+
+    #[test]
+    fn a_gateways_adopt_annotation_is_ignored_and_reported() {
+        let mut gw = istio("main", true, json!([https(&["www.example.com"], "www")]));
+        gw.annotations
+            .insert(ADOPT_ANNOTATION.to_owned(), "true".to_owned());
+        let derived = derive(&[gw], &[], &config(""));
+        assert_eq!(derived.certificates.len(), 1);
+        assert!(!derived.certificates[0].adopt);
+        assert_eq!(derived.conflicts.len(), 1);
+        assert!(
+            derived.conflicts[0].message.contains("is ignored"),
+            "{:?}",
+            derived.conflicts
+        );
+    }
+
     #[test]
     fn conflicts_order_nothing_and_say_why() {
         let a = istio("a", true, json!([https(&["a.example.com"], "shared")]));
         let b = istio("b", true, json!([https(&["b.example.com"], "shared")]));
-        let derived = derive(&[a.clone(), b.clone()], &config(""));
+        let derived = derive(&[a.clone(), b.clone()], &[], &config(""));
         assert!(derived.certificates.is_empty());
         assert_eq!(derived.conflicts.len(), 2);
         assert!(
@@ -448,7 +620,7 @@ mod tests {
         );
         // The same names from two Gateways: one certificate, both users.
         let b_same = istio("b", true, json!([https(&["a.example.com"], "shared")]));
-        let derived = derive(&[a.clone(), b_same], &config(""));
+        let derived = derive(&[a.clone(), b_same], &[], &config(""));
         assert_eq!(derived.certificates.len(), 1);
         assert_eq!(derived.users["shared"].len(), 2);
 
@@ -473,7 +645,7 @@ mod tests {
         ];
         for (server, extra, want) in cases {
             let gw = istio("c", true, json!([server]));
-            let derived = derive(&[gw], &config(extra));
+            let derived = derive(&[gw], &[], &config(extra));
             assert!(derived.certificates.is_empty(), "{want}");
             assert_eq!(derived.conflicts.len(), 1, "{want}");
             assert!(
@@ -485,7 +657,7 @@ mod tests {
         // An Istio Gateway elsewhere: its Secrets are not the agent's to write.
         let mut away = istio("away", true, json!([https(&["x.example.com"], "x")]));
         away.at.namespace = "apps".into();
-        let derived = derive(&[away], &config(""));
+        let derived = derive(&[away], &[], &config(""));
         assert!(
             derived.conflicts[0]
                 .message
@@ -509,12 +681,12 @@ mod tests {
         );
         gw.annotations
             .insert(DNS_ANNOTATION.to_owned(), "main".to_owned());
-        let derived = derive(std::slice::from_ref(&gw), &config(&solver));
+        let derived = derive(std::slice::from_ref(&gw), &[], &config(&solver));
         assert!(derived.conflicts.is_empty(), "{:?}", derived.conflicts);
         assert_eq!(derived.certificates[0].dns.as_deref(), Some("main"));
         gw.annotations
             .insert(DNS_ANNOTATION.to_owned(), "other".to_owned());
-        let derived = derive(&[gw], &config(&solver));
+        let derived = derive(&[gw], &[], &config(&solver));
         assert!(derived.conflicts[0].message.contains("\"other\""));
     }
 }

@@ -7,10 +7,11 @@
 //! now is removed; other managers' keys stay. Tests can make it answer an
 //! error for one Secret and one method (`fail`), as a real API server does
 //! when an admission webhook denies a write (422), on a conflict (409) or
-//! when it is unavailable (500). Events (`events.k8s.io/v1`): created, and
-//! patched by JSON merge patch, as kube-runtime's `Recorder` does to count a
-//! series. Custom resources the agent watches (Istio and Gateway API
-//! Gateways), put and deleted by the test: list (with the collection's
+//! when it is unavailable (500). Events (`events.k8s.io/v1`, in any
+//! namespace): created, and patched by JSON merge patch, as kube-runtime's
+//! `Recorder` does to count a series. Custom resources the agent watches (Istio and Gateway API
+//! Gateways, Gateway API ReferenceGrants), put and deleted by the test (the
+//! fake checks neither their schema nor who may see them): list (with the collection's
 //! resourceVersion) and watch from a resourceVersion, as kube-runtime's
 //! `watcher` does: a watch answers the changes after that version as
 //! newline-delimited events and then ends (a real API server may end a watch
@@ -231,12 +232,19 @@ fn stored_owned_elsewhere(
         .any(|keys| keys.contains(&(section.to_owned(), key.to_owned())))
 }
 
+/// What follows `events` in an Events path of any namespace (Events about
+/// a Gateway go to the Gateway's namespace).
+fn events_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/apis/events.k8s.io/v1/namespaces/")?;
+    let (_namespace, rest) = rest.split_once('/')?;
+    rest.strip_prefix("events")
+}
+
 impl FakeKube {
     pub fn start(namespace: &str) -> Result<Self> {
         let state: Arc<Mutex<State>> = Arc::default();
         let handler_state = Arc::clone(&state);
         let prefix = format!("/api/v1/namespaces/{namespace}/secrets/");
-        let events_prefix = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
         let leases_prefix = format!("/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases");
         let namespace_name = namespace.to_owned();
         let server = Server::start(move |req: &Request| {
@@ -249,7 +257,8 @@ impl FakeKube {
                 body: body.clone(),
             });
             let (path, _) = req.path.split_once('?').unwrap_or((&req.path, ""));
-            if path.ends_with("/gateways") && req.method == "GET" {
+            let watched = path.ends_with("/gateways") || path.ends_with("/referencegrants");
+            if watched && req.method == "GET" {
                 let collection = path.to_owned();
                 if req.query("watch").is_some_and(|w| w == "true" || w == "1") {
                     let since = req
@@ -333,7 +342,7 @@ impl FakeKube {
                     ),
                 };
             }
-            if let Some(rest) = path.strip_prefix(&events_prefix) {
+            if let Some(rest) = events_path(path) {
                 state.version += 1;
                 let version = state.version.to_string();
                 return match (req.method.as_str(), rest.strip_prefix('/')) {

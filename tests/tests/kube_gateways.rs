@@ -5,7 +5,11 @@
 //! included). An Istio Gateway and a Gateway API Gateway each get their
 //! Secret issued; a host added to a Gateway is ordered within seconds; two
 //! Gateways asking for different names in one Secret get Conflict Events and
-//! no order; a deleted Gateway's certificate is no longer renewed.
+//! no order; a deleted Gateway's certificate is no longer renewed. A
+//! Gateway of another namespace referencing the agent's namespace is
+//! refused (once, visibly, with no request for the Secret) until a
+//! ReferenceGrant allows it, and released when the grant goes; a Gateway's
+//! adopt annotation takes over nothing.
 
 use std::time::Duration;
 
@@ -18,6 +22,9 @@ use serde_json::{Value, json};
 const NS: &str = "istio-system";
 const ISTIO: &str = "/apis/networking.istio.io/v1/namespaces/istio-system/gateways";
 const GATEWAY_API: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/istio-system/gateways";
+const TENANT_GATEWAY_API: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/apps/gateways";
+const GRANTS: &str =
+    "/apis/gateway.networking.k8s.io/v1beta1/namespaces/istio-system/referencegrants";
 
 fn istio_gateway(name: &str, secret: &str, hosts: &[&str]) -> Value {
     json!({
@@ -204,4 +211,159 @@ fn certificates_follow_annotated_gateways() {
         istio_gateway("main", "www-gw", &["www.example.com", "new.example.com"]),
     );
     wait_secret_covers(&world, "www-gw", &["www.example.com", "new.example.com"]);
+}
+
+/// A tenant's Gateway API Gateway in namespace `apps`, its listener's Secret
+/// in the agent's namespace.
+fn tenant_gateway() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {
+            "name": "shop",
+            "namespace": "apps",
+            "annotations": {"acme-agent.envoy-acme.io/issue": "true"},
+        },
+        "spec": {
+            "gatewayClassName": "istio",
+            "listeners": [{
+                "name": "shop", "protocol": "HTTPS", "port": 443,
+                "hostname": "shop.example.com",
+                "tls": {"certificateRefs": [{"name": "shop-gw", "namespace": NS}]},
+            }],
+        },
+    })
+}
+
+/// A ReferenceGrant in the agent's namespace for Gateways of `apps` to
+/// Secret `secret`.
+fn grant(name: &str, secret: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "apps"}],
+            "to": [{"group": "", "kind": "Secret", "name": secret}],
+        },
+    })
+}
+
+#[test]
+fn a_cross_namespace_reference_needs_a_reference_grant() {
+    let mut world = World::new(pebble::Options::default());
+    let kube = FakeKube::start(NS).unwrap();
+    kube.put_object(TENANT_GATEWAY_API, tenant_gateway());
+    // A grant, but for another Secret.
+    kube.put_object(GRANTS, grant("other", "other-secret"));
+    world.kube = Some(kube);
+    world.extra_config = format!("[kubernetes.gateways]\nnamespaces = [\"{NS}\", \"apps\"]\n");
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let kube = world.kube.as_ref().unwrap();
+
+    // Refused where the operator looks, and nothing else happens: no order,
+    // no request for the Secret, no repeat of the Event.
+    wait_for(
+        Duration::from_secs(10),
+        "a Conflict Event on the tenant's Gateway",
+        || (!conflict_events_on(kube, "shop").is_empty()).then_some(()),
+        || format!("{:#?}\n{}", kube.events(), world.context()),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let refusals = conflict_events_on(kube, "shop");
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    let refusal = &refusals[0];
+    assert_eq!(refusal["regarding"]["namespace"], "apps");
+    assert!(
+        refusal["note"]
+            .as_str()
+            .unwrap()
+            .contains("no ReferenceGrant in istio-system allows it"),
+        "{refusal}"
+    );
+    assert!(refusal["series"].is_null(), "reported once: {refusal}");
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 0.0);
+    assert_eq!(
+        kube.count("GET", "shop-gw") + kube.count("PATCH", "shop-gw"),
+        0
+    );
+    assert!(kube.secret("shop-gw").is_none());
+
+    // A grant for it: issued within seconds.
+    kube.put_object(GRANTS, grant("shop", "shop-gw"));
+    wait_secret_covers(&world, "shop-gw", &["shop.example.com"]);
+
+    // The grant withdrawn: no longer renewed, the Secret marked released.
+    kube.delete_object(GRANTS, "shop");
+    wait_for(
+        Duration::from_secs(10),
+        "shop-gw no longer managed",
+        || (!world.cli(&["renew", "shop-gw"]).status.success()).then_some(()),
+        || world.context(),
+    )
+    .unwrap();
+    let released = kube.secret("shop-gw").unwrap();
+    assert!(
+        released["metadata"]["annotations"]["acme-agent.envoy-acme.io/released"].is_string(),
+        "{released}"
+    );
+}
+
+#[test]
+fn a_gateways_adopt_annotation_takes_over_nothing() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let world_kube = FakeKube::start(NS).unwrap();
+    // Someone else's Secret (cert-manager's, say) that a Gateway names.
+    world_kube.insert(
+        "www-gw",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "www-gw", "namespace": NS,
+                         "labels": {"controller.cert-manager.io/fao": "true"}},
+            "type": "kubernetes.io/tls",
+            "data": {"tls.crt": b64("someone else's chain"), "tls.key": b64("someone else's key")},
+        }),
+    );
+    let mut gateway = istio_gateway("main", "www-gw", &["www.example.com"]);
+    gateway["metadata"]["annotations"]["acme-agent.envoy-acme.io/adopt"] = json!("true");
+    world_kube.put_object(ISTIO, gateway);
+    let before = world_kube.secret("www-gw").unwrap();
+    let mut world = World::new(pebble::Options::default());
+    world.kube = Some(world_kube);
+    world.extra_config = format!("[kubernetes.gateways]\nnamespaces = [\"{NS}\"]\n");
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    let kube = world.kube.as_ref().unwrap();
+    // The annotation is reported as ignored, and the Secret as not the
+    // agent's to write.
+    wait_for(
+        Duration::from_secs(10),
+        "the annotation reported as ignored, the Secret as foreign",
+        || {
+            let events = kube.events();
+            let ignored = conflict_events_on(kube, "main").iter().any(|e| {
+                e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("acme-agent.envoy-acme.io/adopt is ignored"))
+            });
+            let foreign = events.iter().any(|e| {
+                e["reason"] == "Failed"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("not managed by acme-agent"))
+            });
+            (ignored && foreign).then_some(())
+        },
+        || format!("{:#?}\n{}", kube.events(), world.context()),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(kube.secret("www-gw").unwrap(), before);
+    assert_eq!(kube.count("PATCH", "www-gw"), 0);
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 0.0);
 }
