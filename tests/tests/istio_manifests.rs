@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use acme_agent::config::Config;
-use acme_tests::schemas::{crd_schemas, unknown_object_fields, validate_custom, yaml_docs};
+use acme_tests::schemas::{admit, crd_schemas, unknown_object_fields, validate_custom, yaml_docs};
 use acme_tests::{filter_wasm, workspace_root};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn istio_dir() -> PathBuf {
     workspace_root().join("envoy-config/istio")
@@ -35,7 +35,15 @@ fn kustomize(dir: &Path) -> Vec<(PathBuf, Value)> {
                 .collect()
         };
         for (file, object) in objects {
-            if let Some(ns) = &namespace {
+            if is_cluster_scoped(&object) {
+                // kustomize leaves these without a namespace (older ones add
+                // it, and the API server drops it).
+                assert!(
+                    object["metadata"]["namespace"].is_null(),
+                    "{}: a cluster-scoped object with a namespace",
+                    file.display()
+                );
+            } else if let Some(ns) = &namespace {
                 assert_eq!(
                     object["metadata"]["namespace"].as_str(),
                     Some(ns.as_str()),
@@ -47,6 +55,14 @@ fn kustomize(dir: &Path) -> Vec<(PathBuf, Value)> {
         }
     }
     out
+}
+
+fn is_cluster_scoped(object: &Value) -> bool {
+    object["apiVersion"] == "admissionregistration.k8s.io/v1"
+        && matches!(
+            object["kind"].as_str(),
+            Some("ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding")
+        )
 }
 
 /// Deserializes into the k8s-openapi type, failing on any field it ignores.
@@ -64,7 +80,7 @@ fn strict<T: serde::de::DeserializeOwned>(file: &Path, object: &Value) -> T {
 }
 
 fn validate_core(file: &Path, object: &Value) {
-    use k8s_openapi::api::{apps, core, networking, policy, rbac};
+    use k8s_openapi::api::{admissionregistration, apps, core, networking, policy, rbac};
     match (
         object["apiVersion"].as_str().unwrap(),
         object["kind"].as_str().unwrap(),
@@ -83,6 +99,14 @@ fn validate_core(file: &Path, object: &Value) {
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             drop(strict::<networking::v1::NetworkPolicy>(file, object))
         }
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+            drop(strict::<admissionregistration::v1::ValidatingAdmissionPolicy>(file, object))
+        }
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+            drop(strict::<
+                admissionregistration::v1::ValidatingAdmissionPolicyBinding,
+            >(file, object))
+        }
         (api, kind) => panic!("{}: no check for {api} {kind}", file.display()),
     }
 }
@@ -94,6 +118,7 @@ fn is_core(object: &Value) -> bool {
         || api.starts_with("rbac.authorization.k8s.io/")
         || api == "networking.k8s.io/v1"
         || api == "policy/v1"
+        || api == "admissionregistration.k8s.io/v1"
 }
 
 const SETS: [&str; 3] = ["", "wasmplugin", "gateway-api"];
@@ -307,14 +332,15 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         pod["serviceAccountName"],
         object(&default, "ServiceAccount")["metadata"]["name"]
     );
-    // The Role: Secrets, reading and patching only the agent's own (every
-    // one the config needs, for both Let's Encrypt directories), so never
-    // the mesh's CA key in the same namespace; and creating and patching
-    // Events (kube-runtime's Recorder does exactly those two).
+    // The Role: Secrets, reading and patching only the agent's own (exactly
+    // the ones the shipped config needs: its CA directory's, not another's),
+    // so never the mesh's CA key in the same namespace; and creating and
+    // patching Events (kube-runtime's Recorder does exactly those two).
     let role = object(&default, "Role");
     let mut readable = BTreeSet::new();
     let mut events_rules = 0;
     let mut gateway_rules = 0;
+    let mut grant_rules = 0;
     let mut lease_rules = 0;
     for rule in role["rules"].as_array().unwrap() {
         if rule["resources"] == serde_json::json!(["gateways"]) {
@@ -325,6 +351,15 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
                 serde_json::json!(["networking.istio.io", "gateway.networking.k8s.io"])
             );
             gateway_rules += 1;
+            continue;
+        }
+        if rule["resources"] == serde_json::json!(["referencegrants"]) {
+            assert_eq!(rule["verbs"], serde_json::json!(["list", "watch"]));
+            assert_eq!(
+                rule["apiGroups"],
+                serde_json::json!(["gateway.networking.k8s.io"])
+            );
+            grant_rules += 1;
             continue;
         }
         if rule["apiGroups"] == serde_json::json!(["coordination.k8s.io"]) {
@@ -360,23 +395,38 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
             readable.extend(names.iter().map(|n| n.as_str().unwrap().to_owned()));
         }
     }
-    for directory in ["letsencrypt", "letsencrypt-staging"] {
-        let text = config_map["data"]["agent.toml"]
-            .as_str()
-            .unwrap()
-            .replace("\"letsencrypt-staging\"", &format!("{directory:?}"));
-        let config = Config::parse(&text, Path::new("configmap agent.toml")).unwrap();
-        for name in acme_agent::kubernetes::secret_names(&config) {
-            assert!(
-                readable.contains(&name),
-                "the Role does not let the agent read {name}"
-            );
-        }
-    }
+    let needed: BTreeSet<String> = acme_agent::kubernetes::secret_names(&config)
+        .into_iter()
+        .collect();
+    assert_eq!(
+        readable, needed,
+        "the Role's resourceNames must be what `acme-agent check-config` prints for the shipped ConfigMap"
+    );
+    // The other Let's Encrypt directory's account is not readable.
+    let shipped_directory = config.acme.directory.as_str();
+    let other_directory = match shipped_directory {
+        "letsencrypt" => "letsencrypt-staging",
+        _ => "letsencrypt",
+    };
+    let other = config_map["data"]["agent.toml"].as_str().unwrap().replace(
+        &format!("directory = {shipped_directory:?}"),
+        &format!("directory = {other_directory:?}"),
+    );
+    let other = Config::parse(&other, Path::new("configmap agent.toml")).unwrap();
+    let other_names: BTreeSet<String> = acme_agent::kubernetes::secret_names(&other)
+        .into_iter()
+        .collect();
+    let only_other: Vec<&String> = other_names.difference(&needed).collect();
+    assert_eq!(only_other.len(), 2, "{only_other:?}");
+    assert!(only_other.iter().all(|n| !readable.contains(*n)));
     for mesh_ca in ["istio-ca-secret", "cacerts"] {
         assert!(!readable.contains(mesh_ca));
     }
     assert_eq!(events_rules, 1, "the Role lets the agent record Events");
+    assert_eq!(
+        grant_rules, 1,
+        "the Role lets the agent watch ReferenceGrants"
+    );
     let shipped = Config::parse(
         config_map["data"]["agent.toml"].as_str().unwrap(),
         Path::new("configmap agent.toml"),
@@ -429,5 +479,137 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         from.iter()
             .any(|m| m["gateway.networking.k8s.io/gateway-name"] == k8s_gateway_name),
         "{from:?}"
+    );
+}
+
+/// A Secret as the agent (or someone holding its token) would send it.
+fn secret(namespace: &str, name: &str, type_: &str, labelled: bool) -> Value {
+    let mut secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": type_,
+        "data": {},
+    });
+    if labelled {
+        secret["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "acme-agent"});
+    }
+    secret
+}
+
+#[test]
+fn the_admission_policy_lets_the_agent_write_only_its_own_secrets() {
+    let default = kustomize(&istio_dir());
+    let policy = object(&default, "ValidatingAdmissionPolicy");
+    let binding = object(&default, "ValidatingAdmissionPolicyBinding");
+    let role = object(&default, "Role");
+    let account = object(&default, "ServiceAccount");
+    let ns = role["metadata"]["namespace"].as_str().unwrap();
+
+    // Bound, enforced, on every Secret create and update, and parameterised
+    // by the agent's Role (its resourceNames are the list).
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert!(binding["spec"]["matchResources"].is_null());
+    let param = &binding["spec"]["paramRef"];
+    assert_eq!(param["name"], role["metadata"]["name"]);
+    assert_eq!(param["namespace"], ns);
+    assert_eq!(param["parameterNotFoundAction"], "Deny");
+    assert_eq!(
+        policy["spec"]["paramKind"],
+        json!({"apiVersion": role["apiVersion"], "kind": "Role"})
+    );
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        policy["spec"]["matchConstraints"]["resourceRules"],
+        json!([{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["secrets"]}])
+    );
+
+    let agent = format!(
+        "system:serviceaccount:{}:{}",
+        account["metadata"]["namespace"].as_str().unwrap(),
+        account["metadata"]["name"].as_str().unwrap()
+    );
+    let decide = |user: &str, object: &Value, params: &Value| {
+        let request = json!({
+            "namespace": object["metadata"]["namespace"],
+            "operation": "CREATE",
+            "userInfo": {"username": user},
+        });
+        admit(policy, &request, object, params)
+    };
+
+    // Every Secret the agent writes for the shipped config passes.
+    let config_map = object(&default, "ConfigMap");
+    let config = Config::parse(
+        config_map["data"]["agent.toml"].as_str().unwrap(),
+        Path::new("configmap agent.toml"),
+    )
+    .unwrap();
+    for name in acme_agent::kubernetes::secret_names(&config) {
+        let certificate = config.certificates.iter().any(|c| c.name == name);
+        let type_ = if certificate {
+            "kubernetes.io/tls"
+        } else {
+            "Opaque"
+        };
+        assert_eq!(
+            decide(&agent, &secret(ns, &name, type_, true), role),
+            Ok(()),
+            "{name}"
+        );
+    }
+
+    // What a stolen token would try: refused, each for its reason.
+    let listed = config.certificates[0].name.as_str();
+    let refused = [
+        (
+            secret(ns, listed, "kubernetes.io/service-account-token", true),
+            "of type",
+        ),
+        (secret(ns, "cacerts", "Opaque", true), "names"),
+        (
+            secret(ns, "istio-ca-secret", "kubernetes.io/tls", true),
+            "names",
+        ),
+        (secret(ns, listed, "kubernetes.io/tls", false), "labelled"),
+        (
+            secret("default", listed, "kubernetes.io/tls", true),
+            "names",
+        ),
+    ];
+    for (object, why) in &refused {
+        let verdict = decide(&agent, object, role);
+        assert!(
+            verdict.as_ref().is_err_and(|m| m.contains(why)),
+            "{object}: {verdict:?}"
+        );
+    }
+
+    // Anyone else is RBAC's business: istiod writes its cacerts.
+    let istiod = format!("system:serviceaccount:{ns}:istiod");
+    assert_eq!(
+        decide(&istiod, &secret(ns, "cacerts", "Opaque", false), role),
+        Ok(())
+    );
+
+    // A Role granting every Secret (the dedicated-namespace layout): any
+    // name, still only the agent's types and label.
+    let mut open = role.clone();
+    for rule in open["rules"].as_array_mut().unwrap() {
+        rule.as_object_mut().unwrap().remove("resourceNames");
+    }
+    assert_eq!(
+        decide(&agent, &secret(ns, "anything", "Opaque", true), &open),
+        Ok(())
+    );
+    assert!(
+        decide(
+            &agent,
+            &secret(ns, "anything", "kubernetes.io/service-account-token", true),
+            &open
+        )
+        .is_err()
     );
 }
