@@ -10,9 +10,10 @@
 #   scripts/demo.sh            # set up, run, check, keep running
 #   scripts/demo.sh --check    # stop after the check (exit 0 when it passed)
 #
-# Ports (loopback): HTTP 18080, HTTPS 18443, agent 19180, agent SDS 19181,
+# Ports (loopback): HTTP 18080, HTTPS 18443, agent probes and metrics 19182,
 # Envoy admin 19901, app 18000, Pebble 14000 (management 15000), DNS 18053
-# (management 18055).
+# (management 18055). The agent's API and SDS are Unix sockets in
+# .run/demo/sockets, as in the shipped config.
 # Override with the DEMO_*_PORT variables below if one is taken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +28,7 @@ esac
 
 HTTP_PORT=${DEMO_HTTP_PORT:-18080}
 HTTPS_PORT=${DEMO_HTTPS_PORT:-18443}
-AGENT_PORT=${DEMO_AGENT_PORT:-19180}
-SDS_PORT=${DEMO_SDS_PORT:-19181}
+HEALTH_PORT=${DEMO_HEALTH_PORT:-19182}
 ADMIN_PORT=${DEMO_ADMIN_PORT:-19901}
 APP_PORT=${DEMO_APP_PORT:-18000}
 PEBBLE_PORT=${DEMO_PEBBLE_PORT:-14000}
@@ -47,7 +47,7 @@ say "building the filter and the agent"
 wasm="$PWD/$(scripts/build-filter.sh 2>/dev/null)"
 agent="$PWD/$(scripts/build-agent.sh)"
 
-for port in $HTTP_PORT $HTTPS_PORT $AGENT_PORT $SDS_PORT $ADMIN_PORT $APP_PORT $PEBBLE_PORT $PEBBLE_MGMT_PORT $DNS_PORT $DNS_MGMT_PORT; do
+for port in $HTTP_PORT $HTTPS_PORT $HEALTH_PORT $ADMIN_PORT $APP_PORT $PEBBLE_PORT $PEBBLE_MGMT_PORT $DNS_PORT $DNS_MGMT_PORT; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is in use (set the matching DEMO_*_PORT)"
   fi
@@ -109,8 +109,8 @@ pids+=($!)
 # and drop ca_root; that is the whole change.
 sed -e "s|^state_dir = .*|state_dir = \"$run/state\"|" \
     -e "s|^directory = .*|directory = \"https://127.0.0.1:$PEBBLE_PORT/dir\"\nca_root = \"$run/ca.pem\"|" \
-    -e "s|127.0.0.1:9180|127.0.0.1:$AGENT_PORT|" \
-    -e "s|127.0.0.1:9181|127.0.0.1:$SDS_PORT|" \
+    -e "s|/run/acme-agent/|$run/sockets/|" \
+    -e "s|127.0.0.1:9182|127.0.0.1:$HEALTH_PORT|" \
     -e "s|^target = .*|target = \"127.0.0.1:$HTTP_PORT\"|" \
     -e "s|^tls_target = .*|tls_target = \"127.0.0.1:$HTTPS_PORT\"|" \
     envoy-config/standalone/agent.toml > "$run/agent.toml"
@@ -120,8 +120,7 @@ sed -e "s|^state_dir = .*|state_dir = \"$run/state\"|" \
 sed -e "s|/etc/envoy/acme_filter.wasm|$wasm|" \
     -e "s|port_value: 80 }|port_value: $HTTP_PORT }|" \
     -e "s|port_value: 443 }|port_value: $HTTPS_PORT }|" \
-    -e "s|port_value: 9180 }|port_value: $AGENT_PORT }|" \
-    -e "s|port_value: 9181 }|port_value: $SDS_PORT }|" \
+    -e "s|/run/acme-agent/|$run/sockets/|" \
     -e "s|port_value: 9901 }|port_value: $ADMIN_PORT }|" \
     -e "s|port_value: 8000 }|port_value: $APP_PORT }|" \
     -e "s|0.0.0.0|127.0.0.1|g" \

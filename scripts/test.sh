@@ -25,6 +25,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p acme-filter --target wasm32-wasip1 -- -D warnings
 
+step "dependencies: licenses, sources, bans (deny.toml)"
+# Advisories need the RustSec database from GitHub, which these machines do
+# not reach; run 'cargo deny check advisories' where it can be fetched.
+cargo deny check bans licenses sources
+
 step "workspace tests"
 cargo test --workspace --all-targets
 

@@ -12,10 +12,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use acme_filter_core::challenge::{self, Decision, Outcome};
 use acme_filter_core::config::FilterConfig;
-use acme_filter_core::lease;
-use acme_filter_core::poller::{Poller, SyncOutcome};
+use acme_filter_core::poller::{Answer, Poller, SyncOutcome};
 use acme_filter_core::request::RequestHeaders;
 use acme_filter_core::store::{self, SetError, SharedData};
+use acme_filter_core::{auth, lease};
 use log::{info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -45,6 +45,24 @@ impl SharedData for Host {
             _ => SetError::Other,
         })
     }
+}
+
+/// Fresh, unpredictable bytes for a request's nonce: std's hasher keys come
+/// from the host's random source (WASI `random_get`) and every
+/// `RandomState` differs, so hashing a counter with two of them gives
+/// 16 bytes no one outside the VM can guess.
+fn nonce() -> [u8; 16] {
+    let half = |n: u64| {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(n);
+        hasher.write_u64(now_ms());
+        hasher.finish().to_le_bytes()
+    };
+    let mut out = [0u8; 16];
+    let (a, b) = out.split_at_mut(8);
+    a.copy_from_slice(&half(1));
+    b.copy_from_slice(&half(2));
+    out
 }
 
 fn now_ms() -> u64 {
@@ -187,7 +205,8 @@ impl AcmeRoot {
         let Some(poller) = self.poller.as_mut() else {
             return;
         };
-        let Some(request) = poller.poll(now, self.leader, store::stored_version(&Host)) else {
+        let stored = store::stored_position(&Host);
+        let Some(request) = poller.poll(now, self.leader, &stored, nonce()) else {
             return;
         };
         let headers: Vec<(&str, &str)> = request
@@ -228,11 +247,20 @@ impl Context for AcmeRoot {
         };
         let status =
             header(MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse::<u32>().ok());
-        let outcome = poller.on_response(now, status, body_size, || {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-        });
+        let signature = header(MapType::HttpCallResponseHeaders, auth::SIGNATURE_HEADER);
+        let outcome = poller.on_response(
+            now,
+            Answer {
+                status,
+                body_len: body_size,
+                signature: signature.as_deref(),
+                read_body: || {
+                    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                        .ok()
+                        .flatten()
+                },
+            },
+        );
         // Whether this context still holds the lease, asked now: another may
         // have taken over while the call was out, and then only its data
         // counts and only it polls again.
@@ -243,6 +271,9 @@ impl Context for AcmeRoot {
             }
             Ok(SyncOutcome::Snapshot(snapshot)) => match store::apply(&Host, &snapshot) {
                 Ok(store::Applied::Stored(known)) => {
+                    if let Some(poller) = self.poller.as_mut() {
+                        poller.stored();
+                    }
                     Metrics::increment(self.metrics.sync_success);
                     Metrics::set(self.metrics.tokens_known, known);
                     info!(
@@ -251,9 +282,10 @@ impl Context for AcmeRoot {
                     );
                 }
                 Ok(store::Applied::Stale { stored }) => {
-                    Metrics::increment(self.metrics.sync_success);
+                    Metrics::increment(self.metrics.sync_failure);
+                    let delay = self.poller.as_mut().map_or(0, |p| p.stale(now));
                     info!(
-                        "acme: kept challenge set version {stored}; the answer had version {}",
+                        "acme: kept challenge set version {stored}; the answer had version {}; asking again in {delay} ms",
                         snapshot.version
                     );
                 }
@@ -285,13 +317,27 @@ impl RootContext for AcmeRoot {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let config = match FilterConfig::parse(&bytes) {
+        let mut config = match FilterConfig::parse(&bytes) {
             Ok(config) => config,
             Err(e) => {
                 log::error!("acme: {e}");
                 return false;
             }
         };
+        if let Some(name) = &config.agent_token_env {
+            // Envoy passes it in with vm_config.environment_variables.
+            match std::env::var(name) {
+                Ok(token) if !token.trim().is_empty() => {
+                    config.agent_token = Some(token.trim().to_owned());
+                }
+                _ => {
+                    log::error!(
+                        "acme: invalid filter configuration: agent_token_env: the environment variable {name} is not set in the Wasm VM (vm_config.environment_variables.host_env_keys, or Istio's WasmPlugin vmConfig.env)"
+                    );
+                    return false;
+                }
+            }
+        }
         self.metrics = Rc::new(Metrics::define());
         self.poller = Poller::new(&config);
         self.config = Some(Rc::new(config));

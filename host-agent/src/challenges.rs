@@ -19,18 +19,33 @@ pub struct Challenge {
 /// A full snapshot: the body of a `200` sync answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
+    /// This agent process: a filter takes any version of an instance it has
+    /// not seen, so a restarted or failed-over agent is followed whatever
+    /// version a filter (or anyone else) held before.
+    pub instance: String,
     pub version: u64,
     pub challenges: Vec<Challenge>,
 }
 
-/// Highest client version the set follows: Unix milliseconds reach it in
-/// the year 2^52 ms ~ 140,000 AD, and it leaves room to count above it.
-const MAX_CLIENT_VERSION: u64 = 1 << 52;
+/// A random instance id: 16 hex digits.
+fn new_instance() -> String {
+    let mut bytes = [0u8; 8];
+    // The system's random source failing is not recoverable anyway; fall
+    // back to the clock and pid, which still differ between processes.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = (nanos ^ u64::from(std::process::id()) << 40).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Pending challenges keyed by token. Every change bumps the version and wakes
 /// held long-polls.
 #[derive(Debug)]
 pub struct ChallengeSet {
+    instance: String,
     challenges: Mutex<BTreeMap<String, Challenge>>,
     version: watch::Sender<u64>,
 }
@@ -42,13 +57,14 @@ impl Default for ChallengeSet {
 }
 
 impl ChallengeSet {
-    /// Versions start at the Unix time in milliseconds so they keep growing
-    /// across agent restarts, as the protocol requires.
+    /// Versions start at the Unix time in milliseconds, so they also grow
+    /// across restarts for filters that predate instance ids.
     pub fn new() -> Self {
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         Self {
+            instance: new_instance(),
             challenges: Mutex::new(BTreeMap::new()),
             version: watch::Sender::new(start),
         }
@@ -87,22 +103,9 @@ impl ChallengeSet {
         }
     }
 
-    /// Moves the version above `seen` when it is not already: a client that
-    /// holds a version from before a restart with a clock set back.
-    pub fn advance_past(&self, seen: u64) {
-        // The client chooses `seen`: far-off values (no agent ever got there
-        // counting from the clock) are ignored rather than followed.
-        if seen > MAX_CLIENT_VERSION {
-            return;
-        }
-        self.version.send_if_modified(|v| {
-            if *v < seen {
-                *v = seen.saturating_add(1);
-                true
-            } else {
-                false
-            }
-        });
+    /// This process's instance id (see [`Snapshot::instance`]).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn version(&self) -> u64 {
@@ -113,6 +116,7 @@ impl ChallengeSet {
     pub fn snapshot(&self) -> Snapshot {
         let map = self.lock();
         Snapshot {
+            instance: self.instance.clone(),
             version: *self.version.borrow(),
             challenges: map.values().cloned().collect(),
         }
@@ -160,21 +164,12 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_client_version_moves_ours_past_it() {
-        let set = ChallengeSet::new();
-        let v0 = set.version();
-        set.advance_past(v0 - 10);
-        assert_eq!(set.version(), v0, "an older client changes nothing");
-        set.advance_past(v0 + 1000);
-        assert_eq!(set.version(), v0 + 1001);
-        set.publish([c("a")]);
-        assert_eq!(set.version(), v0 + 1002);
-        set.advance_past(u64::MAX);
-        assert_eq!(
-            set.version(),
-            v0 + 1002,
-            "an absurd client version is ignored"
-        );
+    fn every_set_has_its_own_instance_id() {
+        let (a, b) = (ChallengeSet::new(), ChallengeSet::new());
+        assert_eq!(a.instance().len(), 16);
+        assert!(a.instance().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a.instance(), b.instance());
+        assert_eq!(a.snapshot().instance, a.instance());
     }
 
     #[test]
@@ -186,5 +181,6 @@ mod tests {
         assert_eq!(json["challenges"][0]["key_authorization"], "tok.thumb");
         assert_eq!(json["challenges"][0]["identifier"], "www.example.com");
         assert!(json["version"].is_u64());
+        assert_eq!(json["instance"], set.instance());
     }
 }

@@ -670,6 +670,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k");
         std::fs::write(&key, "c2VjcmV0\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let solver = format!(
             "[dns.main]\nserver = \"192.0.2.53\"\nzone = \"example.com\"\ntsig_key = \"k\"\ntsig_secret_file = {:?}\n",
             key.display().to_string()

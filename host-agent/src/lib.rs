@@ -26,6 +26,7 @@ pub mod kubernetes;
 pub mod lease;
 pub mod manager;
 pub mod metrics;
+pub mod net;
 pub mod on_demand;
 pub mod order;
 pub mod schedule;

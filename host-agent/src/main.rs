@@ -65,6 +65,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The process holds private keys: no core dump, and no other process of
+    // the same user may ptrace it or read its memory through /proc.
+    let undumpable =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -74,6 +78,9 @@ fn main() -> ExitCode {
         // Colour for a person at a terminal, none in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = undumpable {
+        warn!("could not make the process non-dumpable: {e}");
+    }
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -246,18 +253,28 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         Some(requests_tx.clone()),
         &config.challenge_api,
     );
-    let listener = api::bind(config.challenge_api.listen).with_context(|| {
-        format!(
-            "binding the challenge API to {}",
-            config.challenge_api.listen
-        )
-    })?;
-    info!(address = %listener.local_addr()?, "challenge API listening");
+    let listener = api::bind(&config.challenge_api)?;
+    info!(listen = %config.challenge_api.listen, "challenge API listening");
+    if matches!(
+        config.challenge_api.listen,
+        acme_agent::config::Listen::Tcp(_)
+    ) && config.challenge_api.token.is_none()
+    {
+        warn!(
+            "the challenge API listens on TCP without a token: any local process can read the pending challenges, and one that takes the port while the agent is down can answer the filters; set challenge_api.token_file or listen on unix:/path"
+        );
+    }
+    let health = acme_agent::net::bind_tcp(config.health.listen)
+        .with_context(|| format!("binding health.listen {}", config.health.listen))?;
+    info!(address = %config.health.listen, "probes and metrics listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let sds = match (&config.sds, secrets) {
         (Some(sds), Some(secrets)) => {
-            let listener = acme_agent::sds::Listener::bind(&sds.listen)?;
+            let listener = acme_agent::sds::Listener::bind(sds)?;
+            let refused_metrics = Arc::clone(&metrics);
+            let refused: Arc<dyn Fn() + Send + Sync> =
+                Arc::new(move || refused_metrics.refused("sds", "peer"));
             let mut stop = stop_rx.clone();
             let gate = config.on_demand.as_ref().map(|od| {
                 Arc::new(acme_agent::on_demand::Handle(
@@ -273,6 +290,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
                 secrets,
                 alpn.clone().unwrap_or_default(),
                 gate,
+                refused,
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },
@@ -331,6 +349,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let (lost_tx, mut lost_rx) = watch::channel(false);
     let lost = lost_tx.subscribe();
     let stopper = stop_tx.clone();
+    tokio::spawn(api::serve_health(health, Arc::clone(&state)));
     let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {
         tokio::select! {
             () = shutdown_signal() => {}

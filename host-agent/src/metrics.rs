@@ -35,6 +35,16 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    /// `api`, `sds` or `health`.
+    listener: &'static str,
+    /// `peer` (credentials not allowed), `unauthenticated` (no or a wrong
+    /// token), `evicted` (an unauthenticated connection closed to make
+    /// room), `full` (every slot held by authenticated connections).
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabel {
     method: String,
 }
@@ -57,6 +67,7 @@ pub struct Metrics {
     blocked: Family<LimitLabels, Gauge>,
     orders_remaining: Gauge,
     api_connections: Gauge,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -137,9 +148,16 @@ impl Metrics {
             "Connections open to the challenge API (at most challenge_api.max_connections)",
             api_connections.clone(),
         );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections or requests turned away, by listener and reason",
+            refused.clone(),
+        );
         Self {
             registry,
             api_connections,
+            refused,
             next_attempt,
             failures,
             blocked,
@@ -214,6 +232,13 @@ impl Metrics {
 
     pub fn api_connection_closed(&self) {
         self.api_connections.dec();
+    }
+
+    /// Counts a connection or request turned away (see [`RefusedLabels`]).
+    pub fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
     }
 
     pub fn set_orders_remaining(&self, remaining: u32) {

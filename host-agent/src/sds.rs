@@ -54,20 +54,25 @@ const MAX_NAME_LEN: usize = 253;
 /// Responses queued per stream before the stream waits for Envoy to read.
 const STREAM_QUEUE: usize = 16;
 
-/// One secret as served: its version and the encoded resource.
-#[derive(Clone)]
-struct Served {
+/// One certificate's material, held once however many names it is served
+/// under; the key is zeroed when the last reference goes.
+struct Material {
     /// Shared: every stream compares it on every change.
     version: Arc<str>,
-    resource: Arc<Any>,
-    /// The certificate it belongs to (a name may move to another one).
-    certificate: String,
-    /// For a wildcard (`*.example.com`): chain and key, to answer each name
-    /// it covers with a secret of that name (Envoy checks the name).
-    pem: Option<Arc<(String, String)>>,
+    chain_pem: String,
+    key_pem: zeroize::Zeroizing<String>,
 }
 
-/// What the SDS server serves, keyed by secret name.
+/// What a name is served: its certificate and that certificate's material.
+#[derive(Clone)]
+struct Served {
+    /// The certificate it belongs to (a name may move to another one).
+    certificate: String,
+    material: Arc<Material>,
+}
+
+/// What the SDS server serves, keyed by secret name (lower case, without a
+/// trailing dot).
 pub struct SecretSet {
     secrets: Mutex<BTreeMap<String, Served>>,
     changed: watch::Sender<u64>,
@@ -89,7 +94,10 @@ fn version_of(chain_pem: &str) -> String {
         .collect()
 }
 
-fn encode(name: &str, chain_pem: &str, key_pem: &str) -> Any {
+/// The secret named `name` (as Envoy asked: it checks the name) carrying
+/// `material`. Encoded per answer rather than kept, so a key is held once,
+/// not once per name.
+fn encode(name: &str, material: &Material) -> Any {
     let inline = |text: &str| DataSource {
         specifier: Some(data_source::Specifier::InlineString(text.to_owned())),
         ..DataSource::default()
@@ -97,14 +105,24 @@ fn encode(name: &str, chain_pem: &str, key_pem: &str) -> Any {
     let secret = Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: Some(inline(chain_pem)),
-            private_key: Some(inline(key_pem)),
+            certificate_chain: Some(inline(&material.chain_pem)),
+            private_key: Some(inline(&material.key_pem)),
             ..TlsCertificate::default()
         })),
     };
     Any {
         type_url: SECRET_TYPE.to_owned(),
         value: secret.encode_to_vec(),
+    }
+}
+
+/// A name as TLS compares it: case-insensitive, a trailing dot ignored.
+fn normalized(name: &str) -> std::borrow::Cow<'_, str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }
 
@@ -126,19 +144,23 @@ impl SecretSet {
     /// Serves `certificate` under its name and each of `names`, replacing
     /// what it served before (a name it no longer covers is removed).
     pub fn set(&self, certificate: &str, names: &[String], chain_pem: &str, key_pem: &str) {
-        let version: Arc<str> = version_of(chain_pem).into();
+        let material = Arc::new(Material {
+            version: version_of(chain_pem).into(),
+            chain_pem: chain_pem.to_owned(),
+            key_pem: zeroize::Zeroizing::new(key_pem.to_owned()),
+        });
+        let wanted: Vec<String> = std::iter::once(certificate)
+            .chain(names.iter().map(String::as_str))
+            .map(|n| normalized(n).into_owned())
+            .collect();
         let mut secrets = self.lock();
-        secrets.retain(|name, s| s.certificate != certificate || names.contains(name));
-        for name in std::iter::once(certificate).chain(names.iter().map(String::as_str)) {
+        secrets.retain(|name, s| s.certificate != certificate || wanted.contains(name));
+        for name in wanted {
             secrets.insert(
-                name.to_owned(),
+                name,
                 Served {
-                    version: Arc::clone(&version),
-                    resource: Arc::new(encode(name, chain_pem, key_pem)),
                     certificate: certificate.to_owned(),
-                    pem: name
-                        .starts_with("*.")
-                        .then(|| Arc::new((chain_pem.to_owned(), key_pem.to_owned()))),
+                    material: Arc::clone(&material),
                 },
             );
         }
@@ -158,24 +180,31 @@ impl SecretSet {
         }
     }
 
-    /// The version and resource served under `name` (cheap clones): its
-    /// own certificate, else a wildcard's for its parent (one label only,
-    /// as TLS matches wildcards).
-    fn get(&self, name: &str) -> Option<(Arc<str>, Arc<Any>)> {
+    /// The material served for `name`: its own certificate's, else a
+    /// wildcard's for its parent (one label only, as TLS matches wildcards).
+    fn material(&self, name: &str) -> Option<Arc<Material>> {
+        let name = normalized(name);
         let secrets = self.lock();
-        if let Some(s) = secrets.get(name) {
-            return Some((Arc::clone(&s.version), Arc::clone(&s.resource)));
+        if let Some(s) = secrets.get(name.as_ref()) {
+            return Some(Arc::clone(&s.material));
         }
         let (label, parent) = name.split_once('.')?;
         if label.is_empty() || label == "*" {
             return None;
         }
         let wildcard = secrets.get(&format!("*.{parent}"))?;
-        let pem = wildcard.pem.as_ref()?;
-        Some((
-            Arc::clone(&wildcard.version),
-            Arc::new(encode(name, &pem.0, &pem.1)),
-        ))
+        Some(Arc::clone(&wildcard.material))
+    }
+
+    /// The version and resource served under `name`, named as asked.
+    fn get(&self, name: &str) -> Option<(Arc<str>, Any)> {
+        let material = self.material(name)?;
+        Some((Arc::clone(&material.version), encode(name, &material)))
+    }
+
+    /// The version served under `name`, without encoding anything.
+    fn version(&self, name: &str) -> Option<Arc<str>> {
+        self.material(name).map(|m| Arc::clone(&m.version))
     }
 
     /// Names the open streams track in all: bounded by what Envoy keeps
@@ -185,7 +214,7 @@ impl SecretSet {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.lock().contains_key(name)
+        self.lock().contains_key(normalized(name).as_ref())
     }
 
     pub fn len(&self) -> usize {
@@ -301,13 +330,17 @@ impl Stream {
         let mut resources = Vec::new();
         let mut removed = refused;
         for (name, told) in &mut self.names {
-            match set.get(name) {
-                Some((version, resource)) => {
-                    if !matches!(told, Told::Version(v) if *v == version) {
+            match set.version(name) {
+                Some(version) => {
+                    if matches!(told, Told::Version(v) if *v == version) {
+                        continue;
+                    }
+                    // Encoded only for what is sent.
+                    if let Some((version, resource)) = set.get(name) {
                         resources.push(Resource {
                             name: name.clone(),
                             version: version.to_string(),
-                            resource: Some(Any::clone(&resource)),
+                            resource: Some(resource),
                             ..Resource::default()
                         });
                         *told = Told::Version(version);
@@ -317,9 +350,11 @@ impl Stream {
                     let hold = match (&*told, gate) {
                         (Told::Removed, _) => continue,
                         (Told::Pending(until), Some(gate)) => {
-                            (now < *until && !gate.refused(name)).then_some(*until)
+                            (now < *until && !gate.refused(&normalized(name))).then_some(*until)
                         }
-                        (Told::Nothing, Some(gate)) => gate.requested(name).map(|wait| now + wait),
+                        (Told::Nothing, Some(gate)) => {
+                            gate.requested(&normalized(name)).map(|wait| now + wait)
+                        }
                         _ => None,
                     };
                     match hold {
@@ -544,51 +579,110 @@ impl SecretDiscoveryService for SdsServer {
 /// Streams per connection (Envoy uses one over ADS).
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
-/// A bound SDS listener.
+/// A bound SDS listener and who may use it.
 pub enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
+    /// Mutual TLS: only a client with a certificate from the configured CA.
+    Tcp(tokio::net::TcpListener, tonic::transport::ServerTlsConfig),
+    /// Peer credentials: only the allowed uids and gids.
+    Unix(tokio::net::UnixListener, crate::net::PeerPolicy),
 }
 
 impl Listener {
-    /// Binds `listen`. A Unix socket is created 0600; a stale socket file
-    /// (from a killed agent) is replaced, anything else at the path is an
-    /// error.
-    pub fn bind(listen: &crate::config::Listen) -> Result<Self, Error> {
+    /// Binds `sds.listen`. Config validation guarantees a TCP listen has
+    /// `[sds.tls]`; it is checked again here, since it guards private keys.
+    pub fn bind(sds: &crate::config::Sds) -> Result<Self, Error> {
         use crate::config::Listen;
-        let io = |context: String| move |source| Error::Io { context, source };
-        match listen {
-            Listen::Tcp(addr) => crate::api::bind(*addr)
-                .map(Self::Tcp)
-                .map_err(io(format!("binding the SDS server to {addr}"))),
+        match &sds.listen {
+            Listen::Tcp(addr) => {
+                let tls = sds.tls.as_ref().ok_or_else(|| Error::Io {
+                    context: format!("SDS on {addr}"),
+                    source: std::io::Error::other("a TCP SDS listener needs [sds.tls]"),
+                })?;
+                let tls = server_tls(tls)?;
+                let listener = crate::net::bind_tcp(*addr).map_err(|source| Error::Io {
+                    context: format!("binding the SDS server to {addr}"),
+                    source,
+                })?;
+                Ok(Self::Tcp(listener, tls))
+            }
             Listen::Unix(path) => {
-                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if !meta.file_type().is_socket() {
-                        return Err(Error::Io {
-                            context: format!("{} exists and is not a socket", path.display()),
-                            source: std::io::Error::other("refusing to replace it"),
-                        });
-                    }
-                    std::fs::remove_file(path)
-                        .map_err(io(format!("removing the stale {}", path.display())))?;
-                }
-                let listener = tokio::net::UnixListener::bind(path)
-                    .map_err(io(format!("binding the SDS server to {}", path.display())))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(io(format!("setting the mode of {}", path.display())))?;
-                Ok(Self::Unix(listener))
+                let bound = crate::net::bind_unix(path, socket_mode(sds))?;
+                let policy = crate::net::PeerPolicy::resolve(
+                    sds.allowed_uids.as_deref(),
+                    sds.allowed_gids.as_deref(),
+                    bound.gid,
+                );
+                info!(path = %path.display(), uids = ?policy.uids, gids = ?policy.gids, "SDS socket: peers allowed");
+                Ok(Self::Unix(bound.listener, policy))
             }
         }
     }
 }
 
-/// Serves SDS on `listener` until `shutdown` resolves.
+/// 0660: the socket's group may connect (and is then checked); 0666 when
+/// uids outside it are allowed too (peer credentials decide alone).
+pub fn socket_mode(sds: &crate::config::Sds) -> u32 {
+    let own = crate::net::own_ids().0;
+    match &sds.allowed_uids {
+        Some(uids) if uids.iter().any(|u| *u != own) => 0o666,
+        _ => 0o660,
+    }
+}
+
+fn server_tls(tls: &crate::config::ServerTls) -> Result<tonic::transport::ServerTlsConfig, Error> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&tls.certificate)?, read(&tls.key)?);
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(
+            &tls.client_ca,
+        )?)))
+}
+
+static REFUSALS: crate::net::RefusalLog = crate::net::RefusalLog::new("sds");
+
+/// Connections from allowed peers only: anyone else is closed before a byte
+/// is read or sent.
+fn allowed_peers(
+    listener: tokio::net::UnixListener,
+    policy: crate::net::PeerPolicy,
+    refused: Arc<dyn Fn() + Send + Sync>,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+    futures_util::stream::unfold(
+        (listener, policy, refused),
+        |(listener, policy, refused)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        if crate::net::peer_allowed(&stream, &policy, &REFUSALS) {
+                            return Some((Ok(stream), (listener, policy, refused)));
+                        }
+                        refused();
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        warn!("accepting an SDS connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Serves SDS on `listener` until `shutdown` resolves. `refused` is called
+/// for each connection turned away.
 pub async fn serve(
     listener: Listener,
     set: Arc<SecretSet>,
     alpn: Arc<SecretSet>,
     gate: Option<Arc<dyn Gate>>,
+    refused: Arc<dyn Fn() + Send + Sync>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let (stop, stopping) = watch::channel(false);
@@ -597,16 +691,18 @@ pub async fn serve(
         shutdown.await;
         stop.send_replace(true);
     };
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
-        .add_service(SecretDiscoveryServiceServer::new(server));
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+    let failed = |e: tonic::transport::Error| Error::Io {
+        context: "serving SDS".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
     let served = match listener {
-        Listener::Tcp(listener) => {
+        Listener::Tcp(listener, tls) => {
             let addr: Option<SocketAddr> = listener.local_addr().ok();
-            info!(address = ?addr, "SDS server listening");
+            info!(address = ?addr, "SDS server listening (mutual TLS)");
             // Small gRPC frames each way: Nagle against delayed ACKs would add
             // ~40 ms to a first handshake now and then.
             let incoming = tokio_stream::StreamExt::map(
@@ -618,22 +714,24 @@ pub async fn serve(
                     stream
                 },
             );
-            router
+            builder
+                .tls_config(tls)
+                .map_err(failed)?
+                .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
+                .add_service(SecretDiscoveryServiceServer::new(server))
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
-        Listener::Unix(listener) => {
+        Listener::Unix(listener, policy) => {
             info!(path = ?listener.local_addr().ok(), "SDS server listening");
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
+            builder
+                .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
+                .add_service(SecretDiscoveryServiceServer::new(server))
+                .serve_with_incoming_shutdown(allowed_peers(listener, policy, refused), shutdown)
                 .await
         }
     };
-    served.map_err(|e| Error::Io {
-        context: "serving SDS".into(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    served.map_err(failed)
 }
 
 #[cfg(test)]
@@ -813,6 +911,35 @@ mod tests {
         assert_eq!(stream.names.len(), MAX_NAMES_PER_STREAM);
         let response = stream.diff(&set, refused, None, Instant::now()).unwrap();
         assert_eq!(response.removed_resources.len(), MAX_NAMES_PER_STREAM + 10);
+    }
+
+    #[test]
+    fn names_match_case_insensitively_without_a_trailing_dot_and_keep_the_asked_name() {
+        let set = SecretSet::new();
+        set.set("www", &["www.example.com".into()], "chain", "key");
+        let mut stream = Stream::default();
+        let asked = ["WWW.Example.COM", "www.example.com.", "WWW.EXAMPLE.COM."];
+        let refused = stream.request(&subscribe(&asked));
+        let response = stream.diff(&set, refused, None, Instant::now()).unwrap();
+        assert!(response.removed_resources.is_empty(), "{response:?}");
+        for resource in &response.resources {
+            let secret =
+                Secret::decode(resource.resource.as_ref().unwrap().value.as_slice()).unwrap();
+            assert_eq!(secret.name, resource.name, "Envoy checks the name it asked");
+        }
+        assert_eq!(response.resources.len(), 3);
+    }
+
+    #[test]
+    fn a_key_is_held_once_whatever_the_number_of_names() {
+        let set = SecretSet::new();
+        let names: Vec<String> = (0..50).map(|i| format!("n{i}.example.com")).collect();
+        set.set("many", &names, "chain", "key");
+        let material = set.material("n0.example.com").unwrap();
+        // The set's 51 entries and this one share a single copy.
+        assert_eq!(Arc::strong_count(&material), 52);
+        set.remove("many");
+        assert_eq!(Arc::strong_count(&material), 1);
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct Settings<'a> {
     /// Kubernetes mode in this namespace (state_dir and sds_dir not written).
     pub kubernetes: Option<&'a str>,
     pub api: SocketAddr,
+    /// The probes and metrics listener (`[health] listen`).
+    pub health: SocketAddr,
+    /// `challenge_api.token_file`: the filters and `renew` prove its token.
+    pub token_file: Option<&'a Path>,
     pub self_check: Option<SocketAddr>,
     /// (initial, max) seconds between failed attempts.
     pub retry: (u64, u64),
@@ -69,11 +73,16 @@ impl Settings<'_> {
                 self.sds_dir.display().to_string()
             ),
         };
+        let token = self
+            .token_file
+            .map(|f| format!("token_file = {:?}\n", f.display().to_string()))
+            .unwrap_or_default();
         let mut out = format!(
-            "[acme]\ndirectory = {dir:?}\nemail = \"ops@example.com\"\nca_root = {root:?}\n\n[challenge_api]\nlisten = \"{api}\"\n\n[retry]\ninitial_seconds = {ri}\nmax_seconds = {rm}\n",
+            "[acme]\ndirectory = {dir:?}\nemail = \"ops@example.com\"\nca_root = {root:?}\n\n[challenge_api]\nlisten = \"{api}\"\n{token}\n[health]\nlisten = \"{health}\"\n\n[retry]\ninitial_seconds = {ri}\nmax_seconds = {rm}\n",
             dir = self.directory_url,
             root = self.ca_root.display().to_string(),
             api = self.api,
+            health = self.health,
             ri = self.retry.0,
             rm = self.retry.1,
         );
@@ -103,6 +112,8 @@ pub fn write_idle_config(dir: &Path, api: SocketAddr) -> Result<PathBuf> {
         sds_dir: &dir.join("sds"),
         kubernetes: None,
         api,
+        health: crate::envoy::free_addr()?,
+        token_file: None,
         self_check: None,
         retry: (3600, 3600),
         certificates: &[],
@@ -115,10 +126,36 @@ pub fn write_idle_config(dir: &Path, api: SocketAddr) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The token the tests' agents and filters share (`token_file`).
+pub const TEST_TOKEN: &str = "acme-test-token-0123456789abcdef";
+
+/// Writes [`TEST_TOKEN`] to `<dir>/api.token`, mode 0600 (the agent refuses
+/// a token file others can read), and returns its path.
+pub fn write_token_file(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("api.token");
+    std::fs::write(&path, format!("{TEST_TOKEN}\n"))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(path)
+}
+
+/// `[health] listen` of the config at `path` (the agent's default when unset).
+pub fn health_of(path: &Path) -> Result<SocketAddr> {
+    let text = std::fs::read_to_string(path)?;
+    let table: toml::Table = text.parse().context("parsing the agent config")?;
+    let listen = table
+        .get("health")
+        .and_then(|h| h.get("listen"))
+        .and_then(|l| l.as_str())
+        .unwrap_or("127.0.0.1:9182");
+    listen.parse().context("health.listen")
+}
+
 /// A running agent; SIGKILLed when dropped.
 pub struct Agent {
     child: Option<Child>,
     pub api: SocketAddr,
+    /// Its probes and metrics listener.
+    pub health: SocketAddr,
     pub config: PathBuf,
     log: PathBuf,
 }
@@ -157,6 +194,7 @@ impl Agent {
         log: &Path,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<Self> {
+        let health = health_of(config)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -175,6 +213,7 @@ impl Agent {
         let mut agent = Self {
             child: Some(child),
             api,
+            health,
             config: config.to_owned(),
             log: log.to_owned(),
         };
@@ -185,7 +224,7 @@ impl Agent {
             {
                 bail!("acme-agent exited ({status}):\n{}", agent.log());
             }
-            if http::get(api, "/healthz", "agent").is_ok_and(|r| r.status == 200) {
+            if http::get(health, "/healthz", "agent").is_ok_and(|r| r.status == 200) {
                 return Ok(agent);
             }
             if Instant::now() > deadline {
@@ -205,7 +244,7 @@ impl Agent {
 
     /// The Prometheus exposition from `/metrics`.
     pub fn metrics(&self) -> Result<String> {
-        let r = http::get(self.api, "/metrics", "agent")?;
+        let r = http::get(self.health, "/metrics", "agent")?;
         if r.status != 200 {
             bail!("/metrics answered {}", r.status);
         }

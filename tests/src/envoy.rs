@@ -37,6 +37,17 @@ impl Envoy {
     /// Starts Envoy with the bootstrap `config` (YAML) and waits until its admin
     /// says it is ready.
     pub fn start(config: &str, admin: SocketAddr, concurrency: u32) -> Result<Self> {
+        Self::start_with_env(config, admin, concurrency, &[])
+    }
+
+    /// [`Envoy::start`] with extra environment variables (the filter reads
+    /// its token from one through `vm_config.environment_variables`).
+    pub fn start_with_env(
+        config: &str,
+        admin: SocketAddr,
+        concurrency: u32,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config)?;
@@ -50,6 +61,7 @@ impl Envoy {
                 "--component-log-level",
                 &std::env::var("ENVOY_COMPONENT_LOG").unwrap_or_else(|_| "wasm:info".into()),
             ])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -340,6 +352,21 @@ impl Drop for TlsSession {
 /// The filter's `Wasm` typed config loading `wasm` with `configuration`
 /// (JSON), as one line of JSON (valid YAML wherever a value goes).
 fn wasm_typed_config(wasm: &Path, configuration: &str) -> String {
+    wasm_typed_config_with_env(wasm, configuration, &[])
+}
+
+/// [`wasm_typed_config`] passing Envoy's environment variables
+/// `host_env_keys` into the VM.
+fn wasm_typed_config_with_env(wasm: &Path, configuration: &str, host_env_keys: &[&str]) -> String {
+    let mut config = wasm_typed_config_value(wasm, configuration);
+    if !host_env_keys.is_empty() {
+        config["config"]["vm_config"]["environment_variables"] =
+            serde_json::json!({ "host_env_keys": host_env_keys });
+    }
+    config.to_string()
+}
+
+fn wasm_typed_config_value(wasm: &Path, configuration: &str) -> serde_json::Value {
     serde_json::json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {
@@ -355,7 +382,6 @@ fn wasm_typed_config(wasm: &Path, configuration: &str) -> String {
             }
         }
     })
-    .to_string()
 }
 
 /// The filter as the Istio EnvoyFilter attaches it: a composite filter whose
@@ -393,6 +419,19 @@ pub fn matched_wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
     )
 }
 
+/// [`wasm_filter_yaml`] with Envoy's environment variables `host_env_keys`
+/// passed into the VM (`agent_token_env`).
+pub fn wasm_filter_yaml_with_env(
+    wasm: &Path,
+    configuration: &str,
+    host_env_keys: &[&str],
+) -> String {
+    format!(
+        "- name: envoy.filters.http.wasm\n                typed_config: {}",
+        wasm_typed_config_with_env(wasm, configuration, host_env_keys)
+    )
+}
+
 /// The HTTP filter chain entry that loads the filter with `configuration` (JSON).
 pub fn wasm_filter_yaml(wasm: &Path, configuration: &str) -> String {
     format!(
@@ -424,40 +463,67 @@ pub fn bootstrap_with_listeners(
     agent: SocketAddr,
     extra_listeners: &str,
 ) -> String {
-    bootstrap_with_agents(listen, admin, filters, upstream, &[agent], extra_listeners)
+    bootstrap_with_agents(
+        listen,
+        admin,
+        filters,
+        upstream,
+        &[(agent, agent)],
+        extra_listeners,
+    )
 }
 
 /// [`bootstrap_with_listeners`] with several agent replicas behind the
-/// `acme_agent` cluster, each health-checked on `/readyz` every 250 ms: as a
-/// Kubernetes Service routes only to ready pods, the filter's long-poll
-/// reaches only the replica that holds the Lease (a long-poll already held
-/// by a replica that stalls ends at its timeout: `poll_wait_seconds` + 5).
+/// `acme_agent` cluster, `(API, probes)` addresses each, health-checked on
+/// `/readyz` at their probes port every 250 ms: as a Kubernetes Service
+/// routes only to ready pods, the filter's long-poll reaches only the
+/// replica that holds the Lease (a long-poll already held by a replica that
+/// stalls ends at its timeout: `poll_wait_seconds` + 5).
 pub fn bootstrap_with_agents(
     listen: SocketAddr,
     admin: SocketAddr,
     filters: &str,
     upstream: SocketAddr,
-    agents: &[SocketAddr],
+    agents: &[(SocketAddr, SocketAddr)],
     extra_listeners: &str,
 ) -> String {
-    let agent_cluster = if let [agent] = agents {
+    let agent_cluster = if let [(agent, _)] = agents {
         endpoint_cluster("acme_agent", &[*agent], "")
     } else {
-        endpoint_cluster(
-            "acme_agent",
-            agents,
-            r#"
+        let endpoints: String = agents
+            .iter()
+            .map(|(api, health)| {
+                format!(
+                    r#"
+        - endpoint:
+            address:
+              socket_address: {{ address: {ip}, port_value: {port} }}
+            health_check_config: {{ port_value: {health_port} }}"#,
+                    ip = api.ip(),
+                    port = api.port(),
+                    health_port = health.port()
+                )
+            })
+            .collect();
+        format!(
+            r#"  - name: acme_agent
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: acme_agent
+      endpoints:
+      - lb_endpoints:{endpoints}
     # No replica ready (a takeover in progress): no request at all, rather
     # than Envoy's panic mode spreading polls over unready replicas.
     common_lb_config:
-      healthy_panic_threshold: { value: 0 }
+      healthy_panic_threshold: {{ value: 0 }}
     health_checks:
     - timeout: 0.2s
       interval: 0.25s
       unhealthy_threshold: 1
       healthy_threshold: 1
       no_traffic_interval: 0.25s
-      http_health_check: { path: /readyz }"#,
+      http_health_check: {{ path: /readyz }}"#
         )
     };
     bootstrap_parts(
@@ -554,10 +620,46 @@ pub fn free_addr() -> Result<SocketAddr> {
 }
 
 /// An Envoy whose one HTTPS listener at `https` serves any number of
-/// certificates from the agent's SDS server at `sds` (delta xDS over ADS),
-/// picked by SNI with Envoy's on-demand certificate selector (1.37+). Answers
-/// every request with 200 "tls ok".
-pub fn on_demand_bootstrap(https: SocketAddr, admin: SocketAddr, sds: SocketAddr) -> String {
+/// certificates from the agent's SDS server at the Unix socket `sds` (delta
+/// xDS over ADS, Envoy reaching it as a `pipe`), picked by SNI with Envoy's
+/// on-demand certificate selector (1.37+). Answers every request with 200
+/// "tls ok".
+pub fn on_demand_bootstrap(https: SocketAddr, admin: SocketAddr, sds: &Path) -> String {
+    on_demand_bootstrap_at(
+        https,
+        admin,
+        &format!("pipe: {{ path: {} }}", sds.display()),
+    )
+}
+
+/// [`on_demand_bootstrap`] with the SDS server on TCP at `sds` behind mutual
+/// TLS: Envoy presents `client` (certificate and key PEM files) and trusts
+/// the server's certificate from `ca`.
+pub fn on_demand_bootstrap_mtls(
+    https: SocketAddr,
+    admin: SocketAddr,
+    sds: SocketAddr,
+    client: (&Path, &Path),
+    ca: &Path,
+) -> String {
+    let tls = format!(
+        r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          alpn_protocols: ["h2"]
+          tls_certificates:
+          - certificate_chain: {{ filename: {cert} }}
+            private_key: {{ filename: {key} }}
+          validation_context:
+            trusted_ca: {{ filename: {ca} }}"#,
+        cert = client.0.display(),
+        key = client.1.display(),
+        ca = ca.display(),
+    );
     on_demand_bootstrap_at(
         https,
         admin,
@@ -567,14 +669,13 @@ pub fn on_demand_bootstrap(https: SocketAddr, admin: SocketAddr, sds: SocketAddr
             sds.port()
         ),
     )
-}
-
-/// [`on_demand_bootstrap`] with the SDS server at a Unix socket (`pipe`).
-pub fn on_demand_bootstrap_pipe(https: SocketAddr, admin: SocketAddr, socket: &Path) -> String {
-    on_demand_bootstrap_at(
-        https,
-        admin,
-        &format!("pipe: {{ path: {} }}", socket.display()),
+    .replacen(
+        "    load_assignment:\n      cluster_name: acme_sds",
+        &format!(
+            "{}\n    load_assignment:\n      cluster_name: acme_sds",
+            tls.trim_start_matches('\n')
+        ),
+        1,
     )
 }
 
@@ -582,11 +683,7 @@ pub fn on_demand_bootstrap_pipe(https: SocketAddr, admin: SocketAddr, socket: &P
 /// on ALPN `acme-tls/1` (so with `tls_inspector`), negotiating it, its
 /// certificate the agent's challenge certificate for the SNI (the same
 /// on-demand selector, on a stream that asks for the challenge secrets).
-pub fn on_demand_bootstrap_with_alpn(
-    https: SocketAddr,
-    admin: SocketAddr,
-    sds: SocketAddr,
-) -> String {
+pub fn on_demand_bootstrap_with_alpn(https: SocketAddr, admin: SocketAddr, sds: &Path) -> String {
     let plain = on_demand_bootstrap(https, admin, sds);
     let alpn_chain = r#"    listener_filters:
     - name: envoy.filters.listener.tls_inspector

@@ -82,6 +82,11 @@ impl Named {
             .to_owned();
         let key_file = dir.path().join("tsig.key");
         std::fs::write(&key_file, &key_clause)?;
+        // The agent refuses a secret file others can read.
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
         let first = zones.first().context("no zone")?.apex;
         let mut conf = format!(
             r#"options {{

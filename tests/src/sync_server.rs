@@ -20,6 +20,47 @@ struct State {
     max_held: usize,
 }
 
+/// Answers one long-poll from the state, as the protocol says.
+fn poll(lock: &Mutex<State>, cvar: &Condvar, req: &crate::http::Request) -> Reply {
+    let asked: u64 = req
+        .query("version")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let wait: u64 = req.query("wait").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+    s.polls += 1;
+    s.held += 1;
+    s.max_held = s.max_held.max(s.held);
+    while s.version == asked && !s.stopped {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        s = cvar
+            .wait_timeout(s, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    s.held -= 1;
+    if s.version == asked && !s.stopped {
+        return Reply::new(304, "");
+    }
+    if s.stopped {
+        return Reply::new(503, "");
+    }
+    let pairs: Vec<(&str, &str)> = s
+        .challenges
+        .iter()
+        .map(|(t, h)| (t.as_str(), h.as_str()))
+        .collect();
+    let mut reply = Reply::new(200, snapshot_json(s.version, &pairs));
+    reply
+        .headers
+        .push(("content-type".into(), "application/json".into()));
+    reply
+}
+
 /// Holds a challenge set; answers long-polls as the protocol says.
 pub struct SyncServer {
     state: Arc<(Mutex<State>, Condvar)>,
@@ -37,6 +78,23 @@ impl SyncServer {
     pub fn start_with_files(
         addr: Option<std::net::SocketAddr>,
         files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Self> {
+        Self::start_full(addr, files, None)
+    }
+
+    /// Like [`SyncServer::start`] with the token scheme: a poll must prove
+    /// `token` (else 401), and every answer is signed with it, as the agent
+    /// does (`acme_agent::api::auth`).
+    pub fn start_signed(token: &str) -> Result<Self> {
+        Self::start_full(None, Vec::new(), Some(token.to_owned()))
+    }
+
+    /// The general form: on `addr` or a free port, answering `files`, and
+    /// with the token scheme when `token` is given.
+    pub fn start_full(
+        addr: Option<std::net::SocketAddr>,
+        files: Vec<(String, Vec<u8>)>,
+        token: Option<String>,
     ) -> Result<Self> {
         let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
         {
@@ -59,42 +117,21 @@ impl SyncServer {
             if req.method != "GET" || !req.path.starts_with("/v1/challenges") {
                 return Reply::new(404, "");
             }
-            let asked: u64 = req
-                .query("version")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let wait: u64 = req.query("wait").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let deadline = Instant::now() + Duration::from_secs(wait);
-            let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
-            s.polls += 1;
-            s.held += 1;
-            s.max_held = s.max_held.max(s.held);
-            while s.version == asked && !s.stopped {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                s = cvar
-                    .wait_timeout(s, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            s.held -= 1;
-            if s.version == asked && !s.stopped {
-                return Reply::new(304, "");
-            }
-            if s.stopped {
-                return Reply::new(503, "");
-            }
-            let pairs: Vec<(&str, &str)> = s
-                .challenges
-                .iter()
-                .map(|(t, h)| (t.as_str(), h.as_str()))
-                .collect();
-            let mut reply = Reply::new(200, snapshot_json(s.version, &pairs));
+            let Some(token) = &token else {
+                return poll(lock, cvar, req);
+            };
+            use acme_agent::api::auth;
+            let presented = req.header("authorization").and_then(auth::parse);
+            let Some(presented) =
+                presented.filter(|p| auth::verify_request(token, p, "GET", &req.path))
+            else {
+                return Reply::new(401, "");
+            };
+            let mut reply = poll(lock, cvar, req);
+            let signature = auth::sign_response(token, &presented.nonce, reply.status, &reply.body);
             reply
                 .headers
-                .push(("content-type".into(), "application/json".into()));
+                .push((auth::SIGNATURE_HEADER.into(), signature));
             reply
         };
         let server = match addr {

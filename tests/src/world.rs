@@ -37,7 +37,11 @@ pub struct World {
     pub work: tempfile::TempDir,
     pub agent: Option<Agent>,
     pub nodes: Vec<Node>,
+    /// The challenge API: loopback TCP with the token scheme
+    /// ([`crate::agent::TEST_TOKEN`]), the shape Istio uses.
     pub api: SocketAddr,
+    /// The probes and metrics listener.
+    pub health: SocketAddr,
     pub upstream: Server,
     /// Requests under `/.well-known/acme-challenge/` that reached the upstream.
     pub upstream_challenges: Arc<AtomicUsize>,
@@ -74,6 +78,7 @@ impl World {
             agent: None,
             nodes: Vec::new(),
             api: free_addr().unwrap(),
+            health: free_addr().unwrap(),
             upstream,
             upstream_challenges: hits,
             certificates: Vec::new(),
@@ -96,6 +101,20 @@ impl World {
 
     pub fn config_path(&self) -> PathBuf {
         self.work.path().join("agent.toml")
+    }
+
+    /// `GET <path>` on the agent's challenge API, proving the token as a
+    /// filter does; the answer only when the agent signed it.
+    pub fn api_get(&self, path: &str) -> anyhow::Result<crate::http::Response> {
+        signed_get(self.api, path, crate::agent::TEST_TOKEN)
+    }
+
+    /// The filter's configuration for this world's agent (with the token).
+    pub fn filter_config(&self) -> String {
+        format!(
+            r#"{{"agent_cluster":"acme_agent","agent_token":"{}"}}"#,
+            crate::agent::TEST_TOKEN
+        )
     }
 
     /// Replaces the configured certificates (not written until `write_config`).
@@ -128,6 +147,7 @@ impl World {
                 extra: self.certificate_extra.get(name).map_or("", String::as_str),
             })
             .collect();
+        let token_file = crate::agent::write_token_file(self.work.path()).unwrap();
         let settings = Settings {
             directory_url: &self.pebble.directory_url,
             ca_root: &self.pebble.tls_root,
@@ -135,6 +155,8 @@ impl World {
             sds_dir: &self.sds_dir(),
             kubernetes: self.kube.as_ref().map(|k| k.namespace.as_str()),
             api: self.api,
+            health: self.health,
+            token_file: Some(&token_file),
             self_check: self.self_check,
             retry: self.retry,
             certificates: &certs,
@@ -233,7 +255,7 @@ impl World {
         }
         let node = &self.nodes[index];
         let names: Vec<&str> = node.names.iter().map(String::as_str).collect();
-        let filter = wasm_filter_yaml(&filter_wasm().unwrap(), r#"{"agent_cluster":"acme_agent"}"#);
+        let filter = wasm_filter_yaml(&filter_wasm().unwrap(), &self.filter_config());
         let config = bootstrap_with_listeners(
             node.http,
             node.admin,
@@ -443,4 +465,34 @@ pub fn public_key_of(pem: &str, kind: &str) -> String {
     }
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `GET <path>` at `api` proving `token` (the filter's way); the answer
+/// only when it is signed with the token for this request.
+pub fn signed_get(
+    api: SocketAddr,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<crate::http::Response> {
+    use acme_agent::api::auth;
+    use std::io::Write as _;
+    let nonce = auth::nonce();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let proof = auth::authorization(token, &nonce, now, "GET", path);
+    let mut stream = std::net::TcpStream::connect(api)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: acme-agent\r\nauthorization: {proof}\r\nconnection: close\r\n\r\n"
+    )?;
+    let r = crate::http::read_response(&mut std::io::BufReader::new(stream), false)?;
+    let signature = r.header(auth::SIGNATURE_HEADER).unwrap_or_default();
+    anyhow::ensure!(
+        auth::verify_response(token, &nonce, r.status, &r.body, signature),
+        "the answer ({}) is not signed with the token",
+        r.status
+    );
+    Ok(r)
 }

@@ -55,6 +55,8 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
     let http = "127.0.0.1:80".parse().unwrap();
     // Owned copies: the server is restarted while the settings are in use.
     let (directory_url, ca) = (a2c.directory_url.clone(), a2c.ca.clone());
+    // `renew` over TCP proves the token.
+    let token_file = acme_tests::agent::write_token_file(work.path()).unwrap();
     let settings = Settings {
         directory_url: &directory_url,
         ca_root: &ca,
@@ -62,6 +64,8 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
         sds_dir: &sds,
         kubernetes: None,
         api,
+        health: free_addr().unwrap(),
+        token_file: Some(&token_file),
         self_check: Some(http),
         retry: (1, 4),
         certificates: &[Cert {
@@ -106,7 +110,13 @@ fn ari_due_and_forced_renewals_succeed_against_a_ca_that_does_not_reflect_replac
         context,
     )
     .unwrap();
-    let filter = wasm_filter_yaml(&filter_wasm().unwrap(), r#"{"agent_cluster":"acme_agent"}"#);
+    let filter = wasm_filter_yaml(
+        &filter_wasm().unwrap(),
+        &format!(
+            r#"{{"agent_cluster":"acme_agent","agent_token":"{}"}}"#,
+            acme_tests::agent::TEST_TOKEN
+        ),
+    );
     let envoy = Envoy::start(
         &bootstrap_with_listeners(
             http,

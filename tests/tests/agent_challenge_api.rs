@@ -92,36 +92,75 @@ fn get_with(addr: SocketAddr, path: &str, auth: Option<&str>) -> http::Response 
     http::read_response(&mut BufReader::new(stream), false).unwrap()
 }
 
+/// A GET proving `token` (the filter's way), and whether the answer is
+/// signed with it for this request.
+fn signed_get(addr: SocketAddr, path: &str, token: &str) -> (http::Response, bool) {
+    use acme_agent::api::auth;
+    let nonce = auth::nonce();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let proof = auth::authorization(token, &nonce, now, "GET", path);
+    let r = get_with(addr, path, Some(&proof));
+    let signed = r
+        .header(auth::SIGNATURE_HEADER)
+        .is_some_and(|sig| auth::verify_response(token, &nonce, r.status, &r.body, sig));
+    (r, signed)
+}
+
 #[test]
 fn protocol_answers() {
     let agent = Agent::start(Some(TOKEN));
-    let bearer = format!("Bearer {TOKEN}");
-    let auth = Some(bearer.as_str());
+    let get = |path: &str| {
+        let (r, signed) = signed_get(agent.addr, path, TOKEN);
+        assert!(signed, "{path}: the answer ({}) is signed", r.status);
+        r
+    };
 
-    // Auth first.
-    assert_eq!(
-        get_with(agent.addr, "/v1/challenges?version=0&wait=1", None).status,
-        401
-    );
-    assert_eq!(
-        get_with(
+    // Auth first: no proof, a proof with another token, the token itself
+    // sent as a bearer (never accepted: the scheme never sends it).
+    for auth in [
+        None,
+        Some(format!("Bearer {TOKEN}")),
+        Some(acme_agent::api::auth::authorization(
+            "not-the-token-0123456789",
+            &acme_agent::api::auth::nonce(),
+            1,
+            "GET",
+            "/v1/challenges?version=0&wait=1",
+        )),
+    ] {
+        let r = get_with(
             agent.addr,
             "/v1/challenges?version=0&wait=1",
-            Some("Bearer wrong")
-        )
-        .status,
+            auth.as_deref(),
+        );
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert!(
+            !r.text().contains("key_authorization"),
+            "nothing of the set"
+        );
+    }
+    // A proof for another path does not open this one.
+    let proof = acme_agent::api::auth::authorization(
+        TOKEN,
+        &acme_agent::api::auth::nonce(),
+        1,
+        "GET",
+        "/v1/challenges?version=1&wait=1",
+    );
+    assert_eq!(
+        get_with(agent.addr, "/v1/challenges?version=0&wait=1", Some(&proof)).status,
         401
     );
     // Bad query.
-    assert_eq!(
-        get_with(agent.addr, "/v1/challenges?version=x&wait=1", auth).status,
-        400
-    );
-    assert_eq!(get_with(agent.addr, "/v1/challenges", auth).status, 400);
+    assert_eq!(get("/v1/challenges?version=x&wait=1").status, 400);
+    assert_eq!(get("/v1/challenges").status, 400);
 
     // A different version: the snapshot at once.
     agent.publish("tok1", "www.example.com");
-    let r = get_with(agent.addr, "/v1/challenges?version=0&wait=30", auth);
+    let r = get("/v1/challenges?version=0&wait=30");
     assert_eq!(r.status, 200);
     assert!(
         r.header("content-type")
@@ -133,13 +172,31 @@ fn protocol_answers() {
     let version = agent.set.version();
     assert!(body.contains(&format!(r#""version":{version}"#)), "{body}");
 
+    let instance = agent.set.instance().to_owned();
+    assert!(
+        body.contains(&format!(r#""instance":"{instance}""#)),
+        "{body}"
+    );
+
+    // The same version of another instance (a previous agent process, or a
+    // made-up number): the snapshot at once, and the version is not followed.
+    let r = get(&format!(
+        "/v1/challenges?version={version}&wait=30&instance=0000000000000000"
+    ));
+    assert_eq!(r.status, 200);
+    let r = get(&format!("/v1/challenges?version={}&wait=0", 1u64 << 52));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        agent.set.version(),
+        version,
+        "a caller's version is never followed"
+    );
+
     // The same version: held, then 304 with no body.
     let start = Instant::now();
-    let r = get_with(
-        agent.addr,
-        &format!("/v1/challenges?version={version}&wait=1"),
-        auth,
-    );
+    let r = get(&format!(
+        "/v1/challenges?version={version}&wait=1&instance={instance}"
+    ));
     assert_eq!(r.status, 304);
     assert!(r.body.is_empty());
     assert!(
@@ -150,14 +207,14 @@ fn protocol_answers() {
 
     // Held, and a change answers at once.
     let addr = agent.addr;
-    let bearer2 = bearer.clone();
     let held = std::thread::spawn(move || {
         let start = Instant::now();
-        let r = get_with(
+        let (r, signed) = signed_get(
             addr,
             &format!("/v1/challenges?version={version}&wait=30"),
-            Some(&bearer2),
+            TOKEN,
         );
+        assert!(signed);
         (r, start.elapsed())
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -170,9 +227,9 @@ fn protocol_answers() {
         "a change did not end the hold: {took:?}"
     );
 
-    // Health and readiness.
-    assert_eq!(get_with(agent.addr, "/healthz", None).status, 200);
-    assert_eq!(get_with(agent.addr, "/readyz", None).status, 200);
+    // Probes and metrics have a listener of their own.
+    assert_eq!(get_with(agent.addr, "/healthz", None).status, 404);
+    assert_eq!(get_with(agent.addr, "/metrics", None).status, 404);
 }
 
 #[test]
@@ -281,6 +338,10 @@ fn filter_with_a_wrong_token_is_refused_and_counts_failures() {
         )
         .unwrap();
     assert!(envoy.log().contains("status 401"), "{}", envoy.log());
+    assert!(
+        !envoy.log().contains("not-the-right-token-at-all"),
+        "the token is never logged"
+    );
     let r = http::get(
         listen,
         "/.well-known/acme-challenge/secretToken",

@@ -142,6 +142,7 @@ fn a_wrong_tsig_key_fails_clearly_with_backoff_and_places_no_order() {
         .output()
         .unwrap();
     std::fs::write(&wrong, &other.stdout).unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     world.certificates(&[("wild", &["*.example.com"])]);
     world
         .certificate_extra

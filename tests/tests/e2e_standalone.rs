@@ -31,7 +31,8 @@ fn published_challenge(world: &World, identifier_suffix: &str) -> (String, Strin
         Duration::from_secs(20),
         "a published challenge",
         || {
-            let body = http::get(world.api, "/v1/challenges?version=0&wait=0", "agent")
+            let body = world
+                .api_get("/v1/challenges?version=0&wait=0")
                 .ok()?
                 .text();
             let value: serde_json::Value = serde_json::from_str(&body).ok()?;

@@ -31,7 +31,15 @@ fn long_poll_request_is_what_the_protocol_says() {
         Some("/v1/challenges?version=0&wait=20")
     );
     assert_eq!(call.header(":authority"), Some("agent.internal"));
-    assert_eq!(call.header("authorization"), Some("Bearer s3cret"));
+    let proof = call.header("authorization").unwrap();
+    assert!(!proof.contains("s3cret"), "the token is proven, never sent");
+    let presented = acme_agent::api::auth::parse(proof).unwrap();
+    assert!(acme_agent::api::auth::verify_request(
+        "s3cret",
+        &presented,
+        "GET",
+        "/v1/challenges?version=0&wait=20"
+    ));
     assert!(
         call.timeout_ms > 20_000,
         "the call outlives the agent's hold: {}",

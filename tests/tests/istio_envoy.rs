@@ -22,6 +22,10 @@ use serde::Deserialize as _;
 use serde_json::Value;
 
 const TOKEN: &str = "istio-token_0123456789abcdefghijklmnop";
+/// The agent's API token, in the gateway's environment as the manifests put
+/// it there (from the Secret acme-agent-token).
+const API_TOKEN: &str = "istio-api-token-0123456789abcdef";
+const TOKEN_ENV: (&str, &str) = ("ACME_AGENT_TOKEN", API_TOKEN);
 const HOST: &str = "www.example.com";
 
 fn first_doc(relative: &str, kind: &str) -> Value {
@@ -70,7 +74,10 @@ fn start_gateway(
         agent,
         upstream,
     );
-    (Envoy::start(&config, admin, 2).unwrap(), listen)
+    (
+        Envoy::start_with_env(&config, admin, 2, &[TOKEN_ENV]).unwrap(),
+        listen,
+    )
 }
 
 fn gateway_bootstrap(
@@ -165,7 +172,12 @@ fn envoyfilter_patch_fetches_the_module_from_the_agent_cluster_and_answers_first
             .unwrap()
             .to_owned();
     let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
-    let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
+    let sync = SyncServer::start_full(
+        None,
+        vec![("/filter.wasm".into(), wasm)],
+        Some(API_TOKEN.into()),
+    )
+    .unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
     let (envoy, listen) = start_gateway(value, &cluster, sync.addr(), upstream.addr());
     assert_answers(&envoy, listen, &sync);
@@ -180,7 +192,12 @@ fn envoyfilter_module_with_another_sha256_is_refused() {
     remote["retry_policy"]["num_retries"] = Value::from(0);
     let cluster = remote["http_uri"]["cluster"].as_str().unwrap().to_owned();
     let wasm = std::fs::read(filter_wasm().unwrap()).unwrap();
-    let sync = SyncServer::start_with_files(None, vec![("/filter.wasm".into(), wasm)]).unwrap();
+    let sync = SyncServer::start_full(
+        None,
+        vec![("/filter.wasm".into(), wasm)],
+        Some(API_TOKEN.into()),
+    )
+    .unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
     let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
     let config = gateway_bootstrap(
@@ -193,7 +210,7 @@ fn envoyfilter_module_with_another_sha256_is_refused() {
     );
     // Fails closed: Envoy does not start, or starts without the filter and
     // never answers the challenge inline.
-    match Envoy::start(&config, admin, 1) {
+    match Envoy::start_with_env(&config, admin, 1, &[TOKEN_ENV]) {
         Err(e) => {
             let text = format!("{e:#}");
             assert!(text.contains("sha256") || text.contains("wasm"), "{text}");
@@ -232,6 +249,14 @@ fn wasmplugin_config_works_as_istio_agent_hands_it_to_envoy() {
         .as_str()
         .unwrap()
         .to_owned();
+    // vmConfig.env with valueFrom HOST becomes host_env_keys.
+    let host_env_keys: Vec<&str> = plugin["spec"]["vmConfig"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["valueFrom"] == "HOST")
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     let filter = serde_json::json!({
         "name": "istio-system.acme-challenge",
         "typed_config": {
@@ -240,7 +265,8 @@ fn wasmplugin_config_works_as_istio_agent_hands_it_to_envoy() {
                 "name": "istio-system.acme-challenge",
                 "vm_config": {
                     "runtime": "envoy.wasm.runtime.v8",
-                    "code": { "local": { "filename": filter_wasm().unwrap() } }
+                    "code": { "local": { "filename": filter_wasm().unwrap() } },
+                    "environment_variables": { "host_env_keys": host_env_keys }
                 },
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -249,7 +275,7 @@ fn wasmplugin_config_works_as_istio_agent_hands_it_to_envoy() {
             }
         }
     });
-    let sync = SyncServer::start(None).unwrap();
+    let sync = SyncServer::start_signed(API_TOKEN).unwrap();
     let upstream = Server::start(|_| Reply::new(200, "upstream")).unwrap();
     let (envoy, listen) = start_gateway(&filter, &cluster, sync.addr(), upstream.addr());
     assert_answers(&envoy, listen, &sync);

@@ -191,6 +191,94 @@ fn sha256_hex(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
+/// The ConfigMap's agent config, parsed as the agent would with the token
+/// Secret mounted (a stand-in token file at the path it names), and that path.
+fn shipped_config(config_map: &Value) -> (Config, PathBuf) {
+    parse_agent_toml(config_map["data"]["agent.toml"].as_str().unwrap())
+}
+
+/// [`shipped_config`] for any agent config text.
+fn parse_agent_toml(text: &str) -> (Config, PathBuf) {
+    let table: toml::Table = text.parse().unwrap();
+    // Off loopback, the API proves a token, from a file the Secret mounts.
+    let token_file = PathBuf::from(
+        table["challenge_api"]["token_file"]
+            .as_str()
+            .expect("challenge_api.token_file"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let stand_in = acme_tests::agent::write_token_file(work.path()).unwrap();
+    let text = text.replace(
+        &token_file.display().to_string(),
+        &stand_in.display().to_string(),
+    );
+    let config = Config::parse(&text, Path::new("configmap agent.toml")).unwrap();
+    (config, token_file)
+}
+
+/// The env var the filter reads its token from, set from the Secret
+/// `acme-agent-token` in a gateway patch `container`'s environment.
+fn token_env_of(patch: &Value) -> String {
+    let container = &patch["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["name"], "istio-proxy");
+    let env = &container["env"][0];
+    assert_eq!(env["valueFrom"]["secretKeyRef"]["name"], "acme-agent-token");
+    assert_eq!(env["valueFrom"]["secretKeyRef"]["key"], "token");
+    env["name"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_filter_gets_its_token_from_the_gateways_environment_in_every_shape() {
+    let default = kustomize(&istio_dir());
+    let gateway_api = kustomize(&istio_dir().join("gateway-api"));
+    // EnvoyFilter: the VM gets the host's variable, the filter reads it.
+    let patch_text = std::fs::read_to_string(istio_dir().join("gateway/token-env.yaml")).unwrap();
+    let patch: Value = serde_norway::from_str(&patch_text).unwrap();
+    let variable = token_env_of(&patch);
+    let envoy_filter = object(&default, "EnvoyFilter");
+    let wasm = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]
+        .pointer("/typed_config/xds_matcher/matcher_list/matchers/0/on_match/action/typed_config/typed_config/typed_config/config")
+        .unwrap();
+    assert_eq!(
+        wasm["vm_config"]["environment_variables"]["host_env_keys"][0],
+        variable.as_str()
+    );
+    let configuration: Value =
+        serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(configuration["agent_token_env"], variable.as_str());
+    assert!(
+        configuration.get("agent_token").is_none(),
+        "no token in the config"
+    );
+    // WasmPlugins, and the Gateway API gateway's pods through their options.
+    let plugins = [
+        object(&kustomize(&istio_dir().join("wasmplugin")), "WasmPlugin").clone(),
+        object(&gateway_api, "WasmPlugin").clone(),
+    ];
+    for plugin in &plugins {
+        assert_eq!(
+            plugin["spec"]["pluginConfig"]["agent_token_env"],
+            variable.as_str()
+        );
+        assert_eq!(
+            plugin["spec"]["vmConfig"]["env"][0]["name"],
+            variable.as_str()
+        );
+        assert_eq!(plugin["spec"]["vmConfig"]["env"][0]["valueFrom"], "HOST");
+    }
+    let gateway = object(&gateway_api, "Gateway");
+    let reference = &gateway["spec"]["infrastructure"]["parametersRef"];
+    assert_eq!(reference["kind"], "ConfigMap");
+    let options = gateway_api
+        .iter()
+        .find(|(_, o)| o["kind"] == "ConfigMap" && o["metadata"]["name"] == reference["name"])
+        .map(|(_, o)| o)
+        .expect("the Gateway's options ConfigMap");
+    let overlay: Value =
+        serde_norway::from_str(options["data"]["deployment"].as_str().unwrap()).unwrap();
+    assert_eq!(token_env_of(&overlay), variable);
+}
+
 #[test]
 fn manifests_agree_with_each_other_and_with_the_built_filter() {
     let default = kustomize(&istio_dir());
@@ -274,16 +362,16 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
 
     // The agent's config parses, and every certificate is served by the gateways.
     let config_map = object(&default, "ConfigMap");
-    let config = Config::parse(
-        config_map["data"]["agent.toml"].as_str().unwrap(),
-        Path::new("configmap agent.toml"),
-    )
-    .unwrap();
+    let (config, token_file) = shipped_config(config_map);
     assert_eq!(
         config.kubernetes.as_ref().map(|k| k.namespace.as_str()),
         Some(ns)
     );
-    assert_eq!(config.challenge_api.listen.port() as u64, port);
+    let acme_agent::config::Listen::Tcp(listen) = config.challenge_api.listen else {
+        panic!("the gateway reaches the agent over the pod network");
+    };
+    assert_eq!(listen.port() as u64, port);
+    assert!(config.challenge_api.token.is_some(), "the token is read");
     let gateway = object(&default, "Gateway");
     let servers = gateway["spec"]["servers"].as_array().unwrap();
     let k8s_gateway = object(&gateway_api, "Gateway");
@@ -326,6 +414,42 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     );
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // The probes go to the health listener, apart from the API.
+    let port_of = |name: &str| {
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["containerPort"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("no container port {name}"))
+    };
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["port"], "health");
+    }
+    assert_eq!(port_of("health"), config.health.listen.port() as u64);
+    assert_eq!(port_of("http"), port);
+    // The token file is the mounted Secret's, readable by the agent's group
+    // only (the agent refuses anything looser).
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| token_file.starts_with(m["mountPath"].as_str().unwrap()) && m["name"] != "config")
+        .expect("a volume mounted where token_file is");
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(volume["secret"]["secretName"], "acme-agent-token");
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    assert_eq!(
+        pod["securityContext"]["fsGroup"],
+        pod["securityContext"]["runAsGroup"]
+    );
+    assert_eq!(token_file.file_name().unwrap(), "token", "the Secret's key");
     assert!(container["resources"]["limits"]["memory"].is_string());
     assert!(container["resources"]["requests"]["cpu"].is_string());
     assert_eq!(
@@ -412,7 +536,7 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         &format!("directory = {shipped_directory:?}"),
         &format!("directory = {other_directory:?}"),
     );
-    let other = Config::parse(&other, Path::new("configmap agent.toml")).unwrap();
+    let (other, _) = parse_agent_toml(&other);
     let other_names: BTreeSet<String> = acme_agent::kubernetes::secret_names(&other)
         .into_iter()
         .collect();
@@ -427,13 +551,10 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         grant_rules, 1,
         "the Role lets the agent watch ReferenceGrants"
     );
-    let shipped = Config::parse(
-        config_map["data"]["agent.toml"].as_str().unwrap(),
-        Path::new("configmap agent.toml"),
-    )
-    .unwrap()
-    .kubernetes
-    .expect("the shipped config is in Kubernetes mode");
+    let shipped = shipped_config(config_map)
+        .0
+        .kubernetes
+        .expect("the shipped config is in Kubernetes mode");
     let watched = shipped.gateways.map(|g| g.namespaces).unwrap_or_default();
     assert_eq!(watched, [ns], "Gateways watched where the Role grants it");
     assert_eq!(gateway_rules, 1, "the Role lets the agent watch Gateways");
@@ -542,11 +663,7 @@ fn the_admission_policy_lets_the_agent_write_only_its_own_secrets() {
 
     // Every Secret the agent writes for the shipped config passes.
     let config_map = object(&default, "ConfigMap");
-    let config = Config::parse(
-        config_map["data"]["agent.toml"].as_str().unwrap(),
-        Path::new("configmap agent.toml"),
-    )
-    .unwrap();
+    let (config, _) = shipped_config(config_map);
     for name in acme_agent::kubernetes::secret_names(&config) {
         let certificate = config.certificates.iter().any(|c| c.name == name);
         let type_ = if certificate {

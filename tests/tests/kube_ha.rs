@@ -23,17 +23,26 @@ const WWW: (&str, &[&str]) = ("www-example-com", &["www.example.com"]);
 /// The Lease's duration in these tests.
 const LEASE: Duration = Duration::from_secs(3);
 
-fn ready(api: SocketAddr) -> bool {
-    http::get(api, "/readyz", "agent").is_ok_and(|r| r.status == 200)
+/// A replica's API and probes addresses.
+type Addrs = (SocketAddr, SocketAddr);
+
+fn ready((_, health): Addrs) -> bool {
+    http::get(health, "/readyz", "agent").is_ok_and(|r| r.status == 200)
 }
 
-/// Starts another replica: the world's config with its API at `api`.
-fn replica(world: &World, name: &str, api: SocketAddr) -> (Agent, SocketAddr) {
-    let config = world.work.path().join(format!("{name}.toml"));
-    let text = std::fs::read_to_string(world.config_path())
+/// The world's config with the API and probes at `addrs`.
+fn config_at(world: &World, (api, health): Addrs) -> String {
+    std::fs::read_to_string(world.config_path())
         .unwrap()
-        .replace(&world.api.to_string(), &api.to_string());
-    std::fs::write(&config, text).unwrap();
+        .replace(&world.api.to_string(), &api.to_string())
+        .replace(&world.health.to_string(), &health.to_string())
+}
+
+/// Starts another replica: the world's config with its API and probes at `addrs`.
+fn replica(world: &World, name: &str, addrs: Addrs) -> (Agent, Addrs) {
+    let api = addrs.0;
+    let config = world.work.path().join(format!("{name}.toml"));
+    std::fs::write(&config, config_at(world, addrs)).unwrap();
     let kubeconfig = world.work.path().join("kubeconfig");
     let agent = Agent::start_with_env(
         &config,
@@ -45,7 +54,7 @@ fn replica(world: &World, name: &str, api: SocketAddr) -> (Agent, SocketAddr) {
         ],
     )
     .unwrap();
-    (agent, api)
+    (agent, addrs)
 }
 
 fn orders_placed(log: &str) -> usize {
@@ -68,7 +77,7 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
     );
     world.certificates(&[WWW]).write_config();
     world.start_agent();
-    let a_api = world.api;
+    let a_api = (world.api, world.health);
     wait_for(
         Duration::from_secs(10),
         "replica a holds the Lease",
@@ -76,7 +85,7 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
         || world.context(),
     )
     .unwrap();
-    let (mut b, b_api) = replica(&world, "b", free_addr().unwrap());
+    let (mut b, b_api) = replica(&world, "b", (free_addr().unwrap(), free_addr().unwrap()));
 
     // Envoy with the filter, its agent cluster over both replicas.
     let http: SocketAddr = format!("127.0.0.1:{}", world.http_port).parse().unwrap();
@@ -85,7 +94,9 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
     // 7 s here (30 s + 5 by default).
     let filter = wasm_filter_yaml(
         &filter_wasm().unwrap(),
-        r#"{"agent_cluster":"acme_agent","poll_wait_seconds":2}"#,
+        &world
+            .filter_config()
+            .replace('}', r#","poll_wait_seconds":2}"#),
     );
     let envoy = Envoy::start(
         &bootstrap_with_agents(
@@ -112,7 +123,12 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
     assert_eq!(orders_placed(&b.log()), 0, "{}", b.log());
     // A filter that reaches it anyway gets no (empty) set to replace the
     // holder's with.
-    let poll = http::get(b_api, "/v1/challenges?version=0&wait=1", "acme-agent").unwrap();
+    let poll = acme_tests::world::signed_get(
+        b_api.0,
+        "/v1/challenges?version=0&wait=1",
+        acme_tests::agent::TEST_TOKEN,
+    )
+    .unwrap();
     assert_eq!(poll.status, 503);
 
     // SIGKILL the holder right after a forced renewal is accepted.
@@ -165,14 +181,11 @@ fn the_lease_holder_orders_and_another_replica_takes_over() {
     println!("takeover from a paused holder: {:?}", paused.elapsed());
     // While b sleeps, a new certificate is configured: due for both.
     let placed_by_b = orders_placed(&b.log());
-    let api_line = format!("listen = \"{}\"", world.api);
-    for (path, api) in [
+    for (path, addrs) in [
         (world.work.path().join("b.toml"), b_api),
         (world.work.path().join("a2.toml"), a_api),
     ] {
-        let text = std::fs::read_to_string(world.config_path())
-            .unwrap()
-            .replace(&api_line, &format!("listen = \"{api}\""));
+        let text = config_at(&world, addrs);
         let text = format!(
             "{text}\n[[certificate]]\nname = \"new-example-com\"\ndomains = [\"new.example.com\"]\n"
         );

@@ -244,7 +244,7 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
         Duration::from_secs(20),
     );
 
-    let prometheus = Prometheus::start(world.api, world.nodes[0].admin);
+    let prometheus = Prometheus::start(world.health, world.nodes[0].admin);
     wait_for(
         Duration::from_secs(30),
         "Prometheus scraping the agent and Envoy",
@@ -286,7 +286,7 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
                 };
                 format!(
                     "{metric} missing; exported:\n{}\n{}",
-                    exported(world.api, "/metrics"),
+                    exported(world.health, "/metrics"),
                     exported(world.nodes[0].admin, "/stats/prometheus")
                 )
             },

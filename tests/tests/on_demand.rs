@@ -20,9 +20,10 @@ fn verified(https: std::net::SocketAddr, sni: &str, root: &str) -> bool {
 #[test]
 fn allowed_names_get_a_certificate_at_their_first_handshake_and_others_nothing() {
     let mut world = World::new(pebble::Options::default());
-    let sds = free_addr().unwrap();
+    let sds = world.work.path().join("run/sds.sock");
     world.extra_config = format!(
-        "[sds]\nlisten = \"{sds}\"\n\n[on_demand]\nallow = [\"*.shop.example.com\"]\nmax_wait_seconds = 20\nmax_per_hour = 3\n"
+        "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nallow = [\"*.shop.example.com\"]\nmax_wait_seconds = 20\nmax_per_hour = 3\n",
+        sds.display()
     );
     world
         .certificates(&[("www", &["www.example.com"])])
@@ -30,7 +31,7 @@ fn allowed_names_get_a_certificate_at_their_first_handshake_and_others_nothing()
     world.start_agent();
     world.add_envoy(&[], 1);
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds), admin, 2).unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 2).unwrap();
     world.wait_issued("www", 1.0);
 
     // One handshake for a new allowed name: held, then completed with the
@@ -144,16 +145,17 @@ fn the_ask_url_decides_and_refusals_are_not_asked_twice() {
     })
     .unwrap();
     let mut world = World::new(pebble::Options::default());
-    let sds = free_addr().unwrap();
+    let sds = world.work.path().join("run/sds.sock");
     world.extra_config = format!(
-        "[sds]\nlisten = \"{sds}\"\n\n[on_demand]\nask = \"http://{}/allowed\"\nmax_wait_seconds = 20\n",
+        "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nask = \"http://{}/allowed\"\nmax_wait_seconds = 20\n",
+        sds.display(),
         ask.addr()
     );
     world.certificates(&[]).write_config();
     world.start_agent();
     world.add_envoy(&[], 1);
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds), admin, 1).unwrap();
+    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 1).unwrap();
 
     assert!(
         handshake(https, "ok.example.net", Duration::from_secs(25))

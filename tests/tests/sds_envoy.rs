@@ -52,26 +52,36 @@ fn self_signed(dir: &Path, names: &[&str]) -> (String, String) {
     )
 }
 
-/// The SDS server on `addr` in its own runtime; stops when dropped.
+/// An `[sds]` section listening on `listen`, defaults otherwise.
+fn sds_at(listen: acme_agent::config::Listen) -> acme_agent::config::Sds {
+    acme_agent::config::Sds {
+        listen,
+        allowed_uids: None,
+        allowed_gids: None,
+        tls: None,
+    }
+}
+
+/// The SDS server in its own runtime; stops when dropped.
 struct Server {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
-    fn start(addr: SocketAddr, set: Arc<SecretSet>) -> Self {
-        Self::start_on(acme_agent::config::Listen::Tcp(addr), set)
+    /// On the Unix socket `socket`, for the agent's own uid and group.
+    fn start(socket: &Path, set: Arc<SecretSet>) -> Self {
+        Self::start_on(
+            sds_at(acme_agent::config::Listen::Unix(socket.to_owned())),
+            set,
+        )
     }
 
-    fn start_on(listen: acme_agent::config::Listen, set: Arc<SecretSet>) -> Self {
-        Self::start_with(listen, set, Arc::default())
+    fn start_on(sds: acme_agent::config::Sds, set: Arc<SecretSet>) -> Self {
+        Self::start_with(sds, set, Arc::default())
     }
 
-    fn start_with(
-        listen: acme_agent::config::Listen,
-        set: Arc<SecretSet>,
-        alpn: Arc<SecretSet>,
-    ) -> Self {
+    fn start_with(sds: acme_agent::config::Sds, set: Arc<SecretSet>, alpn: Arc<SecretSet>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -81,9 +91,9 @@ impl Server {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = sds::Listener::bind(&listen).unwrap();
+                let listener = sds::Listener::bind(&sds).unwrap();
                 ready_tx.send(()).unwrap();
-                sds::serve(listener, set, alpn, None, async {
+                sds::serve(listener, set, alpn, None, Arc::new(|| {}), async {
                     let _ = stopped.await;
                 })
                 .await
@@ -142,10 +152,10 @@ fn one_listener_serves_every_certificate_by_sni_and_refuses_unknown_names_fast()
     );
     let (chain, key) = self_signed(work.path(), &["api.example.com"]);
     set.set("api", &names(&["api.example.com"]), &chain, &key);
-    let sds_addr = free_addr().unwrap();
-    let server = Server::start(sds_addr, Arc::clone(&set));
+    let socket = work.path().join("run/sds.sock");
+    let server = Server::start(&socket, Arc::clone(&set));
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds_addr), admin, 2).unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &socket), admin, 2).unwrap();
 
     for (sni, cn) in [
         ("www.example.com", "www.example.com"),
@@ -203,7 +213,7 @@ fn one_listener_serves_every_certificate_by_sni_and_refuses_unknown_names_fast()
     // The SDS server restarts (same secrets): Envoy resubscribes with the
     // versions it holds and keeps serving; a later change still arrives.
     drop(server);
-    let _server = Server::start(sds_addr, Arc::clone(&set));
+    let _server = Server::start(&socket, Arc::clone(&set));
     wait_subject(https, "api.example.com", "api.example.com", &envoy);
     let (chain, key) = self_signed(work.path(), &["api2.example.com", "api.example.com"]);
     set.set("api", &names(&["api.example.com"]), &chain, &key);
@@ -240,8 +250,8 @@ fn the_agent_serves_its_certificates_to_an_on_demand_listener() {
     use acme_tests::world::World;
 
     let mut world = World::new(pebble::Options::default());
-    let sds_addr = free_addr().unwrap();
-    world.extra_config = format!("[sds]\nlisten = \"{sds_addr}\"\n");
+    let socket = world.work.path().join("run/sds.sock");
+    world.extra_config = format!("[sds]\nlisten = \"unix:{}\"\n", socket.display());
     world
         .certificates(&[
             ("www", &["www.example.com", "example.com"]),
@@ -251,7 +261,7 @@ fn the_agent_serves_its_certificates_to_an_on_demand_listener() {
     world.start_agent();
     world.add_envoy(&[], 1);
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds_addr), admin, 2).unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &socket), admin, 2).unwrap();
     world.wait_issued("www", 1.0);
     world.wait_issued("api", 1.0);
     let root = world.pebble.issuing_root().unwrap();
@@ -283,30 +293,236 @@ fn the_agent_serves_its_certificates_to_an_on_demand_listener() {
     }
 }
 
-/// The same over a Unix socket (0600), which Envoy reaches as a `pipe`.
+/// What `sds-probe` (a plain gRPC SDS client) got when it asked for `name`
+/// at `target`, run as `uid`:`gid` when given.
+fn probe(target: &str, name: &str, ids: Option<(u32, u32)>, extra: &[&str]) -> serde_json::Value {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sds_probe"));
+    command.args([target, name]).args(extra);
+    if let Some((uid, gid)) = ids {
+        command.uid(uid).gid(gid);
+    }
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "sds-probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The default transport: a Unix socket in a directory the agent made
+/// (0750), the socket 0660, every peer checked by its credentials. Envoy
+/// (the agent's uid) gets its certificate; a client under another uid is
+/// closed before a byte is sent, though it can reach the socket; a stale
+/// socket is replaced and anything else at the path is not.
 #[test]
-fn the_sds_server_listens_on_a_unix_socket() {
+fn keys_go_only_to_the_peers_the_operator_allowed() {
     use std::os::unix::fs::PermissionsExt;
 
     let work = tempfile::tempdir().unwrap();
+    // Let another uid reach the socket's directory, so that only the peer
+    // check stands between it and the keys.
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let set = Arc::new(SecretSet::new());
     let (chain, key) = self_signed(work.path(), &["www.example.com"]);
     set.set("www", &names(&["www.example.com"]), &chain, &key);
-    let socket = work.path().join("sds.sock");
+    let dir = work.path().join("run");
+    let socket = dir.join("sds.sock");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     // A stale socket of a killed agent is replaced.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-    let _server = Server::start_on(acme_agent::config::Listen::Unix(socket.clone()), set);
+    let (own_uid, own_gid) = acme_agent::net::own_ids();
+    let sds = acme_agent::config::Sds {
+        // Another uid may reach the socket file (0666): the kernel's peer
+        // credentials decide alone.
+        allowed_uids: Some(vec![own_uid, 4242]),
+        allowed_gids: Some(vec![]),
+        ..sds_at(acme_agent::config::Listen::Unix(socket.clone()))
+    };
+    let _server = Server::start_on(sds, set);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode, 0o666);
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let config = acme_tests::envoy::on_demand_bootstrap_pipe(https, admin, &socket);
-    let envoy = Envoy::start(&config, admin, 1).unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &socket), admin, 1).unwrap();
     wait_subject(https, "www.example.com", "www.example.com", &envoy);
+
+    let target = format!("unix:{}", socket.display());
+    let allowed = probe(&target, "www.example.com", None, &[]);
+    assert_eq!(allowed["resources"], 1, "{allowed}");
+    assert_eq!(allowed["key_bytes"], true, "{allowed}");
+    let allowed_uid = probe(&target, "www.example.com", Some((4242, 4242)), &[]);
+    assert_eq!(allowed_uid["resources"], 1, "{allowed_uid}");
+    for (uid, gid) in [(65534, 65534), (65534, own_gid)] {
+        let intruder = probe(&target, "www.example.com", Some((uid, gid)), &[]);
+        assert_eq!(intruder["resources"], 0, "uid {uid} gid {gid}: {intruder}");
+        assert_eq!(
+            intruder["key_bytes"], false,
+            "uid {uid} gid {gid}: {intruder}"
+        );
+    }
+
     // Anything else at the path is not replaced.
     let file = work.path().join("not-a-socket");
     std::fs::write(&file, b"x").unwrap();
-    assert!(sds::Listener::bind(&acme_agent::config::Listen::Unix(file.clone())).is_err());
+    assert!(sds::Listener::bind(&sds_at(acme_agent::config::Listen::Unix(file.clone()))).is_err());
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A CA `<name>-ca.{crt,key}` and a leaf `<leaf>.{crt,key}` it signed for
+/// `localhost`.
+fn ca_and_leaf(dir: &Path, name: &str, leaves: &[&str]) {
+    let ca = format!("{name}-ca");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ],
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for leaf in leaves {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                &format!("{leaf}.key"),
+                "-out",
+                &format!("{leaf}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{leaf}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "leaf.ext",
+                "-out",
+                &format!("{leaf}.crt"),
+            ],
+        );
+    }
+}
+
+/// TCP is served only with mutual TLS: Envoy with a client certificate from
+/// the configured CA gets its certificates; a client with none, or with one
+/// from another CA, gets nothing.
+#[test]
+fn sds_on_tcp_serves_only_clients_with_the_right_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    ca_and_leaf(dir, "sds", &["server", "envoy"]);
+    ca_and_leaf(dir, "other", &["intruder"]);
+    for key in ["server.key", "envoy.key", "intruder.key"] {
+        std::fs::set_permissions(dir.join(key), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let set = Arc::new(SecretSet::new());
+    let (chain, key) = self_signed(dir, &["www.example.com"]);
+    set.set("www", &names(&["www.example.com"]), &chain, &key);
+    let addr = free_addr().unwrap();
+    let sds = acme_agent::config::Sds {
+        tls: Some(acme_agent::config::ServerTls {
+            certificate: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            client_ca: dir.join("sds-ca.crt"),
+        }),
+        ..sds_at(acme_agent::config::Listen::Tcp(addr))
+    };
+    let _server = Server::start_on(sds, set);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let config = acme_tests::envoy::on_demand_bootstrap_mtls(
+        https,
+        admin,
+        addr,
+        (&dir.join("envoy.crt"), &dir.join("envoy.key")),
+        &dir.join("sds-ca.crt"),
+    );
+    let envoy = Envoy::start(&config, admin, 1).unwrap();
+    wait_subject(https, "www.example.com", "www.example.com", &envoy);
+
+    let target = format!("tcp:{addr}");
+    let ca = dir.join("sds-ca.crt").display().to_string();
+    let with = |leaf: &str| {
+        let (cert, key) = (
+            dir.join(format!("{leaf}.crt")),
+            dir.join(format!("{leaf}.key")),
+        );
+        probe(
+            &target,
+            "www.example.com",
+            None,
+            &[
+                "--ca",
+                &ca,
+                "--cert",
+                &cert.display().to_string(),
+                "--key",
+                &key.display().to_string(),
+            ],
+        )
+    };
+    let control = with("envoy");
+    assert_eq!(
+        control["resources"], 1,
+        "the right certificate gets it: {control}"
+    );
+    for report in [
+        probe(&target, "www.example.com", None, &["--ca", &ca]),
+        with("intruder"),
+    ] {
+        assert_eq!(report["resources"], 0, "{report}");
+        assert_eq!(report["key_bytes"], false, "{report}");
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -331,10 +547,10 @@ fn ten_thousand_random_snis_leave_memory_bounded_and_known_names_served() {
     let set = Arc::new(SecretSet::new());
     let (chain, key) = self_signed(work.path(), &["www.example.com"]);
     set.set("www", &names(&["www.example.com"]), &chain, &key);
-    let sds_addr = free_addr().unwrap();
-    let _server = Server::start(sds_addr, Arc::clone(&set));
+    let socket = work.path().join("run/sds.sock");
+    let _server = Server::start(&socket, Arc::clone(&set));
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds_addr), admin, 2).unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &socket), admin, 2).unwrap();
     wait_subject(https, "www.example.com", "www.example.com", &envoy);
     let pid = envoy.pid().unwrap();
     let timeout = Duration::from_secs(5);
@@ -417,15 +633,15 @@ fn the_acme_tls_chain_serves_challenge_certificates_apart_from_the_ordinary_ones
     let (chain, key) =
         acme_agent::alpn::challenge_certificate("www.example.com", "tok.thumb").unwrap();
     alpn.set("www.example.com", &[], &chain, &key);
-    let sds_addr = free_addr().unwrap();
+    let socket = work.path().join("run/sds.sock");
     let _server = Server::start_with(
-        acme_agent::config::Listen::Tcp(sds_addr),
+        sds_at(acme_agent::config::Listen::Unix(socket.clone())),
         Arc::clone(&set),
         alpn,
     );
     let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
     let envoy = Envoy::start(
-        &acme_tests::envoy::on_demand_bootstrap_with_alpn(https, admin, sds_addr),
+        &acme_tests::envoy::on_demand_bootstrap_with_alpn(https, admin, &socket),
         admin,
         1,
     )

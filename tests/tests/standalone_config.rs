@@ -80,15 +80,25 @@ fn envoy_validates_both_standalone_bootstraps() {
     validate(&yaml, work.path());
 }
 
-/// What both shapes share: the agent's API port and self-check target are
+/// The Unix socket `listen` names (the shipped shapes use no TCP).
+fn socket_of(listen: &acme_agent::config::Listen) -> String {
+    match listen {
+        acme_agent::config::Listen::Unix(path) => path.display().to_string(),
+        other => panic!("the example listens on a Unix socket, not {other}"),
+    }
+}
+
+/// What both shapes share: the agent's API socket and self-check target are
 /// the bootstrap's, and the filter is first in the plain-HTTP chain, enabled
 /// on the challenge route only.
 fn assert_plain_http_agrees(yaml: &str, config: &Config) {
-    let agent_port = config.challenge_api.listen.port();
+    let socket = socket_of(&config.challenge_api.listen);
+    let cluster = yaml.find("- name: acme_agent").unwrap();
     assert!(
-        yaml.contains(&format!("port_value: {agent_port} }}")),
-        "the acme_agent cluster points at the agent's port {agent_port}"
+        yaml[cluster..].contains(&format!("pipe: {{ path: {socket} }}")),
+        "the acme_agent cluster points at the agent's socket {socket}"
     );
+    assert_eq!(config.challenge_api.token, None, "a socket needs no token");
     let self_check = config.self_check.clone().expect("self_check is set").target;
     let (_, port) = self_check.rsplit_once(':').unwrap();
     assert!(yaml.contains(&format!("port_value: {port} }}")));
@@ -116,13 +126,11 @@ fn the_on_demand_agent_config_matches_its_bootstrap() {
     assert_eq!(config.sds_dir, None);
     assert!(sds_names(&yaml).is_empty());
     let sds = config.sds.expect("[sds] is set");
-    let acme_agent::config::Listen::Tcp(listen) = sds.listen else {
-        panic!("the example listens on loopback TCP");
-    };
-    assert!(listen.ip().is_loopback());
+    let socket = socket_of(&sds.listen);
     let cluster = yaml.find("- name: acme_sds").unwrap();
+    let next = yaml[cluster..].find("- name: acme_agent").unwrap();
     assert!(
-        yaml[cluster..].contains(&format!("port_value: {} }}", listen.port())),
+        yaml[cluster..cluster + next].contains(&format!("pipe: {{ path: {socket} }}")),
         "the acme_sds cluster points at the agent's sds.listen"
     );
     assert!(yaml.contains("api_type: DELTA_GRPC"));

@@ -24,13 +24,14 @@ fn an_ip_address_is_validated_by_tls_alpn_01_under_its_reverse_name() {
 
 fn tls_alpn_01(domains: &[&str]) {
     let mut world = World::new(pebble::Options::default());
-    let sds = free_addr().unwrap();
+    let sds = world.work.path().join("run/sds.sock");
     let tls: std::net::SocketAddr = format!("127.0.0.1:{}", world.pebble.tls_port)
         .parse()
         .unwrap();
     world.self_check = None;
     world.extra_config = format!(
-        "[sds]\nlisten = \"{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:9\"\ntls_target = \"{tls}\"\n"
+        "[sds]\nlisten = \"unix:{}\"\n\n[self_check]\ntarget = \"127.0.0.1:9\"\ntls_target = \"{tls}\"\n",
+        sds.display()
     );
     world.certificates(&[("www", domains)]);
     world
@@ -39,7 +40,7 @@ fn tls_alpn_01(domains: &[&str]) {
     world.write_config();
     world.start_agent();
     let admin = free_addr().unwrap();
-    let envoy = Envoy::start(&on_demand_bootstrap_with_alpn(tls, admin, sds), admin, 2).unwrap();
+    let envoy = Envoy::start(&on_demand_bootstrap_with_alpn(tls, admin, &sds), admin, 2).unwrap();
     world.wait_issued("www", 1.0);
     let root = world.pebble.issuing_root().unwrap();
     for &sni in domains {

@@ -28,8 +28,13 @@ pub struct FilterConfig {
     pub agent_cluster: Option<String>,
     /// `:authority` sent with each sync request.
     pub agent_authority: String,
-    /// Bearer token sent as `authorization` with each sync request.
+    /// The token shared with the agent: each sync request proves it and
+    /// only answers signed with it are used (`crate::auth`).
     pub agent_token: Option<String>,
+    /// The name of an environment variable that holds the token instead
+    /// (Envoy passes it in with `vm_config.environment_variables`), so the
+    /// token need not be written in Envoy's or Istio's configuration.
+    pub agent_token_env: Option<String>,
     /// How long the agent may hold a long-poll before answering 304.
     pub poll_wait_seconds: u32,
     /// First retry delay after a failed sync.
@@ -51,6 +56,7 @@ struct RawConfig {
     agent_cluster: Option<String>,
     agent_authority: Option<String>,
     agent_token: Option<String>,
+    agent_token_env: Option<String>,
     poll_wait_seconds: Option<u64>,
     backoff_initial_ms: Option<u64>,
     backoff_max_ms: Option<u64>,
@@ -96,6 +102,7 @@ impl RawConfig {
                 "agent_cluster" => raw.agent_cluster = Some(string(field, value)?),
                 "agent_authority" => raw.agent_authority = Some(string(field, value)?),
                 "agent_token" => raw.agent_token = Some(string(field, value)?),
+                "agent_token_env" => raw.agent_token_env = Some(string(field, value)?),
                 "poll_wait_seconds" => raw.poll_wait_seconds = Some(unsigned(field, value)?),
                 "backoff_initial_ms" => raw.backoff_initial_ms = Some(unsigned(field, value)?),
                 "backoff_max_ms" => raw.backoff_max_ms = Some(unsigned(field, value)?),
@@ -151,6 +158,23 @@ impl FilterConfig {
         if let Some(token) = &raw.agent_token {
             check_header_value("agent_token", token)?;
         }
+        if let Some(name) = &raw.agent_token_env {
+            let valid = !name.is_empty()
+                && name.len() <= 128
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(invalid(
+                    "agent_token_env",
+                    "must be an environment variable name ([A-Za-z0-9_], 1 to 128 characters)",
+                ));
+            }
+            if raw.agent_token.is_some() {
+                return Err(invalid(
+                    "agent_token_env",
+                    "set agent_token or agent_token_env, not both",
+                ));
+            }
+        }
         let poll_wait_seconds = match raw.poll_wait_seconds {
             None => DEFAULT_POLL_WAIT_SECONDS,
             Some(n @ 1..=300) => n as u32,
@@ -199,6 +223,7 @@ impl FilterConfig {
             agent_cluster: raw.agent_cluster,
             agent_authority,
             agent_token: raw.agent_token,
+            agent_token_env: raw.agent_token_env,
             poll_wait_seconds,
             backoff_initial_ms,
             backoff_max_ms,
@@ -253,6 +278,8 @@ mod tests {
             assert_eq!(c.max_sync_bytes, 4096);
             assert!(!c.host_check);
             assert!(c.account_thumbprint.is_some());
+            let c = FilterConfig::parse(br#"{"agent_cluster":"a","agent_token_env":"ACME_AGENT_TOKEN"}"#).unwrap();
+            assert_eq!(c.agent_token_env.as_deref(), Some("ACME_AGENT_TOKEN"));
         }
     }
 
@@ -269,6 +296,8 @@ mod tests {
             assert_eq!(field_of(r#"{"agent_cluster":"a","account_thumbprint":"short"}"#), "account_thumbprint");
             assert_eq!(field_of(r#"{"agent_cluster":"a","agent_token":"x\r\nhost: evil"}"#), "agent_token");
             assert_eq!(field_of(r#"{"agent_cluster":""}"#), "agent_cluster");
+            assert_eq!(field_of(r#"{"agent_cluster":"a","agent_token_env":"A-B"}"#), "agent_token_env");
+            assert_eq!(field_of(r#"{"agent_cluster":"a","agent_token":"t","agent_token_env":"T"}"#), "agent_token_env");
             assert_eq!(field_of(r#"{}"#), "agent_cluster");
             assert_eq!(field_of(""), "configuration");
             assert_eq!(field_of("[1,2]"), "configuration");

@@ -5,6 +5,7 @@
 //! with `wasm-bindgen-test`). The `acme-filter` cdylib is a thin layer that moves
 //! bytes between these types and the proxy-wasm host.
 
+pub mod auth;
 pub mod backoff;
 pub mod challenge;
 pub mod config;

@@ -2,9 +2,11 @@
 //! response means. See `docs/challenge-sync.md` for the protocol.
 
 use crate::Error;
+use crate::auth;
 use crate::backoff::Backoff;
 use crate::config::FilterConfig;
 use crate::snapshot::Snapshot;
+use crate::store::Position;
 
 /// Path of the agent's challenge API.
 pub const SYNC_PATH: &str = "/v1/challenges";
@@ -42,24 +44,42 @@ pub enum SyncOutcome {
 pub struct Poller {
     cluster: String,
     authority: String,
-    authorization: Option<String>,
+    token: Option<String>,
     wait_seconds: u32,
     max_body: usize,
     backoff: Backoff,
     state: State,
+    /// The nonce of the call in flight: its answer must be signed with it.
+    nonce: Option<String>,
+}
+
+/// What the agent answered, as the host hands it over.
+pub struct Answer<'a, F: FnOnce() -> Option<Vec<u8>>> {
+    /// `None` when the call failed without a response (connection refused,
+    /// reset, timeout).
+    pub status: Option<u32>,
+    /// The body's announced size.
+    pub body_len: usize,
+    /// The `x-acme-signature` header, if any.
+    pub signature: Option<&'a str>,
+    /// Reads the body; called only when its size is acceptable.
+    pub read_body: F,
 }
 
 impl Poller {
     /// `None` when the configuration has no agent (stateless mode only).
+    /// The token is `config.agent_token` (the host resolves
+    /// `agent_token_env` into it first).
     pub fn new(config: &FilterConfig) -> Option<Self> {
         Some(Self {
             cluster: config.agent_cluster.clone()?,
             authority: config.agent_authority.clone(),
-            authorization: config.agent_token.as_ref().map(|t| format!("Bearer {t}")),
+            token: config.agent_token.clone(),
             wait_seconds: config.poll_wait_seconds,
             max_body: config.max_sync_bytes,
             backoff: Backoff::new(config.backoff_initial_ms, config.backoff_max_ms),
             state: State::Idle,
+            nonce: None,
         })
     }
 
@@ -68,10 +88,17 @@ impl Poller {
         self.state == State::InFlight
     }
 
-    /// The call to make now, if any. `version` is the version of the snapshot in
-    /// shared data, so a context that takes over the lease resumes where the
-    /// previous poller was. Only the elected poller polls.
-    pub fn poll(&mut self, now_ms: u64, leader: bool, version: u64) -> Option<SyncRequest> {
+    /// The call to make now, if any. `stored` is the position of the
+    /// snapshot in shared data, so a context that takes over the lease
+    /// resumes where the previous poller was; `nonce` is fresh randomness
+    /// for the token proof. Only the elected poller polls.
+    pub fn poll(
+        &mut self,
+        now_ms: u64,
+        leader: bool,
+        stored: &Position,
+        nonce: [u8; 16],
+    ) -> Option<SyncRequest> {
         let due = match self.state {
             State::Idle => true,
             State::Waiting { until_ms } => now_ms >= until_ms,
@@ -81,17 +108,25 @@ impl Poller {
             return None;
         }
         self.state = State::InFlight;
-        let mut headers = vec![
-            (":method", "GET".to_owned()),
-            (
-                ":path",
-                format!("{SYNC_PATH}?version={version}&wait={}", self.wait_seconds),
-            ),
-            (":authority", self.authority.clone()),
-        ];
-        if let Some(auth) = &self.authorization {
-            headers.push(("authorization", auth.clone()));
+        let mut path = format!(
+            "{SYNC_PATH}?version={}&wait={}",
+            stored.version, self.wait_seconds
+        );
+        if let Some(instance) = &stored.instance {
+            path.push_str("&instance=");
+            path.push_str(instance);
         }
+        let mut headers = vec![(":method", "GET".to_owned())];
+        if let Some(token) = &self.token {
+            let nonce = auth::nonce_hex(nonce);
+            headers.push((
+                "authorization",
+                auth::authorization(token, &nonce, now_ms, &path),
+            ));
+            self.nonce = Some(nonce);
+        }
+        headers.push((":path", path));
+        headers.push((":authority", self.authority.clone()));
         Some(SyncRequest {
             cluster: self.cluster.clone(),
             headers,
@@ -105,6 +140,14 @@ impl Poller {
         self.fail(now_ms)
     }
 
+    /// A snapshot arrived that was not stored (not newer than the stored
+    /// one): wait the backoff rather than ask again at once, or an agent
+    /// that keeps answering old data would have the filter spin. Returns
+    /// the delay.
+    pub fn stale(&mut self, now_ms: u64) -> u64 {
+        self.fail(now_ms)
+    }
+
     fn fail(&mut self, now_ms: u64) -> u64 {
         let delay = self.backoff.next_delay_ms();
         self.state = State::Waiting {
@@ -113,42 +156,66 @@ impl Poller {
         delay
     }
 
-    /// Interprets the agent's answer. `status` is `None` when the call failed
-    /// without a response (connection refused, reset, timeout). The body is read
-    /// through `read_body` only when its announced size is acceptable. On error
-    /// the poller is backing off and the caller keeps its last good data.
-    pub fn on_response(
+    /// Whether the answer is the agent's: signed with the token and this
+    /// call's nonce (always true without a token).
+    fn signed(&self, status: u32, body: &[u8], signature: Option<&str>) -> bool {
+        let (Some(token), Some(nonce)) = (&self.token, &self.nonce) else {
+            return self.token.is_none();
+        };
+        signature.is_some_and(|sig| auth::verify_response(token, nonce, status, body, sig))
+    }
+
+    /// Interprets the agent's answer. On error the poller is backing off and
+    /// the caller keeps its last good data.
+    pub fn on_response<F: FnOnce() -> Option<Vec<u8>>>(
         &mut self,
         now_ms: u64,
-        status: Option<u32>,
-        body_len: usize,
-        read_body: impl FnOnce() -> Option<Vec<u8>>,
+        answer: Answer<'_, F>,
     ) -> Result<SyncOutcome, Error> {
-        let outcome = match status {
-            Some(304) => Ok(SyncOutcome::Unchanged),
-            Some(200) if body_len > self.max_body => Err(Error::Sync(format!(
-                "body of {body_len} bytes exceeds max_sync_bytes ({})",
-                self.max_body
+        let unsigned = || {
+            Error::Sync(
+                "the answer is not signed with agent_token: a wrong token, or something other than the agent answers on its address".to_owned(),
+            )
+        };
+        let outcome = match answer.status {
+            Some(304) if self.signed(304, b"", answer.signature) => Ok(SyncOutcome::Unchanged),
+            Some(304) => Err(unsigned()),
+            Some(200) if answer.body_len > self.max_body => Err(Error::Sync(format!(
+                "body of {} bytes exceeds max_sync_bytes ({})",
+                answer.body_len, self.max_body
             ))),
             Some(200) => {
-                let body = read_body().unwrap_or_default();
-                Snapshot::parse(&body, self.max_body).map(SyncOutcome::Snapshot)
+                let body = (answer.read_body)().unwrap_or_default();
+                if self.signed(200, &body, answer.signature) {
+                    Snapshot::parse(&body, self.max_body).map(SyncOutcome::Snapshot)
+                } else {
+                    Err(unsigned())
+                }
             }
             Some(other) => Err(Error::Sync(format!("agent answered status {other}"))),
             None => Err(Error::Sync(
                 "no response from the agent (connection failure or timeout)".to_owned(),
             )),
         };
+        self.nonce = None;
         match &outcome {
-            Ok(_) => {
+            Ok(SyncOutcome::Unchanged) => {
                 self.backoff.reset();
                 self.state = State::Idle;
             }
+            // The backoff is reset only once the snapshot is stored
+            // ([`Poller::stored`]); a stale one backs off further.
+            Ok(SyncOutcome::Snapshot(_)) => self.state = State::Idle,
             Err(_) => {
                 self.fail(now_ms);
             }
         }
         outcome
+    }
+
+    /// The snapshot of the last answer was stored: the sync works again.
+    pub fn stored(&mut self) {
+        self.backoff.reset();
     }
 }
 
@@ -163,6 +230,15 @@ mod tests {
         Poller::new(&c).unwrap()
     }
 
+    fn at(version: u64) -> Position {
+        Position {
+            instance: None,
+            version,
+        }
+    }
+
+    const NONCE: [u8; 16] = [7; 16];
+
     fn header<'a>(r: &'a SyncRequest, name: &str) -> Option<&'a str> {
         r.headers
             .iter()
@@ -170,11 +246,25 @@ mod tests {
             .map(|(_, v)| v.as_str())
     }
 
+    /// An answer with `status` and `body`, signed with `signature`.
+    fn answer<'a>(
+        status: Option<u32>,
+        body: &'a [u8],
+        signature: Option<&'a str>,
+    ) -> Answer<'a, impl FnOnce() -> Option<Vec<u8>> + 'a> {
+        Answer {
+            status,
+            body_len: body.len(),
+            signature,
+            read_body: move || Some(body.to_vec()),
+        }
+    }
+
     both_targets_test! {
         fn only_the_leader_polls_and_one_call_at_a_time() {
             let mut p = poller("");
-            assert_eq!(p.poll(0, false, 0), None);
-            let r = p.poll(0, true, 0).unwrap();
+            assert_eq!(p.poll(0, false, &at(0), NONCE), None);
+            let r = p.poll(0, true, &at(0), NONCE).unwrap();
             assert_eq!(r.cluster, "agent");
             assert_eq!(header(&r, ":path"), Some("/v1/challenges?version=0&wait=30"));
             assert_eq!(header(&r, ":method"), Some("GET"));
@@ -182,29 +272,84 @@ mod tests {
             assert_eq!(header(&r, "authorization"), None);
             assert_eq!(r.timeout_ms, 35_000);
             assert!(p.in_flight());
-            assert_eq!(p.poll(1, true, 0), None);
+            assert_eq!(p.poll(1, true, &at(0), NONCE), None);
         }
     }
 
     both_targets_test! {
-        fn bearer_token_and_version_are_sent() {
-            let mut p = poller(r#","agent_token":"s3cret","poll_wait_seconds":2"#);
-            let r = p.poll(0, true, 42).unwrap();
-            assert_eq!(header(&r, "authorization"), Some("Bearer s3cret"));
-            assert_eq!(header(&r, ":path"), Some("/v1/challenges?version=42&wait=2"));
+        fn the_token_is_proven_never_sent_and_the_instance_is_named() {
+            let mut p = poller(r#","agent_token":"s3cret-token","poll_wait_seconds":2"#);
+            let stored = Position { instance: Some("abcd".into()), version: 42 };
+            let r = p.poll(1_700_000_000_000, true, &stored, NONCE).unwrap();
+            let path = "/v1/challenges?version=42&wait=2&instance=abcd";
+            assert_eq!(header(&r, ":path"), Some(path));
+            let proof = header(&r, "authorization").unwrap();
+            assert!(!proof.contains("s3cret"), "{proof}");
+            let nonce = auth::nonce_hex(NONCE);
+            assert_eq!(proof, auth::authorization("s3cret-token", &nonce, 1_700_000_000_000, path));
         }
     }
 
     both_targets_test! {
-        fn success_polls_again_at_once() {
-            let mut p = poller("");
-            p.poll(0, true, 0).unwrap();
-            let body = br#"{"version":5,"challenges":[]}"#.to_vec();
-            let out = p.on_response(10, Some(200), body.len(), || Some(body.clone())).unwrap();
+        fn with_a_token_only_answers_signed_for_this_call_are_used() {
+            let body = br#"{"version":5,"challenges":[]}"#;
+            let nonce = auth::nonce_hex(NONCE);
+            let sign = |status: u32, body: &[u8], nonce: &str| {
+                // The agent's side of the scheme, from its shared test vector's
+                // definition: the MAC over the status and the body.
+                use hmac::Mac as _;
+                let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret-token").unwrap();
+                m.update(format!("acme-sync-response\n{nonce}\n{status}\n").as_bytes());
+                m.update(body);
+                m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>()
+            };
+            let good = sign(200, body, &nonce);
+            let other_call = sign(200, body, &"00".repeat(16));
+            for (signature, ok) in [(None, false), (Some(other_call.as_str()), false), (Some("zz"), false), (Some(good.as_str()), true)] {
+                let mut p = poller(r#","agent_token":"s3cret-token""#);
+                p.poll(0, true, &at(0), NONCE).unwrap();
+                let out = p.on_response(0, answer(Some(200), body, signature));
+                assert_eq!(out.is_ok(), ok, "{signature:?}: {out:?}");
+                if !ok {
+                    assert!(out.unwrap_err().to_string().contains("not signed"));
+                    assert_eq!(p.poll(1, true, &at(0), NONCE), None, "backs off");
+                }
+            }
+            let unchanged = sign(304, b"", &nonce);
+            let mut p = poller(r#","agent_token":"s3cret-token""#);
+            p.poll(0, true, &at(0), NONCE).unwrap();
+            assert!(p.on_response(0, answer(Some(304), b"", None)).is_err());
+            p.poll(10_000, true, &at(0), NONCE).unwrap();
+            assert_eq!(p.on_response(0, answer(Some(304), b"", Some(&unchanged))), Ok(SyncOutcome::Unchanged));
+        }
+    }
+
+    both_targets_test! {
+        fn success_polls_again_at_once_and_a_stale_answer_backs_off() {
+            let mut p = poller(r#","backoff_initial_ms":100"#);
+            p.poll(0, true, &at(0), NONCE).unwrap();
+            let body = br#"{"version":5,"challenges":[]}"#;
+            let out = p.on_response(10, answer(Some(200), body, None)).unwrap();
             assert!(matches!(out, SyncOutcome::Snapshot(s) if s.version == 5));
-            assert!(p.poll(10, true, 5).is_some());
-            assert_eq!(p.on_response(20, Some(304), 0, || panic!("no body to read")), Ok(SyncOutcome::Unchanged));
-            assert!(p.poll(20, true, 5).is_some());
+            assert!(p.poll(10, true, &at(5), NONCE).is_some());
+            let no_body = Answer { status: Some(304), body_len: 0, signature: None, read_body: || -> Option<Vec<u8>> { panic!("no body to read") } };
+            assert_eq!(p.on_response(20, no_body), Ok(SyncOutcome::Unchanged));
+            assert!(p.poll(20, true, &at(5), NONCE).is_some());
+            p.on_response(30, answer(Some(200), body, None)).unwrap();
+            assert_eq!(p.stale(30), 100);
+            assert_eq!(p.poll(129, true, &at(5), NONCE), None, "a stale answer is not asked again at once");
+            assert!(p.poll(130, true, &at(5), NONCE).is_some());
+            // Stale again and again: the delay keeps doubling.
+            p.on_response(130, answer(Some(200), body, None)).unwrap();
+            assert_eq!(p.stale(130), 200);
+            p.poll(330, true, &at(5), NONCE).unwrap();
+            p.on_response(330, answer(Some(200), body, None)).unwrap();
+            assert_eq!(p.stale(330), 400);
+            // Stored: back to the first delay.
+            p.poll(730, true, &at(5), NONCE).unwrap();
+            p.on_response(730, answer(Some(200), body, None)).unwrap();
+            p.stored();
+            assert_eq!(p.dispatch_failed(730), 100);
         }
     }
 
@@ -220,10 +365,10 @@ mod tests {
             ];
             for (status, body) in failures {
                 let mut p = poller(r#","backoff_initial_ms":100"#);
-                p.poll(1000, true, 0).unwrap();
-                assert!(p.on_response(1000, status, body.len(), || Some(body.to_vec())).is_err());
-                assert_eq!(p.poll(1099, true, 0), None, "{status:?} retried too early");
-                assert!(p.poll(1100, true, 0).is_some(), "{status:?} not retried after the delay");
+                p.poll(1000, true, &at(0), NONCE).unwrap();
+                assert!(p.on_response(1000, answer(status, body, None)).is_err());
+                assert_eq!(p.poll(1099, true, &at(0), NONCE), None, "{status:?} retried too early");
+                assert!(p.poll(1100, true, &at(0), NONCE).is_some(), "{status:?} not retried after the delay");
             }
         }
     }
@@ -233,8 +378,8 @@ mod tests {
             let mut p = poller(r#","backoff_initial_ms":100,"backoff_max_ms":1000"#);
             let delays: Vec<u64> = (0..6).map(|_| p.dispatch_failed(0)).collect();
             assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
-            p.poll(1000, true, 0).unwrap();
-            p.on_response(1000, Some(304), 0, || None).unwrap();
+            p.poll(1000, true, &at(0), NONCE).unwrap();
+            p.on_response(1000, answer(Some(304), b"", None)).unwrap();
             assert_eq!(p.dispatch_failed(1000), 100, "success resets the backoff");
         }
     }
@@ -242,8 +387,9 @@ mod tests {
     both_targets_test! {
         fn oversized_body_is_not_read() {
             let mut p = poller(r#","max_sync_bytes":1024"#);
-            p.poll(0, true, 0).unwrap();
-            let err = p.on_response(0, Some(200), 1025, || panic!("read")).unwrap_err();
+            p.poll(0, true, &at(0), NONCE).unwrap();
+            let big = Answer { status: Some(200), body_len: 1025, signature: None, read_body: || -> Option<Vec<u8>> { panic!("read") } };
+            let err = p.on_response(0, big).unwrap_err();
             assert!(err.to_string().contains("max_sync_bytes"), "{err}");
         }
     }

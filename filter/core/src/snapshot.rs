@@ -24,13 +24,20 @@ pub struct Challenge {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The agent process that made it (`docs/challenge-sync.md`): versions
+    /// compare only within one instance.
+    pub instance: Option<String>,
     pub version: u64,
     pub challenges: Vec<Challenge>,
 }
 
+/// Longest instance id accepted.
+pub const MAX_INSTANCE_LEN: usize = 64;
+
 // Unknown fields are ignored so the agent can add some without breaking older filters.
 #[derive(Deserialize)]
 struct RawSnapshot {
+    instance: Option<String>,
     version: u64,
     challenges: Vec<RawChallenge>,
 }
@@ -59,6 +66,13 @@ impl Snapshot {
         let raw: RawSnapshot = json::from_str(text).map_err(|_| {
             sync_error("malformed JSON, or version/challenges/token/key_authorization/identifier missing or of the wrong type")
         })?;
+        if let Some(instance) = &raw.instance
+            && (instance.len() > MAX_INSTANCE_LEN || !is_valid_token(instance))
+        {
+            return Err(sync_error(
+                "instance is not base64url of 1 to 64 characters",
+            ));
+        }
         let mut challenges: Vec<Challenge> = Vec::with_capacity(raw.challenges.len());
         for c in raw.challenges {
             if !is_valid_token(&c.token) {
@@ -99,6 +113,7 @@ impl Snapshot {
             });
         }
         Ok(Self {
+            instance: raw.instance,
             version: raw.version,
             challenges,
         })
@@ -118,7 +133,10 @@ mod tests {
             )
             .unwrap();
             assert_eq!(s.version, 7);
+            assert_eq!(s.instance, None);
             assert_eq!(s.challenges[0].identifier, "www.example.com");
+            let named = Snapshot::parse(br#"{"instance":"0a1b2c3d4e5f6a7b","version":7,"challenges":[]}"#, 1024).unwrap();
+            assert_eq!(named.instance.as_deref(), Some("0a1b2c3d4e5f6a7b"));
             assert_eq!(s.challenges[0].key_authorization, "abc.th-umb_");
         }
     }
@@ -136,6 +154,8 @@ mod tests {
                 b"",
                 b"not json",
                 b"{\"version\":1}",
+                br#"{"instance":"a/b","version":1,"challenges":[]}"#,
+                br#"{"instance":"","version":1,"challenges":[]}"#,
                 b"{\"version\":-1,\"challenges\":[]}",
                 b"{\"version\":\"1\",\"challenges\":[]}",
                 br#"{"version":1,"challenges":[{"token":"a/b","key_authorization":"a/b.x","identifier":"h"}]}"#,

@@ -13,7 +13,8 @@ use crate::snapshot::Snapshot;
 pub const TOKEN_KEY_PREFIX: &str = "acme/v1/token/";
 /// Newline-separated list of the tokens currently stored.
 pub const INDEX_KEY: &str = "acme/v1/index";
-/// Decimal version of the snapshot currently stored.
+/// Position of the snapshot currently stored: `<version>@<instance>`, or
+/// the decimal version alone for an agent without instance ids.
 pub const VERSION_KEY: &str = "acme/v1/version";
 /// Poller election lease, see [`crate::lease`].
 pub const LEASE_KEY: &str = "acme/v1/lease";
@@ -73,12 +74,53 @@ pub fn lookup(data: &impl SharedData, token: &str) -> Option<StoredChallenge> {
         .and_then(|v| StoredChallenge::decode(&v))
 }
 
-/// Version of the stored snapshot, 0 when none was ever stored.
-pub fn stored_version(data: &impl SharedData) -> u64 {
+/// Where the stored snapshot stands: its agent instance and version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    pub instance: Option<String>,
+    /// 0 when none was ever stored.
+    pub version: u64,
+}
+
+impl Position {
+    fn encode(&self) -> String {
+        match &self.instance {
+            Some(instance) => format!("{}@{instance}", self.version),
+            None => self.version.to_string(),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (version, instance) = match text.split_once('@') {
+            Some((v, i)) => (v, Some(i.to_owned())),
+            None => (text, None),
+        };
+        Some(Self {
+            instance,
+            version: version.parse().ok()?,
+        })
+    }
+
+    /// Whether `snapshot` may replace what is stored here: anything from an
+    /// instance not seen before (a restarted or failed-over agent, whatever
+    /// version was held), else only a newer version of the same one.
+    pub fn accepts(&self, snapshot: &Snapshot) -> bool {
+        let other_instance = snapshot.instance.is_some() && snapshot.instance != self.instance;
+        self.version == 0 || other_instance || snapshot.version > self.version
+    }
+}
+
+/// Position of the stored snapshot (default when none was ever stored).
+pub fn stored_position(data: &impl SharedData) -> Position {
     data.get(VERSION_KEY)
         .0
-        .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
-        .unwrap_or(0)
+        .and_then(|v| Position::decode(std::str::from_utf8(&v).ok()?))
+        .unwrap_or_default()
+}
+
+/// Version of the stored snapshot, 0 when none was ever stored.
+pub fn stored_version(data: &impl SharedData) -> u64 {
+    stored_position(data).version
 }
 
 fn stored_index(data: &impl SharedData) -> Vec<String> {
@@ -109,14 +151,16 @@ fn write(data: &impl SharedData, key: &str, value: &[u8]) -> Result<(), Error> {
 /// now known. New tokens are written before old ones are cleared, so a token
 /// present in both snapshots is answerable throughout.
 ///
-/// A snapshot not newer than the stored one is not applied: a late answer to
-/// an older poll (of a poller that has since lost the lease, say) must never
-/// remove a token a newer snapshot holds. The agent keeps versions growing
-/// for every filter, across its restarts (`docs/challenge-sync.md`).
+/// A snapshot of the stored instance that is not newer than the stored one
+/// is not applied: a late answer to an older poll (of a poller that has
+/// since lost the lease, say) must never remove a token a newer snapshot
+/// holds. A snapshot of another instance is (see [`Position::accepts`]).
 pub fn apply(data: &impl SharedData, snapshot: &Snapshot) -> Result<Applied, Error> {
-    let stored = stored_version(data);
-    if snapshot.version <= stored && stored != 0 {
-        return Ok(Applied::Stale { stored });
+    let stored = stored_position(data);
+    if !stored.accepts(snapshot) {
+        return Ok(Applied::Stale {
+            stored: stored.version,
+        });
     }
     let old = stored_index(data);
     for challenge in &snapshot.challenges {
@@ -142,7 +186,11 @@ pub fn apply(data: &impl SharedData, snapshot: &Snapshot) -> Result<Applied, Err
         write(data, &token_key(gone), b"")?;
     }
     write(data, INDEX_KEY, index.as_bytes())?;
-    write(data, VERSION_KEY, snapshot.version.to_string().as_bytes())?;
+    let position = Position {
+        instance: snapshot.instance.clone(),
+        version: snapshot.version,
+    };
+    write(data, VERSION_KEY, position.encode().as_bytes())?;
     Ok(Applied::Stored(snapshot.challenges.len()))
 }
 
@@ -250,6 +298,35 @@ mod tests {
             assert_eq!(stored_version(&data), 10);
             assert_eq!(apply(&data, &snap(11, &["a"])).unwrap(), Applied::Stored(1));
             assert_eq!(lookup(&data, "b"), None);
+        }
+    }
+
+    fn from(instance: &str, version: u64, tokens: &[&str]) -> Snapshot {
+        Snapshot {
+            instance: Some(instance.to_owned()),
+            ..snap(version, tokens)
+        }
+    }
+
+    both_targets_test! {
+        fn another_agent_instance_is_followed_whatever_version_was_held() {
+            let data = Memory::default();
+            // Someone pushed the version far up (a made-up poll), then the
+            // agent restarted: its new instance starts lower and must win.
+            apply(&data, &from("old", 1 << 52, &["a"])).unwrap();
+            assert_eq!(
+                stored_position(&data),
+                Position { instance: Some("old".into()), version: 1 << 52 }
+            );
+            assert_eq!(apply(&data, &from("new", 5, &["b"])).unwrap(), Applied::Stored(1));
+            assert_eq!(lookup(&data, "a"), None);
+            assert!(lookup(&data, "b").is_some());
+            // Within one instance, older answers stay stale.
+            assert_eq!(apply(&data, &from("new", 4, &[])).unwrap(), Applied::Stale { stored: 5 });
+            assert!(lookup(&data, "b").is_some());
+            // A legacy stored value (version alone) is read.
+            data.set(VERSION_KEY, b"17", None).unwrap();
+            assert_eq!(stored_position(&data), Position { instance: None, version: 17 });
         }
     }
 

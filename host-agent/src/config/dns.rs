@@ -113,6 +113,7 @@ pub fn parse_tsig_secret(text: &str) -> Option<Vec<u8>> {
 /// Reads the secret of `solver`'s key; the error names the field.
 pub fn read_tsig_secret(path: &Path, name: &str, solver: &DnsSolver) -> Result<Vec<u8>, Error> {
     let field = format!("dns.{name}.tsig_secret_file");
+    super::secrets::check_private(path, &field, &solver.tsig_secret_file)?;
     let text = std::fs::read_to_string(&solver.tsig_secret_file).map_err(|e| {
         invalid(
             path,
@@ -224,6 +225,8 @@ mod tests {
             "key \"acme\" {\n\talgorithm hmac-sha256;\n\tsecret \"c2VjcmV0LWtleS1ieXRlcw==\";\n};\n",
         )
         .unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let solver = format!(
             "\n[dns.main]\nserver = \"192.0.2.53\"\nzone = \"example.com\"\ntsig_key = \"acme\"\ntsig_secret_file = {:?}\n",
             secret.display().to_string()

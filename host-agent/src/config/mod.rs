@@ -5,6 +5,7 @@
 //! default.
 
 pub mod dns;
+pub mod secrets;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -19,8 +20,6 @@ pub use dns::{DnsSolver, TsigAlgorithm};
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// Let's Encrypt's staging directory, selected by `directory = "letsencrypt-staging"`.
 pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
-/// Default challenge API address: loopback only.
-pub const DEFAULT_CHALLENGE_LISTEN: &str = "127.0.0.1:9180";
 
 /// A certificate's key algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -36,8 +35,12 @@ pub enum KeyType {
 #[serde(deny_unknown_fields)]
 pub struct Eab {
     pub key_id: String,
-    /// base64url HMAC key as the CA hands it out. Never logged.
+    /// base64url HMAC key as the CA hands it out. Never logged. After load,
+    /// set from `hmac_key_file` when that is given.
+    #[serde(default)]
     pub hmac_key: String,
+    /// A file holding the HMAC key (mode 0600 or 0400): read at load.
+    pub hmac_key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Eab {
@@ -45,6 +48,7 @@ impl std::fmt::Debug for Eab {
         f.debug_struct("Eab")
             .field("key_id", &self.key_id)
             .field("hmac_key", &"<redacted>")
+            .field("hmac_key_file", &self.hmac_key_file)
             .finish()
     }
 }
@@ -114,13 +118,27 @@ impl Default for Limits {
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeApi {
+    /// `unix:/path` (the default, checked by peer credentials) or
+    /// `host:port` (needs a token unless on loopback).
     #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    /// Bearer token the filter must send; set the same `agent_token` on the filter.
+    pub listen: Listen,
+    /// The shared secret the filters and the agent prove to each other
+    /// (HMAC, `docs/challenge-sync.md`); set the filters' `agent_token` (or
+    /// `agent_token_env`) to the same. Prefer `token_file`.
     pub token: Option<String>,
+    /// A file holding the token (mode 0600 or 0400): read at load.
+    pub token_file: Option<PathBuf>,
+    /// Unix socket: uids allowed to connect (default: the agent's own).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Unix socket: primary gids allowed (default: the socket's group).
+    pub allowed_gids: Option<Vec<u32>>,
     /// Connections served at once; more wait in the listen backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections not (yet) authenticated that one peer address may hold:
+    /// the oldest is closed when it opens one more.
+    #[serde(default = "default_max_unauthenticated_per_peer")]
+    pub max_unauthenticated_per_peer: usize,
     /// Long-polls held at once; one more is answered 503 at once.
     #[serde(default = "default_max_held_polls")]
     pub max_held_polls: usize,
@@ -135,15 +153,31 @@ impl std::fmt::Debug for ChallengeApi {
         f.debug_struct("ChallengeApi")
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("allowed_uids", &self.allowed_uids)
+            .field("allowed_gids", &self.allowed_gids)
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_unauthenticated_per_peer",
+                &self.max_unauthenticated_per_peer,
+            )
             .field("max_held_polls", &self.max_held_polls)
             .field("filter_max_sync_bytes", &self.filter_max_sync_bytes)
             .finish()
     }
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9180))
+/// Default challenge API socket (`RuntimeDirectory=acme-agent` in systemd).
+pub const DEFAULT_API_SOCKET: &str = "/run/acme-agent/api.sock";
+/// Default SDS socket, beside it.
+pub const DEFAULT_SDS_SOCKET: &str = "/run/acme-agent/sds.sock";
+
+fn default_listen() -> Listen {
+    Listen::Unix(PathBuf::from(DEFAULT_API_SOCKET))
+}
+
+fn default_max_unauthenticated_per_peer() -> usize {
+    64
 }
 
 fn default_max_connections() -> usize {
@@ -164,7 +198,11 @@ impl Default for ChallengeApi {
         Self {
             listen: default_listen(),
             token: None,
+            token_file: None,
+            allowed_uids: None,
+            allowed_gids: None,
             max_connections: default_max_connections(),
+            max_unauthenticated_per_peer: default_max_unauthenticated_per_peer(),
             max_held_polls: default_max_held_polls(),
             filter_max_sync_bytes: default_filter_max_sync_bytes(),
         }
@@ -183,12 +221,54 @@ pub struct SelfCheck {
     pub tls_target: Option<String>,
 }
 
-/// The SDS server's listener (for Envoy alone: loopback by default).
+/// The SDS server's listener: it hands out private keys, so only to the
+/// peers allowed here.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Sds {
+    /// `unix:/path` (the default), or `host:port` with `[sds.tls]`.
     #[serde(default = "default_sds_listen")]
     pub listen: Listen,
+    /// Unix socket: uids allowed to connect (default: the agent's own).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Unix socket: primary gids allowed (default: the socket's group).
+    pub allowed_gids: Option<Vec<u32>>,
+    /// TCP: mutual TLS, required there (any local process can reach a port).
+    pub tls: Option<ServerTls>,
+}
+
+/// A TLS server identity and the CA its clients' certificates must chain to.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM chain the server presents.
+    pub certificate: PathBuf,
+    /// Its PEM private key (mode 0600 or 0400).
+    pub key: PathBuf,
+    /// PEM CA certificate(s) a client's certificate must chain to.
+    pub client_ca: PathBuf,
+}
+
+/// The probes and metrics listener: `/healthz`, `/readyz`, `/metrics`. No
+/// authentication (metrics name certificates and their errors): loopback by
+/// default.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default = "default_health_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_health_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9182))
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            listen: default_health_listen(),
+        }
+    }
 }
 
 /// On-demand TLS: who may get a certificate at their first handshake, and
@@ -245,9 +325,9 @@ pub fn on_demand_allows(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// Where a server listens: `host:port`, or `unix:<path>` for a Unix socket
-/// (created 0600: only the agent's user, and Envoy's when it is the same, can
-/// connect; Envoy reaches it as a `pipe` address).
+/// Where a server listens: `unix:<path>` for a Unix socket (Envoy reaches it
+/// as a `pipe` address; `crate::net` checks its directory and every peer),
+/// or `host:port`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(try_from = "String")]
 pub enum Listen {
@@ -263,6 +343,12 @@ impl TryFrom<String> for Listen {
             if !path.starts_with('/') {
                 return Err(format!("{text:?}: a Unix socket needs an absolute path"));
             }
+            if path.len() > crate::net::MAX_SOCKET_PATH {
+                return Err(format!(
+                    "{text:?}: a Unix socket path has at most {} bytes",
+                    crate::net::MAX_SOCKET_PATH
+                ));
+            }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
         text.parse()
@@ -271,8 +357,17 @@ impl TryFrom<String> for Listen {
     }
 }
 
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 fn default_sds_listen() -> Listen {
-    Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 9181)))
+    Listen::Unix(PathBuf::from(DEFAULT_SDS_SOCKET))
 }
 
 /// Kubernetes mode: certificates become `kubernetes.io/tls` Secrets and the
@@ -439,6 +534,8 @@ pub struct Config {
     pub on_demand: Option<OnDemand>,
     #[serde(default)]
     pub challenge_api: ChallengeApi,
+    #[serde(default)]
+    pub health: Health,
     pub self_check: Option<SelfCheck>,
     /// How many certificates are ordered at once.
     #[serde(default = "default_concurrency")]
@@ -515,11 +612,38 @@ impl Config {
             invalid(path, field, reason)
         })?;
         let mut config = config;
+        config.read_secrets(path)?;
         config.validate(path)?;
         for (name, solver) in &mut config.dns {
             solver.secret = dns::TsigSecret(dns::read_tsig_secret(path, name, solver)?);
         }
         Ok(config)
+    }
+
+    /// Fills the secrets given as `*_file` in from their files, refusing a
+    /// file others can read.
+    fn read_secrets(&mut self, path: &Path) -> Result<(), Error> {
+        let api = &mut self.challenge_api;
+        api.token = secrets::one_of(
+            path,
+            "challenge_api.token",
+            api.token.as_deref(),
+            api.token_file.as_deref(),
+        )?;
+        if let Some(eab) = &mut self.acme.eab {
+            let inline = (!eab.hmac_key.is_empty()).then_some(eab.hmac_key.as_str());
+            eab.hmac_key = secrets::one_of(
+                path,
+                "acme.eab.hmac_key",
+                inline,
+                eab.hmac_key_file.as_deref(),
+            )?
+            .ok_or_else(|| invalid(path, "acme.eab.hmac_key", "missing (or hmac_key_file)"))?;
+        }
+        if let Some(tls) = self.sds.as_ref().and_then(|s| s.tls.as_ref()) {
+            secrets::check_private(path, "sds.tls.key", &tls.key)?;
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), Error> {
@@ -911,6 +1035,7 @@ impl Config {
                 "must be at least 1 and less than challenge_api.max_connections",
             ));
         }
+        self.validate_listeners(path)?;
         let bound = snapshot_bound(&self.certificates, self.order_concurrency);
         if bound > api.filter_max_sync_bytes {
             return Err(invalid(
@@ -924,6 +1049,77 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// Who can reach each listener: a Unix socket is checked by peer
+    /// credentials; a TCP port is open to every local process (and more),
+    /// so it needs the token (challenge API) or mutual TLS (SDS, which hands
+    /// out private keys).
+    fn validate_listeners(&self, path: &Path) -> Result<(), Error> {
+        let api = &self.challenge_api;
+        peers_only_on_unix(
+            path,
+            "challenge_api",
+            &api.listen,
+            api.allowed_uids.is_some() || api.allowed_gids.is_some(),
+        )?;
+        if let Listen::Tcp(addr) = api.listen
+            && !addr.ip().is_loopback()
+            && api.token.is_none()
+        {
+            return Err(invalid(
+                path,
+                "challenge_api.listen",
+                format!(
+                    "{addr} is not a loopback address: set challenge_api.token_file (the filters and the agent prove themselves to each other with it), or listen on unix:/path"
+                ),
+            ));
+        }
+        if api.max_unauthenticated_per_peer == 0 {
+            return Err(invalid(
+                path,
+                "challenge_api.max_unauthenticated_per_peer",
+                "must be at least 1",
+            ));
+        }
+        let Some(sds) = &self.sds else {
+            return Ok(());
+        };
+        peers_only_on_unix(
+            path,
+            "sds",
+            &sds.listen,
+            sds.allowed_uids.is_some() || sds.allowed_gids.is_some(),
+        )?;
+        match (&sds.listen, &sds.tls) {
+            (Listen::Tcp(addr), None) => Err(invalid(
+                path,
+                "sds.listen",
+                format!(
+                    "{addr}: SDS hands out private keys, and a TCP port is open to every local process: listen on unix:/path (the default, checked by peer credentials) or set [sds.tls] for mutual TLS"
+                ),
+            )),
+            (Listen::Unix(_), Some(_)) => Err(invalid(
+                path,
+                "sds.tls",
+                "is for a TCP listen; a Unix socket is checked by peer credentials",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `allowed_uids`/`allowed_gids` mean something only on a Unix socket.
+fn peers_only_on_unix(path: &Path, section: &str, listen: &Listen, set: bool) -> Result<(), Error> {
+    if set && matches!(listen, Listen::Tcp(_)) {
+        return Err(invalid(
+            path,
+            format!("{section}.allowed_uids"),
+            "allowed_uids and allowed_gids are for a unix: listen (a TCP peer has no credentials)",
+        ));
+    }
+    Ok(())
 }
 
 /// Prefix of the Secrets the agent keeps its own state in (Kubernetes mode).
@@ -1040,8 +1236,9 @@ key_type = "ecdsa-p384"
         assert_eq!(c.acme.directory_url(), LETSENCRYPT_STAGING);
         assert_eq!(
             c.challenge_api.listen,
-            DEFAULT_CHALLENGE_LISTEN.parse().unwrap()
+            Listen::Unix(DEFAULT_API_SOCKET.into())
         );
+        assert_eq!(c.health.listen, "127.0.0.1:9182".parse().unwrap());
         assert_eq!(c.challenge_api.token, None);
         assert_eq!(c.order_concurrency, 4);
         assert_eq!(c.certificates.len(), 2);
@@ -1282,7 +1479,7 @@ mod sds_section {
     }
 
     #[test]
-    fn sds_makes_sds_dir_optional_and_listens_on_loopback() {
+    fn sds_makes_sds_dir_optional_and_listens_on_a_unix_socket() {
         let base = "state_dir = \"/s\"\n[acme]\ndirectory = \"letsencrypt\"\n";
         match Config::parse(base, Path::new("agent.toml")) {
             Err(Error::Config { field, .. }) => assert_eq!(field, "sds_dir"),
@@ -1291,7 +1488,7 @@ mod sds_section {
         let c = Config::parse(&format!("{base}[sds]\n"), Path::new("agent.toml")).unwrap();
         assert_eq!(
             c.sds.unwrap().listen,
-            Listen::Tcp("127.0.0.1:9181".parse().unwrap())
+            Listen::Unix(DEFAULT_SDS_SOCKET.into())
         );
         let c = Config::parse(
             &format!("{base}[sds]\nlisten = \"unix:/run/acme/sds.sock\"\n"),
@@ -1302,7 +1499,13 @@ mod sds_section {
             c.sds.unwrap().listen,
             Listen::Unix("/run/acme/sds.sock".into())
         );
-        for bad in ["unix:relative.sock", "localhost:9181", "9181"] {
+        let long = format!("unix:/{}", "a".repeat(120));
+        for bad in [
+            "unix:relative.sock",
+            "localhost:9181",
+            "9181",
+            long.as_str(),
+        ] {
             match Config::parse(
                 &format!("{base}[sds]\nlisten = {bad:?}\n"),
                 Path::new("agent.toml"),
@@ -1311,6 +1514,108 @@ mod sds_section {
                 other => panic!("{bad}: {other:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod listeners {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const BASE: &str = "state_dir = \"/s\"\n[acme]\ndirectory = \"letsencrypt\"\n";
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text, Path::new("agent.toml")) {
+            Err(Error::Config { field, reason, .. }) => {
+                assert!(!reason.is_empty());
+                field
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sds_on_tcp_needs_mutual_tls() {
+        assert_eq!(
+            field_of(&format!("{BASE}[sds]\nlisten = \"127.0.0.1:9181\"\n")),
+            "sds.listen"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("key.pem");
+        std::fs::write(&key, "k").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let tls = format!(
+            "[sds.tls]\ncertificate = \"/c.pem\"\nkey = {:?}\nclient_ca = \"/ca.pem\"\n",
+            key.display().to_string()
+        );
+        let ok = format!("{BASE}[sds]\nlisten = \"127.0.0.1:9181\"\n{tls}");
+        assert!(Config::parse(&ok, Path::new("agent.toml")).is_ok());
+        assert_eq!(field_of(&format!("{BASE}[sds]\n{tls}")), "sds.tls");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(field_of(&ok), "sds.tls.key");
+        assert_eq!(
+            field_of(&format!(
+                "{BASE}[sds]\nlisten = \"127.0.0.1:9181\"\nallowed_uids = [0]\n"
+            )),
+            "sds.allowed_uids"
+        );
+    }
+
+    #[test]
+    fn the_api_off_loopback_needs_a_token_and_the_token_can_come_from_a_file() {
+        assert_eq!(
+            field_of(
+                &format!("{BASE}sds_dir = \"/d\"\n[challenge_api]\nlisten = \"0.0.0.0:9180\"\n")
+                    .replace("sds_dir = \"/d\"\n[challenge_api]", "[challenge_api]")
+                    .replace(
+                        "state_dir = \"/s\"\n",
+                        "state_dir = \"/s\"\nsds_dir = \"/d\"\n"
+                    )
+            ),
+            "challenge_api.listen"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("token");
+        std::fs::write(&file, "0123456789abcdef0123456789\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "state_dir = \"/s\"\nsds_dir = \"/d\"\n[acme]\ndirectory = \"letsencrypt\"\n[challenge_api]\nlisten = \"0.0.0.0:9180\"\ntoken_file = {:?}\n",
+            file.display().to_string()
+        );
+        let c = Config::parse(&text, Path::new("agent.toml")).unwrap();
+        assert_eq!(
+            c.challenge_api.token.as_deref(),
+            Some("0123456789abcdef0123456789")
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // Group-readable is accepted only for the agent's own group.
+        let own_group = std::fs::metadata(&file).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.gid() == crate::net::own_ids().1
+        });
+        if !own_group.unwrap() {
+            assert_eq!(field_of(&text), "challenge_api.token_file");
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o604)).unwrap();
+        assert_eq!(field_of(&text), "challenge_api.token_file");
+    }
+
+    #[test]
+    fn the_eab_key_can_come_from_a_private_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("eab");
+        std::fs::write(&file, "c2VjcmV0LWhtYWMta2V5\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "state_dir = \"/s\"\nsds_dir = \"/d\"\n[acme]\ndirectory = \"letsencrypt\"\n[acme.eab]\nkey_id = \"k\"\nhmac_key_file = {:?}\n",
+            file.display().to_string()
+        );
+        let c = Config::parse(&text, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.acme.eab.unwrap().hmac_key, "c2VjcmV0LWhtYWMta2V5");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(field_of(&text), "acme.eab.hmac_key_file");
+        let neither = "state_dir = \"/s\"\nsds_dir = \"/d\"\n[acme]\ndirectory = \"letsencrypt\"\n[acme.eab]\nkey_id = \"k\"\n";
+        assert_eq!(field_of(neither), "acme.eab.hmac_key");
     }
 }
 

@@ -661,6 +661,7 @@ fn ours(
             },
         })
         .collect();
+    let health = free_addr()?;
     let config_text = |certificates: &[Cert<'_>]| {
         let settings = Settings {
             directory_url: &pebble.directory_url,
@@ -669,6 +670,8 @@ fn ours(
             sds_dir: &sds,
             kubernetes: None,
             api,
+            health,
+            token_file: None,
             self_check: Some(http),
             retry: (1, 4),
             certificates,

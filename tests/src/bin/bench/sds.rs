@@ -28,13 +28,14 @@ fn agent_config(
     work: &Path,
     pebble: &Pebble,
     api: SocketAddr,
-    sds: SocketAddr,
+    health: SocketAddr,
     extra: &str,
     certificates: &[String],
 ) -> String {
     let mut text = format!(
-        "state_dir = {state:?}\norder_concurrency = 64\n\n[acme]\ndirectory = {dir:?}\nca_root = {root:?}\n\n[acme.limits]\norders_per_3_hours = 100000\n\n[challenge_api]\nlisten = \"{api}\"\n\n[sds]\nlisten = \"{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:{http}\"\n\n[retry]\ninitial_seconds = 1\nmax_seconds = 4\n{extra}",
+        "state_dir = {state:?}\norder_concurrency = 64\n\n[acme]\ndirectory = {dir:?}\nca_root = {root:?}\n\n[acme.limits]\norders_per_3_hours = 100000\n\n[challenge_api]\nlisten = \"{api}\"\n\n[health]\nlisten = \"{health}\"\n\n[sds]\nlisten = \"unix:{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:{http}\"\n\n[retry]\ninitial_seconds = 1\nmax_seconds = 4\n{extra}",
         state = work.join("state").display().to_string(),
+        sds = sds_socket(work).display(),
         dir = pebble.directory_url,
         root = pebble.tls_root.display().to_string(),
         http = pebble.http_port,
@@ -48,6 +49,11 @@ fn agent_config(
     text
 }
 
+/// Where the agent of a run in `work` serves SDS.
+fn sds_socket(work: &Path) -> std::path::PathBuf {
+    work.join("run/sds.sock")
+}
+
 /// The agent (release), a plain-HTTP Envoy with the filter where Pebble
 /// validates, and an on-demand Envoy on the agent's SDS.
 struct OnDemandSetup {
@@ -57,16 +63,16 @@ struct OnDemandSetup {
     https_envoy: Envoy,
     https: SocketAddr,
     api: SocketAddr,
-    sds: SocketAddr,
+    health: SocketAddr,
 }
 
 fn on_demand_setup(pebble: &Pebble, agent_bin: &Path, extra: &str) -> Result<OnDemandSetup> {
     let work = tempfile::tempdir()?;
-    let (api, sds) = (free_addr()?, free_addr()?);
+    let (api, health) = (free_addr()?, free_addr()?);
     let config = work.path().join("agent.toml");
     std::fs::write(
         &config,
-        agent_config(work.path(), pebble, api, sds, extra, &[]),
+        agent_config(work.path(), pebble, api, health, extra, &[]),
     )?;
     let agent = Agent::start_with_binary(agent_bin, &config, api, &work.path().join("agent.log"))?;
     let http: SocketAddr = format!("127.0.0.1:{}", pebble.http_port).parse()?;
@@ -82,7 +88,11 @@ fn on_demand_setup(pebble: &Pebble, agent_bin: &Path, extra: &str) -> Result<OnD
         1,
         Duration::from_secs(10),
     )?;
-    let https_envoy = Envoy::start(&on_demand_bootstrap(https, admin2, sds), admin2, 2)?;
+    let https_envoy = Envoy::start(
+        &on_demand_bootstrap(https, admin2, &sds_socket(work.path())),
+        admin2,
+        2,
+    )?;
     Ok(OnDemandSetup {
         work,
         agent,
@@ -90,7 +100,7 @@ fn on_demand_setup(pebble: &Pebble, agent_bin: &Path, extra: &str) -> Result<OnD
         https_envoy,
         https,
         api,
-        sds,
+        health,
     })
 }
 
@@ -110,7 +120,7 @@ fn many_on_demand(pebble: &Pebble, agent_bin: &Path, count: usize) -> Result<(f6
             setup.work.path(),
             pebble,
             setup.api,
-            setup.sds,
+            setup.health,
             "",
             &domains,
         ),
@@ -173,7 +183,7 @@ fn handshake_latency(
         .map(|i| format!("f{i}.lat.example.com"))
         .collect();
     let mut config = format!(
-        "state_dir = {:?}\n\n[acme]\ndirectory = \"https://127.0.0.1:9/dir\"\n\n[sds]\nlisten = \"{{sds}}\"\n\n[challenge_api]\nlisten = \"{{api}}\"\n",
+        "state_dir = {:?}\n\n[acme]\ndirectory = \"https://127.0.0.1:9/dir\"\n\n[sds]\nlisten = \"unix:{{sds}}\"\n\n[challenge_api]\nlisten = \"{{api}}\"\n\n[health]\nlisten = \"{{health}}\"\n",
         work.path().join("state").display().to_string()
     );
     for domain in std::iter::once("lat.example.com".to_owned()).chain(firsts.iter().cloned()) {
@@ -201,17 +211,19 @@ fn handshake_latency(
             "\n[[certificate]]\nname = {name:?}\ndomains = [{domain:?}]\n"
         ));
     }
-    let (api, sds_addr) = (free_addr()?, free_addr()?);
+    let (api, health) = (free_addr()?, free_addr()?);
+    let sds_path = sds_socket(work.path());
     let config = config
-        .replace("{sds}", &sds_addr.to_string())
-        .replace("{api}", &api.to_string());
+        .replace("{sds}", &sds_path.display().to_string())
+        .replace("{api}", &api.to_string())
+        .replace("{health}", &health.to_string());
     let config_path = work.path().join("agent.toml");
     std::fs::write(&config_path, config)?;
     let _agent =
         Agent::start_with_binary(agent_bin, &config_path, api, &work.path().join("agent.log"))?;
     let (od_https, od_admin) = (free_addr()?, free_addr()?);
     let od = Envoy::start(
-        &on_demand_bootstrap(od_https, od_admin, sds_addr),
+        &on_demand_bootstrap(od_https, od_admin, &sds_path),
         od_admin,
         1,
     )?;
