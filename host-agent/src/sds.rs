@@ -225,6 +225,12 @@ impl CertificateSink for SdsSink {
         self.set.contains(name)
     }
 
+    /// Every stream subscribed to its names is told they are removed.
+    fn remove(&self, name: &str) -> Result<(), Error> {
+        self.set.remove(name);
+        Ok(())
+    }
+
     /// A name not served yet is answered as removed: Envoy needs no file.
     fn wants_placeholder(&self) -> bool {
         false
@@ -241,6 +247,9 @@ pub trait Gate: Send + Sync {
     fn refused(&self, name: &str) -> bool;
     /// Changes when a held name is refused, to wake the streams holding it.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// A handshake asked for `name`, which is served (Envoy asks only at its
+    /// first handshake for a name, and again after a removal).
+    fn seen(&self, _name: &str) {}
 }
 
 /// What the server last told one stream about a name.
@@ -303,6 +312,11 @@ impl Stream {
         for (name, told) in &mut self.names {
             match set.get(name) {
                 Some((version, resource)) => {
+                    // A new subscription (not a reconnect, which names its
+                    // versions): a handshake asked for it.
+                    if let (Told::Nothing, Some(gate)) = (&*told, gate) {
+                        gate.seen(name);
+                    }
                     if !matches!(told, Told::Version(v) if *v == version) {
                         resources.push(Resource {
                             name: name.clone(),
