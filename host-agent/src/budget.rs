@@ -157,6 +157,12 @@ impl Bucket {
     }
 }
 
+/// `t` in Unix seconds, rounded up: an event is never taken for earlier than
+/// it was (an earlier one would refill its bucket too soon).
+fn stamp(t: SystemTime) -> u64 {
+    millis(t).div_ceil(1000)
+}
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -250,7 +256,8 @@ pub enum Finished {
 }
 
 /// What the agent has spent with one CA (one directory URL), Unix seconds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A new one is of the current version ([`Ledger::default`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
     /// [`LEDGER_VERSION`] once written by this code; 0 for older ledgers.
     #[serde(default)]
@@ -289,6 +296,23 @@ pub struct Ledger {
     /// On-demand names refused after failing again and again -> until when.
     #[serde(default)]
     pub refused: BTreeMap<String, u64>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self {
+            version: LEDGER_VERSION,
+            orders: Vec::new(),
+            certificates: BTreeMap::new(),
+            registered_domains: BTreeMap::new(),
+            failed_authorizations: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            triggered: BTreeMap::new(),
+            replaces_not_reflected: false,
+            on_demand_admitted: Vec::new(),
+            refused: BTreeMap::new(),
+        }
+    }
 }
 
 /// The sorted, deduplicated, lower-cased key of an exact name set.
@@ -423,7 +447,7 @@ impl Ledger {
         now: SystemTime,
     ) -> Result<(), Blocked> {
         self.prune(limits, now);
-        let at = unix(now);
+        let at = stamp(now);
         // Names handed to the CA by an order nobody finished (never expected:
         // the restore takes them first) count before anything else.
         for left in self.triggered.remove(name).unwrap_or_default() {
@@ -448,7 +472,7 @@ impl Ledger {
     /// without `replaces`), counted unless exempt.
     pub fn count_order(&mut self, exempt: bool, now: SystemTime) {
         if !exempt {
-            self.orders.push(unix(now));
+            self.orders.push(stamp(now));
         }
     }
 
@@ -485,7 +509,7 @@ impl Ledger {
             self.failed_authorizations
                 .entry(failed)
                 .or_default()
-                .push(unix(now));
+                .push(stamp(now));
         }
     }
 
@@ -513,7 +537,7 @@ impl Ledger {
         if let Some(until) = bucket.blocked_until(&self.on_demand_admitted, 0, now) {
             return Err(until);
         }
-        self.on_demand_admitted.push(unix(now));
+        self.on_demand_admitted.push(stamp(now));
         Ok(())
     }
 
@@ -992,5 +1016,16 @@ mod tests {
         let again = Ledger::from_json(&serde_json::to_vec(&ledger).unwrap()).unwrap();
         assert_eq!(again, ledger);
         assert_eq!(Ledger::from_json(b"{}").unwrap().version, LEDGER_VERSION);
+    }
+
+    #[test]
+    fn a_new_ledger_is_never_migrated() {
+        let mut ledger = Ledger::default();
+        let www = names(&["www.example.com"]);
+        ledger.reserve(&le(), "www", spend(&www), t(0)).unwrap();
+        ledger.finish("www", &www, &Finished::Finalized, t(1));
+        let again = Ledger::from_json(&serde_json::to_vec(&ledger).unwrap()).unwrap();
+        assert_eq!(again.registered_domains["example.com"], vec![unix(t(0))]);
+        assert_eq!(again, ledger);
     }
 }

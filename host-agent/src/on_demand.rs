@@ -294,8 +294,11 @@ impl Gate for Handle {
     }
 
     /// A handshake asked for a name that is served: the manager notes it (an
-    /// on-demand name in use is kept and renewed).
+    /// on-demand name in use is kept and renewed). A held name served now is
+    /// held no more (else, once withdrawn, its next handshake would only be
+    /// held, and the manager never asked).
     fn seen(&self, name: &str) {
+        self.0.lock().held.remove(name);
         let manager = self.0.manager.clone();
         let request = Request::Seen {
             domain: name.to_owned(),

@@ -248,7 +248,8 @@ pub trait Gate: Send + Sync {
     /// Changes when a held name is refused, to wake the streams holding it.
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// A handshake asked for `name`, which is served (Envoy asks only at its
-    /// first handshake for a name, and again after a removal).
+    /// first handshake for a name, and again after a removal), or a held
+    /// name is served now.
     fn seen(&self, _name: &str) {}
 }
 
@@ -313,8 +314,9 @@ impl Stream {
             match set.get(name) {
                 Some((version, resource)) => {
                     // A new subscription (not a reconnect, which names its
-                    // versions): a handshake asked for it.
-                    if let (Told::Nothing, Some(gate)) = (&*told, gate) {
+                    // versions), or a held one now served: a handshake
+                    // asked for it.
+                    if let (Told::Nothing | Told::Pending(_), Some(gate)) = (&*told, gate) {
                         gate.seen(name);
                     }
                     if !matches!(told, Told::Version(v) if *v == version) {

@@ -39,6 +39,12 @@ use job::{ARI_RECHECK_MAX, Checks, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
 
 /// Where the config says challenges are checked.
+/// Only a served certificate is withdrawn from SDS: one not got yet serves
+/// nothing, so for the idle rule it is withdrawn already.
+fn as_good_as_withdrawn(entry: &Entry) -> bool {
+    entry.withdrawn || entry.served.is_none()
+}
+
 /// The one-name certificate an on-demand `domain` gets.
 fn on_demand_spec(domain: &str, key_type: crate::config::KeyType) -> Certificate {
     Certificate {
@@ -448,9 +454,7 @@ impl Manager {
                 continue;
             }
             let last = entry.last_requested.unwrap_or(now);
-            match crate::on_demand::idle(last, idle, entry.withdrawn, now) {
-                // Only a served certificate is withdrawn: one being got waits.
-                Idle::Withdraw if entry.served.is_none() => {}
+            match crate::on_demand::idle(last, idle, as_good_as_withdrawn(entry), now) {
                 Idle::Keep { .. } => {}
                 action => actions.push((name.clone(), action)),
             }
@@ -481,17 +485,11 @@ impl Manager {
         self.entries
             .values()
             .filter(|e| e.on_demand && e.job.is_none())
-            .filter_map(|e| {
-                match crate::on_demand::idle(
-                    e.last_requested.unwrap_or(now),
-                    idle,
-                    e.withdrawn,
-                    now,
-                ) {
-                    Idle::Keep { until } => Some(until),
-                    // Not withdrawn while it has nothing to serve: after its job.
-                    Idle::Withdraw if e.served.is_none() => None,
-                    _ => Some(now),
+            .map(|e| {
+                let last = e.last_requested.unwrap_or(now);
+                match crate::on_demand::idle(last, idle, as_good_as_withdrawn(e), now) {
+                    Idle::Keep { until } => until,
+                    Idle::Withdraw | Idle::Remove => now,
                 }
             })
             .min()
