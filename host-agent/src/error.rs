@@ -141,13 +141,13 @@ impl Error {
     }
 
     /// Whether the failure is about the name itself (the CA could not
-    /// validate it, or will not issue for it), not the CA, the network or a
-    /// limit: what makes an on-demand name give up.
+    /// validate it, or will not issue for it), not the CA, the network, a
+    /// limit or Envoy (a failed self-check is as likely an Envoy that is
+    /// down): what makes an on-demand name give up.
     pub fn is_about_the_name(&self) -> bool {
         matches!(
             self.kind(),
             "validation"
-                | "self_check"
                 | "caa"
                 | "connection"
                 | "dns"

@@ -128,7 +128,7 @@ impl Metrics {
         let orders_remaining = Gauge::default();
         registry.register(
             "ca_limit_orders_remaining",
-            "New orders the account may still place in the current 3-hour window (acme.limits.orders_per_3_hours)",
+            "New orders the account may place now: the tokens left in its bucket (acme.limits.orders_per_3_hours)",
             orders_remaining.clone(),
         );
         let api_connections = Gauge::default();

@@ -86,7 +86,8 @@ fn allowed_names_get_a_certificate_at_their_first_handshake_and_others_nothing()
             handshake(https, name, Duration::from_secs(25))
                 .unwrap()
                 .is_some(),
-            "{name}"
+            "{name}\n{}",
+            world.context()
         );
     }
     assert_eq!(

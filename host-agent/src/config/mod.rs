@@ -254,8 +254,9 @@ pub struct OnDemand {
     /// removed (storage and SDS).
     #[serde(default = "default_on_demand_idle")]
     pub idle_seconds: u64,
-    /// Orders in a row that fail on the name (validation, CAA, DNS, the
-    /// self-check) before the name is dropped and refused.
+    /// Orders in a row that fail on the name (the CA could not validate it,
+    /// CAA, DNS, a rejected identifier) before the name is dropped and
+    /// refused.
     #[serde(default = "default_on_demand_max_failures")]
     pub max_failures: u32,
     /// How long a name dropped for its failures stays refused (persisted).

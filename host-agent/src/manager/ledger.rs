@@ -204,7 +204,7 @@ impl SharedLedger {
             .unwrap_or(false)
     }
 
-    /// Orders left in the current 3-hour window, when the ledger is loaded.
+    /// Orders the bucket allows now, when the ledger is loaded.
     pub fn orders_remaining(&self) -> Option<u32> {
         let slot = self
             .ledger
