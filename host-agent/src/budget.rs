@@ -70,11 +70,14 @@ impl Limit {
 }
 
 /// One limit as Let's Encrypt models it: `burst` at once, then one more
-/// every `refill`.
+/// every `refill`. `window` is the limit's published period: the ledger
+/// keeps at least that much history (for people and tests reading it), and
+/// more when the bucket still needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bucket {
     pub burst: u32,
     pub refill: Duration,
+    pub window: Duration,
 }
 
 impl Bucket {
@@ -94,6 +97,7 @@ impl Bucket {
         Self {
             burst: count.max(1),
             refill,
+            window,
         }
     }
 
@@ -135,25 +139,27 @@ impl Bucket {
             .saturating_sub(u32::try_from(used).unwrap_or(u32::MAX))
     }
 
-    /// Drops the events from before the bucket was last full: they no longer
-    /// change any decision. `events` ends sorted.
+    /// Drops the events older than `window` from before the bucket was last
+    /// full: they no longer change any decision. `events` ends sorted.
     pub fn prune(&self, events: &mut Vec<u64>, now: SystemTime) {
         events.sort_unstable();
         let refill = self.refill_ms();
         let mut tat = 0u64;
-        let mut keep_from = 0;
+        let mut needed_from = 0;
         for (i, at) in events.iter().enumerate() {
             let at_ms = at.saturating_mul(1000);
             if tat <= at_ms {
-                keep_from = i;
+                needed_from = i;
             }
             tat = tat.max(at_ms).saturating_add(refill);
         }
         if tat <= millis(now) {
-            events.clear();
-        } else {
-            events.drain(..keep_from);
+            needed_from = events.len();
         }
+        let window_start =
+            millis(now).saturating_sub(u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX));
+        let recent_from = events.partition_point(|at| at.saturating_mul(1000) <= window_start);
+        events.drain(..needed_from.min(recent_from));
     }
 }
 
@@ -683,8 +689,17 @@ mod tests {
     }
 
     #[test]
-    fn pruning_never_changes_a_decision() {
+    fn pruning_keeps_the_window_and_never_changes_a_decision() {
         let bucket = Bucket::new(3, Duration::from_secs(30), None);
+        let mut events = vec![t(0), t(1), t(40), t(100)]
+            .into_iter()
+            .map(unix)
+            .collect();
+        bucket.prune(&mut events, t(110));
+        assert_eq!(events, vec![unix(t(100))], "older than 30 s and not needed");
+        let mut events = vec![unix(t(0)), unix(t(1))];
+        bucket.prune(&mut events, t(25));
+        assert_eq!(events.len(), 2, "within the window");
         let histories: &[&[u64]] = &[&[0, 1, 2, 50, 51, 52, 53], &[0, 5, 10, 100], &[7, 7, 7, 7]];
         for history in histories {
             let events: Vec<u64> = history.iter().map(|s| 1_000_000_000 + s).collect();
