@@ -38,7 +38,6 @@ use entry::Entry;
 use job::{ARI_RECHECK_MAX, Checks, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
 
-/// Where the config says challenges are checked.
 /// Only a served certificate is withdrawn from SDS: one not got yet serves
 /// nothing, so for the idle rule it is withdrawn already.
 fn as_good_as_withdrawn(entry: &Entry) -> bool {
@@ -58,6 +57,7 @@ fn on_demand_spec(domain: &str, key_type: crate::config::KeyType) -> Certificate
     }
 }
 
+/// Where the config says challenges are checked.
 fn checks_of(config: &Config) -> Checks {
     Checks {
         http: config.self_check.as_ref().map(|s| s.target.clone()),
