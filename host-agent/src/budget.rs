@@ -48,15 +48,16 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// Every limit (the metric clears each one's series).
+    pub const ALL: [Self; 4] = [
+        Self::OrdersPerAccount,
+        Self::CertificatesPerNameSet,
+        Self::FailedAuthorizationsPerName,
+        Self::CertificatesPerRegisteredDomain,
+    ];
+
     pub fn from_label(label: &str) -> Option<Self> {
-        [
-            Self::OrdersPerAccount,
-            Self::CertificatesPerNameSet,
-            Self::FailedAuthorizationsPerName,
-            Self::CertificatesPerRegisteredDomain,
-        ]
-        .into_iter()
-        .find(|l| l.label() == label)
+        Self::ALL.into_iter().find(|l| l.label() == label)
     }
 
     pub fn label(self) -> &'static str {
@@ -108,11 +109,15 @@ impl Bucket {
     }
 
     /// When the bucket is full again after `events` (sorted Unix seconds), in
-    /// Unix milliseconds: GCRA's theoretical arrival time.
-    fn full_at(&self, events: &[u64]) -> u64 {
+    /// Unix milliseconds: GCRA's theoretical arrival time. Events are stamped
+    /// rounded up, so one of this very second may lie ahead of `now`: taken
+    /// at `now`, which is still no earlier than it was.
+    fn full_at(&self, events: &[u64], now: SystemTime) -> u64 {
         let refill = self.refill_ms();
+        let now = millis(now);
         events.iter().fold(0u64, |tat, at| {
-            tat.max(at.saturating_mul(1000)).saturating_add(refill)
+            tat.max(at.saturating_mul(1000).min(now))
+                .saturating_add(refill)
         })
     }
 
@@ -126,14 +131,14 @@ impl Bucket {
     ) -> Option<SystemTime> {
         let spare = self.burst.saturating_sub(1).saturating_sub(reserve);
         let allowed_from = self
-            .full_at(events)
+            .full_at(events, now)
             .saturating_sub(u64::from(spare).saturating_mul(self.refill_ms()));
         (allowed_from > millis(now)).then(|| UNIX_EPOCH + Duration::from_millis(allowed_from))
     }
 
     /// Tokens left now (for the metric).
     pub fn remaining(&self, events: &[u64], now: SystemTime) -> u32 {
-        let debt = self.full_at(events).saturating_sub(millis(now));
+        let debt = self.full_at(events, now).saturating_sub(millis(now));
         let used = debt.div_ceil(self.refill_ms());
         self.burst
             .saturating_sub(u32::try_from(used).unwrap_or(u32::MAX))
@@ -144,10 +149,11 @@ impl Bucket {
     pub fn prune(&self, events: &mut Vec<u64>, now: SystemTime) {
         events.sort_unstable();
         let refill = self.refill_ms();
+        let now_ms = millis(now);
         let mut tat = 0u64;
         let mut needed_from = 0;
         for (i, at) in events.iter().enumerate() {
-            let at_ms = at.saturating_mul(1000);
+            let at_ms = at.saturating_mul(1000).min(now_ms);
             if tat <= at_ms {
                 needed_from = i;
             }
@@ -653,6 +659,15 @@ mod tests {
         }
         assert_eq!(five_per_hour.remaining(&at(&[0, 1]), t(2)), 3);
         assert_eq!(five_per_hour.remaining(&at(&[0, 1]), t(12 * MIN + 2)), 4);
+        // Stamped rounded up, an event of this very second is no later than
+        // now: the burst is there at once.
+        let now = t(0) + Duration::from_millis(300);
+        assert_eq!(five_per_hour.blocked_until(&[stamp(now); 4], 0, now), None);
+        assert!(
+            five_per_hour
+                .blocked_until(&[stamp(now); 5], 0, now)
+                .is_some()
+        );
         let custom = Bucket::new(2, FAILED_AUTHORIZATIONS_WINDOW, Some(3));
         assert_eq!(custom.blocked_until(&at(&[0, 0]), 0, t(1)), Some(t(3)));
     }

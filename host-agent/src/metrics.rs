@@ -185,12 +185,7 @@ impl Metrics {
 
     /// The CA-limit wait of `certificate`, or none (the series is removed).
     pub fn set_blocked(&self, certificate: &str, blocked: Option<crate::budget::Blocked>) {
-        use crate::budget::Limit;
-        for limit in [
-            Limit::OrdersPerAccount,
-            Limit::CertificatesPerNameSet,
-            Limit::FailedAuthorizationsPerName,
-        ] {
+        for limit in crate::budget::Limit::ALL {
             let labels = LimitLabels {
                 certificate: certificate.to_owned(),
                 limit: limit.label(),

@@ -457,3 +457,36 @@ fn failed_validations_never_exceed_the_bucket_in_20_runs() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Let's Encrypt's certificates per registered domain (here 2 per week):
+/// a third certificate under example.com waits for it, one under
+/// example.org is issued.
+#[test]
+fn certificates_per_registered_domain_stop_at_the_budget() {
+    let mut world = World::new(pebble::Options::default());
+    world.extra_config = "[acme.limits]\ncertificates_per_registered_domain_per_week = 2\n".into();
+    world
+        .certificates(&[("a", &["a.example.com"]), ("b", &["b.shop.example.com"])])
+        .write_config();
+    world.start_agent();
+    world.add_envoy(&["a", "b"], 1);
+    world.wait_issued("a", 1.0);
+    world.wait_issued("b", 1.0);
+    world
+        .certificates(&[
+            ("a", &["a.example.com"]),
+            ("b", &["b.shop.example.com"]),
+            ("c", &["c.example.com"]),
+            ("org", &["www.example.org"]),
+        ])
+        .write_config();
+    wait_for_budget(&world, "c", "certificates_per_registered_domain");
+    world.wait_issued("org", 1.0);
+    assert!(
+        world
+            .status_line("c")
+            .contains("certificates_per_registered_domain"),
+        "{}",
+        world.status_line("c")
+    );
+}

@@ -417,3 +417,45 @@ fn on_demand_leaves_configured_certificates_their_share_of_the_orders() {
     world.wait_issued("www", 1.0);
     assert_eq!(world.metric("acme_agent_orders_total", &[]), 4.0);
 }
+
+/// The policy is asked again before a renewal: the `ask` URL says no now,
+/// so a forced renewal orders nothing and the certificate is removed.
+#[test]
+fn a_renewal_asks_the_policy_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let allowed = Arc::new(AtomicBool::new(true));
+    let answer = Arc::clone(&allowed);
+    let ask = acme_tests::http::Server::start(move |_| {
+        if answer.load(Ordering::SeqCst) {
+            acme_tests::http::Reply::new(200, "yes")
+        } else {
+            acme_tests::http::Reply::new(403, "no")
+        }
+    })
+    .unwrap();
+    let mut world = World::new(pebble::Options::default());
+    let sds = free_addr().unwrap();
+    world.extra_config = format!(
+        "[sds]\nlisten = \"{sds}\"\n\n[on_demand]\nask = \"http://{}/allowed\"\nmax_wait_seconds = 20\n",
+        ask.addr()
+    );
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, sds), admin, 1).unwrap();
+    assert!(
+        handshake(https, "ok.example.net", Duration::from_secs(25))
+            .unwrap()
+            .is_some()
+    );
+    allowed.store(false, Ordering::SeqCst);
+    world.renew("od-ok_example_net");
+    wait_until(&world, Duration::from_secs(10), "od-ok removed", || {
+        !stored(&world, "od-ok_example_net")
+    });
+    assert!(agent_log(&world).contains("the policy no longer allows it"));
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 1.0);
+}

@@ -1362,6 +1362,18 @@ mod refusals {
                 "acme.limits.orders_per_3_hours",
             ),
             (
+                "[acme.limits]\ncertificates_per_registered_domain_per_week = 0\n",
+                "acme.limits.certificates_per_registered_domain_per_week",
+            ),
+            (
+                "[acme.limits]\nfailed_authorizations_refill_seconds = 0\n",
+                "acme.limits.failed_authorizations_refill_seconds",
+            ),
+            (
+                "[acme.limits]\nconfigured_reserve_percent = 100\n",
+                "acme.limits.configured_reserve_percent",
+            ),
+            (
                 "[challenge_api]\nmax_connections = 0\n",
                 "challenge_api.max_connections",
             ),
@@ -1487,6 +1499,20 @@ mod on_demand_section {
             (od.max_wait_seconds, od.max_concurrent, od.max_per_hour),
             (10, 4, 20)
         );
+        assert_eq!(
+            (
+                od.max_certificates,
+                od.idle_seconds,
+                od.max_failures,
+                od.failed_refusal_seconds
+            ),
+            (100, 30 * 86_400, 3, 86_400)
+        );
+        assert_eq!(
+            c.acme.limits.certificates_per_registered_domain_per_week,
+            50
+        );
+        assert_eq!(c.acme.limits.configured_reserve_percent, 20);
         for (text, field) in [
             (format!("{BASE}[on_demand]\n"), "on_demand.allow"),
             (
@@ -1504,6 +1530,32 @@ mod on_demand_section {
             (
                 format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_wait_seconds = 0\n"),
                 "on_demand.max_wait_seconds",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_certificates = 0\n"),
+                "on_demand.max_certificates",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nidle_seconds = 0\n"),
+                "on_demand.idle_seconds",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_failures = 101\n"),
+                "on_demand.max_failures",
+            ),
+            (
+                format!(
+                    "{BASE}[on_demand]\nallow = [\"a.example.com\"]\nfailed_refusal_seconds = 0\n"
+                ),
+                "on_demand.failed_refusal_seconds",
+            ),
+            // On-demand must be left some of the orders: 1 of 1 reserved.
+            (
+                format!(
+                    "{}[on_demand]\nallow = [\"a.example.com\"]\n",
+                    BASE.replace("[sds]\n", "[acme.limits]\norders_per_3_hours = 1\n[sds]\n")
+                ),
+                "acme.limits.configured_reserve_percent",
             ),
             (
                 ok.replace("[sds]\n", "")
