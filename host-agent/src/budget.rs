@@ -3,15 +3,20 @@
 //! config or failure. Let's Encrypt's limits are the defaults
 //! ([`crate::config::Limits`]).
 //!
-//! The ledger is state: it is persisted before an order is placed (a write
-//! ahead, so a kill during an order still counts it) and survives restarts.
-//! Windows slide: at most N events in any window of the limit's length, which
-//! stays within a token bucket of capacity N refilled over the same window,
-//! how Let's Encrypt computes its limits. Pure functions of their inputs and
-//! `now`, so they are table-tested without a clock.
+//! Each limit is a token bucket, as Let's Encrypt computes it: `burst`
+//! events at once, then one more every `refill` (failed authorizations: 5,
+//! then one every 12 minutes). The ledger keeps the events themselves (Unix
+//! seconds) and replays them through the bucket (GCRA), so a changed limit
+//! applies to the history as it is, and a ledger written before buckets
+//! loads and means the same.
+//!
+//! The ledger is state: it is persisted before an order is placed and before
+//! its challenges are handed to the CA (a write ahead, so a kill or a lost
+//! answer still counts them) and survives restarts. Pure functions of their
+//! inputs and `now`, so they are table-tested without a clock.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +29,13 @@ pub const ORDERS_WINDOW: Duration = Duration::from_secs(3 * 3600);
 pub const CERTIFICATES_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 /// Failed authorizations per name per account: per hour.
 pub const FAILED_AUTHORIZATIONS_WINDOW: Duration = Duration::from_secs(3600);
+/// Certificates per registered domain: per 7 days.
+pub const REGISTERED_DOMAIN_WINDOW: Duration = Duration::from_secs(7 * 86_400);
+
+/// The ledger's format: 1 had no registered domains (derived on load).
+pub const LEDGER_VERSION: u32 = 2;
+/// Most names remembered as refused; beyond, the one expiring first goes.
+const MAX_REFUSED: usize = 10_000;
 
 /// The limit a certificate waits for; also the metric's label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,17 +44,20 @@ pub enum Limit {
     OrdersPerAccount,
     CertificatesPerNameSet,
     FailedAuthorizationsPerName,
+    CertificatesPerRegisteredDomain,
 }
 
 impl Limit {
+    /// Every limit (the metric clears each one's series).
+    pub const ALL: [Self; 4] = [
+        Self::OrdersPerAccount,
+        Self::CertificatesPerNameSet,
+        Self::FailedAuthorizationsPerName,
+        Self::CertificatesPerRegisteredDomain,
+    ];
+
     pub fn from_label(label: &str) -> Option<Self> {
-        [
-            Self::OrdersPerAccount,
-            Self::CertificatesPerNameSet,
-            Self::FailedAuthorizationsPerName,
-        ]
-        .into_iter()
-        .find(|l| l.label() == label)
+        Self::ALL.into_iter().find(|l| l.label() == label)
     }
 
     pub fn label(self) -> &'static str {
@@ -50,6 +65,160 @@ impl Limit {
             Self::OrdersPerAccount => "orders_per_account",
             Self::CertificatesPerNameSet => "certificates_per_name_set",
             Self::FailedAuthorizationsPerName => "failed_authorizations_per_name",
+            Self::CertificatesPerRegisteredDomain => "certificates_per_registered_domain",
+        }
+    }
+}
+
+/// One limit as Let's Encrypt models it: `burst` at once, then one more
+/// every `refill`. `window` is the limit's published period: the ledger
+/// keeps at least that much history (for people and tests reading it), and
+/// more when the bucket still needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub burst: u32,
+    pub refill: Duration,
+    pub window: Duration,
+}
+
+impl Bucket {
+    /// `count` per `window`, refilled evenly (Let's Encrypt's published
+    /// limits: 5 per hour is one every 12 minutes), unless `refill_seconds`
+    /// says otherwise.
+    pub fn new(count: u32, window: Duration, refill_seconds: Option<u64>) -> Self {
+        let refill = match refill_seconds {
+            Some(secs) => Duration::from_secs(secs),
+            // Rounded up to the millisecond: never faster than the CA.
+            None => Duration::from_millis(
+                u64::try_from(window.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .div_ceil(u64::from(count.max(1))),
+            ),
+        };
+        Self {
+            burst: count.max(1),
+            refill,
+            window,
+        }
+    }
+
+    fn refill_ms(&self) -> u64 {
+        u64::try_from(self.refill.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// When the bucket is full again after `events` (sorted Unix seconds), in
+    /// Unix milliseconds: GCRA's theoretical arrival time. Events are stamped
+    /// rounded up, so one of this very second may lie ahead of `now`: taken
+    /// at `now`, which is still no earlier than it was.
+    fn full_at(&self, events: &[u64], now: SystemTime) -> u64 {
+        let refill = self.refill_ms();
+        let now = millis(now);
+        events.iter().fold(0u64, |tat, at| {
+            tat.max(at.saturating_mul(1000).min(now))
+                .saturating_add(refill)
+        })
+    }
+
+    /// When one more event fits while `reserve` tokens stay in the bucket,
+    /// if it does not fit now.
+    pub fn blocked_until(
+        &self,
+        events: &[u64],
+        reserve: u32,
+        now: SystemTime,
+    ) -> Option<SystemTime> {
+        let spare = self.burst.saturating_sub(1).saturating_sub(reserve);
+        let allowed_from = self
+            .full_at(events, now)
+            .saturating_sub(u64::from(spare).saturating_mul(self.refill_ms()));
+        (allowed_from > millis(now)).then(|| UNIX_EPOCH + Duration::from_millis(allowed_from))
+    }
+
+    /// Tokens left now (for the metric).
+    pub fn remaining(&self, events: &[u64], now: SystemTime) -> u32 {
+        let debt = self.full_at(events, now).saturating_sub(millis(now));
+        let used = debt.div_ceil(self.refill_ms());
+        self.burst
+            .saturating_sub(u32::try_from(used).unwrap_or(u32::MAX))
+    }
+
+    /// Drops the events older than `window` from before the bucket was last
+    /// full: they no longer change any decision. `events` ends sorted.
+    pub fn prune(&self, events: &mut Vec<u64>, now: SystemTime) {
+        events.sort_unstable();
+        let refill = self.refill_ms();
+        let now_ms = millis(now);
+        let mut tat = 0u64;
+        let mut needed_from = 0;
+        for (i, at) in events.iter().enumerate() {
+            let at_ms = at.saturating_mul(1000).min(now_ms);
+            if tat <= at_ms {
+                needed_from = i;
+            }
+            tat = tat.max(at_ms).saturating_add(refill);
+        }
+        if tat <= millis(now) {
+            needed_from = events.len();
+        }
+        let window_start =
+            millis(now).saturating_sub(u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX));
+        let recent_from = events.partition_point(|at| at.saturating_mul(1000) <= window_start);
+        events.drain(..needed_from.min(recent_from));
+    }
+}
+
+/// `t` in Unix seconds, rounded up: an event is never taken for earlier than
+/// it was (an earlier one would refill its bucket too soon).
+fn stamp(t: SystemTime) -> u64 {
+    millis(t).div_ceil(1000)
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Limits {
+    /// The bucket of `limit` as configured.
+    pub fn bucket(&self, limit: Limit) -> Bucket {
+        match limit {
+            Limit::OrdersPerAccount => Bucket::new(
+                self.orders_per_3_hours,
+                ORDERS_WINDOW,
+                self.orders_refill_seconds,
+            ),
+            Limit::CertificatesPerNameSet => Bucket::new(
+                self.certificates_per_name_set_per_week,
+                CERTIFICATES_WINDOW,
+                self.certificates_per_name_set_refill_seconds,
+            ),
+            Limit::FailedAuthorizationsPerName => Bucket::new(
+                self.failed_authorizations_per_name_per_hour,
+                FAILED_AUTHORIZATIONS_WINDOW,
+                self.failed_authorizations_refill_seconds,
+            ),
+            Limit::CertificatesPerRegisteredDomain => Bucket::new(
+                self.certificates_per_registered_domain_per_week,
+                REGISTERED_DOMAIN_WINDOW,
+                self.certificates_per_registered_domain_refill_seconds,
+            ),
+        }
+    }
+
+    /// Tokens of `limit` that on-demand orders must leave to configured
+    /// certificates: `configured_reserve_percent` of the burst, rounded up,
+    /// and at least one, so on-demand never spends the last. Only the limits
+    /// they share with configured certificates have a reserve.
+    pub fn on_demand_reserve(&self, limit: Limit) -> u32 {
+        match limit {
+            Limit::OrdersPerAccount | Limit::CertificatesPerRegisteredDomain => {
+                let burst = self.bucket(limit).burst;
+                let share = u64::from(burst) * u64::from(self.configured_reserve_percent);
+                u32::try_from(share.div_ceil(100)).unwrap_or(burst).max(1)
+            }
+            Limit::CertificatesPerNameSet | Limit::FailedAuthorizationsPerName => 0,
         }
     }
 }
@@ -72,25 +241,49 @@ impl std::fmt::Display for Blocked {
     }
 }
 
+/// What an order asks of the budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Spend<'a> {
+    pub domains: &'a [String],
+    /// An ARI renewal the CA exempts from its limits.
+    pub exempt: bool,
+    /// An on-demand certificate: it must leave the configured ones their
+    /// reserve.
+    pub on_demand: bool,
+}
+
 /// How an order that was reserved ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finished {
-    /// Finalized: the CA may have issued a certificate (counted as issued).
+    /// Finalized (every authorization was valid): the CA may have issued a
+    /// certificate (counted as issued).
     Finalized,
-    /// Ended before finalize: no certificate can exist; `failed_names` are the
-    /// names whose authorization the CA found invalid.
-    NotFinalized { failed_names: Vec<String> },
+    /// Ended before finalize: no certificate can exist. Every name whose
+    /// challenge was handed to the CA counts as a failed authorization
+    /// unless it is in `valid_names` (seen valid afterwards).
+    NotFinalized { valid_names: Vec<String> },
+    /// Not known how far it got (the job was aborted, the agent stopped): a
+    /// certificate is counted, and every name handed to the CA failed.
+    Unknown,
 }
 
 /// What the agent has spent with one CA (one directory URL), Unix seconds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A new one is of the current version ([`Ledger::default`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
+    /// [`LEDGER_VERSION`] once written by this code; 0 for older ledgers.
+    #[serde(default)]
+    pub version: u32,
     #[serde(default)]
     pub orders: Vec<u64>,
     /// Exact name set (sorted, comma-joined) -> times a certificate for it was
     /// (or may have been) issued.
     #[serde(default)]
     pub certificates: BTreeMap<String, Vec<u64>>,
+    /// Registered domain -> times a certificate with a name under it was
+    /// (or may have been) issued.
+    #[serde(default)]
+    pub registered_domains: BTreeMap<String, Vec<u64>>,
     #[serde(default)]
     pub failed_authorizations: BTreeMap<String, Vec<u64>>,
     /// Certificate name -> when its reserved order started; left set when the
@@ -98,10 +291,40 @@ pub struct Ledger {
     /// as a failure.
     #[serde(default)]
     pub in_flight: BTreeMap<String, u64>,
+    /// Certificate name -> the names whose challenges its order in flight
+    /// handed (or was about to hand) to the CA: written before they are, and
+    /// counted as failed authorizations when the order ends, except those
+    /// seen valid.
+    #[serde(default)]
+    pub triggered: BTreeMap<String, BTreeSet<String>>,
     /// The CA accepts `replaces` but does not reflect it (RFC 9773 says it
     /// must); orders go without it.
     #[serde(default)]
     pub replaces_not_reflected: bool,
+    /// When on-demand names were admitted (`on_demand.max_per_hour`), so a
+    /// restart does not refill that bucket.
+    #[serde(default)]
+    pub on_demand_admitted: Vec<u64>,
+    /// On-demand names refused after failing again and again -> until when.
+    #[serde(default)]
+    pub refused: BTreeMap<String, u64>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self {
+            version: LEDGER_VERSION,
+            orders: Vec::new(),
+            certificates: BTreeMap::new(),
+            registered_domains: BTreeMap::new(),
+            failed_authorizations: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            triggered: BTreeMap::new(),
+            replaces_not_reflected: false,
+            on_demand_admitted: Vec::new(),
+            refused: BTreeMap::new(),
+        }
+    }
 }
 
 /// The sorted, deduplicated, lower-cased key of an exact name set.
@@ -110,86 +333,116 @@ pub fn name_set(domains: &[String]) -> String {
     set.into_iter().collect::<Vec<_>>().join(",")
 }
 
-/// When the oldest of `events` within `window` of `now` leaves it, if there
-/// are already `limit` of them (else `None`: one more fits).
-fn full_until(events: &[u64], limit: u32, window: Duration, now: SystemTime) -> Option<SystemTime> {
-    let start = unix(now).saturating_sub(window.as_secs());
-    let mut inside: Vec<u64> = events.iter().copied().filter(|t| *t > start).collect();
-    if inside.len() < limit as usize {
-        return None;
+/// The registered domain `name` counts under at Let's Encrypt: its public
+/// suffix and one more label (Public Suffix List); an IPv4 address alone,
+/// an IPv6 address its /64; a name that is itself a suffix, itself.
+pub fn registered_domain(name: &str) -> String {
+    let name = name.strip_prefix("*.").unwrap_or(name).to_ascii_lowercase();
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.to_string(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Err(_) => psl::domain_str(&name).unwrap_or(&name).to_owned(),
     }
-    inside.sort_unstable();
-    // The (len - limit + 1)-th oldest must leave before one more fits.
-    let leaving = inside[inside.len() - limit as usize];
-    Some(from_unix(leaving) + window)
 }
 
-fn prune(events: &mut Vec<u64>, window: Duration, now: SystemTime) {
-    let start = unix(now).saturating_sub(window.as_secs());
-    events.retain(|t| *t > start);
+/// The registered domains of a certificate's names, each once.
+pub fn registered_domains(domains: &[String]) -> BTreeSet<String> {
+    domains.iter().map(|d| registered_domain(d)).collect()
 }
 
 impl Ledger {
-    /// Drops events every window has left behind, so the ledger stays small.
-    pub fn prune(&mut self, now: SystemTime) {
-        prune(&mut self.orders, ORDERS_WINDOW, now);
-        for (map, window) in [
-            (&mut self.certificates, CERTIFICATES_WINDOW),
+    /// Reads a stored ledger, bringing an older format up to date.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut ledger: Self = serde_json::from_slice(bytes)?;
+        ledger.migrate();
+        Ok(ledger)
+    }
+
+    /// Version 1 counted no registered domains: every certificate it counted
+    /// counts for the registered domains of its names too.
+    fn migrate(&mut self) {
+        if self.version < 2 {
+            for (set, events) in &self.certificates {
+                let names: Vec<String> = set.split(',').map(str::to_owned).collect();
+                for domain in registered_domains(&names) {
+                    self.registered_domains
+                        .entry(domain)
+                        .or_default()
+                        .extend(events.iter().copied());
+                }
+            }
+            for events in self.registered_domains.values_mut() {
+                events.sort_unstable();
+            }
+        }
+        self.version = LEDGER_VERSION;
+    }
+
+    /// Drops events no bucket needs any more, so the ledger stays small.
+    pub fn prune(&mut self, limits: &Limits, now: SystemTime) {
+        limits
+            .bucket(Limit::OrdersPerAccount)
+            .prune(&mut self.orders, now);
+        for (map, limit) in [
+            (&mut self.certificates, Limit::CertificatesPerNameSet),
+            (
+                &mut self.registered_domains,
+                Limit::CertificatesPerRegisteredDomain,
+            ),
             (
                 &mut self.failed_authorizations,
-                FAILED_AUTHORIZATIONS_WINDOW,
+                Limit::FailedAuthorizationsPerName,
             ),
         ] {
+            let bucket = limits.bucket(limit);
             for events in map.values_mut() {
-                prune(events, window, now);
+                bucket.prune(events, now);
             }
             map.retain(|_, events| !events.is_empty());
         }
+        let now = unix(now);
+        self.refused.retain(|_, until| *until > now);
     }
 
-    /// Whether an order for `domains` fits every limit now. `exempt`: an ARI
-    /// renewal the CA exempts from its limits.
-    pub fn check(
-        &self,
-        limits: &Limits,
-        domains: &[String],
-        exempt: bool,
-        now: SystemTime,
-    ) -> Result<(), Blocked> {
-        if exempt {
+    /// Whether an order fits every limit now.
+    pub fn check(&self, limits: &Limits, spend: Spend<'_>, now: SystemTime) -> Result<(), Blocked> {
+        if spend.exempt {
             return Ok(());
         }
         let mut blocked: Option<Blocked> = None;
-        let mut consider = |limit, until: Option<SystemTime>| {
-            if let Some(until) = until
+        let empty = Vec::new();
+        let mut consider = |limit: Limit, events: &Vec<u64>| {
+            let reserve = if spend.on_demand {
+                limits.on_demand_reserve(limit)
+            } else {
+                0
+            };
+            if let Some(until) = limits.bucket(limit).blocked_until(events, reserve, now)
                 && blocked.is_none_or(|b| until > b.until)
             {
                 blocked = Some(Blocked { limit, until });
             }
         };
-        consider(
-            Limit::OrdersPerAccount,
-            full_until(&self.orders, limits.orders_per_3_hours, ORDERS_WINDOW, now),
-        );
-        let empty = Vec::new();
+        consider(Limit::OrdersPerAccount, &self.orders);
         consider(
             Limit::CertificatesPerNameSet,
-            full_until(
-                self.certificates.get(&name_set(domains)).unwrap_or(&empty),
-                limits.certificates_per_name_set_per_week,
-                CERTIFICATES_WINDOW,
-                now,
-            ),
+            self.certificates
+                .get(&name_set(spend.domains))
+                .unwrap_or(&empty),
         );
-        for domain in domains {
+        for domain in registered_domains(spend.domains) {
+            consider(
+                Limit::CertificatesPerRegisteredDomain,
+                self.registered_domains.get(&domain).unwrap_or(&empty),
+            );
+        }
+        for domain in spend.domains {
             consider(
                 Limit::FailedAuthorizationsPerName,
-                full_until(
-                    self.failed_authorizations.get(domain).unwrap_or(&empty),
-                    limits.failed_authorizations_per_name_per_hour,
-                    FAILED_AUTHORIZATIONS_WINDOW,
-                    now,
-                ),
+                self.failed_authorizations.get(domain).unwrap_or(&empty),
             );
         }
         blocked.map_or(Ok(()), Err)
@@ -202,19 +455,26 @@ impl Ledger {
         &mut self,
         limits: &Limits,
         name: &str,
-        domains: &[String],
-        exempt: bool,
+        spend: Spend<'_>,
         now: SystemTime,
     ) -> Result<(), Blocked> {
-        self.prune(now);
-        self.check(limits, domains, exempt, now)?;
-        let at = unix(now);
-        if !exempt {
+        self.prune(limits, now);
+        let at = stamp(now);
+        // Names handed to the CA by an order nobody finished (never expected:
+        // the restore takes them first) count before anything else.
+        for left in self.triggered.remove(name).unwrap_or_default() {
+            self.failed_authorizations.entry(left).or_default().push(at);
+        }
+        self.check(limits, spend, now)?;
+        if !spend.exempt {
             self.orders.push(at);
             self.certificates
-                .entry(name_set(domains))
+                .entry(name_set(spend.domains))
                 .or_default()
                 .push(at);
+            for domain in registered_domains(spend.domains) {
+                self.registered_domains.entry(domain).or_default().push(at);
+            }
         }
         self.in_flight.insert(name.to_owned(), at);
         Ok(())
@@ -224,44 +484,117 @@ impl Ledger {
     /// without `replaces`), counted unless exempt.
     pub fn count_order(&mut self, exempt: bool, now: SystemTime) {
         if !exempt {
-            self.orders.push(unix(now));
+            self.orders.push(stamp(now));
         }
+    }
+
+    /// The order of certificate `name` is about to hand the challenges of
+    /// `names` to the CA: from now on each counts as a failed authorization
+    /// unless it is seen valid.
+    pub fn trigger(&mut self, name: &str, names: &[String]) {
+        self.triggered
+            .entry(name.to_owned())
+            .or_default()
+            .extend(names.iter().cloned());
     }
 
     /// Ends the reservation of certificate `name`.
     pub fn finish(&mut self, name: &str, domains: &[String], how: &Finished, now: SystemTime) {
         let reserved_at = self.in_flight.remove(name);
-        if let Finished::NotFinalized { failed_names } = how {
+        let triggered = self.triggered.remove(name).unwrap_or_default();
+        let failed: Vec<String> = match how {
+            Finished::Finalized => Vec::new(),
+            Finished::Unknown => triggered.into_iter().collect(),
+            Finished::NotFinalized { valid_names } => triggered
+                .into_iter()
+                .filter(|n| !valid_names.contains(n))
+                .collect(),
+        };
+        if let (Finished::NotFinalized { .. }, Some(at)) = (how, reserved_at) {
             // No certificate can come of an order that was never finalized.
-            if let Some(at) = reserved_at
-                && let Some(events) = self.certificates.get_mut(&name_set(domains))
-                && let Some(i) = events.iter().rposition(|t| *t == at)
-            {
-                events.remove(i);
-            }
-            for failed in failed_names {
-                self.failed_authorizations
-                    .entry(failed.clone())
-                    .or_default()
-                    .push(unix(now));
+            give_back(&mut self.certificates, &name_set(domains), at);
+            for domain in registered_domains(domains) {
+                give_back(&mut self.registered_domains, &domain, at);
             }
         }
-        self.prune(now);
+        for failed in failed {
+            self.failed_authorizations
+                .entry(failed)
+                .or_default()
+                .push(stamp(now));
+        }
+    }
+
+    /// The order the last run was placing for `name` when it stopped, if any
+    /// (Unix seconds): ended as [`Finished::Unknown`].
+    pub fn interrupted(&mut self, name: &str, now: SystemTime) -> Option<u64> {
+        let at = self.in_flight.get(name).copied();
+        if at.is_some() || self.triggered.contains_key(name) {
+            self.finish(name, &[], &Finished::Unknown, now);
+        }
+        at
     }
 
     /// Orders still possible now (for the metric).
     pub fn orders_remaining(&self, limits: &Limits, now: SystemTime) -> u32 {
-        let start = unix(now).saturating_sub(ORDERS_WINDOW.as_secs());
-        let used = self.orders.iter().filter(|t| **t > start).count();
         limits
-            .orders_per_3_hours
-            .saturating_sub(u32::try_from(used).unwrap_or(u32::MAX))
+            .bucket(Limit::OrdersPerAccount)
+            .remaining(&self.orders, now)
+    }
+
+    /// Admits one more on-demand name when `bucket` (`on_demand.max_per_hour`)
+    /// has a token; else says when it will.
+    pub fn admit_on_demand(&mut self, bucket: Bucket, now: SystemTime) -> Result<(), SystemTime> {
+        bucket.prune(&mut self.on_demand_admitted, now);
+        if let Some(until) = bucket.blocked_until(&self.on_demand_admitted, 0, now) {
+            return Err(until);
+        }
+        self.on_demand_admitted.push(stamp(now));
+        Ok(())
+    }
+
+    /// Remembers `domain` as refused until `until`.
+    pub fn refuse(&mut self, domain: &str, until: SystemTime, now: SystemTime) {
+        let now = unix(now);
+        self.refused.retain(|_, u| *u > now);
+        if self.refused.len() >= MAX_REFUSED
+            && let Some(first) = self
+                .refused
+                .iter()
+                .min_by_key(|(_, u)| **u)
+                .map(|(d, _)| d.clone())
+        {
+            self.refused.remove(&first);
+        }
+        self.refused.insert(domain.to_owned(), unix(until));
+    }
+
+    /// Until when `domain` stays refused, if it is.
+    pub fn refused_until(&self, domain: &str, now: SystemTime) -> Option<SystemTime> {
+        self.refused
+            .get(domain)
+            .filter(|until| **until > unix(now))
+            .map(|until| from_unix(*until))
+    }
+}
+
+/// Takes back the event at `at` of `key` (the latest one if several).
+fn give_back(map: &mut BTreeMap<String, Vec<u64>>, key: &str, at: u64) {
+    if let Some(events) = map.get_mut(key)
+        && let Some(i) = events.iter().rposition(|t| *t == at)
+    {
+        events.remove(i);
+        if events.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIN: u64 = 60;
 
     fn t(secs: u64) -> SystemTime {
         from_unix(1_000_000_000 + secs)
@@ -271,157 +604,458 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
-    const LE: Limits = Limits {
-        orders_per_3_hours: 300,
-        certificates_per_name_set_per_week: 5,
-        failed_authorizations_per_name_per_hour: 5,
-        ari_renewals_exempt: true,
-    };
+    fn le() -> Limits {
+        Limits::default()
+    }
+
+    fn spend(domains: &[String]) -> Spend<'_> {
+        Spend {
+            domains,
+            exempt: false,
+            on_demand: false,
+        }
+    }
+
+    fn failed(ledger: &mut Ledger, cert: &str, domains: &[String], at: SystemTime) {
+        ledger.reserve(&le(), cert, spend(domains), at).unwrap();
+        ledger.trigger(cert, domains);
+        ledger.finish(
+            cert,
+            domains,
+            &Finished::NotFinalized {
+                valid_names: vec![],
+            },
+            at,
+        );
+    }
 
     #[test]
-    fn five_certificates_per_name_set_per_week_then_wait_for_the_oldest() {
+    fn buckets_refill_one_token_at_a_time() {
+        let five_per_hour = Bucket::new(5, FAILED_AUTHORIZATIONS_WINDOW, None);
+        assert_eq!(five_per_hour.refill, Duration::from_secs(12 * MIN));
+        let base = 1_000_000_000;
+        let at = |list: &[u64]| list.iter().map(|s| base + s).collect::<Vec<u64>>();
+        // (events, now, reserve, blocked until)
+        let cases: &[(&[u64], u64, u32, Option<u64>)] = &[
+            (&[], 0, 0, None),
+            (&[0, 1, 2, 3], 4, 0, None),
+            // Five at once: the sixth after 12 minutes, not an hour.
+            (&[0, 1, 2, 3, 4], 5, 0, Some(12 * MIN)),
+            (&[0, 1, 2, 3, 4], 12 * MIN, 0, None),
+            // Then one every 12 minutes.
+            (&[0, 1, 2, 3, 4, 12 * MIN], 12 * MIN + 1, 0, Some(24 * MIN)),
+            // Spread out: never more than the burst is in debt.
+            (&[0, 20 * MIN, 40 * MIN], 40 * MIN, 0, None),
+            // A reserve of 2 leaves two tokens: 3 of 5 were usable.
+            (&[0, 1, 2], 3, 2, Some(12 * MIN)),
+            (&[0, 1], 2, 2, None),
+        ];
+        for (events, now, reserve, want) in cases {
+            assert_eq!(
+                five_per_hour.blocked_until(&at(events), *reserve, t(*now)),
+                want.map(t),
+                "{events:?} at {now} reserve {reserve}"
+            );
+        }
+        assert_eq!(five_per_hour.remaining(&at(&[0, 1]), t(2)), 3);
+        assert_eq!(five_per_hour.remaining(&at(&[0, 1]), t(12 * MIN + 2)), 4);
+        // Stamped rounded up, an event of this very second is no later than
+        // now: the burst is there at once.
+        let now = t(0) + Duration::from_millis(300);
+        assert_eq!(five_per_hour.blocked_until(&[stamp(now); 4], 0, now), None);
+        assert!(
+            five_per_hour
+                .blocked_until(&[stamp(now); 5], 0, now)
+                .is_some()
+        );
+        let custom = Bucket::new(2, FAILED_AUTHORIZATIONS_WINDOW, Some(3));
+        assert_eq!(custom.blocked_until(&at(&[0, 0]), 0, t(1)), Some(t(3)));
+    }
+
+    #[test]
+    fn never_more_than_a_bucket_allows_whatever_the_attempts() {
+        // An attempt every 7 minutes for two weeks: in any interval, at most
+        // the burst plus one per refill period (Let's Encrypt's guarantee).
+        let limits = le();
+        let bucket = limits.bucket(Limit::CertificatesPerNameSet);
+        let mut ledger = Ledger::default();
+        let www = names(&["www.example.com"]);
+        let mut granted = Vec::new();
+        let mut now = t(0);
+        while now < t(0) + 2 * CERTIFICATES_WINDOW {
+            if ledger.reserve(&limits, "www", spend(&www), now).is_ok() {
+                ledger.finish("www", &www, &Finished::Finalized, now);
+                granted.push(unix(now));
+            }
+            now += Duration::from_secs(7 * MIN);
+        }
+        for (i, start) in granted.iter().enumerate() {
+            for (j, end) in granted.iter().enumerate().skip(i) {
+                let allowed = u64::from(bucket.burst) + (end - start) / bucket.refill.as_secs();
+                assert!(
+                    (j - i + 1) as u64 <= allowed,
+                    "{} from {start} to {end}",
+                    j - i + 1
+                );
+            }
+        }
+        // 5 at once, then one every 33.6 hours: 14 in two weeks.
+        assert!(granted.len() >= 14, "{}", granted.len());
+    }
+
+    #[test]
+    fn pruning_keeps_the_window_and_never_changes_a_decision() {
+        let bucket = Bucket::new(3, Duration::from_secs(30), None);
+        let mut events = vec![t(0), t(1), t(40), t(100)]
+            .into_iter()
+            .map(unix)
+            .collect();
+        bucket.prune(&mut events, t(110));
+        assert_eq!(events, vec![unix(t(100))], "older than 30 s and not needed");
+        let mut events = vec![unix(t(0)), unix(t(1))];
+        bucket.prune(&mut events, t(25));
+        assert_eq!(events.len(), 2, "within the window");
+        let histories: &[&[u64]] = &[&[0, 1, 2, 50, 51, 52, 53], &[0, 5, 10, 100], &[7, 7, 7, 7]];
+        for history in histories {
+            let events: Vec<u64> = history.iter().map(|s| 1_000_000_000 + s).collect();
+            for now in [53, 60, 75, 90, 200] {
+                let mut pruned = events.clone();
+                bucket.prune(&mut pruned, t(now));
+                for later in [now, now + 5, now + 20, now + 100] {
+                    assert_eq!(
+                        bucket.blocked_until(&pruned, 0, t(later)),
+                        bucket.blocked_until(&events, 0, t(later)),
+                        "{history:?} pruned at {now}, asked at {later}: {pruned:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn five_certificates_per_name_set_then_one_every_33_6_hours() {
+        let limits = le();
         let mut ledger = Ledger::default();
         let www = names(&["www.example.com", "example.com"]);
         for i in 0..5 {
-            ledger.reserve(&LE, "www", &www, false, t(i * 60)).unwrap();
-            ledger.finish("www", &www, &Finished::Finalized, t(i * 60 + 1));
+            ledger
+                .reserve(&limits, "www", spend(&www), t(i * MIN))
+                .unwrap();
+            ledger.finish("www", &www, &Finished::Finalized, t(i * MIN + 1));
         }
-        let blocked = ledger.reserve(&LE, "www", &www, false, t(600)).unwrap_err();
+        let blocked = ledger
+            .reserve(&limits, "www", spend(&www), t(10 * MIN))
+            .unwrap_err();
         assert_eq!(blocked.limit, Limit::CertificatesPerNameSet);
-        assert_eq!(blocked.until, t(0) + CERTIFICATES_WINDOW);
+        assert_eq!(blocked.until, t(120_960));
         // The same names in another order are the same set; another set is free.
         let reordered = names(&["example.com", "WWW.example.com"]);
-        assert!(ledger.check(&LE, &reordered, false, t(600)).is_err());
+        assert!(ledger.check(&limits, spend(&reordered), t(600)).is_err());
+        let other = names(&["www.example.com"]);
+        assert!(ledger.check(&limits, spend(&other), t(600)).is_ok());
         assert!(
             ledger
-                .check(&LE, &names(&["www.example.com"]), false, t(600))
-                .is_ok()
-        );
-        // Once the oldest leaves the window, one more fits.
-        assert!(
-            ledger
-                .reserve(
-                    &LE,
-                    "www",
-                    &www,
-                    false,
-                    t(0) + CERTIFICATES_WINDOW + Duration::from_secs(1)
-                )
+                .reserve(&limits, "www", spend(&www), t(120_960))
                 .is_ok()
         );
     }
 
     #[test]
     fn an_order_that_never_finalized_gives_its_certificate_back() {
+        let limits = le();
         let mut ledger = Ledger::default();
         let www = names(&["www.example.com"]);
         for i in 0..10 {
-            ledger.reserve(&LE, "www", &www, false, t(i)).unwrap();
+            ledger.reserve(&limits, "www", spend(&www), t(i)).unwrap();
             ledger.finish(
                 "www",
                 &www,
                 &Finished::NotFinalized {
-                    failed_names: vec![],
+                    valid_names: vec![],
                 },
                 t(i),
             );
         }
         assert!(ledger.certificates.is_empty(), "{ledger:?}");
+        assert!(ledger.registered_domains.is_empty(), "{ledger:?}");
         assert_eq!(ledger.orders.len(), 10, "orders stay counted");
         assert!(ledger.in_flight.is_empty());
+        assert!(
+            ledger.failed_authorizations.is_empty(),
+            "nothing was handed to the CA"
+        );
     }
 
     #[test]
-    fn five_failed_authorizations_per_name_per_hour() {
-        let mut ledger = Ledger::default();
-        let bad = names(&["www.example.com", "bad.example.com"]);
-        for i in 0..5 {
-            ledger.reserve(&LE, "www", &bad, false, t(i * 100)).unwrap();
-            ledger.finish(
-                "www",
-                &bad,
-                &Finished::NotFinalized {
-                    failed_names: names(&["bad.example.com"]),
+    fn every_name_handed_to_the_ca_fails_unless_seen_valid() {
+        let both = names(&["www.example.com", "bad.example.com"]);
+        // (how the order ended, names counted as failed)
+        let cases: Vec<(Finished, Vec<&str>)> = vec![
+            (Finished::Finalized, vec![]),
+            (
+                Finished::NotFinalized {
+                    valid_names: names(&["www.example.com"]),
                 },
-                t(i * 100 + 10),
-            );
+                vec!["bad.example.com"],
+            ),
+            // The names could not be read back: both count.
+            (
+                Finished::NotFinalized {
+                    valid_names: vec![],
+                },
+                vec!["bad.example.com", "www.example.com"],
+            ),
+            (
+                Finished::Unknown,
+                vec!["bad.example.com", "www.example.com"],
+            ),
+        ];
+        for (how, want) in cases {
+            let mut ledger = Ledger::default();
+            ledger.reserve(&le(), "www", spend(&both), t(0)).unwrap();
+            ledger.trigger("www", &both);
+            ledger.finish("www", &both, &how, t(1));
+            let counted: Vec<&str> = ledger
+                .failed_authorizations
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(counted, want, "{how:?}");
+            assert!(ledger.triggered.is_empty());
         }
-        let blocked = ledger.check(&LE, &bad, false, t(500)).unwrap_err();
+    }
+
+    #[test]
+    fn an_order_interrupted_by_a_stop_counts_its_triggered_names_and_its_certificate() {
+        let mut ledger = Ledger::default();
+        let bad = names(&["bad.example.com"]);
+        ledger.reserve(&le(), "bad", spend(&bad), t(0)).unwrap();
+        ledger.trigger("bad", &bad);
+        // The agent is killed here; the ledger was written; the next start:
+        let json = serde_json::to_vec(&ledger).unwrap();
+        let mut restarted = Ledger::from_json(&json).unwrap();
+        assert_eq!(restarted.interrupted("bad", t(30)), Some(unix(t(0))));
+        assert_eq!(
+            restarted.failed_authorizations["bad.example.com"],
+            vec![unix(t(30))]
+        );
+        assert_eq!(restarted.certificates.len(), 1, "it may have been issued");
+        assert!(restarted.in_flight.is_empty() && restarted.triggered.is_empty());
+        assert_eq!(restarted.interrupted("bad", t(31)), None);
+    }
+
+    #[test]
+    fn five_failed_authorizations_per_name_then_one_every_12_minutes() {
+        let mut ledger = Ledger::default();
+        let bad = names(&["bad.example.com"]);
+        for i in 0..5 {
+            failed(&mut ledger, "bad", &bad, t(i * 10));
+        }
+        let blocked = ledger.check(&le(), spend(&bad), t(50)).unwrap_err();
         assert_eq!(blocked.limit, Limit::FailedAuthorizationsPerName);
-        assert_eq!(blocked.until, t(10) + FAILED_AUTHORIZATIONS_WINDOW);
+        assert_eq!(blocked.until, t(12 * MIN));
         // A certificate without the failing name is not held back.
+        let www = names(&["www.example.com"]);
+        assert!(ledger.check(&le(), spend(&www), t(50)).is_ok());
+        failed(&mut ledger, "bad", &bad, t(12 * MIN));
+        assert_eq!(
+            ledger
+                .check(&le(), spend(&bad), t(12 * MIN))
+                .unwrap_err()
+                .until,
+            t(24 * MIN)
+        );
+    }
+
+    #[test]
+    fn registered_domains_from_the_public_suffix_list() {
+        for (name, want) in [
+            ("a.shop.example.com", "example.com"),
+            ("*.shop.example.com", "example.com"),
+            ("www.example.co.uk", "example.co.uk"),
+            ("x.y.foo.github.io", "foo.github.io"),
+            ("Example.COM", "example.com"),
+            ("192.0.2.7", "192.0.2.7"),
+            ("2001:db8:1:2:3::1", "2001:db8:1:2::/64"),
+            ("co.uk", "co.uk"),
+        ] {
+            assert_eq!(registered_domain(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn fifty_certificates_per_registered_domain_and_on_demand_leaves_a_reserve() {
+        let limits = le();
+        let mut ledger = Ledger::default();
+        // On-demand names under one registered domain: 80 % of 50 (40).
+        let mut ordered = 0;
+        for i in 0..60 {
+            let one = names(&[&format!("n{i}.shop.example.com")]);
+            let od = Spend {
+                domains: &one,
+                exempt: false,
+                on_demand: true,
+            };
+            match ledger.reserve(&limits, &format!("od-{i}"), od, t(i)) {
+                Ok(()) => {
+                    ledger.finish(&format!("od-{i}"), &one, &Finished::Finalized, t(i));
+                    ordered += 1;
+                }
+                Err(blocked) => assert_eq!(blocked.limit, Limit::CertificatesPerRegisteredDomain),
+            }
+        }
+        assert_eq!(ordered, 40);
+        // Configured certificates under it get the rest, then wait too.
+        for i in 0..10 {
+            let www = names(&[&format!("w{i}.example.com")]);
+            ledger.reserve(&limits, "www", spend(&www), t(100)).unwrap();
+            ledger.finish("www", &www, &Finished::Finalized, t(100));
+        }
+        let www = names(&["www.example.com", "example.org"]);
+        let blocked = ledger.check(&limits, spend(&www), t(100)).unwrap_err();
+        assert_eq!(blocked.limit, Limit::CertificatesPerRegisteredDomain);
+        assert_eq!(blocked.until, t(0) + REGISTERED_DOMAIN_WINDOW / 50);
+        // Another registered domain is not held back.
         assert!(
             ledger
-                .check(&LE, &names(&["www.example.com"]), false, t(500))
+                .check(&limits, spend(&names(&["example.org"])), t(100))
                 .is_ok()
         );
     }
 
     #[test]
-    fn orders_per_account_and_the_latest_block_wins() {
+    fn on_demand_never_spends_the_last_orders() {
         let limits = Limits {
+            orders_per_3_hours: 10,
+            configured_reserve_percent: 20,
+            ..le()
+        };
+        assert_eq!(limits.on_demand_reserve(Limit::OrdersPerAccount), 2);
+        let tiny = Limits {
             orders_per_3_hours: 3,
-            ..LE
+            configured_reserve_percent: 1,
+            ..le()
+        };
+        assert_eq!(
+            tiny.on_demand_reserve(Limit::OrdersPerAccount),
+            1,
+            "at least one"
+        );
+        let mut ledger = Ledger::default();
+        let mut on_demand = 0;
+        for i in 0..20 {
+            let one = names(&[&format!("n{i}.example.net")]);
+            let od = Spend {
+                domains: &one,
+                exempt: false,
+                on_demand: true,
+            };
+            if ledger.reserve(&limits, "od", od, t(i)).is_ok() {
+                on_demand += 1;
+            }
+        }
+        assert_eq!(on_demand, 8);
+        let www = names(&["www.example.com"]);
+        ledger.reserve(&limits, "www", spend(&www), t(30)).unwrap();
+        ledger
+            .reserve(&limits, "api", spend(&names(&["api.example.com"])), t(30))
+            .unwrap();
+        let blocked = ledger
+            .reserve(&limits, "x", spend(&names(&["x.example.com"])), t(30))
+            .unwrap_err();
+        assert_eq!(blocked.limit, Limit::OrdersPerAccount);
+        assert_eq!(ledger.orders_remaining(&limits, t(30)), 0);
+    }
+
+    #[test]
+    fn exempt_renewals_pass_and_are_not_counted() {
+        let limits = Limits {
+            orders_per_3_hours: 1,
+            ..le()
         };
         let mut ledger = Ledger::default();
-        for (i, name) in ["a", "b", "c"].iter().enumerate() {
-            let d = names(&[&format!("{name}.example.com")]);
-            ledger
-                .reserve(&limits, name, &d, false, t(i as u64))
-                .unwrap();
-        }
-        assert_eq!(ledger.orders_remaining(&limits, t(3)), 0);
         let d = names(&["d.example.com"]);
-        let blocked = ledger.reserve(&limits, "d", &d, false, t(3)).unwrap_err();
-        assert_eq!(blocked.limit, Limit::OrdersPerAccount);
-        assert_eq!(blocked.until, t(0) + ORDERS_WINDOW);
-        assert!(
-            !ledger.in_flight.contains_key("d"),
-            "a refused order is not in flight"
-        );
-        // Exempt (ARI) renewals pass and are not counted.
-        ledger.reserve(&limits, "d", &d, true, t(3)).unwrap();
-        assert_eq!(ledger.orders.len(), 3);
-        assert_eq!(ledger.in_flight["d"], unix(t(3)));
+        ledger.reserve(&limits, "d", spend(&d), t(0)).unwrap();
+        assert!(ledger.reserve(&limits, "d", spend(&d), t(1)).is_err());
+        let exempt = Spend {
+            exempt: true,
+            ..spend(&d)
+        };
+        ledger.reserve(&limits, "d", exempt, t(2)).unwrap();
+        assert_eq!(ledger.orders.len(), 1);
+        assert_eq!(ledger.in_flight["d"], unix(t(2)));
     }
 
     #[test]
-    fn never_more_than_the_limit_in_any_window_whatever_the_attempts() {
-        // An attempt every 7 minutes for two weeks: the ledger never lets more
-        // than 5 certificates for one name set into any 7-day window.
+    fn the_hourly_on_demand_cap_is_a_bucket_in_the_ledger() {
+        let three_per_hour = Bucket::new(3, Duration::from_secs(3600), None);
+        let mut ledger = Ledger::default();
+        for i in 0..3 {
+            ledger.admit_on_demand(three_per_hour, t(i)).unwrap();
+        }
+        assert_eq!(
+            ledger.admit_on_demand(three_per_hour, t(3)),
+            Err(t(20 * MIN))
+        );
+        // It is state: a restart does not refill it.
+        let json = serde_json::to_vec(&ledger).unwrap();
+        let mut restarted = Ledger::from_json(&json).unwrap();
+        assert!(restarted.admit_on_demand(three_per_hour, t(10)).is_err());
+        assert!(
+            restarted
+                .admit_on_demand(three_per_hour, t(20 * MIN))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn refused_names_are_remembered_until_their_time() {
+        let mut ledger = Ledger::default();
+        ledger.refuse("bad.example.com", t(100), t(0));
+        assert_eq!(ledger.refused_until("bad.example.com", t(50)), Some(t(100)));
+        assert_eq!(ledger.refused_until("bad.example.com", t(100)), None);
+        assert_eq!(ledger.refused_until("ok.example.com", t(50)), None);
+        ledger.prune(&le(), t(101));
+        assert!(ledger.refused.is_empty());
+    }
+
+    /// A ledger as the agent wrote it before buckets and registered domains
+    /// (no `version`): it loads, keeps its events, and counts its
+    /// certificates for their registered domains.
+    #[test]
+    fn an_old_ledger_loads_and_is_migrated() {
+        let old = br#"{"orders":[1000000000,1000000060],"certificates":{"example.com,www.example.com":[1000000000],"a.example.org":[1000000060]},"failed_authorizations":{"bad.example.com":[1000000030]},"in_flight":{"www":1000000060},"replaces_not_reflected":true}"#;
+        let ledger = Ledger::from_json(old).unwrap();
+        assert_eq!(ledger.version, LEDGER_VERSION);
+        assert_eq!(ledger.orders, vec![1_000_000_000, 1_000_000_060]);
+        assert_eq!(
+            ledger.failed_authorizations["bad.example.com"],
+            vec![1_000_000_030]
+        );
+        assert_eq!(ledger.in_flight["www"], 1_000_000_060);
+        assert!(ledger.replaces_not_reflected);
+        assert_eq!(
+            ledger.registered_domains["example.com"],
+            vec![1_000_000_000]
+        );
+        assert_eq!(
+            ledger.registered_domains["example.org"],
+            vec![1_000_000_060]
+        );
+        // Written back, it is the new format and is not migrated twice.
+        let again = Ledger::from_json(&serde_json::to_vec(&ledger).unwrap()).unwrap();
+        assert_eq!(again, ledger);
+        assert_eq!(Ledger::from_json(b"{}").unwrap().version, LEDGER_VERSION);
+    }
+
+    #[test]
+    fn a_new_ledger_is_never_migrated() {
         let mut ledger = Ledger::default();
         let www = names(&["www.example.com"]);
-        let mut granted = Vec::new();
-        let mut now = t(0);
-        while now < t(0) + 2 * CERTIFICATES_WINDOW {
-            if ledger.reserve(&LE, "www", &www, false, now).is_ok() {
-                ledger.finish("www", &www, &Finished::Finalized, now);
-                granted.push(unix(now));
-            }
-            now += Duration::from_secs(420);
-        }
-        for (i, start) in granted.iter().enumerate() {
-            let inside = granted[i..]
-                .iter()
-                .filter(|g| **g < start + CERTIFICATES_WINDOW.as_secs())
-                .count();
-            assert!(inside <= 5, "{inside} in the window from {start}");
-        }
-        assert!(granted.len() >= 10, "{granted:?}");
-    }
-
-    #[test]
-    fn ledger_survives_a_round_trip_and_old_files() {
-        let mut ledger = Ledger::default();
-        ledger
-            .reserve(&LE, "www", &names(&["www.example.com"]), false, t(5))
-            .unwrap();
-        ledger.replaces_not_reflected = true;
-        let json = serde_json::to_string(&ledger).unwrap();
-        assert_eq!(serde_json::from_str::<Ledger>(&json).unwrap(), ledger);
-        assert_eq!(
-            serde_json::from_str::<Ledger>("{}").unwrap(),
-            Ledger::default()
-        );
+        ledger.reserve(&le(), "www", spend(&www), t(0)).unwrap();
+        ledger.finish("www", &www, &Finished::Finalized, t(1));
+        let again = Ledger::from_json(&serde_json::to_vec(&ledger).unwrap()).unwrap();
+        assert_eq!(again.registered_domains["example.com"], vec![unix(t(0))]);
+        assert_eq!(again, ledger);
     }
 }

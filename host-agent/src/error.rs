@@ -51,6 +51,9 @@ pub enum Error {
     /// The agent stopped during the step (a restart finds it in the ledger).
     #[error("{0}")]
     Interrupted(String),
+    /// The on-demand policy (the `ask` URL) could not be asked.
+    #[error("on-demand policy: {0}")]
+    Policy(String),
 }
 
 /// `e` and its sources, joined: HTTP client errors say "client error
@@ -118,6 +121,7 @@ impl Error {
             Self::Interrupted(_) => "interrupted",
             Self::Dns(_) => "dns_solver",
             Self::Profile(_) => "profile",
+            Self::Policy(_) => "policy",
             Self::Acme { source, .. } => match source {
                 instant_acme::Error::Api(p) => p
                     .r#type
@@ -134,6 +138,24 @@ impl Error {
 
     pub fn is_bad_nonce(&self) -> bool {
         self.kind() == "badNonce"
+    }
+
+    /// Whether the failure is about the name itself (the CA could not
+    /// validate it, or will not issue for it), not the CA, the network, a
+    /// limit or Envoy (a failed self-check is as likely an Envoy that is
+    /// down): what makes an on-demand name give up.
+    pub fn is_about_the_name(&self) -> bool {
+        matches!(
+            self.kind(),
+            "validation"
+                | "caa"
+                | "connection"
+                | "dns"
+                | "incorrectResponse"
+                | "rejectedIdentifier"
+                | "unauthorized"
+                | "unsupportedIdentifier"
+        )
     }
 
     pub fn is_rate_limited(&self) -> bool {

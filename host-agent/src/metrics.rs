@@ -139,7 +139,7 @@ impl Metrics {
         let orders_remaining = Gauge::default();
         registry.register(
             "ca_limit_orders_remaining",
-            "New orders the account may still place in the current 3-hour window (acme.limits.orders_per_3_hours)",
+            "New orders the account may place now: the tokens left in its bucket (acme.limits.orders_per_3_hours)",
             orders_remaining.clone(),
         );
         let api_connections = Gauge::default();
@@ -203,12 +203,7 @@ impl Metrics {
 
     /// The CA-limit wait of `certificate`, or none (the series is removed).
     pub fn set_blocked(&self, certificate: &str, blocked: Option<crate::budget::Blocked>) {
-        use crate::budget::Limit;
-        for limit in [
-            Limit::OrdersPerAccount,
-            Limit::CertificatesPerNameSet,
-            Limit::FailedAuthorizationsPerName,
-        ] {
+        for limit in crate::budget::Limit::ALL {
             let labels = LimitLabels {
                 certificate: certificate.to_owned(),
                 limit: limit.label(),

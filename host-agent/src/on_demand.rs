@@ -2,23 +2,29 @@
 //! policy allows, while Envoy holds that handshake (the SDS server's
 //! [`Gate`]). Whoever connects chooses the name, so everything is bounded:
 //! the policy (`allow` patterns, and an optional `ask` URL that must answer
-//! 200), a wait per handshake, a cap on orders at once and per hour, and a
-//! cache of refused names (itself bounded) so a flood of one name costs one
-//! decision. A refused name orders nothing and stores nothing.
+//! 200), a wait per handshake, a cap on orders at once, and a cache of
+//! refused names (itself bounded) so a flood of one name costs one decision.
+//! A refused name orders nothing and stores nothing.
 //!
 //! An allowed name becomes a certificate of its own (named [`name_for`]),
 //! ordered, stored and renewed like a configured one, and served over SDS
 //! from then on; the manager restores it after a restart from its status
-//! record.
+//! record. The manager also holds what must survive a restart or outlive one
+//! handshake: the total cap, the hourly cap (in the CA-limit ledger), names
+//! refused after failing again and again, and when each name was last asked
+//! for. Envoy asks the SDS server for a name only at its first handshake, so
+//! to learn whether a name is still used the manager withdraws it from SDS
+//! halfway through `idle_seconds` ([`idle`]); the next handshake asks again
+//! and gets it back at once, and a name nobody asks for is removed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{OnDemand as Config, is_valid_domain, on_demand_allows};
 use crate::manager::Request;
@@ -50,14 +56,116 @@ pub fn name_for(domain: &str) -> String {
     format!("{}-{hex}", &name[..47])
 }
 
+/// What the idle rule says about an on-demand certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Nothing to do before `until`.
+    Keep { until: SystemTime },
+    /// Withdraw it from SDS (kept in storage): the next handshake asks for
+    /// it again, which shows it is still used.
+    Withdraw,
+    /// No handshake asked for it in `idle_seconds`: remove it.
+    Remove,
+}
+
+/// The idle rule: withdrawn from SDS once half of `idle` has passed since a
+/// handshake last asked for it, removed once all of it has.
+pub fn idle(last_requested: SystemTime, idle: Duration, withdrawn: bool, now: SystemTime) -> Idle {
+    let remove_at = last_requested + idle;
+    let withdraw_at = last_requested + idle / 2;
+    if now >= remove_at {
+        Idle::Remove
+    } else if now >= withdraw_at && !withdrawn {
+        Idle::Withdraw
+    } else if now >= withdraw_at {
+        Idle::Keep { until: remove_at }
+    } else {
+        Idle::Keep { until: withdraw_at }
+    }
+}
+
+/// Why the manager refused a name, and for how long to answer it at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub why: String,
+    pub for_how_long: Duration,
+}
+
+impl Refusal {
+    pub fn new(why: impl Into<String>, for_how_long: Duration) -> Self {
+        Self {
+            why: why.into(),
+            for_how_long,
+        }
+    }
+
+    /// A refusal for a passing reason (a cap, a stop): remembered briefly.
+    pub fn brief(why: impl Into<String>) -> Self {
+        Self::new(why, CAP_REFUSAL)
+    }
+}
+
+/// Whether the patterns allow `name` (no network): a valid DNS name an
+/// `allow` pattern matches (or any, when only `ask` decides).
+pub fn allowed_by_patterns(config: &Config, name: &str) -> bool {
+    is_valid_domain(name)
+        && (config.allow.is_empty() || config.allow.iter().any(|p| on_demand_allows(p, name)))
+}
+
+/// The whole policy for `name`: the patterns, then the `ask` URL. `None`:
+/// `[on_demand]` is not configured (any more), so nothing is allowed.
+pub async fn allows(config: Option<&Config>, name: &str) -> Result<bool, String> {
+    let Some(config) = config else {
+        return Ok(false);
+    };
+    if !allowed_by_patterns(config, name) {
+        return Ok(false);
+    }
+    match &config.ask {
+        Some(url) => ask(url, name).await,
+        None => Ok(true),
+    }
+}
+
+/// The `ask` URL's answer for `name`: only a 200 allows.
+async fn ask(url: &str, name: &str) -> Result<bool, String> {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let uri: http::Uri = format!("{url}{separator}domain={name}")
+        .parse()
+        .map_err(|e| format!("ask URL: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let request = http::Request::get(uri)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(ASK_TIMEOUT, client.request(request)).await {
+        Err(_) => Err(format!("ask URL did not answer within {ASK_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("ask URL: {e}")),
+        Ok(Ok(response)) => Ok(response.status() == http::StatusCode::OK),
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Names being got, until when their handshakes are held.
     held: HashMap<String, Instant>,
     /// Refused names, until when.
     refused: HashMap<String, Instant>,
-    /// When each name accepted in the last hour was.
-    accepted: VecDeque<Instant>,
 }
 
 /// The on-demand policy as the SDS server's gate.
@@ -110,51 +218,11 @@ impl OnDemandGate {
         Duration::from_secs(self.config.refused_cache_seconds)
     }
 
-    /// The policy that needs no network: a valid DNS name an `allow` pattern
-    /// matches (or any, when only `ask` decides).
-    fn allowed_by_patterns(&self, name: &str) -> bool {
-        is_valid_domain(name)
-            && (self.config.allow.is_empty()
-                || self.config.allow.iter().any(|p| on_demand_allows(p, name)))
-    }
-
-    /// The `ask` URL's answer for `name`: only a 200 allows.
-    async fn ask(&self, url: &str, name: &str) -> Result<bool, String> {
-        let separator = if url.contains('?') { '&' } else { '?' };
-        let uri: http::Uri = format!("{url}{separator}domain={name}")
-            .parse()
-            .map_err(|e| format!("ask URL: {e}"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https);
-        let request = http::Request::get(uri)
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(ASK_TIMEOUT, client.request(request)).await {
-            Err(_) => Err(format!("ask URL did not answer within {ASK_TIMEOUT:?}")),
-            Ok(Err(e)) => Err(format!("ask URL: {e}")),
-            Ok(Ok(response)) => Ok(response.status() == http::StatusCode::OK),
-        }
-    }
-
-    /// Decides the network part and asks the manager for the certificate.
+    /// Decides the network part and asks the manager for the certificate
+    /// (which applies the caps that must survive a restart).
     async fn get(self: Arc<Self>, name: String) {
         if let Some(url) = &self.config.ask {
-            match self.ask(url, &name).await {
+            match ask(url, &name).await {
                 Ok(true) => {}
                 Ok(false) => return self.refuse(&name, "the ask URL said no", self.refused_for()),
                 Err(e) => {
@@ -162,22 +230,6 @@ impl OnDemandGate {
                     return self.refuse(&name, "the ask URL failed", CAP_REFUSAL);
                 }
             }
-        }
-        {
-            let now = Instant::now();
-            let mut state = self.lock();
-            while state
-                .accepted
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(3600))
-            {
-                state.accepted.pop_front();
-            }
-            if state.accepted.len() >= self.config.max_per_hour {
-                drop(state);
-                return self.refuse(&name, "on_demand.max_per_hour reached", CAP_REFUSAL);
-            }
-            state.accepted.push_back(now);
         }
         let (reply, answer) = oneshot::channel();
         let request = Request::OnDemand {
@@ -190,7 +242,7 @@ impl OnDemandGate {
         }
         match answer.await {
             Ok(Ok(())) => info!(name, "on-demand certificate requested"),
-            Ok(Err(why)) => self.refuse(&name, &why, CAP_REFUSAL),
+            Ok(Err(refusal)) => self.refuse(&name, &refusal.why, refusal.for_how_long),
             Err(_) => self.refuse(&name, "the agent is stopping", CAP_REFUSAL),
         }
     }
@@ -215,7 +267,7 @@ impl Gate for Handle {
         if let Some(until) = state.held.get(name) {
             return Some(until.duration_since(now));
         }
-        if !gate.allowed_by_patterns(name) {
+        if !allowed_by_patterns(&gate.config, name) {
             drop(state);
             gate.refuse(name, "not allowed by on_demand.allow", gate.refused_for());
             return None;
@@ -240,11 +292,80 @@ impl Gate for Handle {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.0.refusals.subscribe()
     }
+
+    /// A handshake asked for a name that is served: the manager notes it (an
+    /// on-demand name in use is kept and renewed). A held name served now is
+    /// held no more (else, once withdrawn, its next handshake would only be
+    /// held, and the manager never asked).
+    fn seen(&self, name: &str) {
+        self.0.lock().held.remove(name);
+        let manager = self.0.manager.clone();
+        let request = Request::Seen {
+            domain: name.to_owned(),
+        };
+        // Never blocks the SDS stream; a full queue drops the note (the name
+        // is then withdrawn once more and asked for again).
+        if let Err(e) = manager.try_send(request) {
+            debug!("on-demand request note dropped: {e}");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_not_asked_for_is_withdrawn_halfway_and_removed_at_the_end() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s);
+        let day = Duration::from_secs(86_400);
+        // (last asked, withdrawn, now, what to do)
+        let cases = [
+            (
+                0,
+                false,
+                0,
+                Idle::Keep {
+                    until: t(15 * 86_400),
+                },
+            ),
+            (
+                0,
+                false,
+                15 * 86_400 - 1,
+                Idle::Keep {
+                    until: t(15 * 86_400),
+                },
+            ),
+            (0, false, 15 * 86_400, Idle::Withdraw),
+            (
+                0,
+                true,
+                15 * 86_400,
+                Idle::Keep {
+                    until: t(30 * 86_400),
+                },
+            ),
+            (0, true, 30 * 86_400, Idle::Remove),
+            (0, false, 40 * 86_400, Idle::Remove),
+            // Asked again (the handshake after the withdrawal): kept again.
+            (
+                20 * 86_400,
+                false,
+                21 * 86_400,
+                Idle::Keep {
+                    until: t(35 * 86_400),
+                },
+            ),
+        ];
+        for (last, withdrawn, now, want) in cases {
+            assert_eq!(
+                idle(t(last), 30 * day, withdrawn, t(now)),
+                want,
+                "last {last} withdrawn {withdrawn} now {now}"
+            );
+        }
+    }
 
     #[test]
     fn names_are_distinct_bounded_and_valid() {
@@ -278,6 +399,10 @@ mod tests {
             max_per_hour: 20,
             refused_cache_seconds: 300,
             key_type: Default::default(),
+            max_certificates: 100,
+            idle_seconds: 30 * 86_400,
+            max_failures: 3,
+            failed_refusal_seconds: 86_400,
         };
         let served = Arc::new(crate::sds::SecretSet::new());
         (
@@ -332,7 +457,7 @@ mod tests {
         let Some(Request::OnDemand { reply, .. }) = requests.recv().await else {
             panic!("no request");
         };
-        let _ = reply.send(Err("full".into()));
+        let _ = reply.send(Err(Refusal::new("full", Duration::from_secs(60))));
         woken.changed().await.unwrap();
         assert!(gate.refused("a.example.com"));
     }

@@ -59,7 +59,14 @@ pub struct OrderContext<'a> {
     pub tls_check: Option<&'a str>,
     /// The dns-01 solvers and their record journal.
     pub dns: Option<&'a std::sync::Arc<crate::dns::Dns>>,
+    /// Counts (persists) the names whose challenges are about to be handed
+    /// to the CA, before they are: each is a failed authorization unless
+    /// seen valid. An error stops the order before the CA is told.
+    pub trigger: &'a Trigger<'a>,
 }
+
+/// See [`OrderContext::trigger`].
+pub type Trigger<'a> = dyn Fn(&[String]) -> Result<(), Error> + Send + Sync + 'a;
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
     let alg = match key_type {
@@ -86,8 +93,9 @@ pub struct Failure {
     pub error: Error,
     /// Finalize was sent: the CA may have issued a certificate.
     pub finalized: bool,
-    /// Names whose authorization the CA found invalid.
-    pub invalid_names: Vec<String>,
+    /// Names whose authorization was seen valid after the failure: of the
+    /// names handed to the CA, only these did not fail.
+    pub valid_names: Vec<String>,
 }
 
 impl From<Error> for Failure {
@@ -95,7 +103,7 @@ impl From<Error> for Failure {
         Self {
             error,
             finalized: false,
-            invalid_names: Vec::new(),
+            valid_names: Vec::new(),
         }
     }
 }
@@ -104,7 +112,7 @@ fn finalized(error: Error) -> Failure {
     Failure {
         error,
         finalized: true,
-        invalid_names: Vec::new(),
+        valid_names: Vec::new(),
     }
 }
 
@@ -225,16 +233,11 @@ pub async fn issue(
                 continue;
             }
             AuthorizationStatus::Pending => {}
+            // Not handed to the CA by this order: nothing of it to count.
             other => {
-                return Err(Failure {
-                    error: Error::Validation(format!("authorization for {domain} is {other:?}")),
-                    finalized: false,
-                    invalid_names: if other == AuthorizationStatus::Invalid {
-                        vec![domain]
-                    } else {
-                        Vec::new()
-                    },
-                });
+                return Err(
+                    Error::Validation(format!("authorization for {domain} is {other:?}")).into(),
+                );
             }
         }
         let kind = spec.challenge_for(state.wildcard);
@@ -349,11 +352,14 @@ pub async fn issue(
     }
     debug!(challenges = pending.len(), "self-check passed");
 
+    // Every name about to be handed to the CA is counted as a failed
+    // authorization first (written ahead: a lost answer, a badNonce on the
+    // read-back or a kill cannot hide one), and cleared only for names seen
+    // valid afterwards.
+    let handed: Vec<String> = pending.iter().map(|(_, c)| c.identifier.clone()).collect();
+    (cx.trigger)(&handed)?;
     // Tell the CA, one challenge at a time (the nonce is per request chain),
-    // and wait for its verdict. From the first challenge marked ready on, a
-    // failure may come with invalid authorizations (the CA validates at once
-    // or later, and reports it on whichever request comes next): which names
-    // failed is read from the authorizations, for the CA-limit ledger.
+    // and wait for its verdict.
     let told = tell_the_ca(&mut order, spec).await;
     let status = match told {
         Ok(()) => nonce_retry!("waiting for validation", order.poll_ready(&polling())),
@@ -362,20 +368,20 @@ pub async fn issue(
     let status = match status {
         Ok(status) => status,
         Err(error) => {
-            let (_, invalid_names) = invalid_detail(&mut order).await;
+            let (_, valid_names) = read_back(&mut order).await;
             return Err(Failure {
                 error,
                 finalized: false,
-                invalid_names,
+                valid_names,
             });
         }
     };
     if status != OrderStatus::Ready {
-        let (detail, invalid_names) = invalid_detail(&mut order).await;
+        let (detail, valid_names) = read_back(&mut order).await;
         return Err(Failure {
             error: Error::Validation(format!("order is {status:?}: {detail}")),
             finalized: false,
-            invalid_names,
+            valid_names,
         });
     }
     // Every authorization is final: the filters can forget the tokens, and
@@ -440,19 +446,27 @@ async fn tell_the_ca(order: &mut instant_acme::Order, spec: &Certificate) -> Res
 }
 
 /// Why an order went invalid, from its authorizations' challenge errors, and
-/// the names whose authorization is invalid.
-async fn invalid_detail(order: &mut instant_acme::Order) -> (String, Vec<String>) {
+/// the names whose authorization was seen valid. A read that fails leaves
+/// names out of the valid ones, never in (they then count as failed).
+async fn read_back(order: &mut instant_acme::Order) -> (String, Vec<String>) {
     let mut details = Vec::new();
-    let mut names = Vec::new();
+    let mut valid = Vec::new();
     let mut authorizations = order.authorizations();
-    while let Some(Ok(mut authz)) = authorizations.next().await {
-        if let Err(e) = authz.refresh().await {
+    while let Some(next) = authorizations.next().await {
+        let mut authz = match next {
+            Ok(authz) => authz,
+            Err(e) => {
+                warn!("could not read an authorization: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = nonce_retry!("reading an authorization", authz.refresh()) {
             warn!("could not refresh an authorization: {e}");
             continue;
         }
         let domain = authz.identifier().to_string();
-        if authz.status == AuthorizationStatus::Invalid {
-            names.push(domain.clone());
+        if authz.status == AuthorizationStatus::Valid {
+            valid.push(domain.clone());
         }
         for challenge in &authz.challenges {
             if let Some(problem) = &challenge.error {
@@ -465,5 +479,5 @@ async fn invalid_detail(order: &mut instant_acme::Order) -> (String, Vec<String>
     } else {
         details.join("; ")
     };
-    (detail, names)
+    (detail, valid)
 }

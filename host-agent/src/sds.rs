@@ -254,6 +254,12 @@ impl CertificateSink for SdsSink {
         self.set.contains(name)
     }
 
+    /// Every stream subscribed to its names is told they are removed.
+    fn remove(&self, name: &str) -> Result<(), Error> {
+        self.set.remove(name);
+        Ok(())
+    }
+
     /// A name not served yet is answered as removed: Envoy needs no file.
     fn wants_placeholder(&self) -> bool {
         false
@@ -270,6 +276,10 @@ pub trait Gate: Send + Sync {
     fn refused(&self, name: &str) -> bool;
     /// Changes when a held name is refused, to wake the streams holding it.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// A handshake asked for `name`, which is served (Envoy asks only at its
+    /// first handshake for a name, and again after a removal), or a held
+    /// name is served now.
+    fn seen(&self, _name: &str) {}
 }
 
 /// What the server last told one stream about a name.
@@ -332,6 +342,12 @@ impl Stream {
         for (name, told) in &mut self.names {
             match set.version(name) {
                 Some(version) => {
+                    // A new subscription (not a reconnect, which names its
+                    // versions), or a held one now served: a handshake
+                    // asked for it.
+                    if let (Told::Nothing | Told::Pending(_), Some(gate)) = (&*told, gate) {
+                        gate.seen(&normalized(name));
+                    }
                     if matches!(told, Told::Version(v) if *v == version) {
                         continue;
                     }

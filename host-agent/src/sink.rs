@@ -71,6 +71,13 @@ pub trait CertificateSink: Send + Sync {
     fn check_writable(&self, _name: &str) -> Result<(), Error> {
         Ok(())
     }
+
+    /// Stops serving `name` and deletes what was installed for it (an
+    /// on-demand certificate withdrawn or removed). Sinks that never hold
+    /// on-demand certificates (Kubernetes) keep the default.
+    fn remove(&self, _name: &str) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Several sinks at once (SDS files and the SDS server, say): each gets every
@@ -105,6 +112,16 @@ impl CertificateSink for Sinks {
 
     fn check_writable(&self, name: &str) -> Result<(), Error> {
         self.0.iter().try_for_each(|s| s.check_writable(name))
+    }
+
+    fn remove(&self, name: &str) -> Result<(), Error> {
+        let mut first_error = None;
+        for sink in &self.0 {
+            if let Err(e) = sink.remove(name) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -195,6 +212,34 @@ impl CertificateSink for FileSink {
     /// is found before an order, not after).
     fn check_writable(&self, _name: &str) -> Result<(), Error> {
         crate::files::probe_writable(&self.dir)
+    }
+
+    /// The SDS file first (what Envoy watches), then the PEM files.
+    fn remove(&self, name: &str) -> Result<(), Error> {
+        let pem_dir = self.pem_dir(name);
+        for path in [
+            self.sds_path(name),
+            pem_dir.join("tls.key"),
+            pem_dir.join("tls.crt"),
+        ] {
+            remove_if_there(&path)?;
+        }
+        match fs::remove_dir(&pem_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(format!("removing {}", pem_dir.display()))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Deletes `path`; a file already gone is no error.
+fn remove_if_there(path: &std::path::Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io(format!("removing {}", path.display()))(e))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -84,6 +84,12 @@ pub struct Status {
     #[serde(default)]
     pub awaiting_install: bool,
     pub updated: u64,
+    /// On-demand: when a handshake last asked for it (the idle rule).
+    #[serde(default)]
+    pub last_requested: Option<u64>,
+    /// On-demand: orders in a row that failed on the name.
+    #[serde(default)]
+    pub name_failures: u32,
 }
 
 /// Names the account of one CA: 16 hex digits of the directory URL's SHA-256,
@@ -142,6 +148,19 @@ pub trait StateStore: Send + Sync {
     ) -> Result<Option<StoredCertificate>, Error> {
         let _ = (name, domains);
         Ok(None)
+    }
+    /// Deletes certificate `name` and its status record (an on-demand
+    /// certificate removed): the status first, so a crash in between leaves
+    /// nothing that would bring it back at the next start. Stores that never
+    /// hold on-demand certificates (Kubernetes) refuse.
+    fn remove_certificate(&self, name: &str) -> Result<(), Error> {
+        Err(Error::Io {
+            context: format!("removing certificate {name}"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this state store does not remove certificates",
+            ),
+        })
     }
     /// The dns-01 records added and not yet deleted (`crate::dns::Journal`).
     fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error>;
@@ -275,6 +294,18 @@ impl StateStore for Store {
 
     fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
         write_atomically(&self.dir.join("dns-records.json"), bytes, 0o600)
+    }
+
+    fn remove_certificate(&self, name: &str) -> Result<(), Error> {
+        for path in [self.status_path(name), self.certificate_path(name)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(format!("removing {}", path.display()))(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn status_names(&self) -> Result<Vec<String>, Error> {

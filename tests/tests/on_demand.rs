@@ -87,7 +87,8 @@ fn allowed_names_get_a_certificate_at_their_first_handshake_and_others_nothing()
             handshake(https, name, Duration::from_secs(25))
                 .unwrap()
                 .is_some(),
-            "{name}"
+            "{name}\n{}",
+            world.context()
         );
     }
     assert_eq!(
@@ -176,5 +177,291 @@ fn the_ask_url_decides_and_refusals_are_not_asked_twice() {
         1,
         "{asked:?}"
     );
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 1.0);
+}
+
+/// Waits until `what` holds (polled every 100 ms), else fails with the
+/// world's context.
+fn wait_until(world: &World, timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    acme_tests::agent::wait_for(timeout, what, || done().then_some(()), || world.context())
+        .unwrap();
+}
+
+fn stored(world: &World, name: &str) -> bool {
+    let dir = world.state_dir().join("certificates");
+    dir.join(format!("{name}.json")).exists() || dir.join(format!("{name}.status.json")).exists()
+}
+
+fn agent_log(world: &World) -> String {
+    std::fs::read_to_string(world.work.path().join("agent.log")).unwrap_or_default()
+}
+
+/// The idle rule with Envoy: a name in use is withdrawn from SDS halfway
+/// through `idle_seconds` and handed back at once by the next handshake (no
+/// new order); a name no handshake asks for is removed from storage and SDS
+/// (never renewed), and a later handshake for it is a new name.
+#[test]
+fn names_in_use_are_kept_and_names_nobody_asks_for_are_removed() {
+    let mut world = World::new(pebble::Options::default());
+    let sds = world.work.path().join("run/sds.sock");
+    world.extra_config = format!(
+        "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nallow = [\"*.shop.example.com\"]\nmax_wait_seconds = 20\nidle_seconds = 6\n",
+        sds.display(),
+    );
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 1).unwrap();
+    let root = world.pebble.issuing_root().unwrap();
+
+    let used = handshake(https, "used.shop.example.com", Duration::from_secs(25))
+        .unwrap()
+        .expect("first handshake for used.shop");
+    assert!(
+        handshake(https, "once.shop.example.com", Duration::from_secs(25))
+            .unwrap()
+            .is_some()
+    );
+    // Past the withdrawal (3 s) and the removal (6 s) of the unused name, the
+    // used one is asked for twice a second: every handshake gets the same
+    // certificate, withdrawn and handed back meanwhile.
+    let until = Instant::now() + Duration::from_secs(9);
+    let mut handshakes = 0;
+    while Instant::now() < until {
+        let leaf = handshake(https, "used.shop.example.com", Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            leaf.as_ref(),
+            Some(&used),
+            "handshake {handshakes}\n{}\n{}",
+            world.context(),
+            envoy.log()
+        );
+        handshakes += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(verified(https, "used.shop.example.com", &root));
+    assert!(
+        agent_log(&world).contains("withdrawn until a handshake asks for it"),
+        "{}",
+        world.context()
+    );
+    wait_until(
+        &world,
+        Duration::from_secs(5),
+        "the unused name removed",
+        || !stored(&world, "od-once_shop_example_com"),
+    );
+    assert!(stored(&world, "od-used_shop_example_com"));
+    assert_eq!(
+        world.metric("acme_agent_orders_total", &[]),
+        2.0,
+        "kept without a new order\n{}",
+        world.context()
+    );
+
+    // Removed means gone from SDS too: the next handshake is a new name.
+    assert!(
+        handshake(https, "once.shop.example.com", Duration::from_secs(25))
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 3.0);
+}
+
+/// A name whose validation keeps failing is dropped after `max_failures`
+/// orders and refused (also after a restart, without an order); the total
+/// cap and the hourly cap hold, the hourly one across a restart; and a
+/// restart removes what the policy no longer allows.
+#[test]
+fn failing_names_are_refused_the_caps_hold_and_restarts_recheck_the_policy() {
+    let mut world = World::new(pebble::Options::default());
+    world.retry = (1, 1);
+    let sds = world.work.path().join("run/sds.sock");
+    let on_demand = |allow: &str, max_certificates: u32| {
+        format!(
+            "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nallow = [{allow}]\nmax_wait_seconds = 3\nmax_failures = 2\nmax_certificates = {max_certificates}\nmax_per_hour = 4\n",
+            sds.display(),
+        )
+    };
+    world.extra_config = on_demand("\"*.shop.example.com\"", 3);
+    world
+        .pebble
+        .point_at("bad.shop.example.com", "127.0.0.2")
+        .unwrap();
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 1).unwrap();
+
+    // Fails at the CA twice (retry 1 s), then is dropped and refused.
+    assert_eq!(
+        handshake(https, "bad.shop.example.com", Duration::from_secs(10)).unwrap(),
+        None
+    );
+    wait_until(&world, Duration::from_secs(30), "bad.shop dropped", || {
+        agent_log(&world).contains("failed on_demand.max_failures orders in a row")
+    });
+    assert!(!stored(&world, "od-bad_shop_example_com"));
+    let validations = |world: &World| {
+        world
+            .pebble
+            .log()
+            .lines()
+            .filter(|l| l.contains("Pulled a task") && l.contains("\"bad.shop.example.com\""))
+            .count()
+    };
+    assert_eq!(validations(&world), 2, "{}", world.context());
+    let asked = Instant::now();
+    assert_eq!(
+        handshake(https, "bad.shop.example.com", Duration::from_secs(10)).unwrap(),
+        None
+    );
+    assert!(asked.elapsed() < Duration::from_secs(2), "refused at once");
+
+    // The total cap (3): two names fit, the third is refused at once.
+    for name in ["a.shop.example.com", "b.shop.example.com"] {
+        assert!(
+            handshake(https, name, Duration::from_secs(10))
+                .unwrap()
+                .is_some(),
+            "{name}\n{}",
+            world.context()
+        );
+    }
+    // bad.shop counts no more: c fits (3 of 3), d does not.
+    assert!(
+        handshake(https, "c.shop.example.com", Duration::from_secs(10))
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        handshake(https, "d.shop.example.com", Duration::from_secs(10)).unwrap(),
+        None
+    );
+    assert!(agent_log(&world).contains("on_demand.max_certificates reached"));
+
+    // Restarted with room for more, a policy without b.shop: b.shop is
+    // removed, the rest served without an order; bad.shop still refused;
+    // the hourly cap (4: bad, a, b, c) still spent.
+    world.agent.as_mut().unwrap().kill();
+    let before = agent_log(&world).len();
+    world.extra_config = on_demand(
+        "\"a.shop.example.com\", \"c.shop.example.com\", \"bad.shop.example.com\", \"e.shop.example.com\"",
+        10,
+    );
+    world.write_config();
+    world.start_agent();
+    wait_until(&world, Duration::from_secs(10), "b.shop removed", || {
+        !stored(&world, "od-b_shop_example_com")
+    });
+    for name in ["a.shop.example.com", "c.shop.example.com"] {
+        assert!(
+            handshake(https, name, Duration::from_secs(10))
+                .unwrap()
+                .is_some(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        handshake(https, "bad.shop.example.com", Duration::from_secs(10)).unwrap(),
+        None
+    );
+    assert_eq!(
+        handshake(https, "e.shop.example.com", Duration::from_secs(10)).unwrap(),
+        None
+    );
+    let log = agent_log(&world)[before..].to_owned();
+    assert!(log.contains("on_demand.max_per_hour reached"), "{log}");
+    assert!(log.contains("on_demand.max_failures"), "{log}");
+    assert_eq!(validations(&world), 2, "no more validations of bad.shop");
+    world.assert_nothing_registered_or_ordered();
+}
+
+/// On-demand certificates never spend the last of the orders budget: with
+/// 5 orders and a 40 % reserve, on-demand names get 3, the next waits for
+/// the budget, and a configured certificate added then is still issued.
+#[test]
+fn on_demand_leaves_configured_certificates_their_share_of_the_orders() {
+    let mut world = World::new(pebble::Options::default());
+    let sds = world.work.path().join("run/sds.sock");
+    world.extra_config = format!(
+        "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nallow = [\"*.shop.example.com\"]\nmax_wait_seconds = 3\n\n[acme.limits]\norders_per_3_hours = 5\nconfigured_reserve_percent = 40\n",
+        sds.display(),
+    );
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 1).unwrap();
+    for name in ["a", "b", "c"] {
+        let sni = format!("{name}.shop.example.com");
+        assert!(
+            handshake(https, &sni, Duration::from_secs(10))
+                .unwrap()
+                .is_some(),
+            "{sni}\n{}",
+            world.context()
+        );
+    }
+    assert_eq!(
+        handshake(https, "d.shop.example.com", Duration::from_secs(10)).unwrap(),
+        None
+    );
+    wait_until(
+        &world,
+        Duration::from_secs(10),
+        "d.shop waits for the budget",
+        || world.status_record("od-d_shop_example_com")["waiting_for"] == "orders_per_account",
+    );
+    // A configured certificate still gets one of the reserved orders.
+    world
+        .certificates(&[("www", &["www.example.com"])])
+        .write_config();
+    world.wait_issued("www", 1.0);
+    assert_eq!(world.metric("acme_agent_orders_total", &[]), 4.0);
+}
+
+/// The policy is asked again before a renewal: the `ask` URL says no now,
+/// so a forced renewal orders nothing and the certificate is removed.
+#[test]
+fn a_renewal_asks_the_policy_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let allowed = Arc::new(AtomicBool::new(true));
+    let answer = Arc::clone(&allowed);
+    let ask = acme_tests::http::Server::start(move |_| {
+        if answer.load(Ordering::SeqCst) {
+            acme_tests::http::Reply::new(200, "yes")
+        } else {
+            acme_tests::http::Reply::new(403, "no")
+        }
+    })
+    .unwrap();
+    let mut world = World::new(pebble::Options::default());
+    let sds = world.work.path().join("run/sds.sock");
+    world.extra_config = format!(
+        "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nask = \"http://{}/allowed\"\nmax_wait_seconds = 20\n",
+        sds.display(),
+        ask.addr()
+    );
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let _envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 1).unwrap();
+    assert!(
+        handshake(https, "ok.example.net", Duration::from_secs(25))
+            .unwrap()
+            .is_some()
+    );
+    allowed.store(false, Ordering::SeqCst);
+    world.renew("od-ok_example_net");
+    wait_until(&world, Duration::from_secs(10), "od-ok removed", || {
+        !stored(&world, "od-ok_example_net")
+    });
+    assert!(agent_log(&world).contains("the policy no longer allows it"));
     assert_eq!(world.metric("acme_agent_orders_total", &[]), 1.0);
 }

@@ -85,6 +85,22 @@ pub struct Limits {
     /// exempt from the limits above, as Let's Encrypt says they are.
     #[serde(default = "default_true")]
     pub ari_renewals_exempt: bool,
+    /// Certificates with a name under one registered domain in any 7 days
+    /// (Let's Encrypt's counts every client's; the agent counts its own).
+    #[serde(default = "default_certificates_per_registered_domain_per_week")]
+    pub certificates_per_registered_domain_per_week: u32,
+    /// Each limit above is a bucket of that many, refilled one at a time
+    /// (Let's Encrypt's model); by default evenly over its window (5 per
+    /// hour: one every 12 minutes). These set another refill period.
+    pub orders_refill_seconds: Option<u64>,
+    pub certificates_per_name_set_refill_seconds: Option<u64>,
+    pub failed_authorizations_refill_seconds: Option<u64>,
+    pub certificates_per_registered_domain_refill_seconds: Option<u64>,
+    /// Share (percent, rounded up, at least one) of the orders and
+    /// registered-domain buckets that on-demand certificates leave to the
+    /// configured ones.
+    #[serde(default = "default_configured_reserve_percent")]
+    pub configured_reserve_percent: u32,
 }
 
 fn default_orders_per_3_hours() -> u32 {
@@ -99,6 +115,14 @@ fn default_failed_authorizations_per_name_per_hour() -> u32 {
     5
 }
 
+fn default_certificates_per_registered_domain_per_week() -> u32 {
+    50
+}
+
+fn default_configured_reserve_percent() -> u32 {
+    20
+}
+
 fn default_true() -> bool {
     true
 }
@@ -111,6 +135,13 @@ impl Default for Limits {
             failed_authorizations_per_name_per_hour:
                 default_failed_authorizations_per_name_per_hour(),
             ari_renewals_exempt: true,
+            certificates_per_registered_domain_per_week:
+                default_certificates_per_registered_domain_per_week(),
+            orders_refill_seconds: None,
+            certificates_per_name_set_refill_seconds: None,
+            failed_authorizations_refill_seconds: None,
+            certificates_per_registered_domain_refill_seconds: None,
+            configured_reserve_percent: default_configured_reserve_percent(),
         }
     }
 }
@@ -296,6 +327,21 @@ pub struct OnDemand {
     pub refused_cache_seconds: u64,
     #[serde(default)]
     pub key_type: KeyType,
+    /// On-demand certificates kept at most; a new name beyond is refused.
+    #[serde(default = "default_on_demand_max_certificates")]
+    pub max_certificates: usize,
+    /// A name no handshake asked for in this long is not renewed and is
+    /// removed (storage and SDS).
+    #[serde(default = "default_on_demand_idle")]
+    pub idle_seconds: u64,
+    /// Orders in a row that fail on the name (the CA could not validate it,
+    /// CAA, DNS, a rejected identifier) before the name is dropped and
+    /// refused.
+    #[serde(default = "default_on_demand_max_failures")]
+    pub max_failures: u32,
+    /// How long a name dropped for its failures stays refused (persisted).
+    #[serde(default = "default_on_demand_failed_refusal")]
+    pub failed_refusal_seconds: u64,
 }
 
 fn default_on_demand_wait() -> u64 {
@@ -312,6 +358,22 @@ fn default_on_demand_per_hour() -> usize {
 
 fn default_on_demand_refused_cache() -> u64 {
     300
+}
+
+fn default_on_demand_max_certificates() -> usize {
+    100
+}
+
+fn default_on_demand_idle() -> u64 {
+    30 * 86_400
+}
+
+fn default_on_demand_max_failures() -> u32 {
+    3
+}
+
+fn default_on_demand_failed_refusal() -> u64 {
+    86_400
 }
 
 /// Whether `pattern` (an `[on_demand] allow` entry) allows `name`.
@@ -642,6 +704,61 @@ impl Config {
         }
         if let Some(tls) = self.sds.as_ref().and_then(|s| s.tls.as_ref()) {
             secrets::check_private(path, "sds.tls.key", &tls.key)?;
+        }
+        Ok(())
+    }
+
+    /// The limits' refill periods, and the share on-demand certificates leave
+    /// to configured ones (it must leave them some of every shared bucket,
+    /// and on-demand some too).
+    fn validate_refills(&self, path: &Path) -> Result<(), Error> {
+        let limits = &self.acme.limits;
+        for (field, value) in [
+            (
+                "acme.limits.orders_refill_seconds",
+                limits.orders_refill_seconds,
+            ),
+            (
+                "acme.limits.certificates_per_name_set_refill_seconds",
+                limits.certificates_per_name_set_refill_seconds,
+            ),
+            (
+                "acme.limits.failed_authorizations_refill_seconds",
+                limits.failed_authorizations_refill_seconds,
+            ),
+            (
+                "acme.limits.certificates_per_registered_domain_refill_seconds",
+                limits.certificates_per_registered_domain_refill_seconds,
+            ),
+        ] {
+            if value.is_some_and(|v| v == 0 || v > 366 * 86_400) {
+                return Err(invalid(path, field, "must be between 1 and 31622400"));
+            }
+        }
+        if limits.configured_reserve_percent > 99 {
+            return Err(invalid(
+                path,
+                "acme.limits.configured_reserve_percent",
+                "must be between 0 and 99",
+            ));
+        }
+        if self.on_demand.is_some() {
+            use crate::budget::Limit;
+            for limit in [
+                Limit::OrdersPerAccount,
+                Limit::CertificatesPerRegisteredDomain,
+            ] {
+                if limits.on_demand_reserve(limit) >= limits.bucket(limit).burst {
+                    return Err(invalid(
+                        path,
+                        "acme.limits.configured_reserve_percent",
+                        format!(
+                            "leaves on-demand certificates nothing of the {} limit: lower it or raise that limit",
+                            limit.label()
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -998,6 +1115,18 @@ impl Config {
                     od.refused_cache_seconds,
                     86_400,
                 ),
+                (
+                    "on_demand.max_certificates",
+                    od.max_certificates as u64,
+                    10_000,
+                ),
+                ("on_demand.idle_seconds", od.idle_seconds, 366 * 86_400),
+                ("on_demand.max_failures", u64::from(od.max_failures), 100),
+                (
+                    "on_demand.failed_refusal_seconds",
+                    od.failed_refusal_seconds,
+                    366 * 86_400,
+                ),
             ] {
                 if value == 0 || value > max {
                     return Err(invalid(path, field, format!("must be between 1 and {max}")));
@@ -1015,11 +1144,16 @@ impl Config {
                 "acme.limits.failed_authorizations_per_name_per_hour",
                 limits.failed_authorizations_per_name_per_hour,
             ),
+            (
+                "acme.limits.certificates_per_registered_domain_per_week",
+                limits.certificates_per_registered_domain_per_week,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(path, field, "must be at least 1"));
             }
         }
+        self.validate_refills(path)?;
         let api = &self.challenge_api;
         if api.max_connections == 0 || api.max_connections > 65_536 {
             return Err(invalid(
@@ -1425,6 +1559,18 @@ mod refusals {
                 "acme.limits.orders_per_3_hours",
             ),
             (
+                "[acme.limits]\ncertificates_per_registered_domain_per_week = 0\n",
+                "acme.limits.certificates_per_registered_domain_per_week",
+            ),
+            (
+                "[acme.limits]\nfailed_authorizations_refill_seconds = 0\n",
+                "acme.limits.failed_authorizations_refill_seconds",
+            ),
+            (
+                "[acme.limits]\nconfigured_reserve_percent = 100\n",
+                "acme.limits.configured_reserve_percent",
+            ),
+            (
                 "[challenge_api]\nmax_connections = 0\n",
                 "challenge_api.max_connections",
             ),
@@ -1658,6 +1804,20 @@ mod on_demand_section {
             (od.max_wait_seconds, od.max_concurrent, od.max_per_hour),
             (10, 4, 20)
         );
+        assert_eq!(
+            (
+                od.max_certificates,
+                od.idle_seconds,
+                od.max_failures,
+                od.failed_refusal_seconds
+            ),
+            (100, 30 * 86_400, 3, 86_400)
+        );
+        assert_eq!(
+            c.acme.limits.certificates_per_registered_domain_per_week,
+            50
+        );
+        assert_eq!(c.acme.limits.configured_reserve_percent, 20);
         for (text, field) in [
             (format!("{BASE}[on_demand]\n"), "on_demand.allow"),
             (
@@ -1675,6 +1835,32 @@ mod on_demand_section {
             (
                 format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_wait_seconds = 0\n"),
                 "on_demand.max_wait_seconds",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_certificates = 0\n"),
+                "on_demand.max_certificates",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nidle_seconds = 0\n"),
+                "on_demand.idle_seconds",
+            ),
+            (
+                format!("{BASE}[on_demand]\nallow = [\"a.example.com\"]\nmax_failures = 101\n"),
+                "on_demand.max_failures",
+            ),
+            (
+                format!(
+                    "{BASE}[on_demand]\nallow = [\"a.example.com\"]\nfailed_refusal_seconds = 0\n"
+                ),
+                "on_demand.failed_refusal_seconds",
+            ),
+            // On-demand must be left some of the orders: 1 of 1 reserved.
+            (
+                format!(
+                    "{}[on_demand]\nallow = [\"a.example.com\"]\n",
+                    BASE.replace("[sds]\n", "[acme.limits]\norders_per_3_hours = 1\n[sds]\n")
+                ),
+                "acme.limits.configured_reserve_percent",
             ),
             (
                 ok.replace("[sds]\n", "")

@@ -79,6 +79,16 @@ pub struct Entry {
     pub epoch: u64,
     /// Added by an on-demand handshake, not by the config.
     pub on_demand: bool,
+    /// On-demand: when a handshake last asked for it (persisted).
+    pub last_requested: Option<SystemTime>,
+    /// On-demand: withdrawn from SDS until a handshake asks for it again;
+    /// nothing is ordered meanwhile.
+    pub withdrawn: bool,
+    /// On-demand: orders in a row that failed on the name (persisted).
+    pub name_failures: u32,
+    /// On-demand: ask the policy again before the next restore or order
+    /// (false right after a handshake's request was decided).
+    pub recheck: bool,
 }
 
 impl Entry {
@@ -103,7 +113,40 @@ impl Entry {
             job: None,
             epoch: 0,
             on_demand: false,
+            last_requested: None,
+            withdrawn: false,
+            name_failures: 0,
+            recheck: true,
         }
+    }
+
+    /// An on-demand entry a handshake asked for at `now`.
+    pub fn on_demand(spec: Certificate, now: SystemTime, recheck: bool) -> Self {
+        Self {
+            on_demand: true,
+            last_requested: Some(now),
+            recheck,
+            ..Self::new(spec, now)
+        }
+    }
+
+    /// A handshake asked for this on-demand certificate (its policy decided
+    /// just now). A withdrawn one is read from the store and served again.
+    pub fn requested(&mut self, now: SystemTime) {
+        self.last_requested = Some(self.last_requested.map_or(now, |l| l.max(now)));
+        if self.withdrawn {
+            self.withdrawn = false;
+            self.restored = false;
+            self.recheck = false;
+            self.due = now;
+        }
+    }
+
+    /// Counts an on-demand order that failed on the name; whether it has now
+    /// failed `max` times in a row.
+    pub fn failed_on_the_name(&mut self, max: u32) -> bool {
+        self.name_failures = self.name_failures.saturating_add(1);
+        self.name_failures >= max
     }
 
     pub fn two_thirds(&self) -> Option<SystemTime> {
@@ -135,6 +178,10 @@ impl Entry {
                 self.last_failure = status.last_failure.map(from_unix);
                 // A `renew` taken before the store answered stays too.
                 self.forced |= status.forced;
+                self.name_failures = self.name_failures.max(status.name_failures);
+                if let Some(at) = status.last_requested.map(from_unix) {
+                    self.last_requested = Some(self.last_requested.map_or(at, |l| l.max(at)));
+                }
                 let next_attempt = status.next_attempt.map(from_unix);
                 let limit = status.waiting_for.as_deref().and_then(Limit::from_label);
                 match (limit, next_attempt) {
@@ -174,6 +221,7 @@ impl Entry {
         self.forced = false;
         self.reason = None;
         self.failures = 0;
+        self.name_failures = 0;
         self.last_error = None;
         self.last_error_kind = None;
         self.last_failure = None;
@@ -299,6 +347,8 @@ impl Entry {
             waiting_for: self.blocked.map(|b| b.limit.label().to_owned()),
             awaiting_install: self.awaiting.is_some(),
             updated: unix(now),
+            last_requested: self.last_requested.map(unix),
+            name_failures: self.name_failures,
         }
     }
 }

@@ -16,9 +16,9 @@ use super::restore;
 use super::trigger::{Reason, Served};
 use crate::Error;
 use crate::account::{self, HeldAccount};
-use crate::budget::{Blocked, Finished};
+use crate::budget::{Blocked, Finished, Spend};
 use crate::certificate::Leaf;
-use crate::config::{Certificate, KeyType};
+use crate::config::{Certificate, KeyType, OnDemand};
 use crate::order::{self, OrderContext};
 use crate::schedule;
 use crate::sink::IssuedCertificate;
@@ -61,6 +61,8 @@ pub enum Outcome {
         blocked: Blocked,
         reason: Option<Reason>,
     },
+    /// An on-demand certificate the policy no longer allows: removed.
+    Disallowed(String),
 }
 
 impl Outcome {
@@ -101,11 +103,36 @@ pub struct Job {
     pub spec: Certificate,
     pub task: Task,
     pub checks: Checks,
+    /// Set for an on-demand certificate.
+    pub on_demand: Option<OnDemandJob>,
+}
+
+/// An on-demand certificate's policy, asked again at restore and before an
+/// order (a name allowed once is not allowed for good).
+#[derive(Clone)]
+pub struct OnDemandJob {
+    /// `None`: `[on_demand]` is no longer configured, so nothing is allowed.
+    pub config: Option<Arc<OnDemand>>,
+    /// False right after the handshake that added it was decided.
+    pub recheck: bool,
+}
+
+impl OnDemandJob {
+    /// The policy's answer for the certificate's one name.
+    async fn allows(&self, spec: &Certificate) -> Result<bool, Error> {
+        let Some(domain) = spec.domains.first() else {
+            return Ok(false);
+        };
+        crate::on_demand::allows(self.config.as_deref(), domain)
+            .await
+            .map_err(Error::Policy)
+    }
 }
 
 /// Ends a ledger reservation when dropped (an aborted job included), as
-/// finalized unless told otherwise: a job aborted mid-order may have been
-/// issued a certificate, and counting it is the safe side.
+/// [`Finished::Unknown`] unless told otherwise: a job aborted mid-order may
+/// have been issued a certificate and had its challenges fail, and counting
+/// both is the safe side.
 struct Reservation<'a> {
     shared: &'a Shared,
     name: &'a str,
@@ -115,7 +142,7 @@ struct Reservation<'a> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        let how = self.how.take().unwrap_or(Finished::Finalized);
+        let how = self.how.take().unwrap_or(Finished::Unknown);
         self.shared
             .ledger
             .finish(self.shared.store.as_ref(), self.name, self.domains, &how);
@@ -129,12 +156,26 @@ impl Job {
             spec,
             task,
             checks,
+            on_demand,
         } = self;
         match task {
-            Task::Restore => match restore::restore(&shared, &spec) {
-                Ok(restored) => Outcome::Restored(Box::new(restored)),
-                Err(e) => Outcome::RestoreFailed(e),
-            },
+            Task::Restore => {
+                if let Some(od) = on_demand.as_ref().filter(|od| od.recheck) {
+                    match od.allows(&spec).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Outcome::Disallowed("the policy no longer allows it".into());
+                        }
+                        // Serving what is stored costs the CA nothing; the
+                        // policy is asked again before any order.
+                        Err(e) => warn!("on-demand policy not checked at restore: {e}"),
+                    }
+                }
+                match restore::restore(&shared, &spec) {
+                    Ok(restored) => Outcome::Restored(Box::new(restored)),
+                    Err(e) => Outcome::RestoreFailed(e),
+                }
+            }
             Task::Install(awaiting) => install(&shared, &spec, awaiting, None),
             Task::Look {
                 served,
@@ -148,6 +189,7 @@ impl Job {
                     reason,
                     two_thirds,
                     checks: &checks,
+                    on_demand: on_demand.as_ref(),
                 };
                 look.run().await
             }
@@ -221,6 +263,7 @@ struct Look<'a> {
     reason: Option<Reason>,
     two_thirds: Option<SystemTime>,
     checks: &'a Checks,
+    on_demand: Option<&'a OnDemandJob>,
 }
 
 /// What renewal info (RFC 9773) said about the served certificate.
@@ -294,6 +337,13 @@ impl Look<'_> {
                     }
                     _ => reason = Some(Reason::RenewalDue),
                 }
+            }
+        }
+        if let Some(od) = self.on_demand.filter(|od| od.recheck) {
+            match od.allows(self.spec).await {
+                Ok(true) => {}
+                Ok(false) => return Outcome::Disallowed("the policy no longer allows it".into()),
+                Err(e) => return Outcome::failed(e, reason),
             }
         }
         info!(reason = reason.map_or("due", Reason::text), "ordering");
@@ -376,7 +426,12 @@ impl Look<'_> {
             replaces = None;
         }
         let exempt = ari_due && replaces.is_some() && s.ledger.limits().ari_renewals_exempt;
-        match s.ledger.reserve(store, name, domains, exempt) {
+        let spend = Spend {
+            domains,
+            exempt,
+            on_demand: self.on_demand.is_some(),
+        };
+        match s.ledger.reserve(store, name, spend) {
             Ok(()) => {}
             Err(Refused::Blocked(blocked)) => {
                 info!("{blocked}");
@@ -397,6 +452,7 @@ impl Look<'_> {
             alpn: s.alpn.as_deref(),
             tls_check: self.checks.tls.as_deref(),
             dns: Some(&s.dns),
+            trigger: &|names: &[String]| s.ledger.trigger(store, name, names),
         };
         let span = info_span!("order", domains = ?domains);
         let mut result = order::issue(&cx, self.spec, replaces.as_deref())
@@ -413,19 +469,23 @@ impl Look<'_> {
                 failure.error
             );
             s.metrics.order_failed(name, failure.error.kind());
-            match s.ledger.extra_order(store, domains) {
+            let again = Spend {
+                exempt: false,
+                ..spend
+            };
+            match s.ledger.extra_order(store, again) {
                 Ok(()) => {
                     result = order::issue(&cx, self.spec, None).instrument(span).await;
                 }
                 Err(Refused::Blocked(blocked)) => {
                     reservation.how = Some(Finished::NotFinalized {
-                        failed_names: Vec::new(),
+                        valid_names: Vec::new(),
                     });
                     return Outcome::Blocked { blocked, reason };
                 }
                 Err(Refused::Store(e)) => {
                     reservation.how = Some(Finished::NotFinalized {
-                        failed_names: Vec::new(),
+                        valid_names: Vec::new(),
                     });
                     return Outcome::failed(e, reason);
                 }
@@ -441,7 +501,7 @@ impl Look<'_> {
                     Finished::Finalized
                 } else {
                     Finished::NotFinalized {
-                        failed_names: failure.invalid_names,
+                        valid_names: failure.valid_names,
                     }
                 });
                 if failure.error.kind() == "accountDoesNotExist" {

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use tracing::warn;
 
 use crate::Error;
-use crate::budget::{Blocked, Finished, Ledger};
+use crate::budget::{Blocked, Bucket, Finished, Ledger, Spend};
 use crate::config::Limits;
 use crate::store::StateStore;
 
@@ -50,7 +50,7 @@ impl SharedLedger {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_none() {
             let ledger = match store.read_ledger(&self.directory)? {
-                Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+                Some(bytes) => Ledger::from_json(&bytes).map_err(|e| Error::Io {
                     context: format!("reading the CA-limit ledger for {}", self.directory),
                     source: std::io::Error::other(e.to_string()),
                 })?,
@@ -71,15 +71,17 @@ impl SharedLedger {
     }
 
     /// The order the last run was placing for `name` when it stopped, if any
-    /// (Unix seconds); cleared.
+    /// (Unix seconds); ended, its names handed to the CA counted as failed.
     pub fn take_interrupted(
         &self,
         store: &dyn StateStore,
         name: &str,
     ) -> Result<Option<u64>, Error> {
+        let now = SystemTime::now();
         let taken = self.with(store, |l| {
-            let at = l.in_flight.remove(name);
-            (at, at.is_some().then(|| l.clone()))
+            let changed = l.in_flight.contains_key(name) || l.triggered.contains_key(name);
+            let at = l.interrupted(name, now);
+            (at, changed.then(|| l.clone()))
         })?;
         if let (_, Some(ledger)) = &taken
             && let Err(e) = self.write(store, ledger)
@@ -89,6 +91,66 @@ impl SharedLedger {
         Ok(taken.0)
     }
 
+    /// Applies `f` and persists the result; an error (not written) undoes it,
+    /// so nothing is done on the strength of a count that was not kept.
+    fn change<T>(
+        &self,
+        store: &dyn StateStore,
+        f: impl FnOnce(&mut Ledger) -> T,
+    ) -> Result<T, Error> {
+        let (before, after, value) = self.with(store, |l| {
+            let before = l.clone();
+            let value = f(l);
+            (before, l.clone(), value)
+        })?;
+        if let Err(e) = self.write(store, &after) {
+            let _ = self.with(store, |l| *l = before);
+            return Err(e);
+        }
+        Ok(value)
+    }
+
+    /// The order of certificate `name` is about to hand the challenges of
+    /// `names` to the CA: counted (written) before it does, so no failed
+    /// authorization can be missed; an error means the CA must not be told.
+    pub fn trigger(
+        &self,
+        store: &dyn StateStore,
+        name: &str,
+        names: &[String],
+    ) -> Result<(), Error> {
+        self.change(store, |l| l.trigger(name, names))
+    }
+
+    /// Admits a new on-demand name within `bucket` (`on_demand.max_per_hour`),
+    /// persisted so a restart does not refill it; `Ok(Err(until))` when full.
+    pub fn admit_on_demand(
+        &self,
+        store: &dyn StateStore,
+        bucket: Bucket,
+    ) -> Result<Result<(), SystemTime>, Error> {
+        let now = SystemTime::now();
+        self.change(store, |l| l.admit_on_demand(bucket, now))
+    }
+
+    /// Remembers `domain` as refused until `until` (persisted).
+    pub fn refuse(&self, store: &dyn StateStore, domain: &str, until: SystemTime) {
+        let now = SystemTime::now();
+        if let Err(e) = self.change(store, |l| l.refuse(domain, until, now)) {
+            warn!(domain, "remembering a refused on-demand name: {e}");
+        }
+    }
+
+    /// Until when `domain` stays refused, if it is.
+    pub fn refused_until(
+        &self,
+        store: &dyn StateStore,
+        domain: &str,
+    ) -> Result<Option<SystemTime>, Error> {
+        let now = SystemTime::now();
+        self.with(store, |l| l.refused_until(domain, now))
+    }
+
     /// Reserves an order for certificate `name` and persists that before the
     /// order is placed; refused when a limit would be exceeded or the ledger
     /// cannot be written (an order it could not count is not placed).
@@ -96,43 +158,28 @@ impl SharedLedger {
         &self,
         store: &dyn StateStore,
         name: &str,
-        domains: &[String],
-        exempt: bool,
+        spend: Spend<'_>,
     ) -> Result<(), Refused> {
         let now = SystemTime::now();
         let limits = self.limits;
-        let reserved = self
-            .with(store, |l| {
-                let before = l.clone();
-                l.reserve(&limits, name, domains, exempt, now)
-                    .map(|()| (before, l.clone()))
-            })
+        self.change(store, |l| l.reserve(&limits, name, spend, now))
             .map_err(Refused::Store)?
-            .map_err(Refused::Blocked)?;
-        let (before, after) = reserved;
-        if let Err(e) = self.write(store, &after) {
-            // Not written, not placed: take the reservation back.
-            let _ = self.with(store, |l| *l = before);
-            return Err(Refused::Store(e));
-        }
-        Ok(())
+            .map_err(Refused::Blocked)
     }
 
     /// One more order inside a reservation (placed again without `replaces`
     /// because the CA does not reflect it); checked, counted and persisted.
-    pub fn extra_order(&self, store: &dyn StateStore, domains: &[String]) -> Result<(), Refused> {
+    pub fn extra_order(&self, store: &dyn StateStore, spend: Spend<'_>) -> Result<(), Refused> {
         let now = SystemTime::now();
         let limits = self.limits;
-        let after = self
-            .with(store, |l| {
-                l.check(&limits, domains, false, now)?;
-                l.count_order(false, now);
-                l.replaces_not_reflected = true;
-                Ok(l.clone())
-            })
-            .map_err(Refused::Store)?
-            .map_err(Refused::Blocked)?;
-        self.write(store, &after).map_err(Refused::Store)
+        self.change(store, |l| {
+            l.check(&limits, spend, now)?;
+            l.count_order(false, now);
+            l.replaces_not_reflected = true;
+            Ok(())
+        })
+        .map_err(Refused::Store)?
+        .map_err(Refused::Blocked)
     }
 
     /// Ends the reservation of `name`.
@@ -157,7 +204,7 @@ impl SharedLedger {
             .unwrap_or(false)
     }
 
-    /// Orders left in the current 3-hour window, when the ledger is loaded.
+    /// Orders the bucket allows now, when the ledger is loaded.
     pub fn orders_remaining(&self) -> Option<u32> {
         let slot = self
             .ledger

@@ -29,13 +29,33 @@ use crate::challenges::ChallengeSet;
 use crate::config::{Acme as AcmeConfig, Certificate, Config};
 use crate::events::{Events, Happened, NoEvents};
 use crate::metrics::Metrics;
+use crate::on_demand::{Idle, Refusal};
 use crate::schedule::{self, Backoff};
 use crate::sink::CertificateSink;
 use crate::store::{StateStore, unix};
 
 use entry::Entry;
-use job::{ARI_RECHECK_MAX, Checks, Job, Outcome, Task};
+use job::{ARI_RECHECK_MAX, Checks, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
+
+/// Only a served certificate is withdrawn from SDS: one not got yet serves
+/// nothing, so for the idle rule it is withdrawn already.
+fn as_good_as_withdrawn(entry: &Entry) -> bool {
+    entry.withdrawn || entry.served.is_none()
+}
+
+/// The one-name certificate an on-demand `domain` gets.
+fn on_demand_spec(domain: &str, key_type: crate::config::KeyType) -> Certificate {
+    Certificate {
+        name: crate::on_demand::name_for(domain),
+        domains: vec![domain.to_owned()],
+        key_type,
+        challenge: Default::default(),
+        dns: None,
+        profile: None,
+        adopt: false,
+    }
+}
 
 /// Where the config says challenges are checked.
 fn checks_of(config: &Config) -> Checks {
@@ -72,8 +92,11 @@ pub enum Request {
     OnDemand {
         domain: String,
         key_type: crate::config::KeyType,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
     },
+    /// A handshake asked for `domain`, which is served (an on-demand name
+    /// in use is kept).
+    Seen { domain: String },
 }
 
 /// What the jobs share.
@@ -179,12 +202,14 @@ impl Manager {
         self.restore_on_demand(&config);
         tokio::spawn(Arc::clone(&self.shared.dns).sweep_until(shutdown.clone()));
         loop {
+            self.sweep_on_demand();
             self.start_due_jobs();
             let next = self
                 .entries
                 .values()
-                .filter(|e| e.job.is_none())
+                .filter(|e| e.job.is_none() && !e.withdrawn)
                 .map(|e| e.due)
+                .chain(self.next_idle_check())
                 .min();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
                 at.duration_since(SystemTime::now())
@@ -242,40 +267,90 @@ impl Manager {
             } => {
                 let _ = reply.send(self.add_on_demand(&domain, key_type));
             }
+            Request::Seen { domain } => {
+                let name = crate::on_demand::name_for(&domain);
+                if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
+                    entry.requested(SystemTime::now());
+                    self.save_status(&name);
+                }
+            }
         }
     }
 
     /// A certificate for one on-demand `domain`, managed like a configured
-    /// one from now on (restored from its status after a restart).
+    /// one from now on (restored from its status after a restart), unless a
+    /// cap or an earlier refusal says no. A known name is only noted as asked
+    /// for (and served again if it was withdrawn).
     fn add_on_demand(
         &mut self,
         domain: &str,
         key_type: crate::config::KeyType,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
+        let now = SystemTime::now();
         let name = crate::on_demand::name_for(domain);
-        if self.entries.contains_key(&name) {
+        if let Some(entry) = self.entries.get_mut(&name) {
+            entry.requested(now);
+            self.save_status(&name);
             return Ok(());
         }
+        let config = Arc::clone(&self.config.borrow());
+        let od = config
+            .on_demand
+            .as_ref()
+            .ok_or_else(|| Refusal::brief("on-demand TLS is not configured"))?;
         if !crate::config::is_valid_domain(domain) {
-            return Err(format!("{domain:?} is not a DNS name the agent orders"));
+            return Err(Refusal::brief(format!(
+                "{domain:?} is not a DNS name the agent orders"
+            )));
         }
-        let spec = Certificate {
-            name: name.clone(),
-            domains: vec![domain.to_owned()],
-            key_type,
-            challenge: Default::default(),
-            dns: None,
-            profile: None,
-            adopt: false,
-        };
+        self.admit_on_demand(domain, od, now)?;
+        let spec = on_demand_spec(domain, key_type);
         info!(certificate = name, domain, "on-demand certificate added");
-        let mut entry = Entry::new(spec, SystemTime::now());
-        entry.on_demand = true;
-        self.entries.insert(name, entry);
+        self.entries
+            .insert(name, Entry::on_demand(spec, now, false));
         Ok(())
     }
 
-    /// The on-demand certificates of earlier runs, from their status records.
+    /// The bounds a new on-demand name must pass: not refused for failing,
+    /// under `max_certificates`, and within `max_per_hour` (a bucket in the
+    /// ledger, so a restart does not refill it).
+    fn admit_on_demand(
+        &self,
+        domain: &str,
+        od: &crate::config::OnDemand,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        let store = self.shared.store.as_ref();
+        let ledger = &self.shared.ledger;
+        let wait = |until: SystemTime| until.duration_since(now).unwrap_or(Duration::ZERO);
+        match ledger.refused_until(store, domain) {
+            Ok(Some(until)) => {
+                return Err(Refusal::new(
+                    "it failed again and again (on_demand.max_failures)",
+                    wait(until),
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Refusal::brief(format!("the CA-limit ledger: {e}"))),
+        }
+        if self.entries.values().filter(|e| e.on_demand).count() >= od.max_certificates {
+            return Err(Refusal::brief("on_demand.max_certificates reached"));
+        }
+        let hourly = crate::budget::Bucket::new(
+            u32::try_from(od.max_per_hour).unwrap_or(u32::MAX),
+            Duration::from_secs(3600),
+            None,
+        );
+        match ledger.admit_on_demand(store, hourly) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(until)) => Err(Refusal::new("on_demand.max_per_hour reached", wait(until))),
+            Err(e) => Err(Refusal::brief(format!("the CA-limit ledger: {e}"))),
+        }
+    }
+
+    /// The on-demand certificates of earlier runs, from their status records:
+    /// the policy's patterns, the idle rule, refusals and `max_certificates`
+    /// apply again (the `ask` URL is asked by each one's first job).
     fn restore_on_demand(&mut self, config: &Config) {
         let Some(on_demand) = &config.on_demand else {
             return;
@@ -287,22 +362,145 @@ impl Manager {
                 return;
             }
         };
+        let now = SystemTime::now();
+        let idle = Duration::from_secs(on_demand.idle_seconds);
+        let mut kept = Vec::new();
         for name in names {
             if !name.starts_with(crate::on_demand::NAME_PREFIX) || self.entries.contains_key(&name)
             {
                 continue;
             }
-            match self.shared.store.load_status(&name) {
-                Ok(Some(status)) if status.domains.len() == 1 => {
-                    let _ = self.add_on_demand(&status.domains[0], on_demand.key_type);
+            let status = match self.shared.store.load_status(&name) {
+                Ok(Some(status)) if status.domains.len() == 1 => status,
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(
+                        certificate = name,
+                        "reading an on-demand certificate's status: {e}"
+                    );
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => warn!(
-                    certificate = name,
-                    "reading an on-demand certificate's status: {e}"
-                ),
+            };
+            let domain = status.domains[0].clone();
+            // Written before the idle rule: counts as asked for now.
+            let last = status.last_requested.map_or(now, crate::store::from_unix);
+            let refused = self
+                .shared
+                .ledger
+                .refused_until(self.shared.store.as_ref(), &domain)
+                .ok()
+                .flatten()
+                .is_some();
+            let why = if !crate::on_demand::allowed_by_patterns(on_demand, &domain) {
+                Some("the policy no longer allows it")
+            } else if crate::on_demand::idle(last, idle, false, now) == Idle::Remove {
+                Some("no handshake asked for it in on_demand.idle_seconds")
+            } else if refused {
+                Some("it is refused for failing")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => self.remove_on_demand(&name, why),
+                None => kept.push((last, name, domain)),
             }
         }
+        // Over the cap (lowered since): the most recently asked for stay.
+        kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+        for (i, (last, name, domain)) in kept.into_iter().enumerate() {
+            if i >= on_demand.max_certificates {
+                self.remove_on_demand(&name, "over on_demand.max_certificates");
+                continue;
+            }
+            let spec = on_demand_spec(&domain, on_demand.key_type);
+            self.entries
+                .insert(name, Entry::on_demand(spec, last, true));
+        }
+    }
+
+    /// Stops renewing and serving on-demand certificate `name` and deletes it
+    /// from the store and the sinks.
+    fn remove_on_demand(&mut self, name: &str, why: &str) {
+        if let Some(job) = self.entries.remove(name).and_then(|e| e.job) {
+            job.abort();
+        }
+        if let Err(e) = self.shared.sink.remove(name) {
+            warn!(
+                certificate = name,
+                "removing an on-demand certificate from the sinks: {e}"
+            );
+        }
+        if let Err(e) = self.shared.store.remove_certificate(name) {
+            warn!(
+                certificate = name,
+                "removing an on-demand certificate from the store: {e}"
+            );
+        }
+        self.shared.metrics.forget(name);
+        info!(certificate = name, "on-demand certificate removed: {why}");
+    }
+
+    /// Applies the idle rule to every on-demand certificate without a job:
+    /// withdrawn from SDS halfway (the next handshake brings it back), removed
+    /// when no handshake asked for it in `idle_seconds`.
+    fn sweep_on_demand(&mut self) {
+        let Some(idle) = self.idle_period() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut actions = Vec::new();
+        for (name, entry) in &self.entries {
+            if !entry.on_demand || entry.job.is_some() {
+                continue;
+            }
+            let last = entry.last_requested.unwrap_or(now);
+            match crate::on_demand::idle(last, idle, as_good_as_withdrawn(entry), now) {
+                Idle::Keep { .. } => {}
+                action => actions.push((name.clone(), action)),
+            }
+        }
+        for (name, action) in actions {
+            if action == Idle::Remove {
+                self.remove_on_demand(&name, "no handshake asked for it in on_demand.idle_seconds");
+            } else if let Some(entry) = self.entries.get_mut(&name) {
+                entry.withdrawn = true;
+                if let Err(e) = self.shared.sink.remove(&name) {
+                    warn!(
+                        certificate = name,
+                        "withdrawing an on-demand certificate: {e}"
+                    );
+                }
+                info!(
+                    certificate = name,
+                    "on-demand certificate withdrawn until a handshake asks for it"
+                );
+            }
+        }
+    }
+
+    /// When the idle rule next has something to do.
+    fn next_idle_check(&self) -> Option<SystemTime> {
+        let idle = self.idle_period()?;
+        let now = SystemTime::now();
+        self.entries
+            .values()
+            .filter(|e| e.on_demand && e.job.is_none())
+            .map(|e| {
+                let last = e.last_requested.unwrap_or(now);
+                match crate::on_demand::idle(last, idle, as_good_as_withdrawn(e), now) {
+                    Idle::Keep { until } => until,
+                    Idle::Withdraw | Idle::Remove => now,
+                }
+            })
+            .min()
+    }
+
+    fn idle_period(&self) -> Option<Duration> {
+        let config = self.config.borrow();
+        config
+            .on_demand
+            .as_ref()
+            .map(|od| Duration::from_secs(od.idle_seconds))
     }
 
     /// Brings the schedule in line with `config`.
@@ -366,8 +564,11 @@ impl Manager {
 
     fn start_due_jobs(&mut self) {
         let now = SystemTime::now();
+        let policy = self.config.borrow().on_demand.clone().map(Arc::new);
         for (name, entry) in &mut self.entries {
-            if entry.job.is_some() || entry.due > now {
+            // A withdrawn on-demand certificate is not renewed: it waits for
+            // a handshake (or its removal).
+            if entry.job.is_some() || entry.due > now || entry.withdrawn {
                 continue;
             }
             let (task, needs_permit) = if !entry.restored {
@@ -384,12 +585,20 @@ impl Manager {
                     true,
                 )
             };
+            let looks = matches!(task, Task::Look { .. });
             let job = Job {
                 shared: Arc::clone(&self.shared),
                 spec: entry.spec.clone(),
                 task,
                 checks: self.checks.clone(),
+                on_demand: entry.on_demand.then(|| OnDemandJob {
+                    config: policy.clone(),
+                    recheck: entry.recheck,
+                }),
             };
+            // The decision of the handshake that added it covers its first
+            // look; every later one asks the policy again.
+            entry.recheck |= looks;
             let permits = needs_permit.then(|| Arc::clone(&self.permits));
             let epoch = entry.epoch;
             let name = name.clone();
@@ -429,6 +638,7 @@ impl Manager {
     fn record(&mut self, name: &str, epoch: u64, outcome: Outcome) {
         let metrics = Arc::clone(&self.shared.metrics);
         let backoff = self.backoff;
+        let max_failures = self.max_failures();
         let Some(entry) = self.entries.get_mut(name) else {
             return;
         };
@@ -495,6 +705,10 @@ impl Manager {
                 entry.installed(leaf, key_type, ARI_RECHECK_MAX, now);
             }
             Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at, now),
+            Outcome::Disallowed(why) => {
+                self.remove_on_demand(name, &why);
+                return;
+            }
             Outcome::Failed {
                 error,
                 retry_after,
@@ -504,6 +718,14 @@ impl Manager {
             } => {
                 if ordered {
                     metrics.order_failed(name, error.kind());
+                }
+                if entry.on_demand
+                    && error.is_about_the_name()
+                    && entry.failed_on_the_name(max_failures)
+                {
+                    warn!(certificate = name, "{error}");
+                    self.give_up_on_demand(name);
+                    return;
                 }
                 let failures = entry.failures.saturating_add(1);
                 let mut wait = backoff.delay(failures, retry_after, error.is_rate_limited());
@@ -546,6 +768,38 @@ impl Manager {
             metrics.set_orders_remaining(remaining);
         }
         self.save_status(name);
+    }
+
+    /// `on_demand.max_failures` as configured now.
+    fn max_failures(&self) -> u32 {
+        self.config
+            .borrow()
+            .on_demand
+            .as_ref()
+            .map_or(1, |od| od.max_failures)
+    }
+
+    /// An on-demand name failed `max_failures` orders in a row: removed, and
+    /// refused for `failed_refusal_seconds` (in the ledger: a restart keeps
+    /// refusing it).
+    fn give_up_on_demand(&mut self, name: &str) {
+        let refusal = self
+            .config
+            .borrow()
+            .on_demand
+            .as_ref()
+            .map_or(0, |od| od.failed_refusal_seconds);
+        if let Some(domain) = self
+            .entries
+            .get(name)
+            .and_then(|e| e.spec.domains.first().cloned())
+        {
+            let until = SystemTime::now() + Duration::from_secs(refusal);
+            self.shared
+                .ledger
+                .refuse(self.shared.store.as_ref(), &domain, until);
+        }
+        self.remove_on_demand(name, "it failed on_demand.max_failures orders in a row; refused for on_demand.failed_refusal_seconds");
     }
 
     /// Persists an entry's status: its schedule survives a restart.
