@@ -14,6 +14,10 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::Error;
 
+/// A private key in PEM: zeroed when dropped, so no copy the agent is done
+/// with lingers in freed memory.
+pub type KeyPem = zeroize::Zeroizing<String>;
+
 /// The facts about a leaf certificate the schedule and the status need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {

@@ -262,7 +262,7 @@ impl StateStore for KubeStore {
             domains,
             key_type,
             chain_pem,
-            key_pem,
+            key_pem: key_pem.into(),
         }))
     }
 
@@ -302,7 +302,7 @@ impl StateStore for KubeStore {
             domains: domains.to_vec(),
             key_type: KeyType::default(),
             chain_pem,
-            key_pem,
+            key_pem: key_pem.into(),
         }))
     }
 

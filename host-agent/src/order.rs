@@ -44,7 +44,7 @@ impl Drop for Published<'_> {
 /// An issued, checked certificate with its fresh key.
 pub struct Issued {
     pub chain_pem: String,
-    pub key_pem: String,
+    pub key_pem: crate::certificate::KeyPem,
     pub leaf: Leaf,
 }
 
@@ -409,7 +409,7 @@ pub async fn issue(
         )
         .map_err(finalized)?,
     };
-    let key_pem = key.serialize_pem();
+    let key_pem = certificate::KeyPem::new(key.serialize_pem());
     let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())
         .map_err(finalized)?;
     Ok(Issued {

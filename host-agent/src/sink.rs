@@ -27,7 +27,7 @@ pub struct IssuedCertificate {
     /// Leaf first, then intermediates, PEM.
     pub chain_pem: String,
     /// PKCS#8 PEM. Never logged (no `Debug` that shows it).
-    pub key_pem: String,
+    pub key_pem: crate::certificate::KeyPem,
 }
 
 impl std::fmt::Debug for IssuedCertificate {
@@ -257,7 +257,8 @@ mod tests {
             ),
             key_pem: format!(
                 "-----BEGIN PRIVATE KEY-----\nkey{serial}\n-----END PRIVATE KEY-----\n"
-            ),
+            )
+            .into(),
         }
     }
 

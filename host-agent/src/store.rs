@@ -34,7 +34,7 @@ pub struct StoredCertificate {
     pub domains: Vec<String>,
     pub key_type: KeyType,
     pub chain_pem: String,
-    pub key_pem: String,
+    pub key_pem: crate::certificate::KeyPem,
 }
 
 impl std::fmt::Debug for StoredCertificate {
@@ -343,13 +343,13 @@ mod tests {
             domains: vec!["a.example.com".into()],
             key_type: KeyType::EcdsaP256,
             chain_pem: "chain".into(),
-            key_pem: "key".into(),
+            key_pem: String::from("key").into(),
         };
         store.save_certificate("www", &cert).unwrap();
         let path = store.certificate_path("www");
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         let back = store.load_certificate("www").unwrap().unwrap();
-        assert_eq!(back.key_pem, "key");
+        assert_eq!(back.key_pem.as_str(), "key");
         assert!(!format!("{back:?}").contains("key\""));
         assert!(store.load_certificate("nope").unwrap().is_none());
     }

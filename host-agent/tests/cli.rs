@@ -79,6 +79,14 @@ fn each_bad_file_names_its_field() {
         ),
         (format!("{GOOD}[self_check]\n"), "self_check.target"),
         (
+            format!("{GOOD}[sds]\nlisten = \"127.0.0.1:9181\"\n"),
+            "sds.listen",
+        ),
+        (
+            format!("{GOOD}[challenge_api]\nlisten = \"0.0.0.0:9180\"\n"),
+            "challenge_api.listen",
+        ),
+        (
             format!("{GOOD}[acme.eab]\nkey_id = \"kid\"\nhmac_key = \"%%%\"\n"),
             "acme.eab.hmac_key",
         ),

@@ -67,7 +67,7 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     sink.install(&IssuedCertificate {
         name: "www".into(),
         chain_pem: chain,
-        key_pem: key,
+        key_pem: key.into(),
     })
     .unwrap();
 
@@ -88,7 +88,7 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     sink.install(&IssuedCertificate {
         name: "www".into(),
         chain_pem: chain,
-        key_pem: key,
+        key_pem: key.into(),
     })
     .unwrap();
     while !served_subject(listen, "first.example.com")
@@ -114,7 +114,7 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     sink.install(&IssuedCertificate {
         name: "www".into(),
         chain_pem: chain,
-        key_pem: other_key,
+        key_pem: other_key.into(),
     })
     .unwrap();
     envoy

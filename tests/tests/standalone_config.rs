@@ -73,7 +73,7 @@ fn envoy_validates_both_standalone_bootstraps() {
         sink.install(&IssuedCertificate {
             name: cert.name.clone(),
             chain_pem,
-            key_pem,
+            key_pem: key_pem.into(),
         })
         .unwrap();
     }

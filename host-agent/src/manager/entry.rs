@@ -20,7 +20,7 @@ use crate::store::{Status, from_unix, unix};
 #[derive(Clone)]
 pub struct Awaiting {
     pub chain_pem: String,
-    pub key_pem: String,
+    pub key_pem: crate::certificate::KeyPem,
     pub leaf: Leaf,
     pub key_type: KeyType,
     /// Kept in the state store (the next start installs it from there).
@@ -552,7 +552,7 @@ mod tests {
         e.force(t(1));
         let awaiting = Awaiting {
             chain_pem: "chain".into(),
-            key_pem: "key".into(),
+            key_pem: String::from("key").into(),
             leaf: leaf(&["www.example.com"], t(2)),
             key_type: KeyType::EcdsaP256,
             stored: true,

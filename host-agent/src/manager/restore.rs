@@ -94,7 +94,7 @@ fn install_placeholder(shared: &Shared, spec: &Certificate) {
             shared.sink.install_placeholder(&IssuedCertificate {
                 name: spec.name.clone(),
                 chain_pem,
-                key_pem,
+                key_pem: key_pem.into(),
             })
         });
     match result {

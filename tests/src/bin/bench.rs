@@ -508,7 +508,7 @@ fn hot_reload(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
         sink.install(&IssuedCertificate {
             name: "www".into(),
             chain_pem: chain_pem.clone(),
-            key_pem,
+            key_pem: key_pem.into(),
         })?;
         Ok(chain_pem)
     };
@@ -637,7 +637,7 @@ fn ours(
         sink.install(&IssuedCertificate {
             name: name.clone(),
             chain_pem,
-            key_pem,
+            key_pem: key_pem.into(),
         })?;
     }
     let http: SocketAddr = format!("127.0.0.1:{}", pebble.http_port).parse()?;

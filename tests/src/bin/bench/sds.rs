@@ -195,7 +195,7 @@ fn handshake_latency(
             sink.install(&IssuedCertificate {
                 name: "lat".into(),
                 chain_pem: chain_pem.clone(),
-                key_pem: key_pem.clone(),
+                key_pem: key_pem.clone().into(),
             })?;
         }
         store.save_certificate(
@@ -204,7 +204,7 @@ fn handshake_latency(
                 domains: names,
                 key_type: Default::default(),
                 chain_pem,
-                key_pem,
+                key_pem: key_pem.into(),
             },
         )?;
         config.push_str(&format!(
