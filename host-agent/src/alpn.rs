@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::Error;
-use crate::sds::SecretSet;
+use crate::ports::secrets::SecretSet;
 
 /// The ALPN protocol of tls-alpn-01.
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";

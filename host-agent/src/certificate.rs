@@ -14,10 +14,6 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::Error;
 
-/// A private key in PEM: zeroed when dropped, so no copy the agent is done
-/// with lingers in freed memory.
-pub type KeyPem = zeroize::Zeroizing<String>;
-
 /// The facts about a leaf certificate the schedule and the status need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {
@@ -145,11 +141,11 @@ pub fn verify(
 /// is the point. Returns (chain PEM, key PEM).
 pub fn placeholder(
     domains: &[String],
-    key_type: crate::config::KeyType,
+    key_type: crate::domain::spec::KeyType,
 ) -> Result<(String, String), Error> {
     let alg = match key_type {
-        crate::config::KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-        crate::config::KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        crate::domain::spec::KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        crate::domain::spec::KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
     };
     let key = KeyPair::generate_for(alg).map_err(|e| bad(format!("generating a key: {e}")))?;
     let mut params = rcgen::CertificateParams::new(domains.to_vec())
@@ -258,7 +254,7 @@ mod tests {
     #[test]
     fn placeholder_matches_its_key_and_names() {
         let names = domains(&["a.example.com", "b.example.com"]);
-        let (chain, key) = placeholder(&names, crate::config::KeyType::EcdsaP384).unwrap();
+        let (chain, key) = placeholder(&names, crate::domain::spec::KeyType::EcdsaP384).unwrap();
         let leaf = verify(&chain, &key, &names, SystemTime::now()).unwrap();
         let week = leaf.lifetime().as_secs();
         assert!((7 * 86_400..=7 * 86_400 + 3600).contains(&week), "{week}");

@@ -27,11 +27,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::events::Events;
-use crate::gateways::{
-    self, Conflict, Derived, GATEWAY_API_GROUP, Gateway, GatewayRef, Kind, ReferenceGrant,
-};
+use crate::gateways::{self, Conflict, Derived, GATEWAY_API_GROUP, Gateway, ReferenceGrant};
 use crate::kubernetes::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::ports::events::Events;
+use crate::ports::events::{GatewayRef, Kind};
 
 /// On a Secret whose certificate no annotated Gateway asks for any more.
 pub const RELEASED_ANNOTATION: &str = "acme-agent.envoy-acme.io/released";
@@ -60,7 +59,7 @@ async fn mark(secrets: &Api<k8s_openapi::api::core::v1::Secret>, name: &str, rel
     let annotations = if released {
         serde_json::json!({ RELEASED_ANNOTATION: format!(
             "{}: no annotated Gateway asks for it; no longer renewed",
-            crate::store::rfc3339(std::time::SystemTime::now()).unwrap_or_default()
+            crate::time::rfc3339(std::time::SystemTime::now()).unwrap_or_default()
         ) })
     } else {
         serde_json::json!({})

@@ -18,8 +18,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::gateways::GatewayRef;
-use crate::store::rfc3339;
+use crate::ports::events::{Events, GatewayRef, Happened};
+use crate::time::rfc3339;
 
 /// Events waiting to be sent; more are dropped (and logged) rather than
 /// holding the manager up.
@@ -27,55 +27,33 @@ const QUEUE: usize = 256;
 /// The Events API refuses a note over 1 kB.
 const MAX_NOTE: usize = 1000;
 
-/// Something that happened to a certificate worth an Event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Happened {
-    Issued {
-        not_after: SystemTime,
-    },
-    Renewed {
-        not_after: SystemTime,
-    },
-    Failed {
-        kind: String,
-        message: String,
-    },
-    WaitingForBudget {
-        limit: String,
-        until: SystemTime,
-    },
-    /// A Gateway asks for something the agent refuses (no order placed).
-    Conflict {
-        message: String,
-    },
-}
-
-impl Happened {
-    fn event(&self) -> Event {
+/// The Kubernetes Event for what happened.
+fn event(happened: &Happened) -> Event {
+    {
         let at = |t: &SystemTime| rfc3339(*t).unwrap_or_default();
-        let (type_, reason, action, note) = match self {
-            Self::Conflict { message } => {
+        let (type_, reason, action, note) = match happened {
+            Happened::Conflict { message } => {
                 (EventType::Warning, "Conflict", "Derive", message.clone())
             }
-            Self::Issued { not_after } => (
+            Happened::Issued { not_after } => (
                 EventType::Normal,
                 "Issued",
                 "Order",
                 format!("certificate issued, valid until {}", at(not_after)),
             ),
-            Self::Renewed { not_after } => (
+            Happened::Renewed { not_after } => (
                 EventType::Normal,
                 "Renewed",
                 "Order",
                 format!("certificate renewed, valid until {}", at(not_after)),
             ),
-            Self::Failed { kind, message } => (
+            Happened::Failed { kind, message } => (
                 EventType::Warning,
                 "Failed",
                 "Order",
                 format!("{kind}: {message}"),
             ),
-            Self::WaitingForBudget { limit, until } => (
+            Happened::WaitingForBudget { limit, until } => (
                 EventType::Warning,
                 "WaitingForCALimit",
                 "Order",
@@ -101,23 +79,6 @@ impl Happened {
             secondary: None,
         }
     }
-}
-
-/// Where the manager reports what happened.
-pub trait Events: Send + Sync {
-    fn publish(&self, certificate: &str, happened: Happened);
-    /// A Gateway's request the agent refuses.
-    fn conflict(&self, _gateway: &GatewayRef, _message: &str) {}
-    /// Which Gateways each derived certificate comes from (their Events go
-    /// there instead of to the Secret).
-    fn set_gateways(&self, _users: BTreeMap<String, Vec<GatewayRef>>) {}
-}
-
-/// Outside Kubernetes: the log and the metrics say it all.
-pub struct NoEvents;
-
-impl Events for NoEvents {
-    fn publish(&self, _: &str, _: Happened) {}
 }
 
 /// Events in the cluster, sent in order by one task (an aggregated Event is
@@ -151,7 +112,7 @@ impl KubeEvents {
         let (queue, mut rx) = mpsc::channel::<(ObjectReference, Happened)>(QUEUE);
         tokio::spawn(async move {
             while let Some((regarding, happened)) = rx.recv().await {
-                if let Err(e) = recorder.publish(&happened.event(), &regarding).await {
+                if let Err(e) = recorder.publish(&event(&happened), &regarding).await {
                     warn!(
                         object = regarding.name.as_deref().unwrap_or_default(),
                         "recording a Kubernetes Event failed: {e}"
@@ -221,19 +182,17 @@ mod tests {
 
     #[test]
     fn notes_are_bounded_and_reasons_fixed() {
-        let failed = Happened::Failed {
+        let failed = event(&Happened::Failed {
             kind: "rateLimited".into(),
             message: "é".repeat(800),
-        }
-        .event();
+        });
         assert_eq!(failed.reason, "Failed");
         assert_eq!(failed.type_, EventType::Warning);
         let note = failed.note.unwrap();
         assert!(note.len() <= MAX_NOTE && note.starts_with("rateLimited: "));
-        let issued = Happened::Issued {
+        let issued = event(&Happened::Issued {
             not_after: SystemTime::UNIX_EPOCH,
-        }
-        .event();
+        });
         assert_eq!(issued.type_, EventType::Normal);
         assert!(issued.note.unwrap().contains("1970-01-01T00:00:00Z"));
     }

@@ -18,7 +18,7 @@
 //! it is ignored and reported (only the agent's config file can let it take
 //! over a Secret it did not write).
 //!
-//! Pure: the watchers (`crate::discovery`) hand in what they see, and every
+//! Pure: the watchers (the discovery module) hand in what they see, and every
 //! refusal comes back as a [`Conflict`] to report; a conflicting Secret is
 //! never ordered.
 
@@ -26,7 +26,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use crate::config::{Certificate, ChallengeKind, Config, RESERVED_PREFIX, is_valid_domain};
+use crate::config::Config;
+use crate::ports::events::{GatewayRef, Kind};
+
+use crate::domain::spec::{Certificate, ChallengeKind};
+
+use crate::domain::names::{RESERVED_PREFIX, is_valid_domain};
 
 /// `"true"` on a Gateway: derive certificates from it.
 pub const ISSUE_ANNOTATION: &str = "acme-agent.envoy-acme.io/issue";
@@ -38,40 +43,6 @@ pub const DNS_ANNOTATION: &str = "acme-agent.envoy-acme.io/dns";
 pub const ADOPT_ANNOTATION: &str = "acme-agent.envoy-acme.io/adopt";
 /// The Gateway API group, of Gateways and ReferenceGrants.
 pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Istio,
-    GatewayApi,
-}
-
-impl Kind {
-    pub fn api_version(self) -> &'static str {
-        match self {
-            Self::Istio => "networking.istio.io/v1",
-            Self::GatewayApi => "gateway.networking.k8s.io/v1",
-        }
-    }
-}
-
-/// Which Gateway, for messages and Events.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GatewayRef {
-    pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
-    pub uid: Option<String>,
-}
-
-impl std::fmt::Display for GatewayRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.kind {
-            Kind::Istio => "Istio Gateway",
-            Kind::GatewayApi => "Gateway",
-        };
-        write!(f, "{kind} {}/{}", self.namespace, self.name)
-    }
-}
 
 /// A Gateway as the watchers see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -333,7 +304,8 @@ pub fn derive(gateways: &[Gateway], grants: &[ReferenceGrant], config: &Config) 
             ));
             continue;
         }
-        if !crate::config::is_kubernetes_label_value(&secret) || secret.starts_with(RESERVED_PREFIX)
+        if !crate::domain::names::is_kubernetes_label_value(&secret)
+            || secret.starts_with(RESERVED_PREFIX)
         {
             refuse_all(format!(
                 "Secret name {secret:?} cannot be a certificate's: 1-63 of [a-z0-9-], not starting with {RESERVED_PREFIX:?}"

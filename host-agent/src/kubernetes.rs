@@ -18,9 +18,10 @@ use serde_json::{Value, json};
 use tokio::runtime::Handle;
 
 use crate::Error;
-use crate::config::KeyType;
+use crate::domain::spec::KeyType;
 use crate::sink::{CertificateSink, IssuedCertificate};
-use crate::store::{StateStore, Status, StoredCertificate, account_id, rfc3339, unix};
+use crate::store::{StateStore, Status, StoredCertificate, account_id};
+use crate::time::{rfc3339, unix};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "acme-agent";

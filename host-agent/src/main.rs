@@ -11,11 +11,13 @@ use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
 use acme_agent::control;
-use acme_agent::events::{Events, KubeEvents, NoEvents};
+use acme_agent::events::KubeEvents;
 use acme_agent::kubernetes::KubeStore;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
-use acme_agent::sds::{SdsSink, SecretSet};
+use acme_agent::ports::events::{Events, NoEvents};
+use acme_agent::ports::secrets::SecretSet;
+use acme_agent::sds::SdsSink;
 use acme_agent::sink::{CertificateSink, FileSink, Sinks};
 use acme_agent::status;
 use acme_agent::store::{StateStore, Store};
@@ -283,7 +285,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
                         requests_tx.clone(),
                         Arc::clone(&secrets),
                     ),
-                )) as Arc<dyn acme_agent::sds::Gate>
+                )) as Arc<dyn acme_agent::ports::secrets::Gate>
             });
             Some(tokio::spawn(acme_agent::sds::serve(
                 listener,

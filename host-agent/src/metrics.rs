@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::store::unix;
+use crate::time::unix;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertificateLabel {
@@ -30,7 +30,7 @@ struct OrderLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     certificate: String,
-    /// `crate::budget::Limit::label`.
+    /// `crate::domain::budget::Limit::label`.
     limit: &'static str,
 }
 
@@ -202,8 +202,8 @@ impl Metrics {
     }
 
     /// The CA-limit wait of `certificate`, or none (the series is removed).
-    pub fn set_blocked(&self, certificate: &str, blocked: Option<crate::budget::Blocked>) {
-        for limit in crate::budget::Limit::ALL {
+    pub fn set_blocked(&self, certificate: &str, blocked: Option<crate::domain::budget::Blocked>) {
+        for limit in crate::domain::budget::Limit::ALL {
             let labels = LimitLabels {
                 certificate: certificate.to_owned(),
                 limit: limit.label(),

@@ -26,35 +26,17 @@ use http_body_util::Empty;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::config::{OnDemand as Config, is_valid_domain, on_demand_allows};
-use crate::manager::Request;
-use crate::sds::Gate;
+use crate::config::OnDemand as Config;
 
-/// Prefix of on-demand certificates' names.
-pub const NAME_PREFIX: &str = "od-";
+use crate::domain::names::{is_valid_domain, on_demand_allows};
+use crate::ports::requests::{CAP_REFUSAL, Request};
+use crate::ports::secrets::Gate;
+
 /// Most refused names remembered; beyond, a refusal is not cached (the next
 /// handshake for it is decided again, still bounded by the caps).
 const MAX_REFUSED: usize = 10_000;
 /// How long the ask URL may take to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a refusal for a cap (not the policy) is remembered.
-const CAP_REFUSAL: Duration = Duration::from_secs(5);
-
-/// The certificate name for an on-demand `domain`: `od-` and the domain
-/// with dots as underscores (no DNS name has one, so two domains never share
-/// a name), shortened with a digest when longer than 64.
-pub fn name_for(domain: &str) -> String {
-    let name = format!("{NAME_PREFIX}{}", domain.replace('.', "_"));
-    if name.len() <= 64 {
-        return name;
-    }
-    let digest = ring::digest::digest(&ring::digest::SHA256, domain.as_bytes());
-    let hex: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{}-{hex}", &name[..47])
-}
 
 /// What the idle rule says about an on-demand certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,27 +63,6 @@ pub fn idle(last_requested: SystemTime, idle: Duration, withdrawn: bool, now: Sy
         Idle::Keep { until: remove_at }
     } else {
         Idle::Keep { until: withdraw_at }
-    }
-}
-
-/// Why the manager refused a name, and for how long to answer it at once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub why: String,
-    pub for_how_long: Duration,
-}
-
-impl Refusal {
-    pub fn new(why: impl Into<String>, for_how_long: Duration) -> Self {
-        Self {
-            why: why.into(),
-            for_how_long,
-        }
-    }
-
-    /// A refusal for a passing reason (a cap, a stop): remembered briefly.
-    pub fn brief(why: impl Into<String>) -> Self {
-        Self::new(why, CAP_REFUSAL)
     }
 }
 
@@ -173,7 +134,7 @@ pub struct OnDemandGate {
     config: Config,
     manager: mpsc::Sender<Request>,
     /// What the SDS server serves: a held name is done once it is there.
-    served: Arc<crate::sds::SecretSet>,
+    served: Arc<crate::ports::secrets::SecretSet>,
     state: Mutex<State>,
     refusals: watch::Sender<u64>,
 }
@@ -182,7 +143,7 @@ impl OnDemandGate {
     pub fn new(
         config: Config,
         manager: mpsc::Sender<Request>,
-        served: Arc<crate::sds::SecretSet>,
+        served: Arc<crate::ports::secrets::SecretSet>,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -367,20 +328,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn names_are_distinct_bounded_and_valid() {
-        assert_eq!(name_for("a.shop.example.com"), "od-a_shop_example_com");
-        assert_ne!(name_for("a-b.example.com"), name_for("a.b-example.com"));
-        let long = format!("{}.example.com", "x".repeat(200));
-        let name = name_for(&long);
-        assert!(name.len() <= 64, "{name}");
-        assert_ne!(name, name_for(&format!("{}.example.com", "x".repeat(199))));
-        assert!(
-            name.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        );
-    }
-
     fn gate(allow: &[&str], max_concurrent: usize) -> (Handle, mpsc::Receiver<Request>) {
         let (handle, rx, _) = gate_serving(allow, max_concurrent);
         (handle, rx)
@@ -389,7 +336,11 @@ mod tests {
     fn gate_serving(
         allow: &[&str],
         max_concurrent: usize,
-    ) -> (Handle, mpsc::Receiver<Request>, Arc<crate::sds::SecretSet>) {
+    ) -> (
+        Handle,
+        mpsc::Receiver<Request>,
+        Arc<crate::ports::secrets::SecretSet>,
+    ) {
         let (tx, rx) = mpsc::channel(16);
         let config = Config {
             allow: allow.iter().map(|s| s.to_string()).collect(),
@@ -404,7 +355,7 @@ mod tests {
             max_failures: 3,
             failed_refusal_seconds: 86_400,
         };
-        let served = Arc::new(crate::sds::SecretSet::new());
+        let served = Arc::new(crate::ports::secrets::SecretSet::new());
         (
             Handle(OnDemandGate::new(config, tx, Arc::clone(&served))),
             rx,
@@ -457,7 +408,10 @@ mod tests {
         let Some(Request::OnDemand { reply, .. }) = requests.recv().await else {
             panic!("no request");
         };
-        let _ = reply.send(Err(Refusal::new("full", Duration::from_secs(60))));
+        let _ = reply.send(Err(crate::ports::requests::Refusal::new(
+            "full",
+            Duration::from_secs(60),
+        )));
         woken.changed().await.unwrap();
         assert!(gate.refused("a.example.com"));
     }

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::Error;
 use crate::certificate::{self, Leaf};
 use crate::challenges::{Challenge, ChallengeSet};
-use crate::config::{Certificate, ChallengeKind, KeyType};
+use crate::domain::spec::{Certificate, ChallengeKind, KeyType};
 use crate::nonce_retry;
 use crate::self_check;
 
@@ -44,7 +44,7 @@ impl Drop for Published<'_> {
 /// An issued, checked certificate with its fresh key.
 pub struct Issued {
     pub chain_pem: String,
-    pub key_pem: crate::certificate::KeyPem,
+    pub key_pem: crate::domain::spec::KeyPem,
     pub leaf: Leaf,
 }
 
@@ -54,7 +54,7 @@ pub struct OrderContext<'a> {
     pub challenges: &'a ChallengeSet,
     pub self_check: Option<&'a str>,
     /// tls-alpn-01 challenge certificates for the SDS server (with `[sds]`).
-    pub alpn: Option<&'a crate::sds::SecretSet>,
+    pub alpn: Option<&'a crate::ports::secrets::SecretSet>,
     /// Envoy's TLS listener, where tls-alpn-01 is self-checked.
     pub tls_check: Option<&'a str>,
     /// The dns-01 solvers and their record journal.
@@ -255,7 +255,7 @@ pub async fn issue(
         // The filters answer no longer or stranger token (and must not be
         // handed one that would break their snapshot bound).
         if challenge.token.is_empty()
-            || challenge.token.len() > crate::config::MAX_TOKEN_LEN
+            || challenge.token.len() > crate::domain::names::MAX_TOKEN_LEN
             || !challenge
                 .token
                 .bytes()
@@ -263,7 +263,7 @@ pub async fn issue(
         {
             return Err(Error::Validation(format!(
                 "the CA's token for {domain} is not 1-{} base64url characters",
-                crate::config::MAX_TOKEN_LEN
+                crate::domain::names::MAX_TOKEN_LEN
             ))
             .into());
         }
@@ -409,7 +409,7 @@ pub async fn issue(
         )
         .map_err(finalized)?,
     };
-    let key_pem = certificate::KeyPem::new(key.serialize_pem());
+    let key_pem = crate::domain::spec::KeyPem::new(key.serialize_pem());
     let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())
         .map_err(finalized)?;
     Ok(Issued {

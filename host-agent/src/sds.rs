@@ -18,15 +18,11 @@
 //! removed and not tracked), name length (253), streams per connection. The
 //! listener is for Envoy alone: loopback by default.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    Secret, TlsCertificate, secret,
-};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -36,14 +32,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
-use envoy_types::pb::google::protobuf::Any;
-use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::Error;
+use crate::ports::secrets::{Gate, SecretSet, normalized};
 use crate::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
 
 /// Names one stream may subscribe to; a name beyond is answered as removed
@@ -53,178 +48,6 @@ pub const MAX_NAMES_PER_STREAM: usize = 100_000;
 const MAX_NAME_LEN: usize = 253;
 /// Responses queued per stream before the stream waits for Envoy to read.
 const STREAM_QUEUE: usize = 16;
-
-/// One certificate's material, held once however many names it is served
-/// under; the key is zeroed when the last reference goes.
-struct Material {
-    /// Shared: every stream compares it on every change.
-    version: Arc<str>,
-    chain_pem: String,
-    key_pem: zeroize::Zeroizing<String>,
-}
-
-/// What a name is served: its certificate and that certificate's material.
-#[derive(Clone)]
-struct Served {
-    /// The certificate it belongs to (a name may move to another one).
-    certificate: String,
-    material: Arc<Material>,
-}
-
-/// What the SDS server serves, keyed by secret name (lower case, without a
-/// trailing dot).
-pub struct SecretSet {
-    secrets: Mutex<BTreeMap<String, Served>>,
-    changed: watch::Sender<u64>,
-    /// Names all open streams track (what Envoy asked for and did not drop).
-    subscribed: std::sync::atomic::AtomicUsize,
-}
-
-impl Default for SecretSet {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-fn version_of(chain_pem: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, chain_pem.as_bytes());
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The secret named `name` (as Envoy asked: it checks the name) carrying
-/// `material`. Encoded per answer rather than kept, so a key is held once,
-/// not once per name.
-fn encode(name: &str, material: &Material) -> Any {
-    let inline = |text: &str| DataSource {
-        specifier: Some(data_source::Specifier::InlineString(text.to_owned())),
-        ..DataSource::default()
-    };
-    let secret = Secret {
-        name: name.to_owned(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: Some(inline(&material.chain_pem)),
-            private_key: Some(inline(&material.key_pem)),
-            ..TlsCertificate::default()
-        })),
-    };
-    Any {
-        type_url: SECRET_TYPE.to_owned(),
-        value: secret.encode_to_vec(),
-    }
-}
-
-/// A name as TLS compares it: case-insensitive, a trailing dot ignored.
-fn normalized(name: &str) -> std::borrow::Cow<'_, str> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(name.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(name)
-    }
-}
-
-impl SecretSet {
-    pub fn new() -> Self {
-        Self {
-            secrets: Mutex::new(BTreeMap::new()),
-            changed: watch::Sender::new(0),
-            subscribed: std::sync::atomic::AtomicUsize::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Served>> {
-        self.secrets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Serves `certificate` under its name and each of `names`, replacing
-    /// what it served before (a name it no longer covers is removed).
-    pub fn set(&self, certificate: &str, names: &[String], chain_pem: &str, key_pem: &str) {
-        let material = Arc::new(Material {
-            version: version_of(chain_pem).into(),
-            chain_pem: chain_pem.to_owned(),
-            key_pem: zeroize::Zeroizing::new(key_pem.to_owned()),
-        });
-        let wanted: Vec<String> = std::iter::once(certificate)
-            .chain(names.iter().map(String::as_str))
-            .map(|n| normalized(n).into_owned())
-            .collect();
-        let mut secrets = self.lock();
-        secrets.retain(|name, s| s.certificate != certificate || wanted.contains(name));
-        for name in wanted {
-            secrets.insert(
-                name,
-                Served {
-                    certificate: certificate.to_owned(),
-                    material: Arc::clone(&material),
-                },
-            );
-        }
-        drop(secrets);
-        self.changed.send_modify(|generation| *generation += 1);
-    }
-
-    /// Stops serving everything of `certificate`.
-    pub fn remove(&self, certificate: &str) {
-        let mut secrets = self.lock();
-        let before = secrets.len();
-        secrets.retain(|_, s| s.certificate != certificate);
-        let changed = secrets.len() != before;
-        drop(secrets);
-        if changed {
-            self.changed.send_modify(|generation| *generation += 1);
-        }
-    }
-
-    /// The material served for `name`: its own certificate's, else a
-    /// wildcard's for its parent (one label only, as TLS matches wildcards).
-    fn material(&self, name: &str) -> Option<Arc<Material>> {
-        let name = normalized(name);
-        let secrets = self.lock();
-        if let Some(s) = secrets.get(name.as_ref()) {
-            return Some(Arc::clone(&s.material));
-        }
-        let (label, parent) = name.split_once('.')?;
-        if label.is_empty() || label == "*" {
-            return None;
-        }
-        let wildcard = secrets.get(&format!("*.{parent}"))?;
-        Some(Arc::clone(&wildcard.material))
-    }
-
-    /// The version and resource served under `name`, named as asked.
-    fn get(&self, name: &str) -> Option<(Arc<str>, Any)> {
-        let material = self.material(name)?;
-        Some((Arc::clone(&material.version), encode(name, &material)))
-    }
-
-    /// The version served under `name`, without encoding anything.
-    fn version(&self, name: &str) -> Option<Arc<str>> {
-        self.material(name).map(|m| Arc::clone(&m.version))
-    }
-
-    /// Names the open streams track in all: bounded by what Envoy keeps
-    /// subscribed (it drops a name answered "removed").
-    pub fn subscribed_names(&self) -> usize {
-        self.subscribed.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.lock().contains_key(normalized(name).as_ref())
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// A sink that hands certificates to the SDS server.
 pub struct SdsSink {
@@ -264,22 +87,6 @@ impl CertificateSink for SdsSink {
     fn wants_placeholder(&self) -> bool {
         false
     }
-}
-
-/// What the SDS server asks about a name it has no certificate for (on-demand
-/// TLS, `crate::on_demand`).
-pub trait Gate: Send + Sync {
-    /// A handshake asked for `name`: `Some(wait)` holds the answer that long
-    /// while a certificate is being got; `None` refuses it at once.
-    fn requested(&self, name: &str) -> Option<Duration>;
-    /// Whether `name`, held, has been refused since (answer it at once).
-    fn refused(&self, name: &str) -> bool;
-    /// Changes when a held name is refused, to wake the streams holding it.
-    fn subscribe(&self) -> watch::Receiver<u64>;
-    /// A handshake asked for `name`, which is served (Envoy asks only at its
-    /// first handshake for a name, and again after a removal), or a held
-    /// name is served now.
-    fn seen(&self, _name: &str) {}
 }
 
 /// What the server last told one stream about a name.
@@ -418,7 +225,7 @@ async fn serve_stream(
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut stream = Stream::default();
-    let mut changes = set.changed.subscribe();
+    let mut changes = set.changes();
     let mut refusals = gate.as_ref().map(|g| g.subscribe());
     let mut counted = 0usize;
     loop {
@@ -463,14 +270,14 @@ async fn serve_stream(
             }
         };
         let tracked = stream.names.len();
-        recount(&set.subscribed, &mut counted, tracked);
+        recount(set.subscribed_counter(), &mut counted, tracked);
         if let Some(response) = stream.diff(&set, refused, gate.as_deref(), Instant::now())
             && out.send(Ok(response)).await.is_err()
         {
             break;
         }
     }
-    recount(&set.subscribed, &mut counted, 0);
+    recount(set.subscribed_counter(), &mut counted, 0);
 }
 
 /// Moves this stream's share of `total` from `*counted` to `now`.
@@ -753,6 +560,9 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ports::secrets::version_of;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+    use prost::Message as _;
 
     fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {

@@ -27,7 +27,7 @@ pub struct IssuedCertificate {
     /// Leaf first, then intermediates, PEM.
     pub chain_pem: String,
     /// PKCS#8 PEM. Never logged (no `Debug` that shows it).
-    pub key_pem: crate::certificate::KeyPem,
+    pub key_pem: crate::domain::spec::KeyPem,
 }
 
 impl std::fmt::Debug for IssuedCertificate {

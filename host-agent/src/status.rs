@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use crate::Error;
 use crate::config::Config;
-use crate::store::{StateStore, Status, from_unix, rfc3339};
+use crate::store::{StateStore, Status};
+use crate::time::{from_unix, rfc3339};
 
 fn when(secs: Option<u64>) -> String {
     secs.and_then(|s| rfc3339(from_unix(s)))

@@ -7,13 +7,14 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::config::KeyType;
+use crate::domain::spec::KeyType;
 use crate::files::write_atomically;
+use crate::time::unix;
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
@@ -34,7 +35,7 @@ pub struct StoredCertificate {
     pub domains: Vec<String>,
     pub key_type: KeyType,
     pub chain_pem: String,
-    pub key_pem: crate::certificate::KeyPem,
+    pub key_pem: crate::domain::spec::KeyPem,
 }
 
 impl std::fmt::Debug for StoredCertificate {
@@ -77,7 +78,7 @@ pub struct Status {
     pub last_failure: Option<u64>,
     /// Consecutive failures since the last success.
     pub failures: u32,
-    /// The CA-limit budget the certificate waits for (`crate::budget::Limit`).
+    /// The CA-limit budget the certificate waits for (`crate::domain::budget::Limit`).
     #[serde(default)]
     pub waiting_for: Option<String>,
     /// An issued certificate is waiting for its store or install step.
@@ -102,24 +103,6 @@ pub fn account_id(directory_url: &str) -> String {
         .collect()
 }
 
-/// Unix seconds of `t` (0 before the epoch).
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-pub fn from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
-}
-
-/// `t` as RFC 3339 in UTC, to the second (`2026-11-28T10:52:37Z`).
-pub fn rfc3339(t: SystemTime) -> Option<String> {
-    time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .ok()?
-        .format(&time::format_description::well_known::Rfc3339)
-        .ok()
-}
-
 /// The agent's persistent state, wherever it lives.
 pub trait StateStore: Send + Sync {
     /// The stored account for the CA at `directory_url`, as written.
@@ -134,7 +117,7 @@ pub trait StateStore: Send + Sync {
     fn save_status(&self, status: &Status) -> Result<(), Error>;
     /// Names of every certificate with a status record, sorted.
     fn status_names(&self) -> Result<Vec<String>, Error>;
-    /// The CA-limit ledger (`crate::budget`) for the CA at `directory_url`.
+    /// The CA-limit ledger (`crate::domain::budget`) for the CA at `directory_url`.
     fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
     fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
     /// Takes over the certificate stored under `name` by someone else (a
@@ -162,7 +145,7 @@ pub trait StateStore: Send + Sync {
             ),
         })
     }
-    /// The dns-01 records added and not yet deleted (`crate::dns::Journal`).
+    /// The dns-01 records added and not yet deleted (the dns-01 solver's journal).
     fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error>;
     fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error>;
 }

@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use acme_agent::sds::{self, SecretSet};
+use acme_agent::sds::{self};
+
+use acme_agent::ports::secrets::SecretSet;
 use acme_tests::envoy::{Envoy, TlsSession, free_addr, on_demand_bootstrap, served_subject};
 use tokio::sync::oneshot;
 

@@ -10,8 +10,7 @@ use crate::store::StoredChallenge;
 
 /// RFC 8555 section 8.3: the path the CA fetches.
 pub const PREFIX: &str = "/.well-known/acme-challenge/";
-/// Longest token accepted; CAs use 43 characters, 256 leaves room without inviting abuse.
-pub const MAX_TOKEN_LEN: usize = 256;
+pub use crate::token::{MAX_TOKEN_LEN, is_valid_token};
 
 /// Whether a request path is ours, and if so which token it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,15 +21,6 @@ pub enum Target<'a> {
     Token(&'a str),
     /// Under the prefix but not a well-formed token (empty, `..`, `%2e`, extra `/`, ...).
     Malformed,
-}
-
-/// `[A-Za-z0-9_-]{1,256}`: the base64url alphabet RFC 8555 requires of tokens.
-pub fn is_valid_token(token: &str) -> bool {
-    !token.is_empty()
-        && token.len() <= MAX_TOKEN_LEN
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Classifies a `:path` header value. The query string is ignored.

@@ -7,7 +7,7 @@
 use miniserde::json::{self, Number, Value};
 
 use crate::Error;
-use crate::challenge::is_valid_token;
+use crate::token::is_valid_token;
 
 /// Default for [`FilterConfig::agent_authority`].
 pub const DEFAULT_AGENT_AUTHORITY: &str = "acme-agent";

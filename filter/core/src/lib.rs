@@ -15,6 +15,7 @@ pub mod poller;
 pub mod request;
 pub mod snapshot;
 pub mod store;
+pub mod token;
 
 pub use error::Error;
 

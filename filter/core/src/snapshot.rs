@@ -7,7 +7,7 @@
 use miniserde::{Deserialize, json};
 
 use crate::Error;
-use crate::challenge::is_valid_token;
+use crate::token::is_valid_token;
 
 /// Longest key authorization accepted (token + '.' + 43-character thumbprint fits easily).
 const MAX_KEY_AUTHORIZATION_LEN: usize = 512;

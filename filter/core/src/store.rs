@@ -16,7 +16,7 @@ pub const INDEX_KEY: &str = "acme/v1/index";
 /// Position of the snapshot currently stored: `<version>@<instance>`, or
 /// the decimal version alone for an agent without instance ids.
 pub const VERSION_KEY: &str = "acme/v1/version";
-/// Poller election lease, see [`crate::lease`].
+/// Poller election lease, see the lease module.
 pub const LEASE_KEY: &str = "acme/v1/lease";
 
 /// Why a shared data write did not happen.

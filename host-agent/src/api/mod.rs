@@ -28,8 +28,8 @@ use axum::{Json, Router};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::challenges::ChallengeSet;
-use crate::manager::{RenewRefused, Request};
 use crate::metrics::Metrics;
+use crate::ports::requests::{RenewRefused, Request};
 pub use serve::{Conn, HEADER_READ_TIMEOUT, Listener, MAX_HEADER_BYTES, MAX_HEADERS, Peer};
 
 /// Longest hold the API grants, whatever `wait` asks.

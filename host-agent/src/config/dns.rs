@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{invalid, is_valid_domain};
+use super::invalid;
 use crate::Error;
+use crate::domain::names::is_valid_domain;
 
 /// The HMAC a TSIG key uses (`tsig-keygen -a <algorithm>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -213,8 +214,9 @@ mod tests {
         assert_eq!(parse_server("ns1.example.com"), None);
     }
 
+    use crate::config::Config;
     use crate::config::tests::{GOOD, field_of};
-    use crate::config::{ChallengeKind, Config};
+    use crate::domain::spec::ChallengeKind;
 
     #[test]
     fn wildcards_need_a_dns_solver_whose_secret_is_read() {

@@ -11,24 +11,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::Error;
+use crate::domain::budget::Limits;
+use crate::domain::names::{
+    MAX_TOKEN_LEN, RESERVED_PREFIX, ip_identifier, is_ip_literal, is_kubernetes_label_value,
+    is_valid_domain,
+};
+use crate::domain::spec::{Certificate, ChallengeKind, KeyType};
 pub use dns::{DnsSolver, TsigAlgorithm};
 
 /// Let's Encrypt's production directory, selected by `directory = "letsencrypt"`.
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// Let's Encrypt's staging directory, selected by `directory = "letsencrypt-staging"`.
 pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
-
-/// A certificate's key algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyType {
-    #[default]
-    EcdsaP256,
-    EcdsaP384,
-}
 
 /// External Account Binding credentials (ZeroSSL, Google Trust Services, ...).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -65,85 +62,6 @@ pub struct Acme {
     pub eab: Option<Eab>,
     #[serde(default)]
     pub limits: Limits,
-}
-
-/// The CA's limits the agent keeps within (`crate::budget`). The defaults are
-/// Let's Encrypt's published limits; set another CA's here.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// New orders per account in any 3 hours.
-    #[serde(default = "default_orders_per_3_hours")]
-    pub orders_per_3_hours: u32,
-    /// Certificates for one exact set of names in any 7 days.
-    #[serde(default = "default_certificates_per_name_set_per_week")]
-    pub certificates_per_name_set_per_week: u32,
-    /// Failed authorizations per name (and account) in any hour.
-    #[serde(default = "default_failed_authorizations_per_name_per_hour")]
-    pub failed_authorizations_per_name_per_hour: u32,
-    /// ARI renewals (with `replaces`, inside the CA's suggested window) are
-    /// exempt from the limits above, as Let's Encrypt says they are.
-    #[serde(default = "default_true")]
-    pub ari_renewals_exempt: bool,
-    /// Certificates with a name under one registered domain in any 7 days
-    /// (Let's Encrypt's counts every client's; the agent counts its own).
-    #[serde(default = "default_certificates_per_registered_domain_per_week")]
-    pub certificates_per_registered_domain_per_week: u32,
-    /// Each limit above is a bucket of that many, refilled one at a time
-    /// (Let's Encrypt's model); by default evenly over its window (5 per
-    /// hour: one every 12 minutes). These set another refill period.
-    pub orders_refill_seconds: Option<u64>,
-    pub certificates_per_name_set_refill_seconds: Option<u64>,
-    pub failed_authorizations_refill_seconds: Option<u64>,
-    pub certificates_per_registered_domain_refill_seconds: Option<u64>,
-    /// Share (percent, rounded up, at least one) of the orders and
-    /// registered-domain buckets that on-demand certificates leave to the
-    /// configured ones.
-    #[serde(default = "default_configured_reserve_percent")]
-    pub configured_reserve_percent: u32,
-}
-
-fn default_orders_per_3_hours() -> u32 {
-    300
-}
-
-fn default_certificates_per_name_set_per_week() -> u32 {
-    5
-}
-
-fn default_failed_authorizations_per_name_per_hour() -> u32 {
-    5
-}
-
-fn default_certificates_per_registered_domain_per_week() -> u32 {
-    50
-}
-
-fn default_configured_reserve_percent() -> u32 {
-    20
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            orders_per_3_hours: default_orders_per_3_hours(),
-            certificates_per_name_set_per_week: default_certificates_per_name_set_per_week(),
-            failed_authorizations_per_name_per_hour:
-                default_failed_authorizations_per_name_per_hour(),
-            ari_renewals_exempt: true,
-            certificates_per_registered_domain_per_week:
-                default_certificates_per_registered_domain_per_week(),
-            orders_refill_seconds: None,
-            certificates_per_name_set_refill_seconds: None,
-            failed_authorizations_refill_seconds: None,
-            certificates_per_registered_domain_refill_seconds: None,
-            configured_reserve_percent: default_configured_reserve_percent(),
-        }
-    }
 }
 
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -376,17 +294,6 @@ fn default_on_demand_failed_refusal() -> u64 {
     86_400
 }
 
-/// Whether `pattern` (an `[on_demand] allow` entry) allows `name`.
-pub fn on_demand_allows(pattern: &str, name: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => name
-            .strip_suffix(suffix)
-            .and_then(|label| label.strip_suffix('.'))
-            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
-        None => pattern == name,
-    }
-}
-
 /// Where a server listens: `unix:<path>` for a Unix socket (Envoy reaches it
 /// as a `pipe` address; `crate::net` checks its directory and every peer),
 /// or `host:port`.
@@ -501,78 +408,10 @@ impl Default for Retry {
 }
 
 impl Retry {
-    pub fn backoff(&self) -> crate::schedule::Backoff {
-        crate::schedule::Backoff {
+    pub fn backoff(&self) -> crate::domain::schedule::Backoff {
+        crate::domain::schedule::Backoff {
             initial: std::time::Duration::from_secs(self.initial_seconds),
             max: std::time::Duration::from_secs(self.max_seconds),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Certificate {
-    /// Names the SDS secret, the output files and the metrics.
-    pub name: String,
-    pub domains: Vec<String>,
-    #[serde(default)]
-    pub key_type: KeyType,
-    /// How the CA validates the names (wildcards always by dns-01).
-    #[serde(default)]
-    pub challenge: ChallengeKind,
-    /// The `[dns.<name>]` solver for dns-01: required for a wildcard and
-    /// for `challenge = "dns-01"`.
-    pub dns: Option<String>,
-    /// The CA's certificate profile to order (`classic`, `tlsserver`,
-    /// `shortlived` at Let's Encrypt); the CA's default when unset.
-    pub profile: Option<String>,
-    /// Kubernetes mode: take over an existing Secret of this name that the
-    /// agent did not write (cert-manager's, say), serving its certificate
-    /// until its renewal time instead of ordering at once.
-    #[serde(default)]
-    pub adopt: bool,
-}
-
-impl Certificate {
-    /// The challenge for one authorization: a wildcard can only be validated
-    /// by dns-01; any other name by the certificate's `challenge`.
-    pub fn challenge_for(&self, wildcard: bool) -> ChallengeKind {
-        if wildcard {
-            ChallengeKind::Dns01
-        } else {
-            self.challenge
-        }
-    }
-
-    /// Whether an order for this certificate writes dns-01 records.
-    pub fn uses_dns(&self) -> bool {
-        self.challenge == ChallengeKind::Dns01 || self.domains.iter().any(|d| d.starts_with("*."))
-    }
-}
-
-/// The ACME challenge a certificate is validated with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-pub enum ChallengeKind {
-    /// Answered by the filter on Envoy's plain-HTTP listener (port 80).
-    #[default]
-    #[serde(rename = "http-01")]
-    Http01,
-    /// Answered by Envoy's TLS listener with an `acme-tls/1` filter chain fed
-    /// by the agent's SDS server (port 443; port 80 may stay closed).
-    #[serde(rename = "tls-alpn-01")]
-    TlsAlpn01,
-    /// A TXT record written by the certificate's `[dns.<name>]` solver (RFC
-    /// 2136); the only challenge for a wildcard.
-    #[serde(rename = "dns-01")]
-    Dns01,
-}
-
-impl ChallengeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Http01 => "http-01",
-            Self::TlsAlpn01 => "tls-alpn-01",
-            Self::Dns01 => "dns-01",
         }
     }
 }
@@ -621,26 +460,6 @@ fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> 
         field: field.into(),
         reason: reason.into(),
     }
-}
-
-/// A DNS name an ACME CA can issue for (without a wildcard label).
-pub fn is_valid_domain(domain: &str) -> bool {
-    domain.len() <= 253
-        && domain.contains('.')
-        // No top-level domain is all digits: such a name is an address.
-        && domain
-            .rsplit('.')
-            .next()
-            .is_some_and(|tld| !tld.bytes().all(|b| b.is_ascii_digit()))
-        && domain.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
 }
 
 impl Config {
@@ -743,7 +562,7 @@ impl Config {
             ));
         }
         if self.on_demand.is_some() {
-            use crate::budget::Limit;
+            use crate::domain::budget::Limit;
             for limit in [
                 Limit::OrdersPerAccount,
                 Limit::CertificatesPerRegisteredDomain,
@@ -944,13 +763,14 @@ impl Config {
                     ));
                 }
             }
-            if self.on_demand.is_some() && cert.name.starts_with(crate::on_demand::NAME_PREFIX) {
+            if self.on_demand.is_some() && cert.name.starts_with(crate::domain::names::NAME_PREFIX)
+            {
                 return Err(invalid(
                     path,
                     at("name"),
                     format!(
                         "names starting with {:?} are the on-demand certificates'",
-                        crate::on_demand::NAME_PREFIX
+                        crate::domain::names::NAME_PREFIX
                     ),
                 ));
             }
@@ -1256,40 +1076,6 @@ fn peers_only_on_unix(path: &Path, section: &str, listen: &Listen, set: bool) ->
     Ok(())
 }
 
-/// Prefix of the Secrets the agent keeps its own state in (Kubernetes mode).
-pub const RESERVED_PREFIX: &str = "acme-agent-";
-
-/// A Kubernetes label value that is also a Secret name: 1-63 of `[a-z0-9-]`,
-/// starting and ending with a letter or digit.
-pub fn is_kubernetes_label_value(name: &str) -> bool {
-    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| alnum(b) || b == b'-')
-        && name.bytes().next().is_some_and(alnum)
-        && name.bytes().last().is_some_and(alnum)
-}
-
-/// The address `text` names (with or without IPv6 brackets), if it is one.
-fn ip_identifier(text: &str) -> Option<std::net::IpAddr> {
-    text.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<std::net::IpAddr>()
-        .ok()
-}
-
-/// An IPv4 or IPv6 literal, which must not be ordered as a DNS name.
-fn is_ip_literal(domain: &str) -> bool {
-    domain.parse::<std::net::IpAddr>().is_ok()
-        || domain
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::Ipv6Addr>()
-            .is_ok()
-}
-
-/// Longest token the filters accept (longer ones are never answered).
-pub const MAX_TOKEN_LEN: usize = 256;
 /// Bytes of one challenge in a snapshot beyond its identifier, at the longest
 /// token: the JSON keys and quotes, the token, and the key authorization
 /// (token, '.', a 43-character thumbprint).
@@ -1776,23 +1562,6 @@ mod on_demand_section {
             Err(Error::Config { field, .. }) => field,
             other => panic!("expected a config error, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn patterns_allow_exact_names_and_one_more_label() {
-        assert!(on_demand_allows("shop.example.com", "shop.example.com"));
-        assert!(!on_demand_allows("shop.example.com", "a.shop.example.com"));
-        assert!(on_demand_allows("*.shop.example.com", "a.shop.example.com"));
-        assert!(!on_demand_allows("*.shop.example.com", "shop.example.com"));
-        assert!(!on_demand_allows(
-            "*.shop.example.com",
-            "a.b.shop.example.com"
-        ));
-        assert!(!on_demand_allows(
-            "*.shop.example.com",
-            "evilshop.example.com"
-        ));
-        assert!(!on_demand_allows("*.shop.example.com", ".shop.example.com"));
     }
 
     #[test]

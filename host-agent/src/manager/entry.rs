@@ -9,18 +9,19 @@ use std::time::{Duration, SystemTime};
 use tokio::task::AbortHandle;
 
 use super::trigger::{self, Reason, Served};
-use crate::budget::{Blocked, Limit};
 use crate::certificate::Leaf;
-use crate::config::{Certificate, KeyType};
-use crate::schedule::{self, Backoff};
-use crate::store::{Status, from_unix, unix};
+use crate::domain::budget::{Blocked, Limit};
+use crate::domain::schedule::{self, Backoff};
+use crate::domain::spec::{Certificate, KeyType};
+use crate::store::Status;
+use crate::time::{from_unix, unix};
 
 /// An issued certificate whose store or install step has not succeeded yet:
 /// only the missing step is retried, never the order.
 #[derive(Clone)]
 pub struct Awaiting {
     pub chain_pem: String,
-    pub key_pem: crate::certificate::KeyPem,
+    pub key_pem: crate::domain::spec::KeyPem,
     pub leaf: Leaf,
     pub key_type: KeyType,
     /// Kept in the state store (the next start installs it from there).

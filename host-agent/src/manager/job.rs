@@ -16,11 +16,12 @@ use super::restore;
 use super::trigger::{Reason, Served};
 use crate::Error;
 use crate::account::{self, HeldAccount};
-use crate::budget::{Blocked, Finished, Spend};
 use crate::certificate::Leaf;
-use crate::config::{Certificate, KeyType, OnDemand};
+use crate::config::OnDemand;
+use crate::domain::budget::{Blocked, Finished, Spend};
+use crate::domain::schedule;
+use crate::domain::spec::{Certificate, KeyType};
 use crate::order::{self, OrderContext};
-use crate::schedule;
 use crate::sink::IssuedCertificate;
 use crate::store::StoredCertificate;
 

@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use tracing::warn;
 
 use crate::Error;
-use crate::budget::{Blocked, Bucket, Finished, Ledger, Spend};
-use crate::config::Limits;
+use crate::domain::budget::Limits;
+use crate::domain::budget::{Blocked, Bucket, Finished, Ledger, Spend};
 use crate::store::StateStore;
 
 pub struct SharedLedger {

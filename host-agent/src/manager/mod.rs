@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -26,13 +26,16 @@ use crate::Error;
 use crate::account::HeldAccount;
 use crate::acme::{self, Http};
 use crate::challenges::ChallengeSet;
-use crate::config::{Acme as AcmeConfig, Certificate, Config};
-use crate::events::{Events, Happened, NoEvents};
+use crate::config::{Acme as AcmeConfig, Config};
+use crate::domain::schedule::{self, Backoff};
+use crate::domain::spec::Certificate;
 use crate::metrics::Metrics;
-use crate::on_demand::{Idle, Refusal};
-use crate::schedule::{self, Backoff};
+use crate::on_demand::Idle;
+use crate::ports::events::{Events, Happened, NoEvents};
+use crate::ports::requests::{Refusal, RenewRefused, Request};
 use crate::sink::CertificateSink;
-use crate::store::{StateStore, unix};
+use crate::store::StateStore;
+use crate::time::unix;
 
 use entry::Entry;
 use job::{ARI_RECHECK_MAX, Checks, Job, OnDemandJob, Outcome, Task};
@@ -45,9 +48,9 @@ fn as_good_as_withdrawn(entry: &Entry) -> bool {
 }
 
 /// The one-name certificate an on-demand `domain` gets.
-fn on_demand_spec(domain: &str, key_type: crate::config::KeyType) -> Certificate {
+fn on_demand_spec(domain: &str, key_type: crate::domain::spec::KeyType) -> Certificate {
     Certificate {
-        name: crate::on_demand::name_for(domain),
+        name: crate::domain::names::name_for(domain),
         domains: vec![domain.to_owned()],
         key_type,
         challenge: Default::default(),
@@ -73,32 +76,6 @@ fn checks_of(config: &Config) -> Checks {
 const RESTORE_RETRY: Duration = Duration::from_secs(1);
 const RESTORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// Why a renewal request was not taken.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RenewRefused {
-    /// No certificate of that name is configured.
-    Unknown,
-}
-
-/// A request to the manager from outside its loop (the API).
-pub enum Request {
-    /// Order a new certificate now, whatever the schedule says.
-    Renew {
-        name: String,
-        reply: oneshot::Sender<Result<(), RenewRefused>>,
-    },
-    /// Get a certificate for `domain` because a handshake asked for it and
-    /// the on-demand policy allowed it (`crate::on_demand`).
-    OnDemand {
-        domain: String,
-        key_type: crate::config::KeyType,
-        reply: oneshot::Sender<Result<(), Refusal>>,
-    },
-    /// A handshake asked for `domain`, which is served (an on-demand name
-    /// in use is kept).
-    Seen { domain: String },
-}
-
 /// What the jobs share.
 pub struct Shared {
     acme: AcmeConfig,
@@ -110,7 +87,7 @@ pub struct Shared {
     account: tokio::sync::Mutex<Option<HeldAccount>>,
     ledger: SharedLedger,
     /// tls-alpn-01 challenge certificates, served by the SDS server.
-    alpn: Option<Arc<crate::sds::SecretSet>>,
+    alpn: Option<Arc<crate::ports::secrets::SecretSet>>,
     /// dns-01 solvers and the journal of records they added.
     dns: Arc<crate::dns::Dns>,
     /// With several replicas: the Lease this one must hold to order.
@@ -147,7 +124,7 @@ impl Manager {
         challenges: Arc<ChallengeSet>,
         metrics: Arc<Metrics>,
         requests: mpsc::Receiver<Request>,
-        alpn: Option<Arc<crate::sds::SecretSet>>,
+        alpn: Option<Arc<crate::ports::secrets::SecretSet>>,
     ) -> Result<Self, Error> {
         let current = Arc::clone(&config.borrow());
         let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
@@ -268,7 +245,7 @@ impl Manager {
                 let _ = reply.send(self.add_on_demand(&domain, key_type));
             }
             Request::Seen { domain } => {
-                let name = crate::on_demand::name_for(&domain);
+                let name = crate::domain::names::name_for(&domain);
                 if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
                     entry.requested(SystemTime::now());
                     self.save_status(&name);
@@ -284,10 +261,10 @@ impl Manager {
     fn add_on_demand(
         &mut self,
         domain: &str,
-        key_type: crate::config::KeyType,
+        key_type: crate::domain::spec::KeyType,
     ) -> Result<(), Refusal> {
         let now = SystemTime::now();
-        let name = crate::on_demand::name_for(domain);
+        let name = crate::domain::names::name_for(domain);
         if let Some(entry) = self.entries.get_mut(&name) {
             entry.requested(now);
             self.save_status(&name);
@@ -298,7 +275,7 @@ impl Manager {
             .on_demand
             .as_ref()
             .ok_or_else(|| Refusal::brief("on-demand TLS is not configured"))?;
-        if !crate::config::is_valid_domain(domain) {
+        if !crate::domain::names::is_valid_domain(domain) {
             return Err(Refusal::brief(format!(
                 "{domain:?} is not a DNS name the agent orders"
             )));
@@ -336,7 +313,7 @@ impl Manager {
         if self.entries.values().filter(|e| e.on_demand).count() >= od.max_certificates {
             return Err(Refusal::brief("on_demand.max_certificates reached"));
         }
-        let hourly = crate::budget::Bucket::new(
+        let hourly = crate::domain::budget::Bucket::new(
             u32::try_from(od.max_per_hour).unwrap_or(u32::MAX),
             Duration::from_secs(3600),
             None,
@@ -366,7 +343,8 @@ impl Manager {
         let idle = Duration::from_secs(on_demand.idle_seconds);
         let mut kept = Vec::new();
         for name in names {
-            if !name.starts_with(crate::on_demand::NAME_PREFIX) || self.entries.contains_key(&name)
+            if !name.starts_with(crate::domain::names::NAME_PREFIX)
+                || self.entries.contains_key(&name)
             {
                 continue;
             }
@@ -383,7 +361,7 @@ impl Manager {
             };
             let domain = status.domains[0].clone();
             // Written before the idle rule: counts as asked for now.
-            let last = status.last_requested.map_or(now, crate::store::from_unix);
+            let last = status.last_requested.map_or(now, crate::time::from_unix);
             let refused = self
                 .shared
                 .ledger

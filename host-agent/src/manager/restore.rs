@@ -13,9 +13,9 @@ use super::entry::{Awaiting, Restored};
 use super::trigger::Served;
 use crate::Error;
 use crate::certificate;
-use crate::config::Certificate;
+use crate::domain::spec::Certificate;
 use crate::sink::IssuedCertificate;
-use crate::store::from_unix;
+use crate::time::from_unix;
 
 /// Reads what the store has for `spec`, installs a stored certificate that is
 /// still good, and a placeholder where the sink needs one.

@@ -7,7 +7,7 @@
 //! the two-thirds rule) is the job's to check, because it may ask the CA.
 
 use crate::certificate::Leaf;
-use crate::config::{Certificate, KeyType};
+use crate::domain::spec::{Certificate, KeyType};
 
 /// The certificate being served, as the trigger needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The CA-limit budget: the agent counts what it spends of the CA's published
 //! limits and never places an order that would exceed one, whatever the
 //! config or failure. Let's Encrypt's limits are the defaults
-//! ([`crate::config::Limits`]).
+//! ([`crate::domain::budget::Limits`]).
 //!
 //! Each limit is a token bucket, as Let's Encrypt computes it: `burst`
 //! events at once, then one more every `refill` (failed authorizations: 5,
@@ -20,8 +20,86 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Limits;
-use crate::store::{from_unix, unix};
+use crate::time::{from_unix, unix};
+
+/// The CA's limits the agent keeps within (`crate::domain::budget`). The defaults are
+/// Let's Encrypt's published limits; set another CA's here.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// New orders per account in any 3 hours.
+    #[serde(default = "default_orders_per_3_hours")]
+    pub orders_per_3_hours: u32,
+    /// Certificates for one exact set of names in any 7 days.
+    #[serde(default = "default_certificates_per_name_set_per_week")]
+    pub certificates_per_name_set_per_week: u32,
+    /// Failed authorizations per name (and account) in any hour.
+    #[serde(default = "default_failed_authorizations_per_name_per_hour")]
+    pub failed_authorizations_per_name_per_hour: u32,
+    /// ARI renewals (with `replaces`, inside the CA's suggested window) are
+    /// exempt from the limits above, as Let's Encrypt says they are.
+    #[serde(default = "default_true")]
+    pub ari_renewals_exempt: bool,
+    /// Certificates with a name under one registered domain in any 7 days
+    /// (Let's Encrypt's counts every client's; the agent counts its own).
+    #[serde(default = "default_certificates_per_registered_domain_per_week")]
+    pub certificates_per_registered_domain_per_week: u32,
+    /// Each limit above is a bucket of that many, refilled one at a time
+    /// (Let's Encrypt's model); by default evenly over its window (5 per
+    /// hour: one every 12 minutes). These set another refill period.
+    pub orders_refill_seconds: Option<u64>,
+    pub certificates_per_name_set_refill_seconds: Option<u64>,
+    pub failed_authorizations_refill_seconds: Option<u64>,
+    pub certificates_per_registered_domain_refill_seconds: Option<u64>,
+    /// Share (percent, rounded up, at least one) of the orders and
+    /// registered-domain buckets that on-demand certificates leave to the
+    /// configured ones.
+    #[serde(default = "default_configured_reserve_percent")]
+    pub configured_reserve_percent: u32,
+}
+
+fn default_orders_per_3_hours() -> u32 {
+    300
+}
+
+fn default_certificates_per_name_set_per_week() -> u32 {
+    5
+}
+
+fn default_failed_authorizations_per_name_per_hour() -> u32 {
+    5
+}
+
+fn default_certificates_per_registered_domain_per_week() -> u32 {
+    50
+}
+
+fn default_configured_reserve_percent() -> u32 {
+    20
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            orders_per_3_hours: default_orders_per_3_hours(),
+            certificates_per_name_set_per_week: default_certificates_per_name_set_per_week(),
+            failed_authorizations_per_name_per_hour:
+                default_failed_authorizations_per_name_per_hour(),
+            ari_renewals_exempt: true,
+            certificates_per_registered_domain_per_week:
+                default_certificates_per_registered_domain_per_week(),
+            orders_refill_seconds: None,
+            certificates_per_name_set_refill_seconds: None,
+            failed_authorizations_refill_seconds: None,
+            certificates_per_registered_domain_refill_seconds: None,
+            configured_reserve_percent: default_configured_reserve_percent(),
+        }
+    }
+}
 
 /// New orders per account: Let's Encrypt counts them per 3 hours.
 pub const ORDERS_WINDOW: Duration = Duration::from_secs(3 * 3600);
@@ -236,7 +314,7 @@ impl std::fmt::Display for Blocked {
             f,
             "waiting for the CA-limit budget ({}) until {}",
             self.limit.label(),
-            crate::store::rfc3339(self.until).unwrap_or_else(|| unix(self.until).to_string())
+            crate::time::rfc3339(self.until).unwrap_or_else(|| unix(self.until).to_string())
         )
     }
 }

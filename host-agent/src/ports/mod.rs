@@ -1,0 +1,6 @@
+//! The seams between the services and the adapters: traits and the records
+//! they pass, no I/O of their own.
+
+pub mod events;
+pub mod requests;
+pub mod secrets;
