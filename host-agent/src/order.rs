@@ -1,7 +1,7 @@
 //! One ACME order (RFC 8555 section 7.4), from new-order to a checked chain:
-//! publish every challenge at once (HTTP-01 to the filters, tls-alpn-01 to
-//! the SDS server, dns-01 to the zone), check each as the CA will, tell the
-//! CA, poll, finalize with a fresh key, verify the chain.
+//! present every challenge at once through the solver of its kind
+//! (`crate::ports::solver`), check each as the CA will, tell the CA, poll,
+//! finalize with a fresh key, verify the chain.
 
 use std::time::{Duration, SystemTime};
 
@@ -14,10 +14,10 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::certificate::{self, Leaf};
-use crate::challenges::{Challenge, ChallengeSet};
+use crate::challenges::Challenge;
 use crate::domain::spec::{Certificate, ChallengeKind, KeyType};
 use crate::nonce_retry;
-use crate::self_check;
+use crate::ports::solver::{Presented, Solvers};
 
 /// Polling while the CA validates and issues: short first waits (Pebble and
 /// Let's Encrypt usually answer within a second), `Retry-After` honoured.
@@ -26,19 +26,6 @@ fn polling() -> RetryPolicy {
         .initial_delay(Duration::from_millis(100))
         .backoff(1.5)
         .timeout(Duration::from_secs(120))
-}
-
-/// Removes the order's tokens from the challenge set when dropped: on success,
-/// on failure and when the order task is aborted.
-struct Published<'a> {
-    set: &'a ChallengeSet,
-    tokens: Vec<String>,
-}
-
-impl Drop for Published<'_> {
-    fn drop(&mut self) {
-        self.set.remove(self.tokens.iter().map(String::as_str));
-    }
 }
 
 /// An issued, checked certificate with its fresh key.
@@ -51,14 +38,8 @@ pub struct Issued {
 /// What the order needs from the agent.
 pub struct OrderContext<'a> {
     pub account: &'a Account,
-    pub challenges: &'a ChallengeSet,
-    pub self_check: Option<&'a str>,
-    /// tls-alpn-01 challenge certificates for the SDS server (with `[sds]`).
-    pub alpn: Option<&'a crate::ports::secrets::SecretSet>,
-    /// Envoy's TLS listener, where tls-alpn-01 is self-checked.
-    pub tls_check: Option<&'a str>,
-    /// The dns-01 solvers and their record journal.
-    pub dns: Option<&'a std::sync::Arc<crate::dns::Dns>>,
+    /// The solver of each kind of challenge.
+    pub solvers: &'a Solvers,
     /// Counts (persists) the names whose challenges are about to be handed
     /// to the CA, before they are: each is a failed authorization unless
     /// seen valid. An error stops the order before the CA is told.
@@ -276,80 +257,7 @@ pub async fn issue(
             },
         ));
     }
-    let of_kind = |wanted: ChallengeKind| -> Vec<Challenge> {
-        pending
-            .iter()
-            .filter(|(kind, _)| *kind == wanted)
-            .map(|(_, c)| c.clone())
-            .collect()
-    };
-    let (http, alpn, dns) = (
-        of_kind(ChallengeKind::Http01),
-        of_kind(ChallengeKind::TlsAlpn01),
-        of_kind(ChallengeKind::Dns01),
-    );
-
-    // HTTP-01 tokens go to the filters; tls-alpn-01 certificates to Envoy's
-    // acme-tls/1 filter chain through the SDS server; dns-01 records to the
-    // zone. All are withdrawn when the guards drop.
-    let published = Published {
-        set: cx.challenges,
-        tokens: http.iter().map(|c| c.token.clone()).collect(),
-    };
-    if !http.is_empty() {
-        cx.challenges.publish(http.iter().cloned());
-    }
-    let mut alpn_published = None;
-    if !alpn.is_empty() {
-        let set = cx.alpn.ok_or_else(|| {
-            Error::Validation("tls-alpn-01 needs the agent's SDS server ([sds])".into())
-        })?;
-        let guard = alpn_published.insert(crate::alpn::Published::new(set));
-        for c in &alpn {
-            let (chain, key) =
-                crate::alpn::challenge_certificate(&c.identifier, &c.key_authorization)?;
-            guard.publish(&c.identifier, &chain, &key);
-        }
-    }
-    let mut dns_published = None;
-    if !dns.is_empty() {
-        let (Some(context), Some(solver)) = (cx.dns, spec.dns.as_deref()) else {
-            return Err(Error::Dns(format!(
-                "certificate {} needs a dns-01 solver (dns = \"<name>\")",
-                spec.name
-            ))
-            .into());
-        };
-        let guard =
-            dns_published.insert(crate::dns::Published::new(std::sync::Arc::clone(context)));
-        for c in &dns {
-            let base = c.identifier.strip_prefix("*.").unwrap_or(&c.identifier);
-            guard
-                .add(solver, base, &crate::dns::txt_value(&c.key_authorization))
-                .await?;
-        }
-    }
-
-    if let Some(target) = cx.self_check {
-        let checks = http
-            .iter()
-            .map(|c| self_check::check(target, &c.identifier, &c.token, &c.key_authorization));
-        for result in futures_util::future::join_all(checks).await {
-            result?;
-        }
-    }
-    if let Some(target) = cx.tls_check {
-        let checks = alpn
-            .iter()
-            .map(|c| crate::alpn::check(target, &c.identifier, &c.key_authorization));
-        for result in futures_util::future::join_all(checks).await {
-            result?;
-        }
-    }
-    // What the CA will query, every authoritative nameserver must serve.
-    if let Some(guard) = &dns_published {
-        guard.wait_propagated().await?;
-    }
+    let presented = present(cx.solvers, spec, &pending).await?;
     debug!(challenges = pending.len(), "self-check passed");
 
     // Every name about to be handed to the CA is counted as a failed
@@ -387,10 +295,8 @@ pub async fn issue(
     // Every authorization is final: the filters can forget the tokens, and
     // the zone the records (before finalizing, so a test or an operator
     // finds the zone clean once the certificate is there).
-    drop(published);
-    drop(alpn_published);
-    if let Some(guard) = dns_published.take() {
-        guard.remove().await;
+    for guard in presented {
+        guard.clean_up().await;
     }
 
     let key = key_pair(spec.key_type)?;
@@ -417,6 +323,35 @@ pub async fn issue(
         key_pem,
         leaf,
     })
+}
+
+/// Presents `pending` through the solver of each kind and checks them all as
+/// the CA will; the guards withdraw them when dropped.
+async fn present(
+    solvers: &Solvers,
+    spec: &Certificate,
+    pending: &[(ChallengeKind, Challenge)],
+) -> Result<Vec<Box<dyn Presented>>, Error> {
+    let mut presented = Vec::new();
+    for kind in [
+        ChallengeKind::Http01,
+        ChallengeKind::TlsAlpn01,
+        ChallengeKind::Dns01,
+    ] {
+        let of_kind: Vec<Challenge> = pending
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, c)| c.clone())
+            .collect();
+        if !of_kind.is_empty() {
+            presented.push(solvers.get(kind)?.present(spec, &of_kind).await?);
+        }
+    }
+    let checks = presented.iter().map(|p| p.check());
+    for result in futures_util::future::join_all(checks).await {
+        result?;
+    }
+    Ok(presented)
 }
 
 fn challenge_type(kind: ChallengeKind) -> ChallengeType {
