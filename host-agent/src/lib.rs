@@ -5,34 +5,27 @@
 //! This crate is the library behind the `acme-agent` binary, so tests drive the
 //! same code the binary runs.
 
-pub mod account;
 pub mod acme;
 pub mod api;
 pub mod certificate;
 pub mod challenges;
 pub mod config;
 pub mod control;
-pub mod discovery;
+pub mod disk;
 pub mod domain;
 mod error;
-pub mod events;
 pub mod files;
 pub mod filter_wasm;
-pub mod gateways;
 mod http1;
 pub mod kubernetes;
-pub mod lease;
 pub mod manager;
 pub mod metrics;
 pub mod net;
 pub mod on_demand;
-pub mod order;
 pub mod ports;
 pub mod sds;
-pub mod sink;
 pub mod solvers;
 pub mod status;
-pub mod store;
 pub mod time;
 
 pub use error::Error;

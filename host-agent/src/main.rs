@@ -11,20 +11,22 @@ use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
 use acme_agent::control;
-use acme_agent::events::KubeEvents;
+use acme_agent::disk::sink::FileSink;
+use acme_agent::disk::store::FileStore;
 use acme_agent::kubernetes::KubeStore;
+use acme_agent::kubernetes::events::KubeEvents;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
 use acme_agent::ports::events::{Events, NoEvents};
 use acme_agent::ports::secrets::SecretSet;
+use acme_agent::ports::sink::{CertificateSink, Sinks};
 use acme_agent::ports::solver::{Solver, Solvers};
+use acme_agent::ports::store::StateStore;
 use acme_agent::sds::SdsSink;
-use acme_agent::sink::{CertificateSink, FileSink, Sinks};
 use acme_agent::solvers::dns::{Dns, Dns01};
 use acme_agent::solvers::http01::Http01;
 use acme_agent::solvers::tls_alpn01::TlsAlpn01;
 use acme_agent::status;
-use acme_agent::store::{StateStore, Store};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::runtime::Handle;
@@ -156,7 +158,7 @@ fn status_table(config: &Config) -> anyhow::Result<String> {
         return Ok(status::table(config, &store)?);
     }
     let state_dir = config.state_dir.as_ref().context("state_dir is not set")?;
-    Ok(status::table(config, &Store::existing(state_dir))?)
+    Ok(status::table(config, &FileStore::existing(state_dir))?)
 }
 
 /// Where state and certificates go: files, or Secrets in Kubernetes mode;
@@ -232,7 +234,7 @@ async fn storage(
         None => None,
     };
     Ok((
-        Arc::new(Store::open(state_dir)?),
+        Arc::new(FileStore::open(state_dir)?),
         sink,
         Arc::new(NoEvents),
         None,
@@ -326,7 +328,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let file_tx = match discovery {
         Some((namespaces, client)) => {
             let (file_tx, file_rx) = watch::channel(Arc::new(config));
-            tokio::spawn(acme_agent::discovery::run(
+            tokio::spawn(acme_agent::kubernetes::discovery::run(
                 client,
                 namespaces,
                 file_rx,
@@ -357,7 +359,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         stopper.send_replace(true);
     }));
     if let Some((election, client)) = election {
-        let elector = Arc::new(acme_agent::lease::Elector::new(
+        let elector = Arc::new(acme_agent::kubernetes::lease::Elector::new(
             client,
             &namespace,
             &election.lease,
@@ -428,7 +430,7 @@ fn identity() -> String {
 
 /// Waits (not ready) until this replica holds the Lease; false on shutdown.
 async fn hold_lease(
-    elector: &acme_agent::lease::Elector,
+    elector: &acme_agent::kubernetes::lease::Elector,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
     let retry = elector.duration() / 5;
@@ -453,7 +455,7 @@ async fn hold_lease(
 /// ours any more (another replica took it, or no renewal succeeded within
 /// the duration).
 async fn keep_lease(
-    elector: Arc<acme_agent::lease::Elector>,
+    elector: Arc<acme_agent::kubernetes::lease::Elector>,
     lost: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::ports::secrets::{Gate, SecretSet, normalized};
-use crate::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
+use crate::ports::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
 
 /// Names one stream may subscribe to; a name beyond is answered as removed
 /// (its handshake fails at once) and not tracked.

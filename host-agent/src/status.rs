@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use crate::Error;
 use crate::config::Config;
-use crate::store::{StateStore, Status};
+use crate::ports::store::{StateStore, Status};
 use crate::time::{from_unix, rfc3339};
 
 fn when(secs: Option<u64>) -> String {

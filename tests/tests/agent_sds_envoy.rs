@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
+use acme_agent::disk::sink::FileSink;
+use acme_agent::ports::sink::{CertificateSink, IssuedCertificate};
 use acme_tests::envoy::{
     Envoy, bootstrap_with_listeners, free_addr, https_listener, served_subject,
 };

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 use acme_agent::config::Config;
-use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
+use acme_agent::disk::sink::FileSink;
+use acme_agent::ports::sink::{CertificateSink, IssuedCertificate};
 use acme_tests::envoy::envoy_binary;
 use acme_tests::{filter_wasm, workspace_root};
 

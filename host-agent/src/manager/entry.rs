@@ -13,7 +13,7 @@ use crate::certificate::Leaf;
 use crate::domain::budget::{Blocked, Limit};
 use crate::domain::schedule::{self, Backoff};
 use crate::domain::spec::{Certificate, KeyType};
-use crate::store::Status;
+use crate::ports::store::Status;
 use crate::time::{from_unix, unix};
 
 /// An issued certificate whose store or install step has not succeeded yet:

@@ -15,15 +15,15 @@ use super::ledger::Refused;
 use super::restore;
 use super::trigger::{Reason, Served};
 use crate::Error;
-use crate::account::{self, HeldAccount};
+use crate::acme::account::{self, HeldAccount};
+use crate::acme::order::{self, OrderContext};
 use crate::certificate::Leaf;
 use crate::config::OnDemand;
 use crate::domain::budget::{Blocked, Finished, Spend};
 use crate::domain::schedule;
 use crate::domain::spec::{Certificate, KeyType};
-use crate::order::{self, OrderContext};
-use crate::sink::IssuedCertificate;
-use crate::store::StoredCertificate;
+use crate::ports::sink::IssuedCertificate;
+use crate::ports::store::StoredCertificate;
 
 /// Renewal info is fetched again at least this often ...
 pub const ARI_RECHECK_MAX: Duration = Duration::from_secs(6 * 3600);

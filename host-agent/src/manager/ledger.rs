@@ -10,7 +10,7 @@ use tracing::warn;
 use crate::Error;
 use crate::domain::budget::Limits;
 use crate::domain::budget::{Blocked, Bucket, Finished, Ledger, Spend};
-use crate::store::StateStore;
+use crate::ports::store::StateStore;
 
 pub struct SharedLedger {
     directory: String,

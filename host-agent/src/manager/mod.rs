@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Error;
-use crate::account::HeldAccount;
+use crate::acme::account::HeldAccount;
 use crate::acme::{self, Http};
 use crate::config::{Acme as AcmeConfig, Config};
 use crate::domain::schedule::{self, Backoff};
@@ -32,9 +32,9 @@ use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
 use crate::ports::requests::{Refusal, RenewRefused, Request};
+use crate::ports::sink::CertificateSink;
 use crate::ports::solver::Solvers;
-use crate::sink::CertificateSink;
-use crate::store::StateStore;
+use crate::ports::store::StateStore;
 use crate::time::unix;
 
 use entry::Entry;
@@ -77,7 +77,7 @@ pub struct Shared {
     /// The solver of each kind of challenge.
     solvers: Solvers,
     /// With several replicas: the Lease this one must hold to order.
-    leader: std::sync::OnceLock<Arc<crate::lease::Elector>>,
+    leader: std::sync::OnceLock<Arc<crate::kubernetes::lease::Elector>>,
 }
 
 impl Shared {
@@ -140,7 +140,7 @@ impl Manager {
 
     /// Orders only while `leader` holds its Lease (checked right before
     /// each order). Call before `run`.
-    pub fn with_leader(self, leader: Arc<crate::lease::Elector>) -> Self {
+    pub fn with_leader(self, leader: Arc<crate::kubernetes::lease::Elector>) -> Self {
         if self.shared.leader.set(leader).is_err() {
             warn!("a Lease was already set for this manager; keeping the first");
         }

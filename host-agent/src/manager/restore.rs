@@ -14,7 +14,7 @@ use super::trigger::Served;
 use crate::Error;
 use crate::certificate;
 use crate::domain::spec::Certificate;
-use crate::sink::IssuedCertificate;
+use crate::ports::sink::IssuedCertificate;
 use crate::time::from_unix;
 
 /// Reads what the store has for `spec`, installs a stored certificate that is

@@ -4,4 +4,6 @@
 pub mod events;
 pub mod requests;
 pub mod secrets;
+pub mod sink;
 pub mod solver;
+pub mod store;

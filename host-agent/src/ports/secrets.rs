@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message as _;
 use tokio::sync::watch;
 
-use crate::sink::SECRET_TYPE;
+use crate::ports::sink::SECRET_TYPE;
 
 /// One certificate's material, held once however many names it is served
 /// under; the key is zeroed when the last reference goes.

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::{Challenge, ChallengeSet};
-use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
+use acme_agent::disk::sink::FileSink;
+use acme_agent::ports::sink::{CertificateSink, IssuedCertificate};
 use acme_tests::agent::{Agent, Cert, Settings, wait_for, write_idle_config};
 use acme_tests::envoy::{
     Envoy, bootstrap, bootstrap_filter_on_challenge_route, bootstrap_with_listeners, envoy_binary,

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::rfc2136::TxtRecord;
 use crate::Error;
-use crate::store::StateStore;
+use crate::ports::store::StateStore;
 
 pub struct Journal {
     store: Arc<dyn StateStore>,

@@ -38,7 +38,7 @@ pub struct Dns {
 }
 
 impl Dns {
-    pub fn new(store: Arc<dyn crate::store::StateStore>) -> Self {
+    pub fn new(store: Arc<dyn crate::ports::store::StateStore>) -> Self {
         Self {
             solvers: RwLock::new(BTreeMap::new()),
             journal: Journal::new(store),

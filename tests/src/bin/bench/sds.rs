@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use acme_agent::sink::{CertificateSink, FileSink, IssuedCertificate};
+use acme_agent::disk::sink::FileSink;
+use acme_agent::ports::sink::{CertificateSink, IssuedCertificate};
 use acme_tests::agent::{Agent, wait_for};
 use acme_tests::envoy::{
     Envoy, bootstrap_with_listeners, free_addr, https_listener, on_demand_bootstrap, served_chain,
@@ -174,10 +175,11 @@ fn handshake_latency(
     rounds: usize,
     per_round: usize,
 ) -> Result<()> {
-    use acme_agent::store::{StateStore, Store, StoredCertificate};
+    use acme_agent::disk::store::FileStore;
+    use acme_agent::ports::store::{StateStore, StoredCertificate};
 
     let work = tempfile::tempdir()?;
-    let store = Store::open(work.path().join("state"))?;
+    let store = FileStore::open(work.path().join("state"))?;
     let sink = FileSink::new(work.path().join("sds"))?;
     let firsts: Vec<String> = (0..rounds * per_round)
         .map(|i| format!("f{i}.lat.example.com"))

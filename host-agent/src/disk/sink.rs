@@ -1,7 +1,6 @@
-//! Where issued certificates go. [`FileSink`] writes, per certificate, an SDS
-//! file that Envoy watches (`path_config_source` + `watched_directory`) and
-//! plain PEM files for other consumers. A Kubernetes Secret sink implements
-//! the same trait later.
+//! Certificates as files: per certificate, an SDS file that Envoy watches
+//! (`path_config_source` + `watched_directory`) and plain PEM files for
+//! other consumers.
 //!
 //! Every file is replaced atomically (`crate::files`), so Envoy never reads
 //! half a file or a key that does not match its chain, and an interrupted
@@ -14,116 +13,7 @@ use serde_json::json;
 
 use crate::Error;
 use crate::files::{create_private_dir, write_atomically};
-
-/// The `@type` of an SDS TLS secret.
-pub const SECRET_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-
-/// A certificate ready to install: checked against its key and its domains.
-#[derive(Clone)]
-pub struct IssuedCertificate {
-    /// The configured certificate name; names the SDS secret and the files.
-    pub name: String,
-    /// Leaf first, then intermediates, PEM.
-    pub chain_pem: String,
-    /// PKCS#8 PEM. Never logged (no `Debug` that shows it).
-    pub key_pem: crate::domain::spec::KeyPem,
-}
-
-impl std::fmt::Debug for IssuedCertificate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedCertificate")
-            .field("name", &self.name)
-            .field("key_pem", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
-
-/// A destination for certificates.
-pub trait CertificateSink: Send + Sync {
-    /// Installs (or replaces) `certificate`; on error the previous one stays.
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error>;
-
-    /// True when something is installed for `name` (issued or placeholder).
-    fn installed(&self, name: &str) -> bool;
-
-    /// Whether a self-signed placeholder must be installed until the first
-    /// certificate arrives (Envoy refuses to start on a missing SDS file).
-    fn wants_placeholder(&self) -> bool {
-        true
-    }
-
-    /// Installs a self-signed stand-in where [`wants_placeholder`] (a sink
-    /// that answers "no such certificate" by itself ignores it).
-    ///
-    /// [`wants_placeholder`]: CertificateSink::wants_placeholder
-    fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
-        if self.wants_placeholder() {
-            self.install(certificate)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Fails when `name` could not be installed (a Kubernetes Secret of that
-    /// name that is not the agent's), checked before an order is placed so no
-    /// certificate is issued only to be refused.
-    fn check_writable(&self, _name: &str) -> Result<(), Error> {
-        Ok(())
-    }
-
-    /// Stops serving `name` and deletes what was installed for it (an
-    /// on-demand certificate withdrawn or removed). Sinks that never hold
-    /// on-demand certificates (Kubernetes) keep the default.
-    fn remove(&self, _name: &str) -> Result<(), Error> {
-        Ok(())
-    }
-}
-
-/// Several sinks at once (SDS files and the SDS server, say): each gets every
-/// certificate; a failure of one is reported after the others were tried.
-pub struct Sinks(pub Vec<std::sync::Arc<dyn CertificateSink>>);
-
-impl CertificateSink for Sinks {
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
-        let mut first_error = None;
-        for sink in &self.0 {
-            if let Err(e) = sink.install(certificate) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    fn installed(&self, name: &str) -> bool {
-        self.0.iter().all(|s| s.installed(name))
-    }
-
-    fn wants_placeholder(&self) -> bool {
-        self.0.iter().any(|s| s.wants_placeholder())
-    }
-
-    fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
-        for sink in &self.0 {
-            sink.install_placeholder(certificate)?;
-        }
-        Ok(())
-    }
-
-    fn check_writable(&self, name: &str) -> Result<(), Error> {
-        self.0.iter().try_for_each(|s| s.check_writable(name))
-    }
-
-    fn remove(&self, name: &str) -> Result<(), Error> {
-        let mut first_error = None;
-        for sink in &self.0 {
-            if let Err(e) = sink.remove(name) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-}
+use crate::ports::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
 
 /// SDS and PEM files in one directory.
 #[derive(Debug, Clone)]

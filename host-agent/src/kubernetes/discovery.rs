@@ -1,5 +1,5 @@
 //! Keeps the manager's config = the config file's certificates plus those
-//! the annotated Gateways ask for (`crate::gateways`). The Gateways are
+//! the annotated Gateways ask for (`crate::kubernetes::gateways`). The Gateways are
 //! watched with kube-runtime's `watcher` in each configured namespace, Istio
 //! and Gateway API alike: a list, then a watch from the list's
 //! resourceVersion (a 410 Gone lists again), with backoff on errors (a
@@ -27,7 +27,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::gateways::{self, Conflict, Derived, GATEWAY_API_GROUP, Gateway, ReferenceGrant};
+use crate::kubernetes::gateways::{
+    self, Conflict, Derived, GATEWAY_API_GROUP, Gateway, ReferenceGrant,
+};
 use crate::kubernetes::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::ports::events::Events;
 use crate::ports::events::{GatewayRef, Kind};

@@ -20,7 +20,7 @@ use crate::acme::Http;
 use crate::config::Acme as AcmeConfig;
 use crate::metrics::Metrics;
 use crate::nonce_retry;
-use crate::store::StateStore;
+use crate::ports::store::StateStore;
 
 /// What the store keeps of the account. The directory URL is kept beside the
 /// credentials so a changed `acme.directory` never reuses another CA's account.

@@ -6,6 +6,11 @@
 //! `acme-agent`; a Secret without the agent's `managed-by` label is never
 //! written.
 
+pub mod discovery;
+pub mod events;
+pub mod gateways;
+pub mod lease;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::SystemTime;
@@ -19,8 +24,8 @@ use tokio::runtime::Handle;
 
 use crate::Error;
 use crate::domain::spec::KeyType;
-use crate::sink::{CertificateSink, IssuedCertificate};
-use crate::store::{StateStore, Status, StoredCertificate, account_id};
+use crate::ports::sink::{CertificateSink, IssuedCertificate};
+use crate::ports::store::{StateStore, Status, StoredCertificate, account_id};
 use crate::time::{rfc3339, unix};
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";

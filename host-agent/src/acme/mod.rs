@@ -3,6 +3,9 @@
 //! `Retry-After`), and the `badNonce` retry around its calls. The account is
 //! in `account.rs`.
 
+pub mod account;
+pub mod order;
+
 use std::cell::Cell;
 use std::future::Future;
 use std::path::Path;
