@@ -18,8 +18,12 @@ use acme_agent::metrics::Metrics;
 use acme_agent::ports::events::{Events, NoEvents};
 use acme_agent::ports::requests::Request;
 use acme_agent::ports::secrets::SecretSet;
+use acme_agent::ports::solver::{Solver, Solvers};
 use acme_agent::sds::SdsSink;
 use acme_agent::sink::{CertificateSink, FileSink, Sinks};
+use acme_agent::solvers::dns::{Dns, Dns01};
+use acme_agent::solvers::http01::Http01;
+use acme_agent::solvers::tls_alpn01::TlsAlpn01;
 use acme_agent::status;
 use acme_agent::store::{StateStore, Store};
 use anyhow::Context as _;
@@ -265,16 +269,9 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     )?;
     let elector = elector(&config, client.as_ref());
     let (config_rx, file_tx) = spawn_discovery(config, client, &events, &stop_rx);
-    let mut manager = Manager::new(
-        config_rx,
-        store,
-        sink,
-        challenges,
-        metrics,
-        requests_rx,
-        alpn,
-    )?
-    .with_events(events);
+    let (solvers, dns) = solvers(&store, challenges, alpn);
+    let mut manager =
+        Manager::new(config_rx, store, sink, metrics, requests_rx, solvers)?.with_events(events);
     let (lost_tx, lost_rx) = watch::channel(false);
     let lost = lost_tx.subscribe();
     let (state, api) = serve_front_doors(doors, lost_rx, stop_tx.clone());
@@ -286,6 +283,9 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
         manager = manager.with_leader(elector);
     }
+    // Only the replica that orders sweeps leftover dns-01 records: another
+    // would delete the records of the holder's order in flight.
+    tokio::spawn(dns.sweep_until(stop_rx.clone()));
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, file_tx, stop_rx.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -490,6 +490,23 @@ async fn stop_the_rest(
     {
         error!("{e}");
     }
+}
+
+/// The solver of each kind of challenge: HTTP-01 through the filters'
+/// challenge set, tls-alpn-01 through the SDS server (with `[sds]`), dns-01
+/// through RFC 2136; and the dns-01 records' journal, to sweep.
+fn solvers(
+    store: &Arc<dyn StateStore>,
+    challenges: Arc<ChallengeSet>,
+    alpn: Option<Arc<SecretSet>>,
+) -> (Solvers, Arc<Dns>) {
+    let dns = Arc::new(Dns::new(Arc::clone(store)));
+    let solvers = Solvers {
+        http01: Some(Arc::new(Http01::new(challenges))),
+        tls_alpn01: alpn.map(|set| Arc::new(TlsAlpn01::new(set)) as Arc<dyn Solver>),
+        dns01: Some(Arc::new(Dns01(Arc::clone(&dns)))),
+    };
+    (solvers, dns)
 }
 
 /// This replica's name in the Lease: the pod's name (POD_NAME, from the

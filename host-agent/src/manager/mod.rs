@@ -26,7 +26,6 @@ use crate::Error;
 use crate::account::HeldAccount;
 use crate::acme::{self, Http};
 use crate::certificate::Leaf;
-use crate::challenges::ChallengeSet;
 use crate::config::{Acme as AcmeConfig, Config};
 use crate::domain::budget::Blocked;
 use crate::domain::schedule::{self, Backoff};
@@ -35,12 +34,13 @@ use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
 use crate::ports::requests::{Refusal, RenewRefused, Request};
+use crate::ports::solver::Solvers;
 use crate::sink::CertificateSink;
 use crate::store::StateStore;
 use crate::time::unix;
 
 use entry::{Awaiting, Entry, Restored};
-use job::{ARI_RECHECK_MAX, Checks, Job, OnDemandJob, Outcome, Task};
+use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
 use trigger::Reason;
 
@@ -60,17 +60,6 @@ fn on_demand_spec(domain: &str, key_type: crate::domain::spec::KeyType) -> Certi
         dns: None,
         profile: None,
         adopt: false,
-    }
-}
-
-/// Where the config says challenges are checked.
-fn checks_of(config: &Config) -> Checks {
-    Checks {
-        http: config.self_check.as_ref().map(|s| s.target.clone()),
-        tls: config
-            .self_check
-            .as_ref()
-            .and_then(|s| s.tls_target.clone()),
     }
 }
 
@@ -129,15 +118,12 @@ pub struct Shared {
     acme: AcmeConfig,
     store: Arc<dyn StateStore>,
     sink: Arc<dyn CertificateSink>,
-    challenges: Arc<ChallengeSet>,
     metrics: Arc<Metrics>,
     http: Http,
     account: tokio::sync::Mutex<Option<HeldAccount>>,
     ledger: SharedLedger,
-    /// tls-alpn-01 challenge certificates, served by the SDS server.
-    alpn: Option<Arc<crate::ports::secrets::SecretSet>>,
-    /// dns-01 solvers and the journal of records they added.
-    dns: Arc<crate::dns::Dns>,
+    /// The solver of each kind of challenge.
+    solvers: Solvers,
     /// With several replicas: the Lease this one must hold to order.
     leader: std::sync::OnceLock<Arc<crate::lease::Elector>>,
 }
@@ -156,7 +142,8 @@ pub struct Manager {
     permits: Arc<Semaphore>,
     concurrency: usize,
     backoff: Backoff,
-    checks: Checks,
+    /// Whether `[self_check]` is set (warned about once when it is not).
+    self_checked: bool,
     requests: mpsc::Receiver<Request>,
     /// Kubernetes Events about each certificate (none outside Kubernetes).
     events: Arc<dyn Events>,
@@ -169,27 +156,22 @@ impl Manager {
         config: watch::Receiver<Arc<Config>>,
         store: Arc<dyn StateStore>,
         sink: Arc<dyn CertificateSink>,
-        challenges: Arc<ChallengeSet>,
         metrics: Arc<Metrics>,
         requests: mpsc::Receiver<Request>,
-        alpn: Option<Arc<crate::ports::secrets::SecretSet>>,
+        solvers: Solvers,
     ) -> Result<Self, Error> {
         let current = Arc::clone(&config.borrow());
         let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
-        let dns = Arc::new(crate::dns::Dns::new(Arc::clone(&store)));
-        dns.configure(&current);
         Ok(Self {
             shared: Arc::new(Shared {
                 acme: current.acme.clone(),
                 ledger: SharedLedger::new(current.acme.directory_url(), current.acme.limits),
                 store,
                 sink,
-                challenges,
                 metrics,
                 http,
                 account: tokio::sync::Mutex::new(None),
-                alpn,
-                dns,
+                solvers,
                 leader: std::sync::OnceLock::new(),
             }),
             config,
@@ -198,7 +180,7 @@ impl Manager {
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
             concurrency: current.order_concurrency,
             backoff: current.retry.backoff(),
-            checks: checks_of(&current),
+            self_checked: current.self_check.is_some(),
             requests,
             events: Arc::new(NoEvents),
         })
@@ -225,7 +207,6 @@ impl Manager {
         let config = Arc::clone(&self.config.borrow_and_update());
         self.apply(&config);
         self.restore_on_demand(&config);
-        tokio::spawn(Arc::clone(&self.shared.dns).sweep_until(shutdown.clone()));
         loop {
             self.sweep_on_demand();
             self.start_due_jobs();
@@ -540,12 +521,12 @@ impl Manager {
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();
-        self.shared.dns.configure(config);
-        let checks = checks_of(config);
-        if checks.http.is_none() && (self.checks.http.is_some() || self.entries.is_empty()) {
+        self.shared.solvers.configure(config);
+        let self_checked = config.self_check.is_some();
+        if !self_checked && (self.self_checked || self.entries.is_empty()) {
             warn!("no [self_check] target: challenges go to the CA unchecked");
         }
-        self.checks = checks;
+        self.self_checked = self_checked;
         let wanted: BTreeMap<&str, &Certificate> = config
             .certificates
             .iter()
@@ -605,7 +586,6 @@ impl Manager {
                 shared: Arc::clone(&self.shared),
                 spec: entry.spec.clone(),
                 task,
-                checks: self.checks.clone(),
                 on_demand: entry.on_demand.then(|| OnDemandJob {
                     config: policy.clone(),
                     recheck: entry.recheck,
