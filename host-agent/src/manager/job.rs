@@ -410,9 +410,9 @@ impl Look<'_> {
     }
 
     /// What would fail the order, checked before it is placed: the sink
-    /// can write, the challenges' solvers are ready, the CA offers the profile, and
-    /// (several replicas) this one still holds the Lease, as a replica
-    /// paused past it must not order.
+    /// can write, the challenges' solvers are ready, the CA offers the
+    /// profile, and (several replicas) this one still holds the Lease, as a
+    /// replica paused past it must not order.
     async fn preflight(&self, account: &instant_acme::Account) -> Result<(), Error> {
         let s = self.shared;
         s.sink.check_writable(&self.spec.name)?;
