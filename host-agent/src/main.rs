@@ -18,6 +18,7 @@ use acme_agent::kubernetes::events::KubeEvents;
 use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
 use acme_agent::ports::events::{Events, NoEvents};
+use acme_agent::ports::requests::Request;
 use acme_agent::ports::secrets::SecretSet;
 use acme_agent::ports::sink::{CertificateSink, Sinks};
 use acme_agent::ports::solver::{Solver, Solvers};
@@ -31,6 +32,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 /// EX_USAGE: the configuration is wrong, retrying will not help.
@@ -241,6 +243,9 @@ async fn storage(
     ))
 }
 
+/// Runs the agent until SIGTERM or SIGINT (or, with leader election, the
+/// loss of the Lease): binds the front doors, starts the SDS server, Gateway
+/// discovery and the manager, then stops them all in turn.
 #[tokio::main]
 async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let secrets = config.sds.as_ref().map(|_| Arc::new(SecretSet::new()));
@@ -254,11 +259,68 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let challenges = Arc::new(ChallengeSet::new());
     let (requests_tx, requests_rx) = mpsc::channel(16);
+    let doors = bind_front_doors(&config, &challenges, &metrics, &requests_tx)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sds = spawn_sds(
+        &config,
+        secrets,
+        alpn.clone(),
+        &metrics,
+        &requests_tx,
+        &stop_rx,
+    )?;
+    let elector = elector(&config, client.as_ref());
+    let (config_rx, file_tx) = spawn_discovery(config, client, &events, &stop_rx);
+    let (solvers, dns) = solvers(&store, challenges, alpn);
+    let mut manager =
+        Manager::new(config_rx, store, sink, metrics, requests_rx, solvers)?.with_events(events);
+    let (lost_tx, lost_rx) = watch::channel(false);
+    let lost = lost_tx.subscribe();
+    let (state, api) = serve_front_doors(doors, lost_rx, stop_tx.clone());
+    if let Some(elector) = elector {
+        if !lead(&elector, lost_tx, &stop_rx).await {
+            let _ = stop_tx.send(true);
+            api.await??;
+            return Ok(());
+        }
+        manager = manager.with_leader(elector);
+    }
+    // Only the replica that orders sweeps leftover dns-01 records: another
+    // would delete the records of the holder's order in flight.
+    tokio::spawn(dns.sweep_until(stop_rx.clone()));
+    let manager = tokio::spawn(manager.run(stop_rx.clone()));
+    let reloader = tokio::spawn(watch_config(path, file_tx, stop_rx.clone()));
+    state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    api.await??;
+    stop_the_rest(manager, reloader, sds).await;
+    if *lost.borrow() {
+        anyhow::bail!("lost the Lease");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The challenge API, with its state, and the probes' listener: bound, not
+/// yet served.
+struct FrontDoors {
+    state: Arc<ApiState>,
+    listener: api::Listener,
+    health: tokio::net::TcpListener,
+}
+
+/// Binds the challenge API and the probes' port before anything starts, so
+/// a port already taken fails the start.
+fn bind_front_doors(
+    config: &Config,
+    challenges: &Arc<ChallengeSet>,
+    metrics: &Arc<Metrics>,
+    requests: &mpsc::Sender<Request>,
+) -> anyhow::Result<FrontDoors> {
     let state = ApiState::with_parts(
-        Arc::clone(&challenges),
+        Arc::clone(challenges),
         config.challenge_api.token.clone(),
-        Arc::clone(&metrics),
-        Some(requests_tx.clone()),
+        Arc::clone(metrics),
+        Some(requests.clone()),
         &config.challenge_api,
     );
     let listener = api::bind(&config.challenge_api)?;
@@ -275,49 +337,120 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let health = acme_agent::net::bind_tcp(config.health.listen)
         .with_context(|| format!("binding health.listen {}", config.health.listen))?;
     info!(address = %config.health.listen, "probes and metrics listening");
+    Ok(FrontDoors {
+        state,
+        listener,
+        health,
+    })
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let sds = match (&config.sds, secrets) {
-        (Some(sds), Some(secrets)) => {
-            let listener = acme_agent::sds::Listener::bind(sds)?;
-            let refused_metrics = Arc::clone(&metrics);
-            let refused: Arc<dyn Fn() + Send + Sync> =
-                Arc::new(move || refused_metrics.refused("sds", "peer"));
-            let mut stop = stop_rx.clone();
-            let gate = config.on_demand.as_ref().map(|od| {
-                Arc::new(acme_agent::on_demand::Handle(
-                    acme_agent::on_demand::OnDemandGate::new(
-                        od.clone(),
-                        requests_tx.clone(),
-                        Arc::clone(&secrets),
-                    ),
-                )) as Arc<dyn acme_agent::ports::secrets::Gate>
-            });
-            Some(tokio::spawn(acme_agent::sds::serve(
-                listener,
-                secrets,
-                alpn.clone().unwrap_or_default(),
-                gate,
-                refused,
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )))
+/// Serves the probes and metrics from the start, and the challenge API
+/// until SIGTERM or SIGINT or the loss of the Lease (`lost`), then tells
+/// every task to stop. A replica that must hold the Lease stays not-ready
+/// (so the gateways' long-polls go to the holder) until it does.
+fn serve_front_doors(
+    doors: FrontDoors,
+    mut lost: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+) -> (Arc<ApiState>, JoinHandle<std::io::Result<()>>) {
+    let FrontDoors {
+        state,
+        listener,
+        health,
+    } = doors;
+    tokio::spawn(api::serve_health(health, Arc::clone(&state)));
+    let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = lost.wait_for(|lost| *lost) => error!("lost the Lease: stopping (the pod restarts as a follower)"),
         }
-        _ => None,
+        stop.send_replace(true);
+    }));
+    (state, api)
+}
+
+/// The SDS server, when `[sds]` is set: it serves the issued certificates
+/// (`secrets`) and the tls-alpn-01 ones (`alpn`), and with on-demand TLS its
+/// gate asks the manager for a certificate a handshake names.
+fn spawn_sds(
+    config: &Config,
+    secrets: Option<Arc<SecretSet>>,
+    alpn: Option<Arc<SecretSet>>,
+    metrics: &Arc<Metrics>,
+    requests: &mpsc::Sender<Request>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<JoinHandle<Result<(), acme_agent::Error>>>> {
+    let (Some(sds), Some(secrets)) = (&config.sds, secrets) else {
+        return Ok(None);
     };
-    let namespace = config
-        .kubernetes
-        .as_ref()
-        .map(|k| k.namespace.clone())
-        .unwrap_or_default();
-    let election = config
-        .kubernetes
-        .as_ref()
-        .and_then(|k| k.leader_election.clone())
-        .zip(client.clone());
-    // With Gateway discovery, the file's config goes through it and comes
-    // out with the derived certificates added.
+    let listener = acme_agent::sds::Listener::bind(sds)?;
+    let refused_metrics = Arc::clone(metrics);
+    let refused: Arc<dyn Fn() + Send + Sync> =
+        Arc::new(move || refused_metrics.refused("sds", "peer"));
+    let mut stop = stop.clone();
+    let gate = config.on_demand.as_ref().map(|od| {
+        Arc::new(acme_agent::on_demand::Handle(
+            acme_agent::on_demand::OnDemandGate::new(
+                od.clone(),
+                requests.clone(),
+                Arc::clone(&secrets),
+            ),
+        )) as Arc<dyn acme_agent::ports::secrets::Gate>
+    });
+    Ok(Some(tokio::spawn(acme_agent::sds::serve(
+        listener,
+        secrets,
+        alpn.unwrap_or_default(),
+        gate,
+        refused,
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    ))))
+}
+
+/// This replica's Lease, when leader election is configured (Kubernetes
+/// mode only).
+fn elector(
+    config: &Config,
+    client: Option<&kube::Client>,
+) -> Option<Arc<acme_agent::kubernetes::lease::Elector>> {
+    let k8s = config.kubernetes.as_ref()?;
+    let election = k8s.leader_election.as_ref()?;
+    Some(Arc::new(acme_agent::kubernetes::lease::Elector::new(
+        client?.clone(),
+        &k8s.namespace,
+        &election.lease,
+        &identity(),
+        Duration::from_secs(election.duration_seconds),
+    )))
+}
+
+/// Waits until this replica holds the Lease, then keeps it in the
+/// background, flagging `lost` when it goes; false when the agent stops
+/// first.
+async fn lead(
+    elector: &Arc<acme_agent::kubernetes::lease::Elector>,
+    lost: watch::Sender<bool>,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let mut waiting = stop.clone();
+    if !hold_lease(elector, &mut waiting).await {
+        return false;
+    }
+    tokio::spawn(keep_lease(Arc::clone(elector), lost, stop.clone()));
+    true
+}
+
+/// The config the manager follows, and where the reloaded file goes. With
+/// Gateway discovery the file's config goes through it and comes out with
+/// the derived certificates added; without, it goes straight to the manager.
+fn spawn_discovery(
+    config: Config,
+    client: Option<kube::Client>,
+    events: &Arc<dyn Events>,
+    stop: &watch::Receiver<bool>,
+) -> (watch::Receiver<Arc<Config>>, watch::Sender<Arc<Config>>) {
     let discovery = config
         .kubernetes
         .as_ref()
@@ -325,64 +458,28 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         .map(|g| g.namespaces.clone())
         .zip(client);
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
-    let file_tx = match discovery {
-        Some((namespaces, client)) => {
-            let (file_tx, file_rx) = watch::channel(Arc::new(config));
-            tokio::spawn(acme_agent::kubernetes::discovery::run(
-                client,
-                namespaces,
-                file_rx,
-                config_tx,
-                Arc::clone(&events),
-                stop_rx.clone(),
-            ));
-            file_tx
-        }
-        None => config_tx,
+    let Some((namespaces, client)) = discovery else {
+        return (config_rx, config_tx);
     };
-    let (solvers, dns) = solvers(&store, challenges, alpn);
-    let mut manager =
-        Manager::new(config_rx, store, sink, metrics, requests_rx, solvers)?.with_events(events);
+    let (file_tx, file_rx) = watch::channel(Arc::new(config));
+    tokio::spawn(acme_agent::kubernetes::discovery::run(
+        client,
+        namespaces,
+        file_rx,
+        config_tx,
+        Arc::clone(events),
+        stop.clone(),
+    ));
+    (config_rx, file_tx)
+}
 
-    // The API serves probes and metrics from the start; a replica that must
-    // hold the Lease stays not-ready (so the gateways' long-polls go to the
-    // holder) until it does, and stops when it loses it.
-    let (lost_tx, mut lost_rx) = watch::channel(false);
-    let lost = lost_tx.subscribe();
-    let stopper = stop_tx.clone();
-    tokio::spawn(api::serve_health(health, Arc::clone(&state)));
-    let api = tokio::spawn(api::serve(listener, Arc::clone(&state), async move {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            _ = lost_rx.wait_for(|lost| *lost) => error!("lost the Lease: stopping (the pod restarts as a follower)"),
-        }
-        stopper.send_replace(true);
-    }));
-    if let Some((election, client)) = election {
-        let elector = Arc::new(acme_agent::kubernetes::lease::Elector::new(
-            client,
-            &namespace,
-            &election.lease,
-            &identity(),
-            Duration::from_secs(election.duration_seconds),
-        ));
-        let mut stop = stop_rx.clone();
-        if !hold_lease(&elector, &mut stop).await {
-            let _ = stop_tx.send(true);
-            api.await??;
-            return Ok(());
-        }
-        tokio::spawn(keep_lease(Arc::clone(&elector), lost_tx, stop_rx.clone()));
-        manager = manager.with_leader(elector);
-    }
-    // Only the replica that orders sweeps leftover dns-01 records: another
-    // would delete the records of the holder's order in flight.
-    tokio::spawn(dns.sweep_until(stop_rx.clone()));
-    let manager = tokio::spawn(manager.run(stop_rx.clone()));
-    let reloader = tokio::spawn(watch_config(path, file_tx, stop_rx.clone()));
-    state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    api.await??;
-    // Bounded: the manager only aborts its jobs and waits for them to unwind.
+/// Once the API has stopped: the manager (bounded: it only aborts its jobs
+/// and waits for them to unwind), the config reloader, the SDS server.
+async fn stop_the_rest(
+    manager: JoinHandle<()>,
+    reloader: JoinHandle<()>,
+    sds: Option<JoinHandle<Result<(), acme_agent::Error>>>,
+) {
     if tokio::time::timeout(Duration::from_secs(10), manager)
         .await
         .is_err()
@@ -395,11 +492,6 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     {
         error!("{e}");
     }
-    if *lost.borrow() {
-        anyhow::bail!("lost the Lease");
-    }
-    info!("stopped");
-    Ok(())
 }
 
 /// The solver of each kind of challenge: HTTP-01 through the filters'

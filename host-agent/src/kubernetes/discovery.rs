@@ -14,7 +14,7 @@
 //! nothing is derived until they have been listed once (or their watch
 //! failed), so a restart does not report a granted reference as refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -226,51 +226,26 @@ pub async fn run(
         .as_ref()
         .map(|k| k.namespace.clone())
         .unwrap_or_default();
-    let mut streams: Vec<Watch> = Vec::new();
-    for namespace in &namespaces {
-        for kind in [Kind::Istio, Kind::GatewayApi] {
-            streams.push(watch(&client, namespace, Source::Gateways(kind)));
-        }
-    }
-    // Grants matter only to Gateways of other namespaces; without any, the
-    // agent needs no access to them.
-    let grants_watched = namespaces.iter().any(|n| *n != agent_namespace);
-    if grants_watched {
-        streams.push(watch(&client, &agent_namespace, Source::Grants));
-    }
+    let (streams, grants_watched) = watches(&client, &namespaces, &agent_namespace);
     let mut all = futures_util::stream::select_all(streams);
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(client.clone(), &agent_namespace);
-    let mut derived_names: std::collections::BTreeSet<String> = Default::default();
-    let mut seen: BTreeMap<(Source, String), Seen> = BTreeMap::new();
-    let mut conflicts: Vec<Conflict> = Vec::new();
-    let mut failing: BTreeMap<(Source, String), bool> = BTreeMap::new();
+    let mut state = Derivation {
+        secrets: Api::namespaced(client.clone(), &agent_namespace),
+        agent_namespace,
+        grants_watched,
+        events,
+        merged_tx,
+        seen: BTreeMap::new(),
+        failing: BTreeSet::new(),
+        conflicts: Vec::new(),
+        derived_names: BTreeSet::new(),
+    };
     info!(?namespaces, grants_watched, "watching annotated Gateways");
     loop {
         tokio::select! {
             next = all.next() => {
                 let Some((source, namespace, event)) = next else { return };
-                let view = seen.entry((source, namespace.clone())).or_default();
-                match event {
-                    Ok(event) => {
-                        if failing.remove(&(source, namespace.clone())).is_some() {
-                            info!(?source, namespace, "watching again");
-                        }
-                        if !view.apply(event) {
-                            continue;
-                        }
-                    }
-                    Err(e) => {
-                        // Once per failing spell: the backoff retries.
-                        if failing.insert((source, namespace.clone()), true).is_none() {
-                            warn!(?source, namespace, "watching failed (is the CRD installed? retried with backoff): {e}");
-                        }
-                        // A watch failing before its first list: derive
-                        // from what the others have (once), not wait for it.
-                        if std::mem::replace(&mut view.settled, true) {
-                            continue;
-                        }
-                    }
+                if !state.apply(source, namespace, event) {
+                    continue;
                 }
             }
             changed = file.changed() => {
@@ -280,43 +255,105 @@ pub async fn run(
             }
             _ = stop.wait_for(|s| *s) => return,
         }
-        let grants_settled = seen
-            .get(&(Source::Grants, agent_namespace.clone()))
-            .is_some_and(|v| v.settled);
-        if grants_watched && !grants_settled {
+        if !state.ready() {
             continue;
         }
         let file_config = Arc::clone(&file.borrow());
-        let (all_gateways, grants) = snapshot(&seen);
-        let derived = gateways::derive(&all_gateways, &grants, &file_config);
-        events.set_gateways(derived.users.clone());
-        if derived.conflicts != conflicts {
-            for conflict in &derived.conflicts {
-                if !conflicts.contains(conflict) {
-                    warn!(gateway = %conflict.gateway, "{}", conflict.message);
-                    events.conflict(&conflict.gateway, &conflict.message);
+        state.derive(&file_config).await;
+    }
+}
+
+/// The watches of `namespaces`' Gateways, both kinds, and of the agent's
+/// ReferenceGrants when they matter; true when the grants are watched.
+fn watches(client: &Client, namespaces: &[String], agent_namespace: &str) -> (Vec<Watch>, bool) {
+    let mut streams: Vec<Watch> = Vec::new();
+    for namespace in namespaces {
+        for kind in [Kind::Istio, Kind::GatewayApi] {
+            streams.push(watch(client, namespace, Source::Gateways(kind)));
+        }
+    }
+    // Grants matter only to Gateways of other namespaces; without any, the
+    // agent needs no access to them.
+    let grants_watched = namespaces.iter().any(|n| *n != agent_namespace);
+    if grants_watched {
+        streams.push(watch(client, agent_namespace, Source::Grants));
+    }
+    (streams, grants_watched)
+}
+
+/// What the watchers have seen, and what was last derived from it.
+struct Derivation {
+    agent_namespace: String,
+    grants_watched: bool,
+    secrets: Api<k8s_openapi::api::core::v1::Secret>,
+    events: Arc<dyn Events>,
+    merged_tx: watch::Sender<Arc<Config>>,
+    seen: BTreeMap<(Source, String), Seen>,
+    /// The watchers failing now (each logged once per failing spell).
+    failing: BTreeSet<(Source, String)>,
+    /// The conflicts last reported.
+    conflicts: Vec<Conflict>,
+    /// The names of the certificates last derived.
+    derived_names: BTreeSet<String>,
+}
+
+impl Derivation {
+    /// Takes in one watcher's event; false when there is nothing new to
+    /// derive from.
+    fn apply(
+        &mut self,
+        source: Source,
+        namespace: String,
+        event: Result<Event<DynamicObject>, watcher::Error>,
+    ) -> bool {
+        let key = (source, namespace);
+        let view = self.seen.entry(key.clone()).or_default();
+        let namespace = &key.1;
+        match event {
+            Ok(event) => {
+                if self.failing.remove(&key) {
+                    info!(?source, namespace, "watching again");
                 }
+                view.apply(event)
             }
-            conflicts = derived.conflicts.clone();
+            Err(e) => {
+                // Once per failing spell: the backoff retries.
+                if self.failing.insert(key.clone()) {
+                    warn!(
+                        ?source,
+                        namespace,
+                        "watching failed (is the CRD installed? retried with backoff): {e}"
+                    );
+                }
+                // A watch failing before its first list: derive from what
+                // the others have (once), not wait for it.
+                !std::mem::replace(&mut view.settled, true)
+            }
         }
-        let names: std::collections::BTreeSet<String> = derived
-            .certificates
-            .iter()
-            .map(|c| c.name.clone())
-            .collect();
-        for gone in derived_names.difference(&names) {
-            info!(
-                certificate = gone,
-                "no annotated Gateway asks for it any more: no longer renewed"
-            );
-            mark(&secrets, gone, true).await;
-        }
-        for back in names.difference(&derived_names) {
-            mark(&secrets, back, false).await;
-        }
-        derived_names = names;
-        let config = merged(&file_config, &derived);
-        merged_tx.send_if_modified(|current| {
+    }
+
+    /// Whether there is enough to derive from: the grants, when watched,
+    /// have been listed once (or their watch failed), so a granted
+    /// reference is never reported refused for want of its grant.
+    fn ready(&self) -> bool {
+        let grants_settled = self
+            .seen
+            .get(&(Source::Grants, self.agent_namespace.clone()))
+            .is_some_and(|v| v.settled);
+        !self.grants_watched || grants_settled
+    }
+
+    /// Derives the certificates from what is seen and `file_config`, reports
+    /// what changed (users, conflicts, released Secrets) and sends the
+    /// merged config if it differs.
+    async fn derive(&mut self, file_config: &Config) {
+        let (all_gateways, grants) = snapshot(&self.seen);
+        let derived = gateways::derive(&all_gateways, &grants, file_config);
+        self.events.set_gateways(derived.users.clone());
+        self.report_conflicts(&derived.conflicts);
+        self.mark_released(&derived).await;
+        let config = merged(file_config, &derived);
+        self.merged_tx.send_if_modified(|current| {
             if **current == config {
                 false
             } else {
@@ -324,5 +361,40 @@ pub async fn run(
                 true
             }
         });
+    }
+
+    /// Logs and records as Events the conflicts not reported before.
+    fn report_conflicts(&mut self, conflicts: &[Conflict]) {
+        if conflicts == self.conflicts.as_slice() {
+            return;
+        }
+        for conflict in conflicts {
+            if !self.conflicts.contains(conflict) {
+                warn!(gateway = %conflict.gateway, "{}", conflict.message);
+                self.events.conflict(&conflict.gateway, &conflict.message);
+            }
+        }
+        self.conflicts = conflicts.to_vec();
+    }
+
+    /// Marks the Secrets of certificates no Gateway asks for any more as
+    /// released, and unmarks those asked for again.
+    async fn mark_released(&mut self, derived: &Derived) {
+        let names: BTreeSet<String> = derived
+            .certificates
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        for gone in self.derived_names.difference(&names) {
+            info!(
+                certificate = gone,
+                "no annotated Gateway asks for it any more: no longer renewed"
+            );
+            mark(&self.secrets, gone, true).await;
+        }
+        for back in names.difference(&self.derived_names) {
+            mark(&self.secrets, back, false).await;
+        }
+        self.derived_names = names;
     }
 }

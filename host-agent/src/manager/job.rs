@@ -374,6 +374,8 @@ impl Look<'_> {
         }
     }
 
+    /// Orders a new certificate: checks what would fail the order before
+    /// placing it, reserves it in the CA-limit budget, then places it.
     async fn order(
         &self,
         account: &instant_acme::Account,
@@ -383,40 +385,19 @@ impl Look<'_> {
     ) -> Outcome {
         let s = self.shared;
         let store = s.store.as_ref();
-        let name = self.spec.name.as_str();
-        let domains = self.spec.domains.as_slice();
-        if let Err(e) = s.sink.check_writable(name) {
+        if let Err(e) = self.preflight(account).await {
             return Outcome::failed(e, reason);
-        }
-        if let Err(e) = s.solvers.preflight(self.spec).await {
-            return Outcome::failed(e, reason);
-        }
-        if let Err(e) = order::check_profile(account, self.spec) {
-            return Outcome::failed(e, reason);
-        }
-        // Several replicas: right before the order, this one must still
-        // hold the Lease (a replica paused past it must not order).
-        if let Some(leader) = s.leader.get()
-            && !leader.still_holds().await
-        {
-            return Outcome::failed(
-                Error::Kubernetes(format!(
-                    "{} does not hold the Lease any more: no order",
-                    leader.identity()
-                )),
-                reason,
-            );
         }
         if replaces.is_some() && s.ledger.replaces_not_reflected(store) {
             replaces = None;
         }
         let exempt = ari_due && replaces.is_some() && s.ledger.limits().ari_renewals_exempt;
         let spend = Spend {
-            domains,
+            domains: self.spec.domains.as_slice(),
             exempt,
             on_demand: self.on_demand.is_some(),
         };
-        match s.ledger.reserve(store, name, spend) {
+        match s.ledger.reserve(store, &self.spec.name, spend) {
             Ok(()) => {}
             Err(Refused::Blocked(blocked)) => {
                 info!("{blocked}");
@@ -424,10 +405,47 @@ impl Look<'_> {
             }
             Err(Refused::Store(e)) => return Outcome::failed(e, reason),
         }
+        self.place(account, spend, replaces.as_deref(), reason)
+            .await
+    }
+
+    /// What would fail the order, checked before it is placed: the sink
+    /// can write, the challenges' solvers are ready, the CA offers the
+    /// profile, and (several replicas) this one still holds the Lease, as a
+    /// replica paused past it must not order.
+    async fn preflight(&self, account: &instant_acme::Account) -> Result<(), Error> {
+        let s = self.shared;
+        s.sink.check_writable(&self.spec.name)?;
+        s.solvers.preflight(self.spec).await?;
+        order::check_profile(account, self.spec)?;
+        if let Some(leader) = s.leader.get()
+            && !leader.still_holds().await
+        {
+            return Err(Error::Kubernetes(format!(
+                "{} does not hold the Lease any more: no order",
+                leader.identity()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Places the order reserved as `spend` and installs what is issued.
+    /// The reservation ends with what the CA was told, whichever way this
+    /// returns (an abort included).
+    async fn place(
+        &self,
+        account: &instant_acme::Account,
+        spend: Spend<'_>,
+        replaces: Option<&str>,
+        reason: Option<Reason>,
+    ) -> Outcome {
+        let s = self.shared;
+        let store = s.store.as_ref();
+        let name = self.spec.name.as_str();
         let mut reservation = Reservation {
             shared: s,
             name,
-            domains,
+            domains: spend.domains,
             how: None,
         };
         let cx = OrderContext {
@@ -435,8 +453,8 @@ impl Look<'_> {
             solvers: &s.solvers,
             trigger: &|names: &[String]| s.ledger.trigger(store, name, names),
         };
-        let span = info_span!("order", domains = ?domains);
-        let mut result = order::issue(&cx, self.spec, replaces.as_deref())
+        let span = info_span!("order", domains = ?spend.domains);
+        let mut result = order::issue(&cx, self.spec, replaces)
             .instrument(span.clone())
             .await;
         if let Err(failure) = &result
@@ -454,62 +472,54 @@ impl Look<'_> {
                 exempt: false,
                 ..spend
             };
-            match s.ledger.extra_order(store, again) {
-                Ok(()) => {
-                    result = order::issue(&cx, self.spec, None).instrument(span).await;
-                }
-                Err(Refused::Blocked(blocked)) => {
-                    reservation.how = Some(Finished::NotFinalized {
-                        valid_names: Vec::new(),
-                    });
-                    return Outcome::Blocked { blocked, reason };
-                }
-                Err(Refused::Store(e)) => {
-                    reservation.how = Some(Finished::NotFinalized {
-                        valid_names: Vec::new(),
-                    });
-                    return Outcome::failed(e, reason);
-                }
-            }
-        }
-        let issued = match result {
-            Ok(issued) => {
-                reservation.how = Some(Finished::Finalized);
-                issued
-            }
-            Err(failure) => {
-                reservation.how = Some(if failure.finalized {
-                    Finished::Finalized
-                } else {
-                    Finished::NotFinalized {
-                        valid_names: failure.valid_names,
-                    }
+            if let Err(refused) = s.ledger.extra_order(store, again) {
+                reservation.how = Some(Finished::NotFinalized {
+                    valid_names: Vec::new(),
                 });
-                if failure.error.kind() == "accountDoesNotExist" {
-                    *s.account.lock().await = None;
-                    if let Err(forget) = account::forget(&s.acme, store) {
-                        warn!("{forget}");
-                    }
-                }
-                return Outcome::Failed {
-                    error: failure.error,
-                    retry_after: None,
-                    ordered: true,
-                    reason,
-                    awaiting: None,
+                return match refused {
+                    Refused::Blocked(blocked) => Outcome::Blocked { blocked, reason },
+                    Refused::Store(e) => Outcome::failed(e, reason),
                 };
             }
+            result = order::issue(&cx, self.spec, None).instrument(span).await;
+        }
+        let failure = match result {
+            Ok(issued) => {
+                reservation.how = Some(Finished::Finalized);
+                drop(reservation);
+                let awaiting = Awaiting {
+                    chain_pem: issued.chain_pem,
+                    key_pem: issued.key_pem,
+                    leaf: issued.leaf,
+                    key_type: self.spec.key_type,
+                    stored: false,
+                    installed: false,
+                    ordered: true,
+                };
+                return install(s, self.spec, awaiting, reason);
+            }
+            Err(failure) => failure,
         };
-        drop(reservation);
-        let awaiting = Awaiting {
-            chain_pem: issued.chain_pem,
-            key_pem: issued.key_pem,
-            leaf: issued.leaf,
-            key_type: self.spec.key_type,
-            stored: false,
-            installed: false,
+        reservation.how = Some(if failure.finalized {
+            Finished::Finalized
+        } else {
+            Finished::NotFinalized {
+                valid_names: failure.valid_names,
+            }
+        });
+        if failure.error.kind() == "accountDoesNotExist" {
+            // Opened (or registered) anew for the next order.
+            *s.account.lock().await = None;
+            if let Err(forget) = account::forget(&s.acme, store) {
+                warn!("{forget}");
+            }
+        }
+        Outcome::Failed {
+            error: failure.error,
+            retry_after: None,
             ordered: true,
-        };
-        install(s, self.spec, awaiting, reason)
+            reason,
+            awaiting: None,
+        }
     }
 }

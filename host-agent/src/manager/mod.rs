@@ -25,9 +25,11 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::Error;
 use crate::acme::account::HeldAccount;
 use crate::acme::{self, Http};
+use crate::certificate::Leaf;
 use crate::config::{Acme as AcmeConfig, Config};
+use crate::domain::budget::Blocked;
 use crate::domain::schedule::{self, Backoff};
-use crate::domain::spec::Certificate;
+use crate::domain::spec::{Certificate, KeyType};
 use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
@@ -37,9 +39,10 @@ use crate::ports::solver::Solvers;
 use crate::ports::store::StateStore;
 use crate::time::unix;
 
-use entry::Entry;
+use entry::{Awaiting, Entry, Restored};
 use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
+use trigger::Reason;
 
 /// Only a served certificate is withdrawn from SDS: one not got yet serves
 /// nothing, so for the idle rule it is withdrawn already.
@@ -57,6 +60,51 @@ fn on_demand_spec(domain: &str, key_type: crate::domain::spec::KeyType) -> Certi
         dns: None,
         profile: None,
         adopt: false,
+    }
+}
+
+/// What an entry's next job does: restore it from the store first, then
+/// finish installing a certificate that waits for a step, else look whether
+/// an order is due.
+fn task_of(entry: &Entry) -> Task {
+    if !entry.restored {
+        Task::Restore
+    } else if let Some(awaiting) = &entry.awaiting {
+        Task::Install(awaiting.clone())
+    } else {
+        Task::Look {
+            served: entry.served.clone(),
+            reason: entry.static_reason(),
+            two_thirds: entry.two_thirds(),
+        }
+    }
+}
+
+/// Runs `job`, holding one of the order permits when given them; a
+/// failure that says nothing of when to retry takes the CA's `Retry-After`,
+/// or the error's own.
+async fn run_job(job: Job, permits: Option<Arc<Semaphore>>) -> Outcome {
+    // A closed semaphore is never used; if it were, run unbounded.
+    let _permit = match permits {
+        Some(p) => p.acquire_owned().await.ok(),
+        None => None,
+    };
+    let (outcome, retry_after) = acme::capturing_retry_after(job.run()).await;
+    match outcome {
+        Outcome::Failed {
+            error,
+            retry_after: None,
+            ordered,
+            reason,
+            awaiting,
+        } => Outcome::Failed {
+            retry_after: retry_after.or(error.retry_after()),
+            error,
+            ordered,
+            reason,
+            awaiting,
+        },
+        other => other,
     }
 }
 
@@ -521,6 +569,7 @@ impl Manager {
         }
     }
 
+    /// Starts a job for every entry that is due and has none running.
     fn start_due_jobs(&mut self) {
         let now = SystemTime::now();
         let policy = self.config.borrow().on_demand.clone().map(Arc::new);
@@ -530,20 +579,8 @@ impl Manager {
             if entry.job.is_some() || entry.due > now || entry.withdrawn {
                 continue;
             }
-            let (task, needs_permit) = if !entry.restored {
-                (Task::Restore, false)
-            } else if let Some(awaiting) = &entry.awaiting {
-                (Task::Install(awaiting.clone()), false)
-            } else {
-                (
-                    Task::Look {
-                        served: entry.served.clone(),
-                        reason: entry.static_reason(),
-                        two_thirds: entry.two_thirds(),
-                    },
-                    true,
-                )
-            };
+            let task = task_of(entry);
+            // Only a look may order: it alone waits for a permit.
             let looks = matches!(task, Task::Look { .. });
             let job = Job {
                 shared: Arc::clone(&self.shared),
@@ -557,45 +594,21 @@ impl Manager {
             // The decision of the handshake that added it covers its first
             // look; every later one asks the policy again.
             entry.recheck |= looks;
-            let permits = needs_permit.then(|| Arc::clone(&self.permits));
+            let permits = looks.then(|| Arc::clone(&self.permits));
             let epoch = entry.epoch;
             let name = name.clone();
             let span = info_span!("certificate", name = %name);
-            let handle = self.jobs.spawn(
-                async move {
-                    // A closed semaphore is never used; if it were, run unbounded.
-                    let _permit = match permits {
-                        Some(p) => p.acquire_owned().await.ok(),
-                        None => None,
-                    };
-                    let (outcome, retry_after) = acme::capturing_retry_after(job.run()).await;
-                    let outcome = match outcome {
-                        Outcome::Failed {
-                            error,
-                            retry_after: None,
-                            ordered,
-                            reason,
-                            awaiting,
-                        } => Outcome::Failed {
-                            retry_after: retry_after.or(error.retry_after()),
-                            error,
-                            ordered,
-                            reason,
-                            awaiting,
-                        },
-                        other => other,
-                    };
-                    (name, epoch, outcome)
-                }
-                .instrument(span),
-            );
+            let handle = self
+                .jobs
+                .spawn(async move { (name, epoch, run_job(job, permits).await) }.instrument(span));
             entry.job = Some(handle);
         }
     }
 
+    /// Takes in what a job found or did: the entry's new schedule, its
+    /// metrics and Events, and its status saved. The outcome of a job the
+    /// entry has outlived (its spec changed since: another epoch) is dropped.
     fn record(&mut self, name: &str, epoch: u64, outcome: Outcome) {
-        let metrics = Arc::clone(&self.shared.metrics);
-        let backoff = self.backoff;
         let max_failures = self.max_failures();
         let Some(entry) = self.entries.get_mut(name) else {
             return;
@@ -604,65 +617,25 @@ impl Manager {
             return;
         }
         entry.job = None;
-        let now = SystemTime::now();
+        let report = Report {
+            name,
+            metrics: &self.shared.metrics,
+            events: self.events.as_ref(),
+            backoff: self.backoff,
+            now: SystemTime::now(),
+        };
         match outcome {
-            Outcome::Restored(restored) => {
-                entry.restore(*restored, &backoff, now);
-                if let Some(served) = &entry.served {
-                    metrics.set_expiry(name, served.leaf.not_after);
-                }
-            }
+            Outcome::Restored(restored) => report.restored(entry, *restored),
             Outcome::RestoreFailed(error) => {
-                let wait = Backoff {
-                    initial: RESTORE_RETRY,
-                    max: RESTORE_RETRY_MAX,
-                }
-                .delay(entry.restore_attempts.saturating_add(1), None, false);
-                warn!(
-                    certificate = name,
-                    retry_in_seconds = wait.as_secs_f64(),
-                    "reading the stored state failed, nothing is ordered until it answers: {error}"
-                );
-                // A Secret that is not the agent's (refused, never ordered
-                // for) shows up here too: say it where the operator looks.
-                self.events.publish(
-                    name,
-                    Happened::Failed {
-                        kind: error.kind().to_owned(),
-                        message: error.to_string(),
-                    },
-                );
-                entry.restore_failed(&error, wait, now);
-                // Nothing else is known yet, and the store may not take a write.
-                metrics.set_failures(name, entry.failures.max(1));
+                report.restore_failed(entry, &error);
                 return;
             }
             Outcome::Installed {
                 leaf,
                 key_type,
                 ordered,
-            } => {
-                if ordered {
-                    metrics.order_succeeded(name);
-                    let not_after = leaf.not_after;
-                    self.events.publish(
-                        name,
-                        if entry.served.is_some() {
-                            Happened::Renewed { not_after }
-                        } else {
-                            Happened::Issued { not_after }
-                        },
-                    );
-                }
-                metrics.set_expiry(name, leaf.not_after);
-                info!(
-                    certificate = name,
-                    not_after = unix(leaf.not_after),
-                    "certificate issued and installed"
-                );
-                entry.installed(leaf, key_type, ARI_RECHECK_MAX, now);
-            }
-            Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at, now),
+            } => report.installed(entry, leaf, key_type, ordered),
+            Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at, report.now),
             Outcome::Disallowed(why) => {
                 self.remove_on_demand(name, &why);
                 return;
@@ -675,7 +648,7 @@ impl Manager {
                 awaiting,
             } => {
                 if ordered {
-                    metrics.order_failed(name, error.kind());
+                    report.metrics.order_failed(name, error.kind());
                 }
                 if entry.on_demand
                     && error.is_about_the_name()
@@ -685,46 +658,11 @@ impl Manager {
                     self.give_up_on_demand(name);
                     return;
                 }
-                let failures = entry.failures.saturating_add(1);
-                let mut wait = backoff.delay(failures, retry_after, error.is_rate_limited());
-                if let Some(served) = &entry.served {
-                    wait = schedule::within_life(wait, served.leaf.not_after, now);
-                }
-                warn!(
-                    certificate = name,
-                    failures,
-                    retry_in_seconds = wait.as_secs_f64(),
-                    "{error}"
-                );
-                self.events.publish(
-                    name,
-                    Happened::Failed {
-                        kind: error.kind().to_owned(),
-                        message: error.to_string(),
-                    },
-                );
-                entry.failed(error.to_string(), error.kind(), reason, awaiting, wait, now);
+                report.failed(entry, error, retry_after, reason, awaiting);
             }
-            Outcome::Blocked { blocked, reason } => {
-                self.events.publish(
-                    name,
-                    Happened::WaitingForBudget {
-                        limit: blocked.limit.label().to_owned(),
-                        until: blocked.until,
-                    },
-                );
-                entry.blocked(blocked, reason);
-            }
+            Outcome::Blocked { blocked, reason } => report.blocked(entry, blocked, reason),
         }
-        if let Some(at) = entry.next_renewal {
-            metrics.set_next_renewal(name, at);
-        }
-        metrics.set_next_attempt(name, entry.due);
-        metrics.set_failures(name, entry.failures);
-        metrics.set_blocked(name, entry.blocked);
-        if let Some(remaining) = self.shared.ledger.orders_remaining() {
-            metrics.set_orders_remaining(remaining);
-        }
+        report.schedule(entry, &self.shared.ledger);
         self.save_status(name);
     }
 
@@ -770,6 +708,146 @@ impl Manager {
                 .save_status(&entry.status(SystemTime::now()))
         {
             warn!(certificate = name, "saving status: {e}");
+        }
+    }
+}
+
+/// Recording one job's outcome: where it reports to (the certificate's
+/// metrics and Events), the retry backoff, and one `now`.
+struct Report<'a> {
+    name: &'a str,
+    metrics: &'a Metrics,
+    events: &'a dyn Events,
+    backoff: Backoff,
+    now: SystemTime,
+}
+
+impl Report<'_> {
+    /// The stored certificate and schedule, read at start.
+    fn restored(&self, entry: &mut Entry, restored: Restored) {
+        entry.restore(restored, &self.backoff, self.now);
+        if let Some(served) = &entry.served {
+            self.metrics.set_expiry(self.name, served.leaf.not_after);
+        }
+    }
+
+    /// The store did not answer at start: read again after a backoff of its
+    /// own, and nothing is ordered until it answers.
+    fn restore_failed(&self, entry: &mut Entry, error: &Error) {
+        let name = self.name;
+        let wait = Backoff {
+            initial: RESTORE_RETRY,
+            max: RESTORE_RETRY_MAX,
+        }
+        .delay(entry.restore_attempts.saturating_add(1), None, false);
+        warn!(
+            certificate = name,
+            retry_in_seconds = wait.as_secs_f64(),
+            "reading the stored state failed, nothing is ordered until it answers: {error}"
+        );
+        // A Secret that is not the agent's (refused, never ordered
+        // for) shows up here too: say it where the operator looks.
+        self.events.publish(
+            name,
+            Happened::Failed {
+                kind: error.kind().to_owned(),
+                message: error.to_string(),
+            },
+        );
+        entry.restore_failed(error, wait, self.now);
+        // Nothing else is known yet, and the store may not take a write.
+        self.metrics.set_failures(name, entry.failures.max(1));
+    }
+
+    /// A new certificate is stored and served (from an order, or a step
+    /// retried).
+    fn installed(&self, entry: &mut Entry, leaf: Leaf, key_type: KeyType, ordered: bool) {
+        let name = self.name;
+        if ordered {
+            self.metrics.order_succeeded(name);
+            let not_after = leaf.not_after;
+            self.events.publish(
+                name,
+                if entry.served.is_some() {
+                    Happened::Renewed { not_after }
+                } else {
+                    Happened::Issued { not_after }
+                },
+            );
+        }
+        self.metrics.set_expiry(name, leaf.not_after);
+        info!(
+            certificate = name,
+            not_after = unix(leaf.not_after),
+            "certificate issued and installed"
+        );
+        entry.installed(leaf, key_type, ARI_RECHECK_MAX, self.now);
+    }
+
+    /// A failure: retried after the backoff (or the CA's `Retry-After`),
+    /// never past the served certificate's life.
+    fn failed(
+        &self,
+        entry: &mut Entry,
+        error: Error,
+        retry_after: Option<Duration>,
+        reason: Option<Reason>,
+        awaiting: Option<Awaiting>,
+    ) {
+        let name = self.name;
+        let failures = entry.failures.saturating_add(1);
+        let mut wait = self
+            .backoff
+            .delay(failures, retry_after, error.is_rate_limited());
+        if let Some(served) = &entry.served {
+            wait = schedule::within_life(wait, served.leaf.not_after, self.now);
+        }
+        warn!(
+            certificate = name,
+            failures,
+            retry_in_seconds = wait.as_secs_f64(),
+            "{error}"
+        );
+        self.events.publish(
+            name,
+            Happened::Failed {
+                kind: error.kind().to_owned(),
+                message: error.to_string(),
+            },
+        );
+        entry.failed(
+            error.to_string(),
+            error.kind(),
+            reason,
+            awaiting,
+            wait,
+            self.now,
+        );
+    }
+
+    /// An order would exceed a CA limit: no failure, a wait.
+    fn blocked(&self, entry: &mut Entry, blocked: Blocked, reason: Option<Reason>) {
+        self.events.publish(
+            self.name,
+            Happened::WaitingForBudget {
+                limit: blocked.limit.label().to_owned(),
+                until: blocked.until,
+            },
+        );
+        entry.blocked(blocked, reason);
+    }
+
+    /// The entry's schedule, and the orders left in the budget.
+    fn schedule(&self, entry: &Entry, ledger: &SharedLedger) {
+        let (metrics, name) = (self.metrics, self.name);
+        if let Some(at) = entry.next_renewal {
+            metrics.set_next_renewal(name, at);
+        }
+        metrics.set_next_attempt(name, entry.due);
+        metrics.set_failures(name, entry.failures);
+        metrics.set_blocked(name, entry.blocked);
+        if let Some(remaining) = ledger.orders_remaining() {
+            metrics.set_orders_remaining(remaining);
         }
     }
 }
