@@ -170,7 +170,7 @@ fn a_wrong_tsig_key_fails_clearly_with_backoff_and_places_no_order() {
     );
     assert!(error.contains("dns.main.tsig_key"), "{error}");
     // Checked before ordering: not one order reached the CA.
-    assert_eq!(world.metric("acme_agent_orders_total", &[]), 0.0);
+    assert_eq!(world.pebble.orders_created(), 0, "{}", world.context());
     assert!(
         !world.pebble.log().contains("POST /order-plz"),
         "{}",
@@ -214,6 +214,10 @@ fn a_lagging_nameserver_is_named_and_records_outlive_neither_named_down_nor_a_cr
         error.contains("ns2.example.com. (127.53.4.2:53)"),
         "{error}"
     );
+    // The order was placed, but its challenge never handed to the CA: the
+    // CA validated nothing.
+    assert!(world.pebble.orders_created() >= 1);
+    assert_ca_not_told(&world);
     // Removed after the failure (between two attempts the zone is clean).
     assert_zone_clean(&named, &world);
 
@@ -268,4 +272,16 @@ fn a_lagging_nameserver_is_named_and_records_outlive_neither_named_down_nor_a_cr
         || world.context(),
     )
     .unwrap();
+    assert_ca_not_told(&world);
+}
+
+/// The CA was never asked to validate the wildcard's name (Pebble starts a
+/// validation only when a challenge is POSTed to it).
+fn assert_ca_not_told(world: &World) {
+    assert_eq!(
+        world.pebble.validations_of("example.com"),
+        0,
+        "the CA was told to validate\n{}",
+        world.context()
+    );
 }

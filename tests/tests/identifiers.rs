@@ -59,7 +59,7 @@ fn a_profile_the_ca_does_not_offer_is_refused_before_any_order() {
         error.contains("\"shortlived\"") && error.contains("lists no profiles"),
         "{error}"
     );
-    assert_eq!(world.metric("acme_agent_orders_total", &[]), 0.0);
+    assert_eq!(world.pebble.orders_created(), 0, "{}", world.context());
     assert!(!world.pebble.log().contains("POST /order-plz"));
 
     // Without the profile, the CA's default: issued.

@@ -75,10 +75,14 @@ fn sources(root: &Path) -> Vec<(std::path::PathBuf, String)> {
                 continue;
             }
             let rel = path.strip_prefix(root).unwrap();
-            let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
             let module = first.trim_end_matches(".rs").to_owned();
-            if path.extension().is_some_and(|e| e == "rs") && module != "lib" && module != "main"
-            {
+            if path.extension().is_some_and(|e| e == "rs") && module != "lib" && module != "main" {
                 out.push((path, module));
             }
         }
@@ -163,7 +167,11 @@ fn the_check_names_an_upward_import_and_an_unplaced_module() {
     places.insert("high".into(), (1, "top".into()));
     let found = violations(dir.path(), &places, &[]);
     assert_eq!(found.len(), 2, "{found:?}");
-    assert!(found.iter().any(|f| f.contains("low.rs:1") && f.contains("imports high")));
+    assert!(
+        found
+            .iter()
+            .any(|f| f.contains("low.rs:1") && f.contains("imports high"))
+    );
     assert!(found.iter().any(|f| f.contains("`stray` has no place")));
     let allowed = vec![("low".to_owned(), "high".to_owned())];
     assert_eq!(violations(dir.path(), &places, &allowed).len(), 1);

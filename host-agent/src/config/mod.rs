@@ -1641,3 +1641,6 @@ mod on_demand_section {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_cases;
