@@ -7,14 +7,12 @@
 
 pub mod account;
 pub mod acme;
-pub mod alpn;
 pub mod api;
 pub mod certificate;
 pub mod challenges;
 pub mod config;
 pub mod control;
 pub mod discovery;
-pub mod dns;
 pub mod domain;
 mod error;
 pub mod events;
@@ -31,8 +29,8 @@ pub mod on_demand;
 pub mod order;
 pub mod ports;
 pub mod sds;
-pub mod self_check;
 pub mod sink;
+pub mod solvers;
 pub mod status;
 pub mod store;
 pub mod time;

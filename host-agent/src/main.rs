@@ -17,8 +17,12 @@ use acme_agent::manager::Manager;
 use acme_agent::metrics::Metrics;
 use acme_agent::ports::events::{Events, NoEvents};
 use acme_agent::ports::secrets::SecretSet;
+use acme_agent::ports::solver::{Solver, Solvers};
 use acme_agent::sds::SdsSink;
 use acme_agent::sink::{CertificateSink, FileSink, Sinks};
+use acme_agent::solvers::dns::{Dns, Dns01};
+use acme_agent::solvers::http01::Http01;
+use acme_agent::solvers::tls_alpn01::TlsAlpn01;
 use acme_agent::status;
 use acme_agent::store::{StateStore, Store};
 use anyhow::Context as _;
@@ -334,16 +338,9 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
         None => config_tx,
     };
-    let mut manager = Manager::new(
-        config_rx,
-        store,
-        sink,
-        challenges,
-        metrics,
-        requests_rx,
-        alpn,
-    )?
-    .with_events(events);
+    let (solvers, dns) = solvers(&store, challenges, alpn);
+    let mut manager =
+        Manager::new(config_rx, store, sink, metrics, requests_rx, solvers)?.with_events(events);
 
     // The API serves probes and metrics from the start; a replica that must
     // hold the Lease stays not-ready (so the gateways' long-polls go to the
@@ -376,6 +373,9 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         tokio::spawn(keep_lease(Arc::clone(&elector), lost_tx, stop_rx.clone()));
         manager = manager.with_leader(elector);
     }
+    // Only the replica that orders sweeps leftover dns-01 records: another
+    // would delete the records of the holder's order in flight.
+    tokio::spawn(dns.sweep_until(stop_rx.clone()));
     let manager = tokio::spawn(manager.run(stop_rx.clone()));
     let reloader = tokio::spawn(watch_config(path, file_tx, stop_rx.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -398,6 +398,23 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The solver of each kind of challenge: HTTP-01 through the filters'
+/// challenge set, tls-alpn-01 through the SDS server (with `[sds]`), dns-01
+/// through RFC 2136; and the dns-01 records' journal, to sweep.
+fn solvers(
+    store: &Arc<dyn StateStore>,
+    challenges: Arc<ChallengeSet>,
+    alpn: Option<Arc<SecretSet>>,
+) -> (Solvers, Arc<Dns>) {
+    let dns = Arc::new(Dns::new(Arc::clone(store)));
+    let solvers = Solvers {
+        http01: Some(Arc::new(Http01::new(challenges))),
+        tls_alpn01: alpn.map(|set| Arc::new(TlsAlpn01::new(set)) as Arc<dyn Solver>),
+        dns01: Some(Arc::new(Dns01(Arc::clone(&dns)))),
+    };
+    (solvers, dns)
 }
 
 /// This replica's name in the Lease: the pod's name (POD_NAME, from the

@@ -1,7 +1,7 @@
 //! One ACME order (RFC 8555 section 7.4), from new-order to a checked chain:
-//! publish every challenge at once (HTTP-01 to the filters, tls-alpn-01 to
-//! the SDS server, dns-01 to the zone), check each as the CA will, tell the
-//! CA, poll, finalize with a fresh key, verify the chain.
+//! present every challenge at once through the solver of its kind
+//! (`crate::ports::solver`), check each as the CA will, tell the CA, poll,
+//! finalize with a fresh key, verify the chain.
 
 use std::time::{Duration, SystemTime};
 
@@ -14,10 +14,10 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::certificate::{self, Leaf};
-use crate::challenges::{Challenge, ChallengeSet};
+use crate::challenges::Challenge;
 use crate::domain::spec::{Certificate, ChallengeKind, KeyType};
 use crate::nonce_retry;
-use crate::self_check;
+use crate::ports::solver::{Presented, Solvers};
 
 /// Polling while the CA validates and issues: short first waits (Pebble and
 /// Let's Encrypt usually answer within a second), `Retry-After` honoured.
@@ -26,19 +26,6 @@ fn polling() -> RetryPolicy {
         .initial_delay(Duration::from_millis(100))
         .backoff(1.5)
         .timeout(Duration::from_secs(120))
-}
-
-/// Removes the order's tokens from the challenge set when dropped: on success,
-/// on failure and when the order task is aborted.
-struct Published<'a> {
-    set: &'a ChallengeSet,
-    tokens: Vec<String>,
-}
-
-impl Drop for Published<'_> {
-    fn drop(&mut self) {
-        self.set.remove(self.tokens.iter().map(String::as_str));
-    }
 }
 
 /// An issued, checked certificate with its fresh key.
@@ -51,14 +38,8 @@ pub struct Issued {
 /// What the order needs from the agent.
 pub struct OrderContext<'a> {
     pub account: &'a Account,
-    pub challenges: &'a ChallengeSet,
-    pub self_check: Option<&'a str>,
-    /// tls-alpn-01 challenge certificates for the SDS server (with `[sds]`).
-    pub alpn: Option<&'a crate::ports::secrets::SecretSet>,
-    /// Envoy's TLS listener, where tls-alpn-01 is self-checked.
-    pub tls_check: Option<&'a str>,
-    /// The dns-01 solvers and their record journal.
-    pub dns: Option<&'a std::sync::Arc<crate::dns::Dns>>,
+    /// The solver of each kind of challenge.
+    pub solvers: &'a Solvers,
     /// Counts (persists) the names whose challenges are about to be handed
     /// to the CA, before they are: each is a failed authorization unless
     /// seen valid. An error stops the order before the CA is told.
@@ -151,56 +132,68 @@ pub async fn issue(
     spec: &Certificate,
     replaces: Option<&str>,
 ) -> Result<Issued, Failure> {
-    // RFC 8738: an address is an `ip` identifier (the config only lets
-    // canonical addresses through).
-    let identifiers: Vec<Identifier> = spec
-        .domains
+    let mut order = place(cx.account, spec, replaces).await?;
+    info!(url = order.url(), "order placed");
+    fetch_authorizations(&mut order).await?;
+    let pending = pending_challenges(&mut order, spec, cx.account.key_thumbprint())?;
+    validate(cx, &mut order, spec, &pending).await?;
+    finalize(&mut order, spec).await
+}
+
+/// RFC 8738: an address is an `ip` identifier (the config only lets
+/// canonical addresses through).
+fn identifiers(spec: &Certificate) -> Vec<Identifier> {
+    spec.domains
         .iter()
         .map(|d| match d.parse::<std::net::IpAddr>() {
             Ok(ip) => Identifier::Ip(ip),
             Err(_) => Identifier::Dns(d.clone()),
         })
-        .collect();
-    fn with_profile<'a>(order: NewOrder<'a>, profile: Option<&'a str>) -> NewOrder<'a> {
-        match profile {
-            Some(profile) => order.profile(profile),
-            None => order,
-        }
+        .collect()
+}
+
+fn with_profile<'a>(order: NewOrder<'a>, profile: Option<&'a str>) -> NewOrder<'a> {
+    match profile {
+        Some(profile) => order.profile(profile),
+        None => order,
     }
+}
+
+/// Places the order, as a renewal of `replaces` when given.
+async fn place(
+    account: &Account,
+    spec: &Certificate,
+    replaces: Option<&str>,
+) -> Result<instant_acme::Order, Error> {
+    let identifiers = identifiers(spec);
     let profile = spec.profile.as_deref();
     let plain = with_profile(NewOrder::new(&identifiers), profile);
-    let mut order = match replaces.and_then(|r| r.split_once('.')) {
-        Some((aki, serial)) => {
-            let renewal = with_profile(NewOrder::new(&identifiers), profile).replaces(
-                CertificateIdentifier {
-                    authority_key_identifier: aki.into(),
-                    serial: serial.into(),
-                },
-            );
-            match nonce_retry!("placing the order", cx.account.new_order(&renewal)) {
-                // RFC 9773 section 5: a certificate already replaced (by an
-                // order that failed later, say) is renewed without `replaces`.
-                Err(e)
-                    if e.problem_type()
-                        .is_some_and(|t| t.ends_with(":alreadyReplaced")) =>
-                {
-                    warn!(
-                        "the CA says the certificate was already replaced; ordering without `replaces`"
-                    );
-                    nonce_retry!("placing the order", cx.account.new_order(&plain))?
-                }
-                Err(e) if is_replaces_mismatch(&e) => {
-                    return Err(Error::ReplacesNotReflected(e.to_string()).into());
-                }
-                other => other?,
-            }
-        }
-        None => nonce_retry!("placing the order", cx.account.new_order(&plain))?,
+    let Some((aki, serial)) = replaces.and_then(|r| r.split_once('.')) else {
+        return nonce_retry!("placing the order", account.new_order(&plain));
     };
-    info!(url = order.url(), "order placed");
+    let renewal =
+        with_profile(NewOrder::new(&identifiers), profile).replaces(CertificateIdentifier {
+            authority_key_identifier: aki.into(),
+            serial: serial.into(),
+        });
+    match nonce_retry!("placing the order", account.new_order(&renewal)) {
+        // RFC 9773 section 5: a certificate already replaced (by an order
+        // that failed later, say) is renewed without `replaces`.
+        Err(e)
+            if e.problem_type()
+                .is_some_and(|t| t.ends_with(":alreadyReplaced")) =>
+        {
+            warn!("the CA says the certificate was already replaced; ordering without `replaces`");
+            nonce_retry!("placing the order", account.new_order(&plain))
+        }
+        Err(e) if is_replaces_mismatch(&e) => Err(Error::ReplacesNotReflected(e.to_string())),
+        other => other,
+    }
+}
 
-    // Fetch every authorization; a badNonce restarts the walk, and the ones
-    // already fetched are not fetched again.
+/// Fetches every authorization; a badNonce restarts the walk, and the ones
+/// already fetched are not fetched again.
+async fn fetch_authorizations(order: &mut instant_acme::Order) -> Result<(), Error> {
     let mut attempt = 1;
     loop {
         let mut failed = None;
@@ -212,19 +205,28 @@ pub async fn issue(
             }
         }
         match failed {
-            None => break,
+            None => return Ok(()),
             Some(e) if e.is_bad_nonce() && attempt < crate::acme::NONCE_ATTEMPTS => attempt += 1,
-            Some(e) => return Err(e.into()),
+            Some(e) => return Err(e),
         }
     }
+}
 
-    let thumbprint = cx.account.key_thumbprint().to_owned();
+/// The challenge to answer for each authorization still pending, of the
+/// kind `spec` uses for it; an authorization the CA already holds valid
+/// needs none.
+fn pending_challenges(
+    order: &mut instant_acme::Order,
+    spec: &Certificate,
+    thumbprint: &str,
+) -> Result<Vec<(ChallengeKind, Challenge)>, Error> {
     let mut pending = Vec::new();
     for authz in &order.state().authorizations {
         let Some(state) = &authz.state else {
-            return Err(
-                Error::Validation(format!("authorization {} was not fetched", authz.url)).into(),
-            );
+            return Err(Error::Validation(format!(
+                "authorization {} was not fetched",
+                authz.url
+            )));
         };
         let domain = state.identifier().to_string();
         match state.status {
@@ -235,121 +237,68 @@ pub async fn issue(
             AuthorizationStatus::Pending => {}
             // Not handed to the CA by this order: nothing of it to count.
             other => {
-                return Err(
-                    Error::Validation(format!("authorization for {domain} is {other:?}")).into(),
-                );
+                return Err(Error::Validation(format!(
+                    "authorization for {domain} is {other:?}"
+                )));
             }
         }
         let kind = spec.challenge_for(state.wildcard);
-        let wanted = challenge_type(kind);
-        let challenge = state
-            .challenges
-            .iter()
-            .find(|c| c.r#type == wanted)
-            .ok_or_else(|| {
-                Error::Validation(format!(
-                    "the CA offers no {} challenge for {domain}",
-                    kind.as_str()
-                ))
-            })?;
-        // The filters answer no longer or stranger token (and must not be
-        // handed one that would break their snapshot bound).
-        if challenge.token.is_empty()
-            || challenge.token.len() > crate::domain::names::MAX_TOKEN_LEN
-            || !challenge
-                .token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(Error::Validation(format!(
-                "the CA's token for {domain} is not 1-{} base64url characters",
-                crate::domain::names::MAX_TOKEN_LEN
-            ))
-            .into());
-        }
+        let token = offered_token(state, kind, &domain)?;
         pending.push((
             kind,
             Challenge {
-                key_authorization: format!("{}.{thumbprint}", challenge.token),
-                token: challenge.token.clone(),
+                key_authorization: format!("{token}.{thumbprint}"),
+                token: token.to_owned(),
                 identifier: domain,
             },
         ));
     }
-    let of_kind = |wanted: ChallengeKind| -> Vec<Challenge> {
-        pending
-            .iter()
-            .filter(|(kind, _)| *kind == wanted)
-            .map(|(_, c)| c.clone())
-            .collect()
-    };
-    let (http, alpn, dns) = (
-        of_kind(ChallengeKind::Http01),
-        of_kind(ChallengeKind::TlsAlpn01),
-        of_kind(ChallengeKind::Dns01),
-    );
+    Ok(pending)
+}
 
-    // HTTP-01 tokens go to the filters; tls-alpn-01 certificates to Envoy's
-    // acme-tls/1 filter chain through the SDS server; dns-01 records to the
-    // zone. All are withdrawn when the guards drop.
-    let published = Published {
-        set: cx.challenges,
-        tokens: http.iter().map(|c| c.token.clone()).collect(),
-    };
-    if !http.is_empty() {
-        cx.challenges.publish(http.iter().cloned());
-    }
-    let mut alpn_published = None;
-    if !alpn.is_empty() {
-        let set = cx.alpn.ok_or_else(|| {
-            Error::Validation("tls-alpn-01 needs the agent's SDS server ([sds])".into())
-        })?;
-        let guard = alpn_published.insert(crate::alpn::Published::new(set));
-        for c in &alpn {
-            let (chain, key) =
-                crate::alpn::challenge_certificate(&c.identifier, &c.key_authorization)?;
-            guard.publish(&c.identifier, &chain, &key);
-        }
-    }
-    let mut dns_published = None;
-    if !dns.is_empty() {
-        let (Some(context), Some(solver)) = (cx.dns, spec.dns.as_deref()) else {
-            return Err(Error::Dns(format!(
-                "certificate {} needs a dns-01 solver (dns = \"<name>\")",
-                spec.name
+/// The token of the CA's challenge of `kind`, if the filters can answer it:
+/// they answer no longer or stranger token (and must not be handed one that
+/// would break their snapshot bound).
+fn offered_token<'a>(
+    state: &'a instant_acme::AuthorizationState,
+    kind: ChallengeKind,
+    domain: &str,
+) -> Result<&'a str, Error> {
+    let wanted = challenge_type(kind);
+    let challenge = state
+        .challenges
+        .iter()
+        .find(|c| c.r#type == wanted)
+        .ok_or_else(|| {
+            Error::Validation(format!(
+                "the CA offers no {} challenge for {domain}",
+                kind.as_str()
             ))
-            .into());
-        };
-        let guard =
-            dns_published.insert(crate::dns::Published::new(std::sync::Arc::clone(context)));
-        for c in &dns {
-            let base = c.identifier.strip_prefix("*.").unwrap_or(&c.identifier);
-            guard
-                .add(solver, base, &crate::dns::txt_value(&c.key_authorization))
-                .await?;
-        }
+        })?;
+    let token = challenge.token.as_str();
+    let well_formed = !token.is_empty()
+        && token.len() <= crate::domain::names::MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !well_formed {
+        return Err(Error::Validation(format!(
+            "the CA's token for {domain} is not 1-{} base64url characters",
+            crate::domain::names::MAX_TOKEN_LEN
+        )));
     }
+    Ok(token)
+}
 
-    if let Some(target) = cx.self_check {
-        let checks = http
-            .iter()
-            .map(|c| self_check::check(target, &c.identifier, &c.token, &c.key_authorization));
-        for result in futures_util::future::join_all(checks).await {
-            result?;
-        }
-    }
-    if let Some(target) = cx.tls_check {
-        let checks = alpn
-            .iter()
-            .map(|c| crate::alpn::check(target, &c.identifier, &c.key_authorization));
-        for result in futures_util::future::join_all(checks).await {
-            result?;
-        }
-    }
-    // What the CA will query, every authoritative nameserver must serve.
-    if let Some(guard) = &dns_published {
-        guard.wait_propagated().await?;
-    }
+/// Presents and checks every pending challenge, hands them to the CA and
+/// waits until the order is ready; the challenges are withdrawn either way.
+async fn validate(
+    cx: &OrderContext<'_>,
+    order: &mut instant_acme::Order,
+    spec: &Certificate,
+    pending: &[(ChallengeKind, Challenge)],
+) -> Result<(), Failure> {
+    let presented = present(cx.solvers, spec, pending).await?;
     debug!(challenges = pending.len(), "self-check passed");
 
     // Every name about to be handed to the CA is counted as a failed
@@ -360,26 +309,18 @@ pub async fn issue(
     (cx.trigger)(&handed)?;
     // Tell the CA, one challenge at a time (the nonce is per request chain),
     // and wait for its verdict.
-    let told = tell_the_ca(&mut order, spec).await;
-    let status = match told {
+    let status = match tell_the_ca(order, spec).await {
         Ok(()) => nonce_retry!("waiting for validation", order.poll_ready(&polling())),
         Err(e) => Err(e),
     };
-    let status = match status {
-        Ok(status) => status,
-        Err(error) => {
-            let (_, valid_names) = read_back(&mut order).await;
-            return Err(Failure {
-                error,
-                finalized: false,
-                valid_names,
-            });
-        }
-    };
-    if status != OrderStatus::Ready {
-        let (detail, valid_names) = read_back(&mut order).await;
+    if !matches!(status, Ok(OrderStatus::Ready)) {
+        let (detail, valid_names) = read_back(order).await;
+        let error = match status {
+            Ok(status) => Error::Validation(format!("order is {status:?}: {detail}")),
+            Err(error) => error,
+        };
         return Err(Failure {
-            error: Error::Validation(format!("order is {status:?}: {detail}")),
+            error,
             finalized: false,
             valid_names,
         });
@@ -387,15 +328,17 @@ pub async fn issue(
     // Every authorization is final: the filters can forget the tokens, and
     // the zone the records (before finalizing, so a test or an operator
     // finds the zone clean once the certificate is there).
-    drop(published);
-    drop(alpn_published);
-    if let Some(guard) = dns_published.take() {
-        guard.remove().await;
+    for guard in presented {
+        guard.clean_up().await;
     }
+    Ok(())
+}
 
+/// Finalizes with a fresh key, downloads and verifies the chain. From here
+/// on the CA may issue: every failure counts as a certificate.
+async fn finalize(order: &mut instant_acme::Order, spec: &Certificate) -> Result<Issued, Failure> {
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
-    // From here on the CA may issue: a failure counts as a certificate.
     nonce_retry!("finalizing the order", order.finalize_csr(&csr)).map_err(finalized)?;
     // Pebble and Let's Encrypt often answer the finalize with the order valid
     // already: fetch at once, poll only while it is processing.
@@ -417,6 +360,35 @@ pub async fn issue(
         key_pem,
         leaf,
     })
+}
+
+/// Presents `pending` through the solver of each kind and checks them all as
+/// the CA will; the guards withdraw them when dropped.
+async fn present(
+    solvers: &Solvers,
+    spec: &Certificate,
+    pending: &[(ChallengeKind, Challenge)],
+) -> Result<Vec<Box<dyn Presented>>, Error> {
+    let mut presented = Vec::new();
+    for kind in [
+        ChallengeKind::Http01,
+        ChallengeKind::TlsAlpn01,
+        ChallengeKind::Dns01,
+    ] {
+        let of_kind: Vec<Challenge> = pending
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, c)| c.clone())
+            .collect();
+        if !of_kind.is_empty() {
+            presented.push(solvers.get(kind)?.present(spec, &of_kind).await?);
+        }
+    }
+    let checks = presented.iter().map(|p| p.check());
+    for result in futures_util::future::join_all(checks).await {
+        result?;
+    }
+    Ok(presented)
 }
 
 fn challenge_type(kind: ChallengeKind) -> ChallengeType {

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use acme_agent::alpn::LeafObserver;
+use acme_agent::solvers::tls_alpn01::LeafObserver;
 use anyhow::{Context as _, Result};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::ServerName;

@@ -630,7 +630,8 @@ fn the_acme_tls_chain_serves_challenge_certificates_apart_from_the_ordinary_ones
     set.set("www", &names(&["www.example.com"]), &chain, &key);
     let alpn = Arc::new(SecretSet::new());
     let (chain, key) =
-        acme_agent::alpn::challenge_certificate("www.example.com", "tok.thumb").unwrap();
+        acme_agent::solvers::tls_alpn01::challenge_certificate("www.example.com", "tok.thumb")
+            .unwrap();
     alpn.set("www.example.com", &[], &chain, &key);
     let socket = work.path().join("run/sds.sock");
     let _server = Server::start_with(
@@ -682,5 +683,8 @@ fn the_acme_tls_chain_serves_challenge_certificates_apart_from_the_ordinary_ones
     let der = acme_agent::certificate::parse_chain(&pem)
         .unwrap()
         .remove(0);
-    assert!(acme_agent::alpn::holds_digest(&der, "tok.thumb"));
+    assert!(acme_agent::solvers::tls_alpn01::holds_digest(
+        &der,
+        "tok.thumb"
+    ));
 }

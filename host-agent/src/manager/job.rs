@@ -90,20 +90,10 @@ pub enum Task {
     },
 }
 
-/// Where challenges are checked before the CA is told (`[self_check]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Checks {
-    /// Envoy's plain-HTTP listener (HTTP-01).
-    pub http: Option<String>,
-    /// Envoy's TLS listener (tls-alpn-01).
-    pub tls: Option<String>,
-}
-
 pub struct Job {
     pub shared: Arc<Shared>,
     pub spec: Certificate,
     pub task: Task,
-    pub checks: Checks,
     /// Set for an on-demand certificate.
     pub on_demand: Option<OnDemandJob>,
 }
@@ -156,7 +146,6 @@ impl Job {
             shared,
             spec,
             task,
-            checks,
             on_demand,
         } = self;
         match task {
@@ -189,7 +178,6 @@ impl Job {
                     served: served.as_ref(),
                     reason,
                     two_thirds,
-                    checks: &checks,
                     on_demand: on_demand.as_ref(),
                 };
                 look.run().await
@@ -263,7 +251,6 @@ struct Look<'a> {
     served: Option<&'a Served>,
     reason: Option<Reason>,
     two_thirds: Option<SystemTime>,
-    checks: &'a Checks,
     on_demand: Option<&'a OnDemandJob>,
 }
 
@@ -401,10 +388,7 @@ impl Look<'_> {
         if let Err(e) = s.sink.check_writable(name) {
             return Outcome::failed(e, reason);
         }
-        if let Some(solver) = self.spec.dns.as_deref()
-            && self.spec.uses_dns()
-            && let Err(e) = s.dns.preflight(solver).await
-        {
+        if let Err(e) = s.solvers.preflight(self.spec).await {
             return Outcome::failed(e, reason);
         }
         if let Err(e) = order::check_profile(account, self.spec) {
@@ -448,11 +432,7 @@ impl Look<'_> {
         };
         let cx = OrderContext {
             account,
-            challenges: &s.challenges,
-            self_check: self.checks.http.as_deref(),
-            alpn: s.alpn.as_deref(),
-            tls_check: self.checks.tls.as_deref(),
-            dns: Some(&s.dns),
+            solvers: &s.solvers,
             trigger: &|names: &[String]| s.ledger.trigger(store, name, names),
         };
         let span = info_span!("order", domains = ?domains);

@@ -25,7 +25,6 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::Error;
 use crate::account::HeldAccount;
 use crate::acme::{self, Http};
-use crate::challenges::ChallengeSet;
 use crate::config::{Acme as AcmeConfig, Config};
 use crate::domain::schedule::{self, Backoff};
 use crate::domain::spec::Certificate;
@@ -33,12 +32,13 @@ use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
 use crate::ports::requests::{Refusal, RenewRefused, Request};
+use crate::ports::solver::Solvers;
 use crate::sink::CertificateSink;
 use crate::store::StateStore;
 use crate::time::unix;
 
 use entry::Entry;
-use job::{ARI_RECHECK_MAX, Checks, Job, OnDemandJob, Outcome, Task};
+use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
 
 /// Only a served certificate is withdrawn from SDS: one not got yet serves
@@ -60,17 +60,6 @@ fn on_demand_spec(domain: &str, key_type: crate::domain::spec::KeyType) -> Certi
     }
 }
 
-/// Where the config says challenges are checked.
-fn checks_of(config: &Config) -> Checks {
-    Checks {
-        http: config.self_check.as_ref().map(|s| s.target.clone()),
-        tls: config
-            .self_check
-            .as_ref()
-            .and_then(|s| s.tls_target.clone()),
-    }
-}
-
 /// First wait before reading the store again after it failed at start;
 /// doubled up to [`RESTORE_RETRY_MAX`].
 const RESTORE_RETRY: Duration = Duration::from_secs(1);
@@ -81,15 +70,12 @@ pub struct Shared {
     acme: AcmeConfig,
     store: Arc<dyn StateStore>,
     sink: Arc<dyn CertificateSink>,
-    challenges: Arc<ChallengeSet>,
     metrics: Arc<Metrics>,
     http: Http,
     account: tokio::sync::Mutex<Option<HeldAccount>>,
     ledger: SharedLedger,
-    /// tls-alpn-01 challenge certificates, served by the SDS server.
-    alpn: Option<Arc<crate::ports::secrets::SecretSet>>,
-    /// dns-01 solvers and the journal of records they added.
-    dns: Arc<crate::dns::Dns>,
+    /// The solver of each kind of challenge.
+    solvers: Solvers,
     /// With several replicas: the Lease this one must hold to order.
     leader: std::sync::OnceLock<Arc<crate::lease::Elector>>,
 }
@@ -108,7 +94,8 @@ pub struct Manager {
     permits: Arc<Semaphore>,
     concurrency: usize,
     backoff: Backoff,
-    checks: Checks,
+    /// Whether `[self_check]` is set (warned about once when it is not).
+    self_checked: bool,
     requests: mpsc::Receiver<Request>,
     /// Kubernetes Events about each certificate (none outside Kubernetes).
     events: Arc<dyn Events>,
@@ -121,27 +108,22 @@ impl Manager {
         config: watch::Receiver<Arc<Config>>,
         store: Arc<dyn StateStore>,
         sink: Arc<dyn CertificateSink>,
-        challenges: Arc<ChallengeSet>,
         metrics: Arc<Metrics>,
         requests: mpsc::Receiver<Request>,
-        alpn: Option<Arc<crate::ports::secrets::SecretSet>>,
+        solvers: Solvers,
     ) -> Result<Self, Error> {
         let current = Arc::clone(&config.borrow());
         let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
-        let dns = Arc::new(crate::dns::Dns::new(Arc::clone(&store)));
-        dns.configure(&current);
         Ok(Self {
             shared: Arc::new(Shared {
                 acme: current.acme.clone(),
                 ledger: SharedLedger::new(current.acme.directory_url(), current.acme.limits),
                 store,
                 sink,
-                challenges,
                 metrics,
                 http,
                 account: tokio::sync::Mutex::new(None),
-                alpn,
-                dns,
+                solvers,
                 leader: std::sync::OnceLock::new(),
             }),
             config,
@@ -150,7 +132,7 @@ impl Manager {
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
             concurrency: current.order_concurrency,
             backoff: current.retry.backoff(),
-            checks: checks_of(&current),
+            self_checked: current.self_check.is_some(),
             requests,
             events: Arc::new(NoEvents),
         })
@@ -177,7 +159,6 @@ impl Manager {
         let config = Arc::clone(&self.config.borrow_and_update());
         self.apply(&config);
         self.restore_on_demand(&config);
-        tokio::spawn(Arc::clone(&self.shared.dns).sweep_until(shutdown.clone()));
         loop {
             self.sweep_on_demand();
             self.start_due_jobs();
@@ -492,12 +473,12 @@ impl Manager {
             self.permits = Arc::new(Semaphore::new(config.order_concurrency));
         }
         self.backoff = config.retry.backoff();
-        self.shared.dns.configure(config);
-        let checks = checks_of(config);
-        if checks.http.is_none() && (self.checks.http.is_some() || self.entries.is_empty()) {
+        self.shared.solvers.configure(config);
+        let self_checked = config.self_check.is_some();
+        if !self_checked && (self.self_checked || self.entries.is_empty()) {
             warn!("no [self_check] target: challenges go to the CA unchecked");
         }
-        self.checks = checks;
+        self.self_checked = self_checked;
         let wanted: BTreeMap<&str, &Certificate> = config
             .certificates
             .iter()
@@ -568,7 +549,6 @@ impl Manager {
                 shared: Arc::clone(&self.shared),
                 spec: entry.spec.clone(),
                 task,
-                checks: self.checks.clone(),
                 on_demand: entry.on_demand.then(|| OnDemandJob {
                     config: policy.clone(),
                     recheck: entry.recheck,

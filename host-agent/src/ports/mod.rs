@@ -4,3 +4,4 @@
 pub mod events;
 pub mod requests;
 pub mod secrets;
+pub mod solver;

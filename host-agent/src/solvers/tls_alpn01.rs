@@ -16,7 +16,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::Error;
+use crate::challenges::Challenge;
+use crate::config::Config;
+use crate::domain::spec::Certificate;
 use crate::ports::secrets::SecretSet;
+use crate::ports::solver::{Presented, Solver};
 
 /// The ALPN protocol of tls-alpn-01.
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -74,35 +78,94 @@ pub fn challenge_certificate(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Serves an order's challenge certificates while alive; withdraws them when
-/// dropped (success, failure, abort).
-pub struct Published<'a> {
-    set: &'a SecretSet,
-    identifiers: Vec<String>,
+/// The tls-alpn-01 solver: challenge certificates through the agent's SDS
+/// server, self-checked at `[self_check] tls_target` when one is configured.
+pub struct TlsAlpn01 {
+    set: Arc<SecretSet>,
+    target: std::sync::RwLock<Option<String>>,
 }
 
-impl<'a> Published<'a> {
-    pub fn new(set: &'a SecretSet) -> Self {
+impl TlsAlpn01 {
+    pub fn new(set: Arc<SecretSet>) -> Self {
         Self {
             set,
-            identifiers: Vec::new(),
+            target: std::sync::RwLock::new(None),
         }
-    }
-
-    /// Serves the certificate under the SNI the CA will send for `identifier`.
-    pub fn publish(&mut self, identifier: &str, chain_pem: &str, key_pem: &str) {
-        let sni = sni_for(identifier);
-        self.set.set(&sni, &[], chain_pem, key_pem);
-        self.identifiers.push(sni);
     }
 }
 
-impl Drop for Published<'_> {
+#[async_trait::async_trait]
+impl Solver for TlsAlpn01 {
+    fn configure(&self, config: &Config) {
+        *self
+            .target
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config
+            .self_check
+            .as_ref()
+            .and_then(|s| s.tls_target.clone());
+    }
+
+    async fn present(
+        &self,
+        _spec: &Certificate,
+        challenges: &[Challenge],
+    ) -> Result<Box<dyn Presented>, Error> {
+        let mut published = Published {
+            set: Arc::clone(&self.set),
+            snis: Vec::new(),
+            challenges: challenges.to_vec(),
+            target: self
+                .target
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        };
+        for c in challenges {
+            let (chain, key) = challenge_certificate(&c.identifier, &c.key_authorization)?;
+            let sni = sni_for(&c.identifier);
+            published.set.set(&sni, &[], &chain, &key);
+            published.snis.push(sni);
+        }
+        Ok(Box::new(published))
+    }
+}
+
+/// An order's challenge certificates while served; withdrawn when dropped
+/// (success, failure, abort).
+struct Published {
+    set: Arc<SecretSet>,
+    /// The names they are served under (the SNI the CA will send).
+    snis: Vec<String>,
+    challenges: Vec<Challenge>,
+    target: Option<String>,
+}
+
+impl Drop for Published {
     fn drop(&mut self) {
-        for identifier in &self.identifiers {
-            self.set.remove(identifier);
+        for sni in &self.snis {
+            self.set.remove(sni);
         }
     }
+}
+
+#[async_trait::async_trait]
+impl Presented for Published {
+    async fn check(&self) -> Result<(), Error> {
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
+        let checks = self
+            .challenges
+            .iter()
+            .map(|c| check(target, &c.identifier, &c.key_authorization));
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn clean_up(self: Box<Self>) {}
 }
 
 /// A TLS client verifier that accepts any certificate and remembers the
@@ -224,7 +287,7 @@ fn handshake_once(target: &str, identifier: &str) -> Result<Vec<u8>, String> {
 /// Performs the CA's handshake at `target` until Envoy presents the challenge
 /// certificate for `identifier`, or the self-check deadline passes.
 pub async fn check(target: &str, identifier: &str, key_authorization: &str) -> Result<(), Error> {
-    let deadline = Instant::now() + crate::self_check::DEADLINE;
+    let deadline = Instant::now() + crate::solvers::http01::DEADLINE;
     loop {
         let (t, i) = (target.to_owned(), identifier.to_owned());
         let outcome = tokio::task::spawn_blocking(move || handshake_once(&t, &i))

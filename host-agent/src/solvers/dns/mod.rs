@@ -223,6 +223,57 @@ impl Drop for Published {
     }
 }
 
+/// The dns-01 solver: TXT records through the certificate's `[dns.<name>]`
+/// solver, journaled, waited for on every authoritative nameserver.
+pub struct Dns01(pub Arc<Dns>);
+
+fn solver_of(spec: &crate::domain::spec::Certificate) -> Result<&str, Error> {
+    spec.dns.as_deref().ok_or_else(|| {
+        Error::Dns(format!(
+            "certificate {} needs a dns-01 solver (dns = \"<name>\")",
+            spec.name
+        ))
+    })
+}
+
+#[async_trait::async_trait]
+impl crate::ports::solver::Solver for Dns01 {
+    fn configure(&self, config: &Config) {
+        self.0.configure(config);
+    }
+
+    async fn preflight(&self, spec: &crate::domain::spec::Certificate) -> Result<(), Error> {
+        self.0.preflight(solver_of(spec)?).await
+    }
+
+    async fn present(
+        &self,
+        spec: &crate::domain::spec::Certificate,
+        challenges: &[crate::challenges::Challenge],
+    ) -> Result<Box<dyn crate::ports::solver::Presented>, Error> {
+        let solver = solver_of(spec)?;
+        let mut published = Published::new(Arc::clone(&self.0));
+        for c in challenges {
+            let base = c.identifier.strip_prefix("*.").unwrap_or(&c.identifier);
+            published
+                .add(solver, base, &txt_value(&c.key_authorization))
+                .await?;
+        }
+        Ok(Box::new(published))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ports::solver::Presented for Published {
+    async fn check(&self) -> Result<(), Error> {
+        self.wait_propagated().await
+    }
+
+    async fn clean_up(self: Box<Self>) {
+        (*self).remove().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
