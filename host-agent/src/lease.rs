@@ -378,24 +378,28 @@ mod tests {
 
     #[tokio::test]
     async fn another_holders_lease_is_taken_only_once_seen_unchanged_for_its_duration() {
+        // The other holder's Lease lasts 3 s. Sleeps only ever last longer
+        // than asked, so the margins are on the side that waits: a check that
+        // it is "not expired yet" comes 1.5 s before the edge.
         let fake = Shared::default();
-        held_by(&fake, "other", 1);
+        held_by(&fake, "other", 3);
         let b = elector(&fake, "b", Duration::from_secs(15));
         // First sight, and at once again: not expired by our clock.
         assert!(!b.acquire_or_renew().await.expect("read"));
         assert!(!b.acquire_or_renew().await.expect("read"));
         assert_eq!(spec(&fake)["holderIdentity"], "other");
-        // The holder renews (a new version): the observation starts over.
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        held_by(&fake, "other", 1);
+        // The holder renews (a new version) 2 s on: the observation starts
+        // over, though the first one is older than the Lease 1.5 s later.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        held_by(&fake, "other", 3);
         assert!(!b.acquire_or_renew().await.expect("read"));
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert!(
             !b.acquire_or_renew().await.expect("read"),
-            "seen unchanged for 0.7 s of 1 s: not expired"
+            "seen unchanged for 1.5 s of 3 s: not expired"
         );
         assert_eq!(fake.lock().expect("the fake").writes, 0, "never written");
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1_600)).await;
         assert!(b.acquire_or_renew().await.expect("taken over"));
         let taken = spec(&fake);
         assert_eq!(taken["holderIdentity"], "b");
@@ -418,14 +422,16 @@ mod tests {
     #[tokio::test]
     async fn a_failing_write_keeps_the_hold_only_until_the_duration_has_passed() {
         let fake = Shared::default();
-        let a = elector(&fake, "a", Duration::from_millis(600));
+        // 2 s: the in-process calls before the "still young" checks take
+        // milliseconds; the sleep past the edge only ever lasts longer.
+        let a = elector(&fake, "a", Duration::from_secs(2));
         assert!(a.acquire_or_renew().await.expect("created"));
         fail(&fake, "PUT", 500);
         let error = a.acquire_or_renew().await.expect_err("a failed write");
         assert!(error.to_string().contains("writing the Lease"), "{error}");
         assert!(a.holds_locally(), "the last renewal is still young");
         assert!(a.still_holds().await, "the API still shows our version");
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
         assert!(!a.holds_locally(), "the duration passed without a renewal");
         assert!(!a.still_holds().await, "never asked once not held locally");
     }

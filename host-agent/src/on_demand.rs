@@ -420,7 +420,9 @@ mod tests {
 #[cfg(test)]
 mod expiry_tests {
     //! The refusal cache and the holds, across their expiry (real time, in
-    //! fractions of a second: the gate reads the monotonic clock).
+    //! seconds: the gate reads the monotonic clock). Each check before an
+    //! edge comes milliseconds after its start, seconds before the edge; each
+    //! check after one follows a sleep past it, and sleeps only run long.
 
     use super::*;
     use crate::ports::requests::Refusal;
@@ -467,7 +469,7 @@ mod expiry_tests {
         assert!(gate.requested("a.shop.example.com").is_some());
         let asked = next_request(
             &mut requests,
-            Err(Refusal::new("full", Duration::from_millis(300))),
+            Err(Refusal::new("full", Duration::from_secs(2))),
         )
         .await;
         assert_eq!(asked, "a.shop.example.com");
@@ -477,7 +479,8 @@ mod expiry_tests {
         assert_eq!(gate.requested("a.shop.example.com"), None);
         assert!(requests.try_recv().is_err(), "asked again while cached");
         assert!(!refusals.has_changed().expect("open"), "no new decision");
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        // Sleeps only last longer than asked: past the refusal's 2 s.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
         // Expired: decided again, which asks the manager again.
         assert!(!gate.refused("a.shop.example.com"));
         assert!(gate.requested("a.shop.example.com").is_some());
@@ -489,7 +492,7 @@ mod expiry_tests {
 
     #[tokio::test]
     async fn a_name_the_patterns_refuse_is_cached_for_refused_cache_seconds() {
-        let (gate, _requests) = gate(10, 4, 1);
+        let (gate, _requests) = gate(10, 4, 2);
         let refusals = gate.subscribe();
         assert_eq!(gate.requested("evil.example.org"), None);
         assert_eq!(*refusals.borrow(), 1, "one decision");
@@ -498,7 +501,7 @@ mod expiry_tests {
         }
         assert_eq!(*refusals.borrow(), 1, "the cache answered the others");
         assert!(gate.refused("evil.example.org"));
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
         assert!(
             !gate.refused("evil.example.org"),
             "past refused_cache_seconds"
@@ -509,9 +512,9 @@ mod expiry_tests {
 
     #[tokio::test]
     async fn a_hold_ends_at_max_wait_and_frees_its_slot() {
-        let (gate, mut requests) = gate(1, 1, 300);
+        let (gate, mut requests) = gate(2, 1, 300);
         let wait = gate.requested("a.shop.example.com").expect("held");
-        assert_eq!(wait, Duration::from_secs(1));
+        assert_eq!(wait, Duration::from_secs(2));
         assert_eq!(
             next_request(&mut requests, Ok(())).await,
             "a.shop.example.com"
@@ -526,7 +529,7 @@ mod expiry_tests {
             "a full gate is no refusal"
         );
         assert!(requests.try_recv().is_err(), "asked twice for one hold");
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
         // The hold ended with nothing served: the slot is free again.
         assert!(gate.requested("b.shop.example.com").is_some());
         assert_eq!(
