@@ -1,13 +1,19 @@
-//! A fake of the few Kubernetes API endpoints the agent calls. It is a fake
-//! because no Kubernetes API server can run on this machine (no container
-//! runtime, no etcd): it implements only what the agent relies on, and
-//! every test that uses it says so. What it models:
+//! A fake of the few Kubernetes API endpoints the agent calls, kept for
+//! fault injection: a test makes it refuse a Secret write (409, 422, 500),
+//! fail every Lease write (500, 409), forget its watch history (410), or
+//! answer 403 for what the agent's Role does not allow, at the moment the
+//! test chooses, which a real API server (kind, k3s) does not let a test
+//! do. It is a fake, not a conformance reference: it implements only what
+//! the agent relies on, and every test that uses it says so. (No API
+//! server runs on the machines the suite runs on either: no container
+//! runtime, no etcd.) What it models:
 //!
 //! - **RBAC**: every request is authorized against a Role per namespace, by
 //!   API group, resource, verb and name, as the API server's RBAC
 //!   authorizer does, and answered 403 Forbidden (the API server's message)
 //!   when no rule allows it. The agent's namespace starts with the shipped
-//!   Role (`envoy-config/istio/agent/role.yaml`); a test adds the Secret
+//!   Role (`envoy-config/istio/agent/role.yaml`); a cluster-wide request is
+//!   forbidden (a Role grants none); a test adds the Secret
 //!   names an operator would list (`acme-agent check-config` prints them:
 //!   [`FakeKube::grant_secrets`], done by `World::write_config`) and Roles
 //!   for other namespaces ([`FakeKube::grant_role`]). Forbidden requests are
@@ -792,7 +798,10 @@ struct Action {
 
 impl Action {
     /// `/api/v1/namespaces/<ns>/<resource>[/<name>]` or
-    /// `/apis/<group>/<version>/namespaces/<ns>/<resource>[/<name>]`.
+    /// `/apis/<group>/<version>/namespaces/<ns>/<resource>[/<name>]`; a
+    /// resource path without a namespace is cluster-wide (namespace ""),
+    /// which no Role grants. Other paths (discovery: `/api`, `/apis/<group>`)
+    /// are no resource request: every authenticated user may read them.
     fn of(method: &str, path: &str, watch: bool) -> Option<Self> {
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let (group, rest) = match parts.as_slice() {
@@ -801,8 +810,11 @@ impl Action {
             _ => return None,
         };
         let (namespace, resource, name) = match rest {
-            ["namespaces", ns, resource] => (ns, resource, None),
-            ["namespaces", ns, resource, name] => (ns, resource, Some((*name).to_owned())),
+            [] => return None,
+            ["namespaces", ns, resource] => (*ns, *resource, None),
+            ["namespaces", ns, resource, name] => (*ns, *resource, Some((*name).to_owned())),
+            [resource] => ("", *resource, None),
+            [resource, name] => ("", *resource, Some((*name).to_owned())),
             _ => return None,
         };
         let verb = match (method, name.is_some()) {
@@ -817,9 +829,9 @@ impl Action {
             _ => return None,
         };
         Some(Self {
-            namespace: (*namespace).to_owned(),
+            namespace: namespace.to_owned(),
             group: group.to_owned(),
-            resource: (*resource).to_owned(),
+            resource: resource.to_owned(),
             verb,
             name,
         })
@@ -853,4 +865,145 @@ pub fn decoded(secret: &Value, key: &str) -> Option<String> {
         .decode(text)
         .ok()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+#[cfg(test)]
+mod rbac_tests {
+    //! The fake's authorizer against the shipped Role, request by request.
+
+    use super::*;
+
+    fn allowed(role: &Role, method: &str, path: &str, watch: bool) -> bool {
+        let action = Action::of(method, path, watch).expect("a resource request");
+        let mut roles = BTreeMap::new();
+        roles.insert("istio-system".to_owned(), role.clone());
+        let state = State {
+            roles,
+            ..State::default()
+        };
+        state.allows(&action)
+    }
+
+    const SECRETS: &str = "/api/v1/namespaces/istio-system/secrets";
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/istio-system/leases";
+
+    #[test]
+    fn the_shipped_role_allows_what_it_names_and_nothing_else() {
+        let role = Role::shipped();
+        assert!(allowed(
+            &role,
+            "GET",
+            &format!("{SECRETS}/acme-agent-status"),
+            false
+        ));
+        assert!(allowed(
+            &role,
+            "PATCH",
+            &format!("{SECRETS}/www-example-com"),
+            false
+        ));
+        assert!(
+            allowed(&role, "POST", SECRETS, false),
+            "create is not limited by name"
+        );
+        for (method, path) in [
+            ("GET", format!("{SECRETS}/istio-ca-secret")),
+            ("PATCH", format!("{SECRETS}/cacerts")),
+            ("GET", SECRETS.to_owned()),
+            ("DELETE", format!("{SECRETS}/www-example-com")),
+            ("PUT", format!("{SECRETS}/www-example-com")),
+            ("GET", format!("{LEASES}/someone-else")),
+            ("DELETE", format!("{LEASES}/acme-agent")),
+            (
+                "GET",
+                "/api/v1/namespaces/apps/secrets/www-example-com".to_owned(),
+            ),
+            ("GET", "/api/v1/secrets".to_owned()),
+            ("GET", "/apis/networking.istio.io/v1/gateways".to_owned()),
+        ] {
+            assert!(!allowed(&role, method, &path, false), "{method} {path}");
+        }
+        assert!(allowed(
+            &role,
+            "GET",
+            &format!("{LEASES}/acme-agent"),
+            false
+        ));
+        assert!(allowed(
+            &role,
+            "PUT",
+            &format!("{LEASES}/acme-agent"),
+            false
+        ));
+        assert!(allowed(&role, "POST", LEASES, false));
+        let gateways = "/apis/gateway.networking.k8s.io/v1/namespaces/istio-system/gateways";
+        assert!(allowed(&role, "GET", gateways, false), "list");
+        assert!(allowed(&role, "GET", gateways, true), "watch");
+        assert!(
+            !allowed(&role, "GET", &format!("{gateways}/web"), false),
+            "get by name"
+        );
+        assert!(
+            Action::of("GET", "/apis/coordination.k8s.io/v1", false).is_none(),
+            "discovery is no resource request"
+        );
+    }
+
+    #[test]
+    fn granted_names_extend_the_named_rules_only() {
+        let mut role = Role::shipped();
+        let path = format!("{SECRETS}/new-example-com");
+        assert!(!allowed(&role, "GET", &path, false));
+        role.grant_names("secrets", &["new-example-com"]);
+        assert!(allowed(&role, "GET", &path, false));
+        assert!(allowed(&role, "PATCH", &path, false));
+        assert!(!allowed(&role, "DELETE", &path, false));
+        let events = Role::shipped_for(&["gateways", "events"]);
+        assert!(!allowed(&events, "GET", &path, false), "no Secret rule");
+        assert!(allowed(
+            &events,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/istio-system/events",
+            false
+        ));
+    }
+
+    #[test]
+    fn a_forbidden_request_is_answered_403_and_kept() {
+        let kube = FakeKube::start("istio-system").expect("the fake");
+        kube.expect_forbidden();
+        let reply = crate::http::get(
+            kube.addr(),
+            "/api/v1/namespaces/istio-system/secrets/istio-ca-secret",
+            "api",
+        )
+        .expect("an answer");
+        assert_eq!(reply.status, 403);
+        assert!(
+            reply.text().contains("cannot get resource"),
+            "{}",
+            reply.text()
+        );
+        assert_eq!(kube.forbidden().len(), 1);
+        let reply = crate::http::get(
+            kube.addr(),
+            "/api/v1/namespaces/istio-system/secrets/acme-agent-status",
+            "api",
+        )
+        .expect("an answer");
+        assert_eq!(reply.status, 404, "allowed, and not there");
+        assert_eq!(kube.forbidden().len(), 1);
+    }
+
+    #[test]
+    fn lease_faults_answer_every_request_of_the_method_until_healed() {
+        let kube = FakeKube::start("istio-system").expect("the fake");
+        kube.fail_leases("GET", 500);
+        let path = format!("{LEASES}/acme-agent");
+        let reply = crate::http::get(kube.addr(), &path, "api").expect("an answer");
+        assert_eq!(reply.status, 500);
+        kube.heal();
+        let reply = crate::http::get(kube.addr(), &path, "api").expect("an answer");
+        assert_eq!(reply.status, 404);
+    }
 }

@@ -229,9 +229,10 @@ impl Pebble {
         std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
     }
 
-    /// What the CA itself counted since it (re)started: the ground truth of
-    /// "no order was placed", whatever the agent's own counters say (they
-    /// move only when an order ends).
+    /// What the CA itself counted since the test started it (its log is
+    /// kept across restarts): the ground truth of "no order was placed",
+    /// whatever the agent's own counters say (they move only when an order
+    /// ends). Compare two readings to count what happened between them.
     pub fn counts(&self) -> CaCounts {
         let log = self.log();
         let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();

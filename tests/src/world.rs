@@ -239,6 +239,8 @@ impl World {
     }
 
     pub fn start_agent(&mut self) {
+        // Before the process exists: nothing it does is counted as before.
+        self.ca_at_start = self.pebble.counts();
         let kube_env = self.kube_env();
         let env: Vec<(&str, &std::ffi::OsStr)> =
             kube_env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
@@ -250,7 +252,6 @@ impl World {
         )
         .unwrap();
         self.agent = Some(agent);
-        self.ca_at_start = self.pebble.counts();
     }
 
     pub fn agent(&self) -> &Agent {

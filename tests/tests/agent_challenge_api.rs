@@ -267,14 +267,11 @@ fn shutdown_answers_held_polls_at_once() {
     drop(agent);
     let stopped = stopping.elapsed();
     let (status, took) = held.join().unwrap();
-    // 503 is the shutdown's answer: the hold's own end would be a 304.
+    // 503 is the shutdown's answer: the hold's own end (after WAIT) would
+    // be a 304, and a shutdown that waited for it would get that 304.
     assert_eq!(
         status, 503,
-        "answered by the end of the hold, not the shutdown"
-    );
-    assert!(
-        stopped < WAIT / 2,
-        "shutdown waited for the hold: {stopped:?}"
+        "answered by the end of the hold, not the shutdown ({took:?})"
     );
     println!("shutdown with a held poll: stopped in {stopped:?}, the poll answered after {took:?}");
 }

@@ -86,6 +86,14 @@ fn a_wildcard_and_its_apex_are_issued_through_bind_and_served_for_any_subdomain(
     served(&world, "x7f3.example.com");
     served(&world, "example.com");
     assert_zone_clean(&named, &world);
+    // The CA was told to validate both authorizations (the wildcard's and
+    // the apex's are both "example.com"): what `assert_ca_not_told` counts
+    // is there when it happens.
+    assert!(
+        world.pebble.validations_of("example.com") >= 2,
+        "{}",
+        world.pebble.log()
+    );
 }
 
 #[test]

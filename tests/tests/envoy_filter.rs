@@ -157,7 +157,7 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
     // one round trip (printed for the record; a timing is not asserted).
     let published = Instant::now();
     agent.publish(&[(TOKEN, HOST), ("fresh-token", HOST)]);
-    assert!(eventually(Duration::from_secs(5), || {
+    assert!(eventually(Duration::from_secs(30), || {
         http::get(listen, "/.well-known/acme-challenge/fresh-token", HOST)
             .is_ok_and(|r| r.status == 200)
     }));

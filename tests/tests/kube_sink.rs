@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 const NS: &str = "istio-system";
 const WWW: (&str, &[&str]) = ("www-example-com", &["www.example.com", "example.com"]);
 const FOREIGN: (&str, &[&str]) = ("foreign", &["foreign.example.com"]);
+/// Not in the shipped Role (which names www-example-com and api-example-com).
+const SHOP: (&str, &[&str]) = ("shop-example-com", &["shop.example.com"]);
 
 fn applies_to(kube: &FakeKube, name: &str) -> Vec<acme_tests::fake_kube::Seen> {
     kube.seen()
@@ -241,6 +243,60 @@ fn an_api_server_refusing_writes_or_reads_never_causes_a_second_order() {
 }
 
 /// Events of one reason on one object.
+/// Least privilege, the other way round: the operator left a certificate's
+/// Secret out of the agent's Role. The API server refuses every request for
+/// it (403); the agent says so where the operator looks and orders nothing
+/// for it (an unreadable Secret is no "nothing stored"), asks for no other
+/// Secret it may not have, and the other certificate is issued as usual.
+#[test]
+fn a_secret_the_role_does_not_name_is_forbidden_reported_and_never_ordered() {
+    let mut world = World::new(pebble::Options::default());
+    let kube = FakeKube::start(NS).unwrap();
+    kube.expect_forbidden();
+    world.kube = Some(kube);
+    world.withheld_secrets = vec![SHOP.0.to_owned()];
+    world.certificates(&[WWW, SHOP]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    world.wait_issued(WWW.0, 1.0);
+    let kube = world.kube.as_ref().unwrap();
+    let api_path = format!("/api/v1/namespaces/{NS}/secrets/{}", SHOP.0);
+    // Where the operator looks: a Warning Event on the Secret.
+    let failed = wait_for(
+        Duration::from_secs(60),
+        "the forbidden read reported in an Event and retried",
+        || {
+            let failed = events_with(kube, "Failed").into_iter().find(|e| {
+                e["regarding"]["name"] == SHOP.0
+                    && e["note"].as_str().is_some_and(|n| n.contains("forbidden"))
+            })?;
+            (kube.forbidden().len() >= 2).then_some(failed)
+        },
+        || {
+            format!(
+                "{:#?}\n{:#?}\n{}",
+                kube.events(),
+                kube.forbidden(),
+                world.context()
+            )
+        },
+    )
+    .unwrap();
+    assert_eq!(failed["type"], "Warning", "{failed}");
+    for seen in kube.forbidden() {
+        let path = seen.path.split('?').next().unwrap_or_default();
+        assert_eq!(path, api_path, "{} {}", seen.method, seen.path);
+    }
+    let failures = world.metric(
+        "acme_agent_certificate_failures",
+        &[&format!("certificate=\"{}\"", SHOP.0)],
+    );
+    assert!(failures >= 1.0, "{failures}\n{}", world.context());
+    // www's order alone reached the CA.
+    assert_eq!(world.pebble.orders_created(), 1, "{}", world.context());
+    assert!(kube.secret(SHOP.0).is_none());
+}
+
 fn events_with(kube: &FakeKube, reason: &str) -> Vec<serde_json::Value> {
     kube.events()
         .into_iter()
