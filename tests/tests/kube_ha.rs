@@ -316,6 +316,8 @@ fn a_holder_whose_lease_writes_fail_steps_down() {
 fn a_holder_whose_lease_write_conflicts_steps_down_at_once() {
     let mut world = world_with_a_holder(&[]);
     let kube = world.kube.as_ref().unwrap();
+    let puts = || kube.seen().iter().filter(|s| s.method == "PUT").count();
+    let before = puts();
     kube.fail_leases("PUT", 409);
     let status = world
         .agent
@@ -326,6 +328,15 @@ fn a_holder_whose_lease_write_conflicts_steps_down_at_once() {
     assert!(!status.success(), "{}", world.context());
     assert!(
         world.agent().log().contains("lost the Lease"),
+        "{}",
+        world.context()
+    );
+    // At once: the first refused write was its last (a failure it took for
+    // a passing one would be retried until the Lease's duration ran out).
+    let kube = world.kube.as_ref().unwrap();
+    assert_eq!(
+        kube.seen().iter().filter(|s| s.method == "PUT").count() - before,
+        1,
         "{}",
         world.context()
     );
