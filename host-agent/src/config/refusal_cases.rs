@@ -105,9 +105,8 @@ fn schema_and_secret_cases(dir: &Path) -> Vec<(String, &'static str)> {
     ]
 }
 
-fn storage_and_acme_cases() -> Vec<(String, &'static str)> {
-    let limit = |key: &str, value: &str| doc(FILES, &format!("[acme.limits]\n{key} = {value}"), "");
-    let mut cases: Vec<(String, &'static str)> = vec![
+fn storage_cases() -> Vec<(String, &'static str)> {
+    vec![
         (doc("sds_dir = \"/d\"", "", ""), "state_dir"),
         (doc("state_dir = \"/s\"", "", ""), "sds_dir"),
         (
@@ -154,6 +153,12 @@ fn storage_and_acme_cases() -> Vec<(String, &'static str)> {
             with("[self_check]\ntarget = \"127.0.0.1:80\"\ntls_target = \"127.0.0.1:0\"\n"),
             "self_check.tls_target",
         ),
+    ]
+}
+
+fn acme_cases() -> Vec<(String, &'static str)> {
+    let limit = |key: &str, value: &str| doc(FILES, &format!("[acme.limits]\n{key} = {value}"), "");
+    let mut cases: Vec<(String, &'static str)> = vec![
         (
             FILES.to_owned() + "[acme]\ndirectory = \"http://ca.example/dir\"\n",
             "acme.directory",
@@ -415,7 +420,8 @@ fn listener_cases() -> Vec<(String, &'static str)> {
 
 fn every_case(dir: &Path) -> Vec<(String, &'static str)> {
     let mut cases = schema_and_secret_cases(dir);
-    cases.extend(storage_and_acme_cases());
+    cases.extend(storage_cases());
+    cases.extend(acme_cases());
     cases.extend(dns_cases());
     cases.extend(certificate_cases());
     cases.extend(on_demand_cases());
