@@ -71,3 +71,43 @@ pub fn outcome(addr: SocketAddr, sni: &str, timeout: Duration) -> Result<Outcome
         .take_leaf()
         .map_or(Outcome::Refused, Outcome::Served))
 }
+
+/// [`outcome`] for any SNI, also one rustls will not send (malformed or
+/// oversized, as a client chooses it): `openssl s_client`, given `timeout`
+/// to end the handshake. `Served` holds the presented subject's text.
+pub fn outcome_any_sni(addr: SocketAddr, sni: &str, timeout: Duration) -> Result<Outcome> {
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running openssl s_client")?;
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Outcome::StillHeld);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut text)?;
+    }
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .map_or(Outcome::Refused, |s| {
+            Outcome::Served(s.trim().as_bytes().to_vec())
+        }))
+}
