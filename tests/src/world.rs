@@ -285,7 +285,7 @@ impl World {
         for name in &self.nodes[index].names {
             let path = self.sds_dir().join(format!("{name}.json"));
             wait_for(
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 &format!("{} written", path.display()),
                 || path.is_file().then_some(()),
                 || self.context(),

@@ -237,7 +237,7 @@ fn a_config_edit_adds_and_removes_certificates_without_restart() {
     world.certificates(&[WWW]);
     world.write_config();
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "api no longer managed",
         || {
             world

@@ -119,7 +119,7 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     })
     .unwrap();
     envoy
-        .wait_stat_at_least("sds.www.update_rejected", 1, Duration::from_secs(10))
+        .wait_stat_at_least("sds.www.update_rejected", 1, Duration::from_secs(30))
         .unwrap();
     assert!(
         served_subject(listen, "first.example.com")

@@ -126,7 +126,7 @@ fn a_name_delegated_by_cname_is_validated_in_the_zone_it_points_into() {
 /// record is written just after the metrics move).
 fn last_error(world: &World, name: &str) -> String {
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         &format!("a last_error in {name}'s status"),
         || {
             world.status_record(name)["last_error"]
@@ -245,7 +245,7 @@ fn a_lagging_nameserver_is_named_and_records_outlive_neither_named_down_nor_a_cr
     named.stop();
     let journal = world.state_dir().join("dns-records.json");
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the record journaled as not deleted",
         || {
             std::thread::sleep(Duration::from_millis(200));
@@ -271,7 +271,7 @@ fn a_lagging_nameserver_is_named_and_records_outlive_neither_named_down_nor_a_cr
     world.start_agent();
     assert_zone_clean(&named, &world);
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the journal emptied",
         || {
             let text = std::fs::read_to_string(&journal).ok()?;

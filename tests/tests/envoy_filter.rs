@@ -278,7 +278,7 @@ fn filter_enabled_only_on_the_challenge_route_behaves_the_same() {
     agent.publish(&[(TOKEN, HOST)]);
     let path = format!("/.well-known/acme-challenge/{TOKEN}");
     assert!(
-        eventually(Duration::from_secs(5), || http::get(listen, &path, HOST)
+        eventually(Duration::from_secs(30), || http::get(listen, &path, HOST)
             .is_ok_and(|r| r.status == 200)),
         "token not served:\n{}",
         envoy.log()

@@ -43,7 +43,7 @@ fn a_profile_the_ca_does_not_offer_is_refused_before_any_order() {
     );
     // The record is written just after the metrics move.
     let record = acme_tests::agent::wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "short's status record with its error",
         || {
             let record = world.status_record("short");

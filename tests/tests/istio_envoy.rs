@@ -145,7 +145,7 @@ fn assert_answers(envoy: &Envoy, listen: SocketAddr, sync: &SyncServer) {
     sync.publish(&[(TOKEN, HOST)]);
     let path = format!("/.well-known/acme-challenge/{TOKEN}");
     let answered = wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the challenge answered",
         || {
             http::get(listen, &path, HOST)

@@ -317,7 +317,7 @@ fn events_tell_issued_renewed_failed_once_per_series_and_budget_waits() {
     let kube = world.kube.as_ref().unwrap();
     let wait_event = |reason: &str| {
         wait_for(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             &format!("an Event {reason}"),
             || (!events_with(kube, reason).is_empty()).then_some(()),
             || format!("{:#?}\n{}", kube.events(), world.context()),
@@ -349,7 +349,7 @@ fn events_tell_issued_renewed_failed_once_per_series_and_budget_waits() {
         Duration::from_secs(60),
     );
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the Failed Event's series counted",
         || {
             let failed = events_with(kube, "Failed");

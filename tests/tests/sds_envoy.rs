@@ -285,7 +285,7 @@ fn the_agent_serves_its_certificates_to_an_on_demand_listener() {
     world.renew("www");
     world.wait_issued("www", 2.0);
     acme_tests::agent::wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the renewed certificate on a new handshake",
         || (served("www.example.com") != before).then_some(()),
         || envoy.log(),

@@ -190,7 +190,7 @@ fn stale_answers_are_asked_again_only_after_a_backoff() {
     });
     let (envoy, _listen, _upstream) = envoy_with_token(agent.addr(), r#","backoff_max_ms":2000"#);
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the first stale answer",
         || (polls.load(Ordering::SeqCst) >= 2).then_some(()),
         || envoy.log(),
