@@ -416,3 +416,165 @@ mod tests {
         assert!(gate.refused("a.example.com"));
     }
 }
+
+#[cfg(test)]
+mod expiry_tests {
+    //! The refusal cache and the holds, across their expiry (real time, in
+    //! seconds: the gate reads the monotonic clock). Each check before an
+    //! edge comes milliseconds after its start, seconds before the edge; each
+    //! check after one follows a sleep past it, and sleeps only run long.
+
+    use super::*;
+    use crate::ports::requests::Refusal;
+
+    fn gate(
+        max_wait_seconds: u64,
+        max_concurrent: usize,
+        refused_cache_seconds: u64,
+    ) -> (Handle, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(16);
+        let config = Config {
+            allow: vec!["*.shop.example.com".into()],
+            ask: None,
+            max_wait_seconds,
+            max_concurrent,
+            max_per_hour: 20,
+            refused_cache_seconds,
+            key_type: Default::default(),
+            max_certificates: 100,
+            idle_seconds: 30 * 86_400,
+            max_failures: 3,
+            failed_refusal_seconds: 86_400,
+        };
+        let served = Arc::new(crate::ports::secrets::SecretSet::new());
+        (Handle(OnDemandGate::new(config, tx, served)), rx)
+    }
+
+    /// The next request to the manager: its name, answered with `answer`.
+    async fn next_request(
+        requests: &mut mpsc::Receiver<Request>,
+        answer: Result<(), Refusal>,
+    ) -> String {
+        let Some(Request::OnDemand { domain, reply, .. }) = requests.recv().await else {
+            panic!("no on-demand request");
+        };
+        let _ = reply.send(answer);
+        domain
+    }
+
+    #[tokio::test]
+    async fn a_refusal_by_the_manager_is_cached_for_its_time_then_decided_again() {
+        let (gate, mut requests) = gate(10, 4, 300);
+        let mut refusals = gate.subscribe();
+        assert!(gate.requested("a.shop.example.com").is_some());
+        let asked = next_request(
+            &mut requests,
+            Err(Refusal::new("full", Duration::from_secs(2))),
+        )
+        .await;
+        assert_eq!(asked, "a.shop.example.com");
+        refusals.changed().await.expect("woken by the refusal");
+        // Cached: refused at once, and the manager is not asked again.
+        assert!(gate.refused("a.shop.example.com"));
+        assert_eq!(gate.requested("a.shop.example.com"), None);
+        assert!(requests.try_recv().is_err(), "asked again while cached");
+        assert!(!refusals.has_changed().expect("open"), "no new decision");
+        // Sleeps only last longer than asked: past the refusal's 2 s.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        // Expired: decided again, which asks the manager again.
+        assert!(!gate.refused("a.shop.example.com"));
+        assert!(gate.requested("a.shop.example.com").is_some());
+        assert_eq!(
+            next_request(&mut requests, Ok(())).await,
+            "a.shop.example.com"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_the_patterns_refuse_is_cached_for_refused_cache_seconds() {
+        let (gate, _requests) = gate(10, 4, 2);
+        let refusals = gate.subscribe();
+        assert_eq!(gate.requested("evil.example.org"), None);
+        assert_eq!(*refusals.borrow(), 1, "one decision");
+        for _ in 0..5 {
+            assert_eq!(gate.requested("evil.example.org"), None);
+        }
+        assert_eq!(*refusals.borrow(), 1, "the cache answered the others");
+        assert!(gate.refused("evil.example.org"));
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        assert!(
+            !gate.refused("evil.example.org"),
+            "past refused_cache_seconds"
+        );
+        assert_eq!(gate.requested("evil.example.org"), None);
+        assert_eq!(*refusals.borrow(), 2, "decided again once expired");
+    }
+
+    #[tokio::test]
+    async fn a_hold_ends_at_max_wait_and_frees_its_slot() {
+        let (gate, mut requests) = gate(2, 1, 300);
+        let wait = gate.requested("a.shop.example.com").expect("held");
+        assert_eq!(wait, Duration::from_secs(2));
+        assert_eq!(
+            next_request(&mut requests, Ok(())).await,
+            "a.shop.example.com"
+        );
+        // Held: the same name waits out the rest of its hold, asked once;
+        // another name finds no slot (max_concurrent = 1), uncached.
+        let rest = gate.requested("a.shop.example.com").expect("still held");
+        assert!(rest <= wait, "{rest:?}");
+        assert_eq!(gate.requested("b.shop.example.com"), None);
+        assert!(
+            !gate.refused("b.shop.example.com"),
+            "a full gate is no refusal"
+        );
+        assert!(requests.try_recv().is_err(), "asked twice for one hold");
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        // The hold ended with nothing served: the slot is free again.
+        assert!(gate.requested("b.shop.example.com").is_some());
+        assert_eq!(
+            next_request(&mut requests, Ok(())).await,
+            "b.shop.example.com"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_seen_name_is_held_no_more() {
+        let (gate, mut requests) = gate(10, 1, 300);
+        assert!(gate.requested("a.shop.example.com").is_some());
+        next_request(&mut requests, Ok(())).await;
+        gate.seen("a.shop.example.com");
+        let Some(Request::Seen { domain }) = requests.recv().await else {
+            panic!("the manager is told the name was seen");
+        };
+        assert_eq!(domain, "a.shop.example.com");
+        assert!(
+            gate.requested("b.shop.example.com").is_some(),
+            "the slot of a seen name is free"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_refusal_cache_is_bounded_and_makes_room_from_expired_entries() {
+        let (gate, _requests) = gate(10, 4, 300);
+        let for_long = Duration::from_secs(300);
+        for i in 0..MAX_REFUSED {
+            gate.0
+                .refuse(&format!("n{i}.example.org"), "test", for_long);
+        }
+        // Full of live refusals: one more is not cached (decided again).
+        gate.0.refuse("extra.example.org", "test", for_long);
+        assert!(!gate.refused("extra.example.org"));
+        assert!(gate.refused("n0.example.org"));
+        assert_eq!(gate.0.lock().refused.len(), MAX_REFUSED);
+        // Full of expired ones: they make room.
+        let (gate, _requests) = super::expiry_tests::gate(10, 4, 300);
+        for i in 0..MAX_REFUSED {
+            gate.0
+                .refuse(&format!("n{i}.example.org"), "test", Duration::ZERO);
+        }
+        gate.0.refuse("extra.example.org", "test", for_long);
+        assert!(gate.refused("extra.example.org"));
+        assert_eq!(gate.0.lock().refused.len(), 1);
+    }
+}

@@ -785,3 +785,240 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod gate_tests {
+    //! A delta stream with the on-demand gate: a name with no certificate is
+    //! held while the gate says one is coming, and answered (served or
+    //! removed) when it comes, when the gate refuses it, or when the hold
+    //! ends. The stream is driven with explicit instants, so the edges are
+    //! exact.
+
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A gate that holds every name for `hold` (or refuses them all), and
+    /// notes what it was asked.
+    struct FakeGate {
+        hold: Option<Duration>,
+        requested: Mutex<Vec<String>>,
+        refused: Mutex<Vec<String>>,
+        seen: Mutex<Vec<String>>,
+        refusals: watch::Sender<u64>,
+    }
+
+    impl FakeGate {
+        fn new(hold: Option<Duration>) -> Self {
+            Self {
+                hold,
+                requested: Mutex::default(),
+                refused: Mutex::default(),
+                seen: Mutex::default(),
+                refusals: watch::Sender::new(0),
+            }
+        }
+
+        fn refuse(&self, name: &str) {
+            self.refused.lock().expect("refused").push(name.to_owned());
+        }
+
+        fn requested(&self) -> Vec<String> {
+            self.requested.lock().expect("requested").clone()
+        }
+
+        fn seen(&self) -> Vec<String> {
+            self.seen.lock().expect("seen").clone()
+        }
+    }
+
+    impl Gate for FakeGate {
+        fn requested(&self, name: &str) -> Option<Duration> {
+            self.requested
+                .lock()
+                .expect("requested")
+                .push(name.to_owned());
+            self.hold
+        }
+
+        fn refused(&self, name: &str) -> bool {
+            self.refused
+                .lock()
+                .expect("refused")
+                .iter()
+                .any(|n| n == name)
+        }
+
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.refusals.subscribe()
+        }
+
+        fn seen(&self, name: &str) {
+            self.seen.lock().expect("seen").push(name.to_owned());
+        }
+    }
+
+    const HOLD: Duration = Duration::from_secs(10);
+
+    fn subscribe(names: &[&str]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..DeltaDiscoveryRequest::default()
+        }
+    }
+
+    /// A stream subscribed to `name` with the gate consulted at `at`.
+    fn held(set: &SecretSet, gate: &FakeGate, name: &str, at: Instant) -> Stream {
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&[name]));
+        assert!(
+            stream.diff(set, refused, Some(gate), at).is_none(),
+            "a held name is answered nothing yet"
+        );
+        stream
+    }
+
+    #[test]
+    fn a_held_name_is_removed_exactly_when_its_hold_ends() {
+        let (set, gate) = (SecretSet::new(), FakeGate::new(Some(HOLD)));
+        let start = Instant::now();
+        let mut stream = held(&set, &gate, "A.Shop.example.com.", start);
+        assert_eq!(gate.requested(), ["a.shop.example.com"], "asked normalized");
+        assert_eq!(stream.next_deadline(), Some(start + HOLD));
+        let just_before = start + HOLD - Duration::from_millis(1);
+        assert!(
+            stream
+                .diff(&set, Vec::new(), Some(&gate), just_before)
+                .is_none()
+        );
+        assert_eq!(gate.requested().len(), 1, "the gate is asked once per hold");
+        let response = stream
+            .diff(&set, Vec::new(), Some(&gate), start + HOLD)
+            .expect("the hold ended");
+        assert_eq!(response.removed_resources, ["A.Shop.example.com."]);
+        assert!(response.resources.is_empty());
+        assert_eq!(stream.next_deadline(), None);
+        // Removed stays removed: nothing more to say, nothing asked.
+        let later = start + 2 * HOLD;
+        assert!(stream.diff(&set, Vec::new(), Some(&gate), later).is_none());
+        assert_eq!(gate.requested().len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_during_the_hold_removes_the_name_at_once() {
+        let (set, gate) = (SecretSet::new(), FakeGate::new(Some(HOLD)));
+        let start = Instant::now();
+        let mut stream = held(&set, &gate, "a.shop.example.com", start);
+        gate.refuse("a.shop.example.com");
+        let response = stream
+            .diff(
+                &set,
+                Vec::new(),
+                Some(&gate),
+                start + Duration::from_millis(1),
+            )
+            .expect("refused");
+        assert_eq!(response.removed_resources, ["a.shop.example.com"]);
+        assert_eq!(stream.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_certificate_served_during_the_hold_is_sent_and_seen() {
+        let (set, gate) = (SecretSet::new(), FakeGate::new(Some(HOLD)));
+        let start = Instant::now();
+        let mut stream = held(&set, &gate, "a.shop.example.com", start);
+        assert!(gate.seen().is_empty());
+        set.set("od-a", &["a.shop.example.com".into()], "chain", "key");
+        let response = stream
+            .diff(
+                &set,
+                Vec::new(),
+                Some(&gate),
+                start + Duration::from_secs(1),
+            )
+            .expect("served");
+        assert_eq!(response.resources.len(), 1);
+        assert!(response.removed_resources.is_empty());
+        assert_eq!(gate.seen(), ["a.shop.example.com"]);
+        assert_eq!(stream.next_deadline(), None, "no longer held");
+        // Past where the hold would have ended: still served, nothing new.
+        assert!(
+            stream
+                .diff(&set, Vec::new(), Some(&gate), start + 2 * HOLD)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_gate_that_refuses_answers_removed_at_once() {
+        let (set, gate) = (SecretSet::new(), FakeGate::new(None));
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&["evil.example.org"]));
+        let response = stream
+            .diff(&set, refused, Some(&gate), Instant::now())
+            .expect("refused at once");
+        assert_eq!(response.removed_resources, ["evil.example.org"]);
+        assert_eq!(gate.requested(), ["evil.example.org"]);
+        assert_eq!(stream.next_deadline(), None);
+    }
+
+    #[test]
+    fn the_earliest_hold_is_the_next_deadline_and_a_resubscription_asks_again() {
+        let (set, gate) = (SecretSet::new(), FakeGate::new(Some(HOLD)));
+        let start = Instant::now();
+        let mut stream = Stream::default();
+        stream.request(&subscribe(&["a.shop.example.com"]));
+        assert!(stream.diff(&set, Vec::new(), Some(&gate), start).is_none());
+        let later = start + Duration::from_secs(3);
+        stream.request(&subscribe(&["b.shop.example.com"]));
+        assert!(stream.diff(&set, Vec::new(), Some(&gate), later).is_none());
+        assert_eq!(stream.next_deadline(), Some(start + HOLD));
+        let response = stream
+            .diff(&set, Vec::new(), Some(&gate), start + HOLD)
+            .expect("a's hold ended");
+        assert_eq!(response.removed_resources, ["a.shop.example.com"]);
+        assert_eq!(stream.next_deadline(), Some(later + HOLD));
+        // Envoy asks again (unsubscribe, subscribe): a new hold.
+        stream.request(&DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec!["a.shop.example.com".into()],
+            ..DeltaDiscoveryRequest::default()
+        });
+        stream.request(&subscribe(&["a.shop.example.com"]));
+        assert!(
+            stream
+                .diff(&set, Vec::new(), Some(&gate), start + HOLD)
+                .is_none()
+        );
+        assert_eq!(gate.requested().len(), 3);
+        assert_eq!(stream.next_deadline(), Some(later + HOLD));
+    }
+
+    #[test]
+    fn a_served_name_is_seen_at_a_new_subscription_but_not_at_a_reconnect() {
+        let (set, gate) = (SecretSet::new(), FakeGate::new(Some(HOLD)));
+        set.set("www", &["www.example.com".into()], "chain", "key");
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&["WWW.example.com"]));
+        assert!(
+            stream
+                .diff(&set, refused, Some(&gate), Instant::now())
+                .is_some()
+        );
+        assert_eq!(gate.seen(), ["www.example.com"]);
+        assert!(gate.requested().is_empty(), "a served name is no request");
+        // A reconnect naming the version it holds is no handshake.
+        let mut again = Stream::default();
+        let mut request = subscribe(&["www.example.com"]);
+        request.initial_resource_versions.insert(
+            "www.example.com".into(),
+            crate::ports::secrets::version_of("chain"),
+        );
+        let refused = again.request(&request);
+        assert!(
+            again
+                .diff(&set, refused, Some(&gate), Instant::now())
+                .is_none()
+        );
+        assert_eq!(gate.seen().len(), 1);
+    }
+}

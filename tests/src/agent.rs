@@ -252,9 +252,37 @@ impl Agent {
     }
 
     /// Sum of every sample of `name` whose labels contain all of `labels`
-    /// (`key="value"` strings); 0 when there is none.
+    /// (`key="value"` strings). A series that is missing is an error, never
+    /// a 0: a renamed metric or label fails the test that reads it.
     pub fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
-        Ok(sum_samples(&self.metrics()?, name, labels))
+        let exposition = self.metrics()?;
+        sum_samples(&exposition, name, labels).with_context(|| {
+            format!(
+                "no series {name}{labels:?} in /metrics:\n{}",
+                family_lines(&exposition, name)
+            )
+        })
+    }
+
+    /// [`Agent::metric`] for a series that legitimately does not exist yet
+    /// (a counter of an outcome that never happened): 0 then, but only when
+    /// the agent declares the metric (`# TYPE`), so a renamed one still fails.
+    pub fn metric_or_zero(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        let exposition = self.metrics()?;
+        if !declares(&exposition, name) {
+            bail!("the agent declares no metric {name}");
+        }
+        Ok(sum_samples(&exposition, name, labels).unwrap_or(0.0))
+    }
+
+    /// Whether the agent declares the metric `name` but has no series of it
+    /// with `labels` (a gauge removed with its certificate).
+    pub fn series_absent(&self, name: &str, labels: &[&str]) -> Result<bool> {
+        let exposition = self.metrics()?;
+        if !declares(&exposition, name) {
+            bail!("the agent declares no metric {name}");
+        }
+        Ok(sum_samples(&exposition, name, labels).is_none())
     }
 
     /// Sends `signal` (e.g. "TERM", "HUP", "KILL") to the agent.
@@ -301,9 +329,10 @@ impl Drop for Agent {
 }
 
 /// Sum of the samples of `name` in a Prometheus text exposition whose label
-/// set contains every one of `labels`.
-pub fn sum_samples(exposition: &str, name: &str, labels: &[&str]) -> f64 {
-    exposition
+/// set contains every one of `labels`; `None` when there is no such sample
+/// (a missing series is not a 0).
+pub fn sum_samples(exposition: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let values: Vec<f64> = exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -316,7 +345,41 @@ pub fn sum_samples(exposition: &str, name: &str, labels: &[&str]) -> f64 {
                 .then(|| value.parse::<f64>().ok())
                 .flatten()
         })
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// The family a sample name belongs to: `x_total` of counter `x`, the
+/// `_bucket`, `_sum` and `_count` of histogram `x`.
+fn family(name: &str) -> &str {
+    ["_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name)
+}
+
+/// Whether the exposition declares the metric of `name` (`# TYPE`).
+pub fn declares(exposition: &str, name: &str) -> bool {
+    exposition.lines().any(|l| {
+        l.strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|declared| declared == name || declared == family(name))
+    })
+}
+
+/// The exposition's lines of the family of `name`, to show what is there.
+fn family_lines(exposition: &str, name: &str) -> String {
+    let family = family(name);
+    let lines: Vec<&str> = exposition
+        .lines()
+        .filter(|l| l.contains(family))
+        .take(40)
+        .collect();
+    if lines.is_empty() {
+        format!("(nothing named like {family})")
+    } else {
+        lines.join("\n")
+    }
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, failing with `what` and

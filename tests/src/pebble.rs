@@ -228,6 +228,43 @@ impl Pebble {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
     }
+
+    /// What the CA itself counted since the test started it (its log is
+    /// kept across restarts): the ground truth of "no order was placed",
+    /// whatever the agent's own counters say (they move only when an order
+    /// ends). Compare two readings to count what happened between them.
+    pub fn counts(&self) -> CaCounts {
+        let log = self.log();
+        let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+        CaCounts {
+            orders: lines("Added order"),
+            accounts: lines("accounts in memory"),
+        }
+    }
+
+    /// Orders the CA created (each logged once, `Added order`; its `POST
+    /// /order-plz` lines include requests it rejected for a bad nonce).
+    pub fn orders_created(&self) -> usize {
+        self.counts().orders
+    }
+
+    /// Validations the CA started for `identifier` (`Pulled a task`, logged
+    /// once a challenge is POSTed to it, for the identifier's exact value):
+    /// 0 means the CA was never told to check it.
+    pub fn validations_of(&self, identifier: &str) -> usize {
+        let quoted = format!("{identifier:?}");
+        self.log()
+            .lines()
+            .filter(|l| l.contains("Pulled a task") && l.contains(&quoted))
+            .count()
+    }
+}
+
+/// Orders and accounts the CA created (its log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CaCounts {
+    pub orders: usize,
+    pub accounts: usize,
 }
 
 /// Runs `openssl <sub> <key opts> <args> <path opts>`, failing on a non-zero exit.

@@ -18,6 +18,8 @@ struct State {
     polls: usize,
     held: usize,
     max_held: usize,
+    /// Files answered (`GET <path>` of a fixed file).
+    fetches: usize,
 }
 
 /// Answers one long-poll from the state, as the protocol says.
@@ -112,6 +114,7 @@ impl SyncServer {
                 .iter()
                 .find(|(path, _)| req.method == "GET" && *path == req.path)
             {
+                lock.lock().unwrap_or_else(|e| e.into_inner()).fetches += 1;
                 return Reply::new(200, bytes.clone());
             }
             if req.method != "GET" || !req.path.starts_with("/v1/challenges") {
@@ -160,6 +163,15 @@ impl SyncServer {
             .map(|(t, h)| ((*t).to_owned(), (*h).to_owned()))
             .collect();
         cvar.notify_all();
+    }
+
+    /// How many times a fixed file (the module) was fetched so far.
+    pub fn fetches(&self) -> usize {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fetches
     }
 
     /// How many polls arrived so far.

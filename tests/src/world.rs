@@ -56,6 +56,11 @@ pub struct World {
     pub extra_config: String,
     /// More keys of a certificate's table, by certificate name.
     pub certificate_extra: std::collections::BTreeMap<String, String>,
+    /// What the CA had counted when the agent last started.
+    pub ca_at_start: pebble::CaCounts,
+    /// Secrets `check-config` names that the test keeps out of the agent's
+    /// Role (Kubernetes mode): an operator who forgot one.
+    pub withheld_secrets: Vec<String>,
 }
 
 impl World {
@@ -88,6 +93,8 @@ impl World {
             kube: None,
             extra_config: String::new(),
             certificate_extra: Default::default(),
+            ca_at_start: pebble::CaCounts::default(),
+            withheld_secrets: Vec::new(),
         }
     }
 
@@ -166,6 +173,36 @@ impl World {
             format!("{}\n{}", settings.toml(), self.extra_config),
         )
         .unwrap();
+        self.grant_checked_secrets();
+    }
+
+    /// In Kubernetes mode, lets the agent's Role name the Secrets
+    /// `acme-agent check-config` prints for this config, as the shipped
+    /// Role's comment tells an operator to.
+    fn grant_checked_secrets(&self) {
+        let Some(kube) = &self.kube else {
+            return;
+        };
+        let out = self.cli(&["check-config"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            // A config the agent refuses (a test of that): nothing to grant.
+            return;
+        }
+        let names: Vec<&str> = text
+            .lines()
+            .find_map(|l| l.split_once("(a Role's resourceNames): "))
+            .map(|(_, names)| names.split(", ").collect())
+            .unwrap_or_default();
+        let names: Vec<&str> = names
+            .into_iter()
+            .filter(|n| !self.withheld_secrets.iter().any(|w| w == n))
+            .collect();
+        assert!(
+            !names.is_empty(),
+            "check-config printed no Secret names: {text}"
+        );
+        kube.grant_secrets(&names);
     }
 
     /// In Kubernetes mode, the kubeconfig pointing at the fake API server
@@ -202,6 +239,8 @@ impl World {
     }
 
     pub fn start_agent(&mut self) {
+        // Before the process exists: nothing it does is counted as before.
+        self.ca_at_start = self.pebble.counts();
         let kube_env = self.kube_env();
         let env: Vec<(&str, &std::ffi::OsStr)> =
             kube_env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
@@ -246,7 +285,7 @@ impl World {
         for name in &self.nodes[index].names {
             let path = self.sds_dir().join(format!("{name}.json"));
             wait_for(
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 &format!("{} written", path.display()),
                 || path.is_file().then_some(()),
                 || self.context(),
@@ -280,23 +319,35 @@ impl World {
         self.nodes[index].envoy.as_ref().expect("envoy running")
     }
 
+    /// The agent's metric; a missing series fails ([`Agent::metric`]).
     pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        self.agent().metric(name, labels).unwrap()
+        self.agent()
+            .metric(name, labels)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.context()))
+    }
+
+    /// The agent's metric, 0 for a series not there yet (the metric must
+    /// exist: [`Agent::metric_or_zero`]).
+    pub fn metric_or_zero(&self, name: &str, labels: &[&str]) -> f64 {
+        self.agent()
+            .metric_or_zero(name, labels)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.context()))
+    }
+
+    /// Orders the CA created since the agent last started.
+    pub fn orders_since_start(&self) -> usize {
+        self.pebble.orders_created() - self.ca_at_start.orders
     }
 
     /// For an agent process started over existing state, once it has
-    /// scheduled everything: it registered no account and placed no order.
+    /// scheduled everything: the CA saw no account registered and no order
+    /// placed since it started.
     pub fn assert_nothing_registered_or_ordered(&self) {
+        let now = self.pebble.counts();
         assert_eq!(
-            self.metric("acme_agent_account_registrations_total", &[]),
-            0.0,
-            "{}",
-            self.context()
-        );
-        assert_eq!(
-            self.metric("acme_agent_orders_total", &[]),
-            0.0,
-            "{}",
+            now,
+            self.ca_at_start,
+            "the CA saw a registration or an order since the agent started\n{}",
             self.context()
         );
     }
@@ -324,7 +375,7 @@ impl World {
             &format!("{name}{labels:?} >= {at_least}"),
             || {
                 let m = self.agent().metrics().ok()?;
-                let value = sum_samples(&m, name, labels);
+                let value = sum_samples(&m, name, labels)?;
                 (value >= at_least).then_some(value)
             },
             || self.context(),
@@ -369,7 +420,7 @@ impl World {
                     &m,
                     "acme_agent_orders_total",
                     &[&label, "result=\"success\""],
-                ) >= n)
+                )? >= n)
                     .then_some(())
             },
             || self.context(),
@@ -392,7 +443,8 @@ impl World {
                             &m,
                             "acme_agent_certificate_next_renewal_timestamp_seconds",
                             &[&format!("certificate=\"{name}\"")],
-                        ) > 0.0
+                        )
+                        .is_some_and(|at| at > 0.0)
                     })
                     .then_some(())
             },

@@ -19,9 +19,40 @@ const WWW: &[&str] = &["www.example.com", "example.com"];
 const API: &[&str] = &["api.example.com"];
 const API_MORE: &[&str] = &["api.example.com", "api2.example.com"];
 
-/// A small deterministic generator: the seed is printed, so a failing run
-/// can be replayed.
+/// A small deterministic generator: the seed is printed (again when the
+/// test fails), and `CHAOS_SEED=<seed>` replays a run.
 struct Dice(u64);
+
+/// The seed from `CHAOS_SEED`, else from the clock.
+fn seed() -> u64 {
+    match std::env::var("CHAOS_SEED") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("CHAOS_SEED={text:?}: {e}")),
+        Err(_) => {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        }
+    }
+}
+
+/// Prints how to replay the run if the test fails (panics) while it lives.
+struct ReplayHint(u64);
+
+impl Drop for ReplayHint {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "chaos failed with seed {0}: replay with CHAOS_SEED={0} cargo test -p acme-tests --test agent_chaos",
+                self.0
+            );
+        }
+    }
+}
 
 impl Dice {
     fn roll(&mut self, below: u64) -> u64 {
@@ -129,43 +160,55 @@ fn assert_budget_kept(world: &World) {
     );
 }
 
+/// Whether node 0 serves a chain from the CA for every one of `domains`.
+fn served_for(world: &World, domains: &[String]) -> bool {
+    let Ok(root) = world.pebble.issuing_root() else {
+        return false;
+    };
+    let https = world.nodes[0].https;
+    domains.iter().all(|d| {
+        acme_tests::envoy::served_chain(https, d)
+            .is_ok_and(|c| pebble::verify_chain(&c, &root, d).is_ok())
+    })
+}
+
 /// Every certificate is served for its configured names, or waits visibly
-/// for the CA-limit budget (then what it served before is still served).
-fn wait_converged(world: &World) {
+/// for the CA-limit budget, and then what it served before is still served.
+/// `served` holds, per certificate, the names it was last seen served for;
+/// updated.
+fn wait_converged(world: &World, served: &mut std::collections::BTreeMap<String, Vec<String>>) {
     for (name, domains) in world.certificates.clone() {
-        wait_for(
-            Duration::from_secs(60),
-            &format!("{name} served for {domains:?} or waiting for the budget"),
+        let before = served.get(&name).cloned();
+        let now = wait_for(
+            Duration::from_secs(120),
+            &format!("{name} served for {domains:?}, or waiting for the budget and still served for what it was"),
             || {
-                let line = world.status_line(&name);
-                if line.contains("waiting for the CA limit") {
-                    return Some(());
+                if served_for(world, &domains) {
+                    return Some(domains.clone());
                 }
-                let root = world.pebble.issuing_root().ok()?;
-                let https = world.nodes[0].https;
-                domains
-                    .iter()
-                    .all(|d| {
-                        acme_tests::envoy::served_chain(https, d)
-                            .is_ok_and(|c| pebble::verify_chain(&c, &root, d).is_ok())
-                    })
-                    .then_some(())
+                let waiting = world.status_line(&name).contains("waiting for the CA limit");
+                match &before {
+                    Some(before) if waiting && served_for(world, before) => Some(before.clone()),
+                    None if waiting => Some(Vec::new()),
+                    _ => None,
+                }
             },
             || world.context(),
         )
         .unwrap();
+        if !now.is_empty() {
+            served.insert(name, now);
+        }
     }
 }
 
 #[test]
 fn fifty_cycles_of_orders_renewals_and_config_changes_killed_at_random_moments() {
-    let seed = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    println!("chaos seed {seed}");
+    let seed = seed();
+    println!("chaos seed {seed} (replay: CHAOS_SEED={seed})");
+    let _hint = ReplayHint(seed);
     let mut dice = Dice(seed);
+    let mut served = std::collections::BTreeMap::new();
     let mut world = World::new(pebble::Options::default());
     world.retry = (1, 2);
     world
@@ -173,7 +216,7 @@ fn fifty_cycles_of_orders_renewals_and_config_changes_killed_at_random_moments()
         .write_config();
     world.start_agent();
     world.add_envoy(&["www", "api"], 1);
-    wait_converged(&world);
+    wait_converged(&world, &mut served);
     let state_dir = world.state_dir();
     let account =
         move || json_file(&state_dir, "account-").expect("an account")["credentials"]["id"].clone();
@@ -207,7 +250,7 @@ fn fifty_cycles_of_orders_renewals_and_config_changes_killed_at_random_moments()
         assert_budget_kept(&world);
 
         world.start_agent();
-        wait_converged(&world);
+        wait_converged(&world, &mut served);
         assert_eq!(account(), first_account, "cycle {cycle}: a second account");
         let kept: Vec<_> = left.iter().filter(|p| p.exists()).collect();
         assert!(kept.is_empty(), "cycle {cycle}: a start left {kept:?}");

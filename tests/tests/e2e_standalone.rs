@@ -144,7 +144,7 @@ fn a_forced_renewal_is_served_and_an_open_connection_survives_the_swap() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("renewing www"));
     world.wait_issued("www", 2.0);
     let renewed = wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the renewed certificate on a new handshake",
         || {
             let key = public_key_of(&world.wait_served(0, "www.example.com"), "x509");
@@ -180,7 +180,7 @@ fn two_envoys_answer_every_token_on_every_worker_and_pebble_validates_through_ei
     for node in 0..2 {
         let listen = world.nodes[node].http;
         wait_for(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             "the token synced",
             || {
                 http::get(listen, &path, &identifier)
@@ -296,7 +296,7 @@ fn with_the_agent_down_envoy_keeps_serving_and_the_filter_resyncs_by_itself() {
     let path = format!("/.well-known/acme-challenge/{token}");
     let answer = || http::get(listen, &path, &identifier).unwrap();
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "token synced",
         || (answer().status == 200).then_some(()),
         || world.context(),

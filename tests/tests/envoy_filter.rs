@@ -1,6 +1,7 @@
 //! The built filter in a real Envoy 1.40 (V8 runtime) at `--concurrency 2`,
 //! syncing from a test server that speaks the agent's protocol.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use acme_tests::envoy::{
@@ -43,35 +44,28 @@ fn upstream_body() -> Vec<u8> {
     (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect()
 }
 
-#[test]
-fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
-    let wasm = filter_wasm().unwrap();
-    let mut agent = SyncServer::start(None).unwrap();
-    let body = upstream_body();
-    let upstream = upstream_telling_path(body.clone());
+fn challenge_path() -> String {
+    format!("/.well-known/acme-challenge/{TOKEN}")
+}
 
-    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
-    let filter = wasm_filter_yaml(
-        &wasm,
-        r#"{"agent_cluster":"acme_agent","poll_wait_seconds":2}"#,
-    );
-    let config = bootstrap(listen, admin, &filter, upstream.addr(), agent.addr());
-    let envoy = Envoy::start(&config, admin, 2).unwrap();
-
-    // A token published by the agent is served within moments.
+/// A token published by the agent is served; twenty connections open at
+/// once, spread over both workers by the listener's exact balance: a
+/// challenge on every one is answered inline.
+fn the_token_is_answered_inline_on_every_worker(
+    envoy: &Envoy,
+    agent: &SyncServer,
+    listen: SocketAddr,
+) {
     let published = Instant::now();
     agent.publish(&[(TOKEN, HOST)]);
-    let path = format!("/.well-known/acme-challenge/{TOKEN}");
+    let path = challenge_path();
     assert!(
-        eventually(Duration::from_secs(5), || http::get(listen, &path, HOST)
+        eventually(Duration::from_secs(30), || http::get(listen, &path, HOST)
             .is_ok_and(|r| r.status == 200)),
         "token not served:\n{}",
         envoy.log()
     );
     eprintln!("token served {:?} after publishing", published.elapsed());
-
-    // Twenty connections open at once, spread over both workers by the listener's
-    // exact balance: a challenge on every one is answered inline.
     let mut connections: Vec<http::Connection> = (0..20)
         .map(|_| http::Connection::open(listen).unwrap())
         .collect();
@@ -96,8 +90,12 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
             .unwrap_or(0);
         assert!(cx >= 5, "worker {worker} answered on only {cx} connections");
     }
+}
 
-    // HEAD, unknown token, wrong host, wrong method.
+/// HEAD, unknown token, wrong host, wrong method, a path escape: answered
+/// by the filter; other traffic reaches the real upstream, byte-identical.
+fn other_requests_are_refused_or_passed_on_untouched(listen: SocketAddr, body: &[u8]) {
+    let path = challenge_path();
     let r = http::request(listen, "HEAD", &path, HOST).unwrap();
     assert_eq!(r.status, 200);
     let r = http::get(listen, "/.well-known/acme-challenge/unknown", HOST).unwrap();
@@ -111,28 +109,34 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
     let r = http::get(listen, "/.well-known/acme-challenge/..%2F..%2Fetc", HOST).unwrap();
     assert_eq!(r.status, 404);
     assert!(r.header("x-upstream-path").is_none());
-
-    // Other traffic reaches the real upstream, byte-identical.
     for p in ["/", "/data.bin?x=1", "/.well-known/other"] {
         let r = http::get(listen, p, HOST).unwrap();
         assert_eq!(r.status, 200, "{p}");
         assert_eq!(r.header("x-upstream-path"), Some(p));
         assert!(r.body == body, "{p}: body changed on the way through");
     }
+}
 
-    // Envoy's /stats carries the filter's metrics.
+/// The filter's metric `name` in Envoy's /stats, which must be there.
+fn filter_stat(envoy: &Envoy, name: &str) -> i64 {
+    let stats = envoy.admin_text("/stats?filter=acme_filter").unwrap();
+    stats
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(": ")?;
+            n.ends_with(&format!("acme_filter.{name}"))
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("acme_filter.{name} not in /stats:\n{stats}"))
+}
+
+/// Envoy's /stats carries the filter's metrics, with what was answered so
+/// far; its Prometheus output drops the `wasmcustom.` prefix and adds no
+/// `envoy_`.
+fn the_filters_metrics_are_in_envoys_stats(envoy: &Envoy) {
     let stats = envoy.admin_text("/stats?filter=acme_filter").unwrap();
     eprintln!("{stats}");
-    let stat = |name: &str| -> i64 {
-        stats
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(": ")?;
-                n.ends_with(&format!("acme_filter.{name}"))
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("acme_filter.{name} not in /stats:\n{stats}"))
-    };
+    let stat = |name: &str| filter_stat(envoy, name);
     assert!(stat("challenges_served") >= 42, "{stats}");
     assert!(stat("challenges_not_found") >= 1);
     assert!(stat("challenges_rejected") >= 3);
@@ -144,7 +148,6 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
             .any(|l| l.starts_with("wasmcustom.acme_filter.")),
         "stat names changed:\n{stats}"
     );
-    // Envoy's Prometheus output drops the `wasmcustom.` prefix and adds no `envoy_`.
     let prometheus = envoy.admin_text("/stats/prometheus").unwrap();
     assert!(
         prometheus
@@ -152,12 +155,16 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
             .any(|l| l.starts_with("acme_filter_challenges_served{")),
         "not in Prometheus output as documented"
     );
+}
 
-    // With the long-poll established, a newly published token is served within
-    // one round trip (printed for the record; a timing is not asserted).
+/// With the long-poll established, a newly published token is served
+/// (the time is printed for the record, not asserted); one poller for the
+/// whole process (three root contexts at concurrency 2), and it keeps
+/// polling.
+fn a_new_token_reaches_the_one_held_poll(agent: &SyncServer, listen: SocketAddr) {
     let published = Instant::now();
     agent.publish(&[(TOKEN, HOST), ("fresh-token", HOST)]);
-    assert!(eventually(Duration::from_secs(5), || {
+    assert!(eventually(Duration::from_secs(30), || {
         http::get(listen, "/.well-known/acme-challenge/fresh-token", HOST)
             .is_ok_and(|r| r.status == 200)
     }));
@@ -165,9 +172,6 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
         "second token served {:?} after publishing",
         published.elapsed()
     );
-
-    // One poller for the whole process (three root contexts at concurrency 2),
-    // and it keeps polling.
     let polls = agent.polls();
     std::thread::sleep(Duration::from_millis(2500));
     assert!(agent.polls() > polls, "the filter stopped polling");
@@ -176,16 +180,25 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
         1,
         "more than one poller in one Envoy"
     );
+}
 
-    // The agent goes away: known tokens still answer; failures are counted.
+/// The agent goes away: known tokens still answer, failures are counted.
+/// It comes back on the same address: the filter resyncs by itself, and
+/// the old token is gone with the new snapshot.
+fn known_tokens_outlive_the_agent_and_its_return_resyncs(
+    envoy: &Envoy,
+    mut agent: SyncServer,
+    listen: SocketAddr,
+) {
+    let path = challenge_path();
     let agent_addr = agent.addr();
     agent.stop();
-    let failures_before = stat("sync_failure");
+    let failures_before = filter_stat(envoy, "sync_failure");
     envoy
         .wait_stat_at_least(
             "wasmcustom.acme_filter.sync_failure",
             failures_before + 1,
-            Duration::from_secs(10),
+            Duration::from_secs(30),
         )
         .expect("a sync failure counted with the agent down");
     for _ in 0..10 {
@@ -193,20 +206,37 @@ fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), key_authorization(TOKEN));
     }
-
-    // It comes back on the same address: the filter resyncs by itself.
     let agent = SyncServer::start(Some(agent_addr)).unwrap();
     agent.publish(&[("second-token", HOST)]);
     assert!(
-        eventually(Duration::from_secs(20), || {
+        eventually(Duration::from_secs(30), || {
             http::get(listen, "/.well-known/acme-challenge/second-token", HOST)
                 .is_ok_and(|r| r.status == 200)
         }),
         "no resync after the agent came back:\n{}",
         envoy.log()
     );
-    // The old token is gone with the new snapshot.
     assert_eq!(http::get(listen, &path, HOST).unwrap().status, 404);
+}
+
+#[test]
+fn filter_in_real_envoy_answers_from_synced_data_on_every_worker() {
+    let wasm = filter_wasm().unwrap();
+    let agent = SyncServer::start(None).unwrap();
+    let body = upstream_body();
+    let upstream = upstream_telling_path(body.clone());
+    let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let filter = wasm_filter_yaml(
+        &wasm,
+        r#"{"agent_cluster":"acme_agent","poll_wait_seconds":2}"#,
+    );
+    let config = bootstrap(listen, admin, &filter, upstream.addr(), agent.addr());
+    let envoy = Envoy::start(&config, admin, 2).unwrap();
+    the_token_is_answered_inline_on_every_worker(&envoy, &agent, listen);
+    other_requests_are_refused_or_passed_on_untouched(listen, &body);
+    the_filters_metrics_are_in_envoys_stats(&envoy);
+    a_new_token_reaches_the_one_held_poll(&agent, listen);
+    known_tokens_outlive_the_agent_and_its_return_resyncs(&envoy, agent, listen);
 }
 
 #[test]
@@ -248,7 +278,7 @@ fn filter_enabled_only_on_the_challenge_route_behaves_the_same() {
     agent.publish(&[(TOKEN, HOST)]);
     let path = format!("/.well-known/acme-challenge/{TOKEN}");
     assert!(
-        eventually(Duration::from_secs(5), || http::get(listen, &path, HOST)
+        eventually(Duration::from_secs(30), || http::get(listen, &path, HOST)
             .is_ok_and(|r| r.status == 200)),
         "token not served:\n{}",
         envoy.log()

@@ -279,40 +279,71 @@ fn the_filter_gets_its_token_from_the_gateways_environment_in_every_shape() {
     assert_eq!(token_env_of(&overlay), variable);
 }
 
-#[test]
-fn manifests_agree_with_each_other_and_with_the_built_filter() {
+/// The three manifest sets, the agent's Service as Istio names its cluster,
+/// and the agent's shipped config.
+struct Shipped {
+    default: Vec<(PathBuf, Value)>,
+    plugin_set: Vec<(PathBuf, Value)>,
+    gateway_api: Vec<(PathBuf, Value)>,
+    svc: String,
+    ns: String,
+    port: u64,
+    cluster: String,
+    config: Config,
+    token_file: PathBuf,
+}
+
+fn shipped() -> Shipped {
     let default = kustomize(&istio_dir());
     let plugin_set = kustomize(&istio_dir().join("wasmplugin"));
     let gateway_api = kustomize(&istio_dir().join("gateway-api"));
+    // The agent's Service, as Istio names its cluster.
+    let service = object(&default, "Service");
+    let (svc, ns) = (
+        service["metadata"]["name"].as_str().unwrap().to_owned(),
+        service["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    let cluster = format!("outbound|{port}||{svc}.{ns}.svc.cluster.local");
+    let (config, token_file) = shipped_config(object(&default, "ConfigMap"));
+    Shipped {
+        default,
+        plugin_set,
+        gateway_api,
+        svc,
+        ns,
+        port,
+        cluster,
+        config,
+        token_file,
+    }
+}
+
+/// The default set carries the EnvoyFilter, the WasmPlugin set the plugin.
+fn assert_each_set_holds_its_filter(sh: &Shipped) {
     let kinds = |set: &[(PathBuf, Value)]| -> BTreeSet<String> {
         set.iter()
             .map(|(_, o)| o["kind"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert!(kinds(&default).contains("EnvoyFilter") && !kinds(&default).contains("WasmPlugin"));
-    assert!(
-        kinds(&plugin_set).contains("WasmPlugin") && !kinds(&plugin_set).contains("EnvoyFilter")
-    );
+    let (default, plugin_set) = (kinds(&sh.default), kinds(&sh.plugin_set));
+    assert!(default.contains("EnvoyFilter") && !default.contains("WasmPlugin"));
+    assert!(plugin_set.contains("WasmPlugin") && !plugin_set.contains("EnvoyFilter"));
+}
 
-    // The agent's Service, as Istio names its cluster.
-    let service = object(&default, "Service");
-    let (svc, ns) = (
-        service["metadata"]["name"].as_str().unwrap(),
-        service["metadata"]["namespace"].as_str().unwrap(),
-    );
-    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
-    let cluster = format!("outbound|{port}||{svc}.{ns}.svc.cluster.local");
-
-    // The EnvoyFilter: first on the gateway's plain-HTTP listener, module from
-    // the agent, pinned to the filter built from this commit.
-    let built = sha256_hex(&filter_wasm().unwrap());
-    let envoy_filter = object(&default, "EnvoyFilter");
+/// The EnvoyFilter: first on the gateway's plain-HTTP listener, module from
+/// the agent, pinned to the filter built from this commit; created by a
+/// composite action for challenge paths only.
+fn assert_the_envoyfilter_is_first_and_pinned(sh: &Shipped, built: &str) {
+    let envoy_filter = object(&sh.default, "EnvoyFilter");
     let patch = &envoy_filter["spec"]["configPatches"][0];
     assert_eq!(patch["applyTo"], "HTTP_FILTER");
     assert_eq!(patch["match"]["context"], "GATEWAY");
     assert_eq!(patch["match"]["listener"]["portNumber"], 8080);
     assert_eq!(patch["patch"]["operation"], "INSERT_FIRST");
-    // The Wasm filter is created by a composite action for challenge paths only.
     let wrapper = &patch["patch"]["value"]["typed_config"];
     assert_eq!(
         wrapper["@type"],
@@ -329,28 +360,32 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     );
     let wasm = &action["typed_config"]["typed_config"]["config"];
     let remote = &wasm["vm_config"]["code"]["remote"];
-    assert_eq!(remote["http_uri"]["cluster"], cluster.as_str());
+    assert_eq!(remote["http_uri"]["cluster"], sh.cluster.as_str());
     assert_eq!(
         remote["sha256"].as_str(),
-        Some(built.as_str()),
+        Some(built),
         "the filter changed: run scripts/pin-filter-sha.sh"
     );
     let filter_config: Value =
         serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
-    assert_eq!(filter_config["agent_cluster"], cluster.as_str());
+    assert_eq!(filter_config["agent_cluster"], sh.cluster.as_str());
+}
 
-    for set in [&plugin_set, &gateway_api] {
+/// Both WasmPlugins: pinned, early, on port 80, fetched from the agent.
+fn assert_the_wasmplugins_are_pinned(sh: &Shipped, built: &str) {
+    let (svc, ns, port) = (&sh.svc, &sh.ns, sh.port);
+    for set in [&sh.plugin_set, &sh.gateway_api] {
         let plugin = object(set, "WasmPlugin");
         assert_eq!(
             plugin["spec"]["sha256"].as_str(),
-            Some(built.as_str()),
+            Some(built),
             "run scripts/pin-filter-sha.sh"
         );
         assert_eq!(plugin["spec"]["phase"], "AUTHN");
         assert_eq!(plugin["spec"]["match"][0]["ports"][0]["number"], 80);
         assert_eq!(
             plugin["spec"]["pluginConfig"]["agent_cluster"],
-            cluster.as_str()
+            sh.cluster.as_str()
         );
         assert!(
             plugin["spec"]["url"]
@@ -359,22 +394,23 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
                 .contains(&format!("{svc}.{ns}.svc.cluster.local:{port}/filter.wasm"))
         );
     }
+}
 
-    // The agent's config parses, and every certificate is served by the gateways.
-    let config_map = object(&default, "ConfigMap");
-    let (config, token_file) = shipped_config(config_map);
+/// The agent's config parses, and every certificate is served by the gateways.
+fn assert_every_certificate_is_served_by_the_gateways(sh: &Shipped) {
+    let config = &sh.config;
     assert_eq!(
         config.kubernetes.as_ref().map(|k| k.namespace.as_str()),
-        Some(ns)
+        Some(sh.ns.as_str())
     );
     let acme_agent::config::Listen::Tcp(listen) = config.challenge_api.listen else {
         panic!("the gateway reaches the agent over the pod network");
     };
-    assert_eq!(listen.port() as u64, port);
+    assert_eq!(listen.port() as u64, sh.port);
     assert!(config.challenge_api.token.is_some(), "the token is read");
-    let gateway = object(&default, "Gateway");
+    let gateway = object(&sh.default, "Gateway");
     let servers = gateway["spec"]["servers"].as_array().unwrap();
-    let k8s_gateway = object(&gateway_api, "Gateway");
+    let k8s_gateway = object(&sh.gateway_api, "Gateway");
     for cert in &config.certificates {
         let server = servers
             .iter()
@@ -401,9 +437,14 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
             );
         }
     }
+}
 
-    // The Deployment runs as the user asked: non-root, read-only, probed, bounded.
-    let deployment = object(&default, "Deployment");
+/// The Deployment runs as the user asked: non-root, read-only, probed on
+/// the health listener apart from the API, bounded, its token file the
+/// mounted Secret's, readable by the agent's group only (the agent refuses
+/// anything looser).
+fn assert_the_deployment_is_locked_down(sh: &Shipped) {
+    let deployment = object(&sh.default, "Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -414,7 +455,6 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     );
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
-    // The probes go to the health listener, apart from the API.
     let port_of = |name: &str| {
         container["ports"]
             .as_array()
@@ -427,10 +467,9 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(container[probe]["httpGet"]["port"], "health");
     }
-    assert_eq!(port_of("health"), config.health.listen.port() as u64);
-    assert_eq!(port_of("http"), port);
-    // The token file is the mounted Secret's, readable by the agent's group
-    // only (the agent refuses anything looser).
+    assert_eq!(port_of("health"), sh.config.health.listen.port() as u64);
+    assert_eq!(port_of("http"), sh.port);
+    let token_file = &sh.token_file;
     let mount = container["volumeMounts"]
         .as_array()
         .unwrap()
@@ -454,80 +493,87 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
     assert!(container["resources"]["requests"]["cpu"].is_string());
     assert_eq!(
         pod["serviceAccountName"],
-        object(&default, "ServiceAccount")["metadata"]["name"]
+        object(&sh.default, "ServiceAccount")["metadata"]["name"]
     );
-    // The Role: Secrets, reading and patching only the agent's own (exactly
-    // the ones the shipped config needs: its CA directory's, not another's),
-    // so never the mesh's CA key in the same namespace; and creating and
-    // patching Events (kube-runtime's Recorder does exactly those two).
-    let role = object(&default, "Role");
-    let mut readable = BTreeSet::new();
-    let mut events_rules = 0;
-    let mut gateway_rules = 0;
-    let mut grant_rules = 0;
-    let mut lease_rules = 0;
+}
+
+/// What the Role's rules grant, each checked as it is read: the Secret
+/// names it lets the agent read and patch, and how many rules of each
+/// other kind it has.
+#[derive(Default)]
+struct Grants {
+    readable: BTreeSet<String>,
+    events: usize,
+    gateways: usize,
+    grants: usize,
+    leases: usize,
+}
+
+fn grants_of(role: &Value, ns: &str) -> Grants {
+    let mut grants = Grants::default();
     for rule in role["rules"].as_array().unwrap() {
-        if rule["resources"] == serde_json::json!(["gateways"]) {
+        if rule["resources"] == json!(["gateways"]) {
             // kube-runtime's watcher lists, then watches.
-            assert_eq!(rule["verbs"], serde_json::json!(["list", "watch"]));
+            assert_eq!(rule["verbs"], json!(["list", "watch"]));
             assert_eq!(
                 rule["apiGroups"],
-                serde_json::json!(["networking.istio.io", "gateway.networking.k8s.io"])
+                json!(["networking.istio.io", "gateway.networking.k8s.io"])
             );
-            gateway_rules += 1;
-            continue;
-        }
-        if rule["resources"] == serde_json::json!(["referencegrants"]) {
-            assert_eq!(rule["verbs"], serde_json::json!(["list", "watch"]));
-            assert_eq!(
-                rule["apiGroups"],
-                serde_json::json!(["gateway.networking.k8s.io"])
-            );
-            grant_rules += 1;
-            continue;
-        }
-        if rule["apiGroups"] == serde_json::json!(["coordination.k8s.io"]) {
-            assert_eq!(rule["resources"], serde_json::json!(["leases"]));
-            let verbs = rule["verbs"].clone();
-            if verbs == serde_json::json!(["create"]) {
-                lease_rules += 1;
-            } else {
+            grants.gateways += 1;
+        } else if rule["resources"] == json!(["referencegrants"]) {
+            assert_eq!(rule["verbs"], json!(["list", "watch"]));
+            assert_eq!(rule["apiGroups"], json!(["gateway.networking.k8s.io"]));
+            grants.grants += 1;
+        } else if rule["apiGroups"] == json!(["coordination.k8s.io"]) {
+            assert_eq!(rule["resources"], json!(["leases"]));
+            if rule["verbs"] != json!(["create"]) {
                 // Leader election reads and replaces exactly its Lease.
-                assert_eq!(verbs, serde_json::json!(["get", "update"]));
-                assert_eq!(rule["resourceNames"], serde_json::json!(["acme-agent"]));
-                lease_rules += 1;
+                assert_eq!(rule["verbs"], json!(["get", "update"]));
+                assert_eq!(rule["resourceNames"], json!(["acme-agent"]));
             }
-            continue;
-        }
-        if rule["apiGroups"] == serde_json::json!(["events.k8s.io"]) {
-            assert_eq!(rule["resources"], serde_json::json!(["events"]));
-            assert_eq!(rule["verbs"], serde_json::json!(["create", "patch"]));
-            events_rules += 1;
-            continue;
-        }
-        assert_eq!(rule["resources"], serde_json::json!(["secrets"]));
-        let verbs: Vec<&str> = rule["verbs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        if verbs != ["create"] {
-            let names = rule["resourceNames"]
+            grants.leases += 1;
+        } else if rule["apiGroups"] == json!(["events.k8s.io"]) {
+            assert_eq!(rule["resources"], json!(["events"]));
+            assert_eq!(rule["verbs"], json!(["create", "patch"]));
+            grants.events += 1;
+        } else {
+            assert_eq!(rule["resources"], json!(["secrets"]));
+            let verbs: Vec<&str> = rule["verbs"]
                 .as_array()
-                .unwrap_or_else(|| panic!("{verbs:?} on every Secret of {ns}"));
-            readable.extend(names.iter().map(|n| n.as_str().unwrap().to_owned()));
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            if verbs != ["create"] {
+                let names = rule["resourceNames"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{verbs:?} on every Secret of {ns}"));
+                grants
+                    .readable
+                    .extend(names.iter().map(|n| n.as_str().unwrap().to_owned()));
+            }
         }
     }
-    let needed: BTreeSet<String> = acme_agent::kubernetes::secret_names(&config)
+    grants
+}
+
+/// The Role: Secrets, reading and patching only the agent's own (exactly
+/// the ones the shipped config needs: its CA directory's, not another's),
+/// so never the mesh's CA key in the same namespace; creating and patching
+/// Events (kube-runtime's Recorder does exactly those two); watching
+/// Gateways and ReferenceGrants where the config watches them; its Lease.
+fn assert_the_role_grants_exactly_what_the_config_needs(sh: &Shipped) {
+    let grants = grants_of(object(&sh.default, "Role"), &sh.ns);
+    let needed: BTreeSet<String> = acme_agent::kubernetes::secret_names(&sh.config)
         .into_iter()
         .collect();
     assert_eq!(
-        readable, needed,
+        grants.readable, needed,
         "the Role's resourceNames must be what `acme-agent check-config` prints for the shipped ConfigMap"
     );
     // The other Let's Encrypt directory's account is not readable.
-    let shipped_directory = config.acme.directory.as_str();
+    let config_map = object(&sh.default, "ConfigMap");
+    let shipped_directory = sh.config.acme.directory.as_str();
     let other_directory = match shipped_directory {
         "letsencrypt" => "letsencrypt-staging",
         _ => "letsencrypt",
@@ -542,34 +588,53 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
         .collect();
     let only_other: Vec<&String> = other_names.difference(&needed).collect();
     assert_eq!(only_other.len(), 2, "{only_other:?}");
-    assert!(only_other.iter().all(|n| !readable.contains(*n)));
+    assert!(only_other.iter().all(|n| !grants.readable.contains(*n)));
     for mesh_ca in ["istio-ca-secret", "cacerts"] {
-        assert!(!readable.contains(mesh_ca));
+        assert!(!grants.readable.contains(mesh_ca));
     }
-    assert_eq!(events_rules, 1, "the Role lets the agent record Events");
+    assert_eq!(grants.events, 1, "the Role lets the agent record Events");
     assert_eq!(
-        grant_rules, 1,
+        grants.grants, 1,
         "the Role lets the agent watch ReferenceGrants"
     );
-    let shipped = shipped_config(config_map)
-        .0
+    let kubernetes = sh
+        .config
         .kubernetes
+        .as_ref()
         .expect("the shipped config is in Kubernetes mode");
-    let watched = shipped.gateways.map(|g| g.namespaces).unwrap_or_default();
-    assert_eq!(watched, [ns], "Gateways watched where the Role grants it");
-    assert_eq!(gateway_rules, 1, "the Role lets the agent watch Gateways");
-    // Two replicas elect the one that orders; a PodDisruptionBudget keeps one.
-    let election = shipped.leader_election.expect("leader election configured");
-    assert_eq!(lease_rules, 2, "the Role lets the agent hold its Lease");
+    let watched = kubernetes
+        .gateways
+        .as_ref()
+        .map(|g| g.namespaces.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        watched,
+        [sh.ns.as_str()],
+        "Gateways watched where the Role grants it"
+    );
+    assert_eq!(grants.gateways, 1, "the Role lets the agent watch Gateways");
+    assert_eq!(grants.leases, 2, "the Role lets the agent hold its Lease");
+}
+
+/// Two replicas elect the one that orders; a PodDisruptionBudget keeps one;
+/// each knows its name.
+fn assert_two_replicas_elect_one(sh: &Shipped) {
+    let election = sh
+        .config
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.leader_election.as_ref())
+        .expect("leader election configured");
     assert_eq!(election.lease, "acme-agent");
+    let deployment = object(&sh.default, "Deployment");
     assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2));
-    let pdb = object(&default, "PodDisruptionBudget");
+    let pdb = object(&sh.default, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["minAvailable"].as_u64(), Some(1));
     assert_eq!(
         pdb["spec"]["selector"]["matchLabels"],
         deployment["spec"]["selector"]["matchLabels"]
     );
-    let env = &container["env"];
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
     assert!(
         env.as_array()
             .unwrap()
@@ -578,29 +643,48 @@ fn manifests_agree_with_each_other_and_with_the_built_filter() {
                 && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
         "{env}"
     );
+}
 
-    // The NetworkPolicy: the agent's pods, its API port, and the gateways'
-    // pods of both the Istio Gateway and the Gateway API Gateway.
-    let policy = object(&default, "NetworkPolicy");
+/// The NetworkPolicy: the agent's pods, its API port, and the gateways'
+/// pods of both the Istio Gateway and the Gateway API Gateway.
+fn assert_only_the_gateways_reach_the_api(sh: &Shipped) {
+    let deployment = object(&sh.default, "Deployment");
+    let policy = object(&sh.default, "NetworkPolicy");
     assert_eq!(
         policy["spec"]["podSelector"]["matchLabels"],
         deployment["spec"]["selector"]["matchLabels"]
     );
     let rule = &policy["spec"]["ingress"][0];
-    assert_eq!(rule["ports"][0]["port"].as_u64(), Some(port));
+    assert_eq!(rule["ports"][0]["port"].as_u64(), Some(sh.port));
     let from: Vec<&Value> = rule["from"]
         .as_array()
         .unwrap()
         .iter()
         .map(|f| &f["podSelector"]["matchLabels"])
         .collect();
+    let gateway = object(&sh.default, "Gateway");
     assert!(from.contains(&&gateway["spec"]["selector"]), "{from:?}");
+    let k8s_gateway = object(&sh.gateway_api, "Gateway");
     let k8s_gateway_name = k8s_gateway["metadata"]["name"].as_str().unwrap();
     assert!(
         from.iter()
             .any(|m| m["gateway.networking.k8s.io/gateway-name"] == k8s_gateway_name),
         "{from:?}"
     );
+}
+
+#[test]
+fn manifests_agree_with_each_other_and_with_the_built_filter() {
+    let sh = shipped();
+    let built = sha256_hex(&filter_wasm().unwrap());
+    assert_each_set_holds_its_filter(&sh);
+    assert_the_envoyfilter_is_first_and_pinned(&sh, &built);
+    assert_the_wasmplugins_are_pinned(&sh, &built);
+    assert_every_certificate_is_served_by_the_gateways(&sh);
+    assert_the_deployment_is_locked_down(&sh);
+    assert_the_role_grants_exactly_what_the_config_needs(&sh);
+    assert_two_replicas_elect_one(&sh);
+    assert_only_the_gateways_reach_the_api(&sh);
 }
 
 /// A Secret as the agent (or someone holding its token) would send it.

@@ -6,6 +6,10 @@
 //! and a real Envoy with the filter finds every series the rules and the
 //! dashboard query, with the labels they use, and evaluates every rule and
 //! every dashboard query without error. A renamed metric or label fails here.
+//! The figures are checked too: each dashboard query has data, the panels
+//! of one figure show the agent's own, and the alerts whose condition holds
+//! are exactly those the system's state calls for (a certificate waiting for
+//! the CA limit; then the agent down), with their labels and value.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -212,9 +216,8 @@ impl Prometheus {
     }
 }
 
-#[test]
-fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
-    // Every metric the rules and the dashboard name is in SERIES.
+/// Every metric the rules and the dashboard name is in SERIES.
+fn assert_every_queried_metric_is_checked() {
     let known: BTreeSet<&str> = SERIES.iter().map(|(m, _)| *m).collect();
     for query in rule_queries().iter().chain(&dashboard_queries()) {
         for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
@@ -227,9 +230,11 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
             }
         }
     }
+}
 
-    // A running system with something to show: a certificate issued, then
-    // a forced renewal waiting for the CA-limit budget (one per week here).
+/// A running system with something to show: a certificate issued, then a
+/// forced renewal waiting for the CA-limit budget (one per week here).
+fn a_system_waiting_for_the_ca_limit() -> World {
     let mut world = World::new(pebble::Options::default());
     world.extra_config = "[acme.limits]\ncertificates_per_name_set_per_week = 1\n".into();
     world.certificates(&[WWW]).write_config();
@@ -241,26 +246,37 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
         "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
         &["certificate=\"www\""],
         1.0,
-        Duration::from_secs(20),
-    );
-
-    let prometheus = Prometheus::start(world.health, world.nodes[0].admin);
-    wait_for(
         Duration::from_secs(30),
-        "Prometheus scraping the agent and Envoy",
-        || {
-            let up = prometheus
-                .api("/api/v1/query", &[("query", "up == 1")])
-                .ok()?;
-            (up["result"].as_array()?.len() == 2).then_some(())
-        },
-        || world.context(),
-    )
-    .unwrap();
+    );
+    world
+}
 
+/// What the agent and Envoy export under names like the metrics'.
+fn exported(world: &World) -> String {
+    let lines = |addr: SocketAddr, path: &str| {
+        acme_tests::http::get(addr, path, "metrics")
+            .map(|r| r.text())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                (l.contains("acme_filter") || l.contains("acme_agent_c")) && !l.starts_with('#')
+            })
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    format!(
+        "exported:\n{}\n{}",
+        lines(world.health, "/metrics"),
+        lines(world.nodes[0].admin, "/stats/prometheus")
+    )
+}
+
+/// Prometheus finds every series, with the labels the queries use.
+fn assert_every_series_has_its_labels(prometheus: &Prometheus, world: &World) {
     for (metric, labels) in SERIES {
         let series = wait_for(
-            Duration::from_secs(10),
+            Duration::from_secs(60),
             &format!("series {metric}"),
             || {
                 let data = prometheus
@@ -269,27 +285,7 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
                 let list = data.as_array()?.clone();
                 (!list.is_empty()).then_some(list)
             },
-            || {
-                // What the agent and Envoy export under similar names.
-                let exported = |addr: SocketAddr, path: &str| {
-                    acme_tests::http::get(addr, path, "metrics")
-                        .map(|r| r.text())
-                        .unwrap_or_default()
-                        .lines()
-                        .filter(|l| {
-                            (l.contains("acme_filter") || l.contains("acme_agent_c"))
-                                && !l.starts_with('#')
-                        })
-                        .take(40)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
-                format!(
-                    "{metric} missing; exported:\n{}\n{}",
-                    exported(world.health, "/metrics"),
-                    exported(world.nodes[0].admin, "/stats/prometheus")
-                )
-            },
+            || format!("{metric} missing; {}", exported(world)),
         )
         .unwrap();
         for label in *labels {
@@ -299,17 +295,116 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
             );
         }
     }
+}
 
-    for query in dashboard_queries() {
-        let query = query.replace("$__rate_interval", "1m");
-        prometheus
-            .api("/api/v1/query", &[("query", &query)])
-            .unwrap_or_else(|e| panic!("dashboard query {query}: {e}"));
-    }
-    // Prometheus evaluates every rule, without error.
+/// The instant vector `query` evaluates to: (labels, value) per series.
+fn query(prometheus: &Prometheus, query: &str) -> Vec<(Value, f64)> {
+    let data = prometheus
+        .api("/api/v1/query", &[("query", query)])
+        .unwrap_or_else(|e| panic!("query {query}: {e}"));
+    data["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{query}: not a vector: {data}"))
+        .iter()
+        .map(|r| {
+            let value = r["value"][1].as_str().unwrap_or("NaN");
+            (r["metric"].clone(), value.parse().unwrap_or(f64::NAN))
+        })
+        .collect()
+}
+
+/// The one value of `query` for certificate www.
+fn www_value(prometheus: &Prometheus, q: &str) -> f64 {
+    let result = query(prometheus, q);
+    let www: Vec<f64> = result
+        .iter()
+        .filter(|(labels, _)| labels["certificate"] == "www")
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(www.len(), 1, "{q}: {result:?}");
+    www[0]
+}
+
+fn now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Every dashboard query has data, and the panels that show one figure
+/// show the agent's own.
+fn assert_the_dashboard_shows_the_system(prometheus: &Prometheus, world: &World) {
+    let queries: Vec<String> = dashboard_queries()
+        .iter()
+        .map(|q| q.replace("$__rate_interval", "1m"))
+        .collect();
+    // A rate needs two scrapes: wait until every query has data.
+    wait_for(
+        Duration::from_secs(60),
+        "every dashboard query has data",
+        || {
+            queries
+                .iter()
+                .all(|q| !query(prometheus, q).is_empty())
+                .then_some(())
+        },
+        || {
+            let empty: Vec<&String> = queries
+                .iter()
+                .filter(|q| query(prometheus, q).is_empty())
+                .collect();
+            format!("no data: {empty:#?}\n{}", exported(world))
+        },
+    )
+    .unwrap();
+    let agent = |name: &str, labels: &[&str]| world.metric(name, labels);
+    // The budget refills one order at a time: at most one apart.
+    let remaining = query(prometheus, "acme_agent_ca_limit_orders_remaining");
+    assert_eq!(remaining.len(), 1, "{remaining:?}");
+    let agent_remaining = agent("acme_agent_ca_limit_orders_remaining", &[]);
+    assert!(
+        (remaining[0].1 - agent_remaining).abs() <= 1.0,
+        "{remaining:?}, the agent says {agent_remaining}"
+    );
+    assert_eq!(
+        www_value(prometheus, "acme_agent_certificate_failures"),
+        0.0
+    );
+    let expiry = agent(
+        "acme_agent_certificate_expiry_timestamp_seconds",
+        &["certificate=\"www\""],
+    );
+    let days = www_value(
+        prometheus,
+        "sort((acme_agent_certificate_expiry_timestamp_seconds - time()) / 86400)",
+    );
+    assert!(
+        (days - (expiry - now_seconds()) / 86_400.0).abs() < 0.01,
+        "{days} days to expiry, the agent says {expiry}"
+    );
+    let wait_until = agent(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &["certificate=\"www\""],
+    );
+    let left = www_value(
+        prometheus,
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds - time()",
+    );
+    assert!(
+        left > 0.0 && (left - (wait_until - now_seconds())).abs() < 120.0,
+        "{left} s left of the wait, the agent waits until {wait_until}"
+    );
+    let up = query(prometheus, "up{job=\"acme-agent\"}");
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(up[0].1, 1.0);
+}
+
+/// Prometheus evaluates every rule without error.
+fn wait_every_rule_evaluated(prometheus: &Prometheus) {
     let alerts = alert_names();
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "every rule evaluated",
         || {
             let data = prometheus.api("/api/v1/rules", &[]).ok()?;
@@ -333,4 +428,100 @@ fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
         },
     )
     .unwrap();
+}
+
+/// The active alerts (pending: true for less than their `for`, or firing).
+fn active_alerts(prometheus: &Prometheus) -> Vec<Value> {
+    prometheus
+        .api("/api/v1/alerts", &[])
+        .ok()
+        .and_then(|d| d["alerts"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Waits until every alert of `required` is active and none is but those
+/// and `tolerated`; returns the active ones.
+fn wait_active(
+    prometheus: &Prometheus,
+    required: &[&str],
+    tolerated: &[&str],
+    context: impl Fn() -> String,
+) -> Vec<Value> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("the alerts {required:?} active, and no other but {tolerated:?}"),
+        || {
+            let alerts = active_alerts(prometheus);
+            let active: BTreeSet<&str> = alerts
+                .iter()
+                .filter_map(|a| a["labels"]["alertname"].as_str())
+                .collect();
+            let expected = required.iter().all(|r| active.contains(r));
+            let unexpected = active
+                .iter()
+                .any(|a| !required.contains(a) && !tolerated.contains(a));
+            (expected && !unexpected).then_some(alerts.clone())
+        },
+        || format!("{:#?}\n{}", active_alerts(prometheus), context()),
+    )
+    .unwrap()
+}
+
+/// The waiting certificate makes its alert's condition true, for its
+/// certificate and limit and with the agent's value, and no other alert's.
+/// The agent gone: the down alert's is true, for the agent's job, and the
+/// waiting certificate's no longer (its series ended with the agent); the
+/// filters, which sync from the agent, may report their failing sync.
+fn assert_the_alerts_follow_the_system(prometheus: &Prometheus, world: &mut World) {
+    let alerts = wait_active(prometheus, &["AcmeCertificateWaitsForCALimit"], &[], || {
+        world.context()
+    });
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    let waiting = &alerts[0];
+    assert_eq!(waiting["state"], "pending", "its for: 15m has not passed");
+    assert_eq!(waiting["labels"]["certificate"], "www");
+    assert_eq!(waiting["labels"]["limit"], "certificates_per_name_set");
+    let value: f64 = waiting["value"].as_str().unwrap().parse().unwrap();
+    let wait_until = world.metric(
+        "acme_agent_certificate_ca_limit_wait_until_timestamp_seconds",
+        &["certificate=\"www\""],
+    );
+    assert!((value - wait_until).abs() < 1.0, "{value} vs {wait_until}");
+    world.agent.as_mut().unwrap().kill();
+    let alerts = wait_active(
+        prometheus,
+        &["AcmeAgentDown"],
+        &["AcmeFilterSyncFailing"],
+        String::new,
+    );
+    let down: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["labels"]["alertname"] == "AcmeAgentDown")
+        .collect();
+    assert_eq!(down.len(), 1, "{down:#?}");
+    assert_eq!(down[0]["labels"]["job"], "acme-agent", "{}", down[0]);
+    assert_eq!(down[0]["labels"]["severity"], "critical", "{}", down[0]);
+}
+
+#[test]
+fn a_real_prometheus_finds_every_series_and_evaluates_every_query() {
+    assert_every_queried_metric_is_checked();
+    let mut world = a_system_waiting_for_the_ca_limit();
+    let prometheus = Prometheus::start(world.health, world.nodes[0].admin);
+    wait_for(
+        Duration::from_secs(60),
+        "Prometheus scraping the agent and Envoy",
+        || {
+            let up = prometheus
+                .api("/api/v1/query", &[("query", "up == 1")])
+                .ok()?;
+            (up["result"].as_array()?.len() == 2).then_some(())
+        },
+        || world.context(),
+    )
+    .unwrap();
+    assert_every_series_has_its_labels(&prometheus, &world);
+    assert_the_dashboard_shows_the_system(&prometheus, &world);
+    wait_every_rule_evaluated(&prometheus);
+    assert_the_alerts_follow_the_system(&prometheus, &mut world);
 }

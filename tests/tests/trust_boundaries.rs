@@ -190,7 +190,7 @@ fn stale_answers_are_asked_again_only_after_a_backoff() {
     });
     let (envoy, _listen, _upstream) = envoy_with_token(agent.addr(), r#","backoff_max_ms":2000"#);
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the first stale answer",
         || (polls.load(Ordering::SeqCst) >= 2).then_some(()),
         || envoy.log(),
@@ -214,40 +214,42 @@ fn stale_answers_are_asked_again_only_after_a_backoff() {
     assert!(cpu < 0.10, "Envoy used {:.1} % of a core", cpu * 100.0);
 }
 
-/// Issue 19, item 4: forcing a renewal spends the CA's limits, so it needs
-/// authority. Over loopback TCP without a token, nobody has it; with one, a
-/// proof is taken once (a replay is refused); over the Unix socket, the
-/// kernel's peer credentials decide.
-#[test]
-fn renew_needs_the_token_or_an_allowed_peer_and_a_replay_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_addr().unwrap();
-    let config = write_idle_config(dir.path(), api).unwrap();
-    let agent = Agent::start(&config, api, &dir.path().join("agent.log")).unwrap();
-    let renew = |config: &std::path::Path| {
-        std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
-            .args(["--config", &config.display().to_string(), "renew", "www"])
-            .output()
-            .unwrap()
-    };
-    let out = renew(&config);
+/// `acme-agent --config <config> renew www`.
+fn renew(config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(acme_tests::agent::agent_binary().unwrap())
+        .args(["--config", &config.display().to_string(), "renew", "www"])
+        .output()
+        .unwrap()
+}
+
+/// Over loopback TCP without a token, nobody may renew.
+fn without_a_token_nobody_renews(dir: &std::path::Path, config: &std::path::Path, api: SocketAddr) {
+    let agent = Agent::start(config, api, &dir.join("agent.log")).unwrap();
+    let out = renew(config);
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("403") && said.contains("token"), "{said}");
     drop(agent);
+}
 
-    // With the token: the proof works once.
-    let token = write_token_file(dir.path()).unwrap();
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+/// With the token: the proof works once, a replay is refused. Returns the
+/// token file.
+fn with_the_token_a_proof_works_once(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    api: SocketAddr,
+) -> std::path::PathBuf {
+    let token = write_token_file(dir).unwrap();
+    let text = std::fs::read_to_string(config).unwrap().replace(
         &format!("listen = \"{api}\"\n"),
         &format!(
             "listen = \"{api}\"\ntoken_file = {:?}\n",
             token.display().to_string()
         ),
     );
-    std::fs::write(&config, text).unwrap();
-    let agent = Agent::start(&config, api, &dir.path().join("agent.log")).unwrap();
-    let out = renew(&config);
+    std::fs::write(config, text).unwrap();
+    let agent = Agent::start(config, api, &dir.join("agent.log")).unwrap();
+    let out = renew(config);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("404"),
@@ -279,12 +281,20 @@ fn renew_needs_the_token_or_an_allowed_peer_and_a_replay_is_refused() {
     assert_eq!(post(), 404, "first use");
     assert_eq!(post(), 401, "a replay");
     drop(agent);
+    token
+}
 
-    // Over the Unix socket: the agent's own uid may, another may not. The
-    // directory and the socket (0666, as when another uid is allowed) let
-    // anyone reach it, so only the peer check stands in the way.
-    let socket = dir.path().join("run/api.sock");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+/// Over the Unix socket: the agent's own uid may, another may not. The
+/// directory and the socket (0666, as when another uid is allowed) let
+/// anyone reach it, so only the peer check stands in the way.
+fn over_the_socket_the_peer_uid_decides(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    api: SocketAddr,
+    token: &std::path::Path,
+) {
+    let socket = dir.join("run/api.sock");
+    let text = std::fs::read_to_string(config).unwrap().replace(
         &format!(
             "listen = \"{api}\"\ntoken_file = {:?}\n",
             token.display().to_string()
@@ -296,16 +306,16 @@ fn renew_needs_the_token_or_an_allowed_peer_and_a_replay_is_refused() {
         ),
     );
     assert!(text.contains("unix:"), "{text}");
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(config, text).unwrap();
     use std::os::unix::fs::PermissionsExt as _;
-    for path in [dir.path().to_owned(), dir.path().join("run")] {
+    for path in [dir.to_owned(), dir.join("run")] {
         std::fs::create_dir_all(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let health = acme_tests::agent::health_of(&config).unwrap();
-    let _agent = Agent::start(&config, health, &dir.path().join("agent.log")).unwrap();
-    let out = renew(&config);
+    std::fs::set_permissions(config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let health = acme_tests::agent::health_of(config).unwrap();
+    let agent = Agent::start(config, health, &dir.join("agent.log")).unwrap();
+    let out = renew(config);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("404"),
@@ -326,5 +336,19 @@ fn renew_needs_the_token_or_an_allowed_peer_and_a_replay_is_refused() {
         !said.contains("404") && !said.contains("ermission denied"),
         "another uid reached the manager, or never the socket: {said}"
     );
-    assert!(_agent.log().contains("refused a connection from uid 65534"));
+    assert!(agent.log().contains("refused a connection from uid 65534"));
+}
+
+/// Issue 19, item 4: forcing a renewal spends the CA's limits, so it needs
+/// authority. Over loopback TCP without a token, nobody has it; with one, a
+/// proof is taken once (a replay is refused); over the Unix socket, the
+/// kernel's peer credentials decide.
+#[test]
+fn renew_needs_the_token_or_an_allowed_peer_and_a_replay_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_addr().unwrap();
+    let config = write_idle_config(dir.path(), api).unwrap();
+    without_a_token_nobody_renews(dir.path(), &config, api);
+    let token = with_the_token_a_proof_works_once(dir.path(), &config, api);
+    over_the_socket_the_peer_uid_decides(dir.path(), &config, api, &token);
 }

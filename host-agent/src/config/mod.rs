@@ -1092,3 +1092,6 @@ mod on_demand_section {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_cases;

@@ -1137,3 +1137,187 @@ mod tests {
         assert_eq!(again, ledger);
     }
 }
+
+#[cfg(test)]
+mod edge_tests {
+    //! The buckets and windows at their exact edges: one millisecond before a
+    //! token refills and at it, an event exactly at the window's start and
+    //! one second inside, an event stamped ahead of the clock.
+
+    use super::*;
+
+    const BASE: u64 = 1_000_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        from_unix(BASE + secs)
+    }
+
+    fn ms(t: SystemTime, delta: i64) -> SystemTime {
+        if delta >= 0 {
+            t + Duration::from_millis(delta.unsigned_abs())
+        } else {
+            t - Duration::from_millis(delta.unsigned_abs())
+        }
+    }
+
+    #[test]
+    fn a_refill_is_rounded_up_to_the_millisecond_and_a_bucket_holds_at_least_one() {
+        let thirds = Bucket::new(3, Duration::from_secs(10), None);
+        assert_eq!(thirds.refill, Duration::from_millis(3_334), "never faster");
+        let none = Bucket::new(0, Duration::from_secs(60), None);
+        assert_eq!((none.burst, none.refill), (1, Duration::from_secs(60)));
+        let custom = Bucket::new(5, ORDERS_WINDOW, Some(7));
+        assert_eq!(
+            (custom.burst, custom.refill, custom.window),
+            (5, Duration::from_secs(7), ORDERS_WINDOW)
+        );
+    }
+
+    #[test]
+    fn the_next_token_is_there_exactly_one_refill_after_a_full_burst() {
+        let bucket = Bucket::new(5, FAILED_AUTHORIZATIONS_WINDOW, None);
+        let refill = bucket.refill;
+        let burst = [BASE; 5];
+        let full_at = at(0) + refill;
+        // One millisecond short: blocked until exactly then, nothing left.
+        let before = ms(full_at, -1);
+        assert_eq!(bucket.blocked_until(&burst, 0, before), Some(full_at));
+        assert_eq!(bucket.remaining(&burst, before), 0);
+        // At it: one token, no more.
+        assert_eq!(bucket.blocked_until(&burst, 0, full_at), None);
+        assert_eq!(bucket.remaining(&burst, full_at), 1);
+        let mut six = burst.to_vec();
+        six.push(BASE + refill.as_secs());
+        assert_eq!(
+            bucket.blocked_until(&six, 0, full_at),
+            Some(full_at + refill)
+        );
+        // Empty again after burst × refill: every token back.
+        assert_eq!(bucket.remaining(&burst, at(0) + refill * 5), 5);
+        assert_eq!(bucket.remaining(&burst, ms(at(0) + refill * 5, -1)), 4);
+    }
+
+    #[test]
+    fn a_reserve_moves_the_edge_by_one_refill_per_token_kept() {
+        let bucket = Bucket::new(5, FAILED_AUTHORIZATIONS_WINDOW, None);
+        let refill = bucket.refill;
+        let three = [BASE; 3];
+        // Three spent, two kept in reserve: the fourth waits one refill.
+        assert_eq!(bucket.blocked_until(&three, 2, at(0)), Some(at(0) + refill));
+        assert_eq!(bucket.blocked_until(&three, 2, at(0) + refill), None);
+        assert_eq!(bucket.blocked_until(&three, 1, at(0)), None);
+    }
+
+    #[test]
+    fn an_event_exactly_at_the_window_start_is_pruned_and_one_inside_is_kept() {
+        // A one-second refill: the bucket itself needs nothing after a second,
+        // so only the window decides what the ledger keeps.
+        let bucket = Bucket::new(3, Duration::from_secs(30), Some(1));
+        let now = at(100);
+        let mut events = vec![BASE + 70, BASE + 71, BASE + 99];
+        bucket.prune(&mut events, now);
+        assert_eq!(events, [BASE + 71, BASE + 99], "70 is the window's start");
+        // An event still needed by the bucket is kept however old.
+        let slow = Bucket::new(1, Duration::from_secs(30), Some(3_600));
+        let mut events = vec![BASE];
+        slow.prune(&mut events, at(100));
+        assert_eq!(events, [BASE], "the bucket is not full again yet");
+        slow.prune(&mut events, at(3_600));
+        assert!(events.is_empty(), "full again and out of the window");
+    }
+
+    #[test]
+    fn an_event_stamped_ahead_of_the_clock_counts_as_now() {
+        // The clock stepped back after two events were stamped at 50: asked
+        // before 50 they count as spent at that moment, never earlier (which
+        // would refill sooner than the CA does).
+        let bucket = Bucket::new(2, Duration::from_secs(60), None);
+        let ahead = [BASE + 50, BASE + 50];
+        for asked in [10, 30, 49, 50] {
+            let spent_then = [BASE + asked, BASE + asked];
+            assert_eq!(
+                bucket.blocked_until(&ahead, 0, at(asked)),
+                bucket.blocked_until(&spent_then, 0, at(asked)),
+                "asked at {asked}"
+            );
+            assert_eq!(
+                bucket.blocked_until(&ahead, 0, at(asked)),
+                Some(at(asked) + bucket.refill)
+            );
+        }
+        assert_eq!(
+            bucket.blocked_until(&ahead, 0, at(50) + bucket.refill),
+            None
+        );
+    }
+
+    #[test]
+    fn the_ledger_refuses_one_millisecond_before_the_edge_and_admits_at_it() {
+        let limits = Limits::default();
+        let refill = limits.bucket(Limit::CertificatesPerNameSet).refill;
+        let www = vec!["www.example.com".to_owned()];
+        let spend = Spend {
+            domains: &www,
+            exempt: false,
+            on_demand: false,
+        };
+        let mut ledger = Ledger::default();
+        for _ in 0..5 {
+            ledger
+                .reserve(&limits, "www", spend, at(0))
+                .expect("a burst of 5");
+            ledger.finish("www", &www, &Finished::Finalized, at(0));
+        }
+        let edge = at(0) + refill;
+        let blocked = ledger
+            .check(&limits, spend, ms(edge, -1))
+            .expect_err("the sixth, a millisecond early");
+        assert_eq!(
+            blocked,
+            Blocked {
+                limit: Limit::CertificatesPerNameSet,
+                until: edge
+            }
+        );
+        assert_eq!(ledger.check(&limits, spend, edge), Ok(()));
+        // An exempt renewal passes either way and spends nothing.
+        let exempt = Spend {
+            exempt: true,
+            ..spend
+        };
+        assert_eq!(ledger.check(&limits, exempt, ms(edge, -1)), Ok(()));
+    }
+
+    #[test]
+    fn every_limit_has_its_own_bucket_and_label() {
+        let limits = Limits {
+            orders_refill_seconds: Some(11),
+            certificates_per_name_set_refill_seconds: Some(12),
+            failed_authorizations_refill_seconds: Some(13),
+            certificates_per_registered_domain_refill_seconds: Some(14),
+            ..Limits::default()
+        };
+        let refills: Vec<u64> = Limit::ALL
+            .iter()
+            .map(|l| limits.bucket(*l).refill.as_secs())
+            .collect();
+        assert_eq!(refills, [11, 12, 13, 14]);
+        let windows: Vec<Duration> = Limit::ALL
+            .iter()
+            .map(|l| Limits::default().bucket(*l).window)
+            .collect();
+        assert_eq!(
+            windows,
+            [
+                ORDERS_WINDOW,
+                CERTIFICATES_WINDOW,
+                FAILED_AUTHORIZATIONS_WINDOW,
+                REGISTERED_DOMAIN_WINDOW
+            ]
+        );
+        for limit in Limit::ALL {
+            assert_eq!(Limit::from_label(limit.label()), Some(limit));
+        }
+        assert_eq!(Limit::from_label("orders"), None);
+    }
+}

@@ -216,3 +216,243 @@ impl Elector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The elector against an in-process fake of the Lease endpoints (get,
+    //! create, replace with optimistic concurrency), which can be told to
+    //! fail a method: no API server runs in a unit test.
+
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+    use serde_json::{Value, json};
+    use std::sync::Arc;
+
+    const NS: &str = "ns";
+    const NAME: &str = "acme-agent";
+
+    #[derive(Default)]
+    struct Fake {
+        lease: Option<Value>,
+        version: u64,
+        /// Method -> status answered instead.
+        faults: std::collections::BTreeMap<String, u16>,
+        writes: usize,
+    }
+
+    type Shared = Arc<Mutex<Fake>>;
+
+    fn status(code: u16, reason: &str) -> http::Response<Full<Bytes>> {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": reason, "message": reason, "code": code});
+        http::Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a response")
+    }
+
+    fn object(code: u16, value: &Value) -> http::Response<Full<Bytes>> {
+        http::Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(value.to_string())))
+            .expect("a response")
+    }
+
+    fn answer(fake: &Shared, method: &str, body: &[u8]) -> http::Response<Full<Bytes>> {
+        let mut fake = fake.lock().expect("the fake");
+        if let Some(code) = fake.faults.get(method) {
+            return status(*code, "Injected");
+        }
+        match (method, fake.lease.clone()) {
+            ("GET", Some(lease)) => object(200, &lease),
+            ("GET", None) | ("PUT", None) => status(404, "NotFound"),
+            ("POST", Some(_)) => status(409, "AlreadyExists"),
+            ("POST", None) | ("PUT", Some(_)) => {
+                let mut lease: Value = serde_json::from_slice(body).expect("a Lease");
+                if let Some(current) = &fake.lease
+                    && lease["metadata"]["resourceVersion"]
+                        != current["metadata"]["resourceVersion"]
+                {
+                    return status(409, "Conflict");
+                }
+                fake.version += 1;
+                fake.writes += 1;
+                lease["metadata"]["resourceVersion"] = json!(fake.version.to_string());
+                fake.lease = Some(lease.clone());
+                object(if method == "POST" { 201 } else { 200 }, &lease)
+            }
+            _ => status(405, "MethodNotAllowed"),
+        }
+    }
+
+    fn client(fake: &Shared) -> Client {
+        let fake = Arc::clone(fake);
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let fake = Arc::clone(&fake);
+            async move {
+                let method = request.method().as_str().to_owned();
+                let path = request.uri().path().to_owned();
+                assert!(
+                    path.starts_with(&format!(
+                        "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
+                    )),
+                    "{path}"
+                );
+                let body = request.into_body().collect().await?.to_bytes();
+                Ok::<_, kube::Error>(answer(&fake, &method, &body))
+            }
+        });
+        Client::new(service, NS)
+    }
+
+    fn elector(fake: &Shared, identity: &str, duration: Duration) -> Elector {
+        Elector::new(client(fake), NS, NAME, identity, duration)
+    }
+
+    /// Puts a Lease held by `holder` for `seconds` in place, as another
+    /// replica would have written it.
+    fn held_by(fake: &Shared, holder: &str, seconds: i32) {
+        let mut fake = fake.lock().expect("the fake");
+        fake.version += 1;
+        fake.lease = Some(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": NAME, "namespace": NS, "resourceVersion": fake.version.to_string()},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": seconds,
+                     "leaseTransitions": 4, "renewTime": "2026-01-01T00:00:00.000000Z"},
+        }));
+    }
+
+    fn spec(fake: &Shared) -> Value {
+        fake.lock()
+            .expect("the fake")
+            .lease
+            .clone()
+            .expect("a Lease")["spec"]
+            .clone()
+    }
+
+    fn fail(fake: &Shared, method: &str, code: u16) {
+        fake.lock()
+            .expect("the fake")
+            .faults
+            .insert(method.to_owned(), code);
+    }
+
+    #[tokio::test]
+    async fn a_missing_lease_is_created_held_and_renewed_keeping_its_acquire_time() {
+        let fake = Shared::default();
+        let a = elector(&fake, "a", Duration::from_secs(15));
+        assert!(!a.holds_locally(), "nothing written yet");
+        assert!(a.acquire_or_renew().await.expect("created"));
+        assert!(a.holds_locally());
+        assert!(a.still_holds().await);
+        let created = spec(&fake);
+        assert_eq!(created["holderIdentity"], "a");
+        assert_eq!(created["leaseDurationSeconds"], 15);
+        assert_eq!(created["leaseTransitions"], 0);
+        assert!(a.acquire_or_renew().await.expect("renewed"));
+        let renewed = spec(&fake);
+        assert_eq!(renewed["acquireTime"], created["acquireTime"]);
+        assert_eq!(renewed["leaseTransitions"], 0, "a renewal is no transition");
+        assert_eq!(fake.lock().expect("the fake").writes, 2);
+        assert!(a.still_holds().await);
+    }
+
+    #[tokio::test]
+    async fn a_create_race_lost_is_no_error_and_no_hold() {
+        let fake = Shared::default();
+        fail(&fake, "POST", 409);
+        let b = elector(&fake, "b", Duration::from_secs(15));
+        assert!(!b.acquire_or_renew().await.expect("a lost race"));
+        assert!(!b.holds_locally());
+        assert!(!b.still_holds().await);
+        fail(&fake, "POST", 500);
+        assert!(
+            b.acquire_or_renew().await.is_err(),
+            "another failure is one"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_holders_lease_is_taken_only_once_seen_unchanged_for_its_duration() {
+        // The other holder's Lease lasts 3 s. Sleeps only ever last longer
+        // than asked, so the margins are on the side that waits: a check that
+        // it is "not expired yet" comes 1.5 s before the edge.
+        let fake = Shared::default();
+        held_by(&fake, "other", 3);
+        let b = elector(&fake, "b", Duration::from_secs(15));
+        // First sight, and at once again: not expired by our clock.
+        assert!(!b.acquire_or_renew().await.expect("read"));
+        assert!(!b.acquire_or_renew().await.expect("read"));
+        assert_eq!(spec(&fake)["holderIdentity"], "other");
+        // The holder renews (a new version) 2 s on: the observation starts
+        // over, though the first one is older than the Lease 1.5 s later.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        held_by(&fake, "other", 3);
+        assert!(!b.acquire_or_renew().await.expect("read"));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(
+            !b.acquire_or_renew().await.expect("read"),
+            "seen unchanged for 1.5 s of 3 s: not expired"
+        );
+        assert_eq!(fake.lock().expect("the fake").writes, 0, "never written");
+        tokio::time::sleep(Duration::from_millis(1_600)).await;
+        assert!(b.acquire_or_renew().await.expect("taken over"));
+        let taken = spec(&fake);
+        assert_eq!(taken["holderIdentity"], "b");
+        assert_eq!(taken["leaseTransitions"], 5, "one transition more");
+        assert_eq!(taken["leaseDurationSeconds"], 15, "our duration now");
+        assert!(b.still_holds().await);
+    }
+
+    #[tokio::test]
+    async fn a_write_refused_as_stale_drops_the_hold_at_once() {
+        let fake = Shared::default();
+        let a = elector(&fake, "a", Duration::from_secs(15));
+        assert!(a.acquire_or_renew().await.expect("created"));
+        fail(&fake, "PUT", 409);
+        assert!(!a.acquire_or_renew().await.expect("a conflict is no error"));
+        assert!(!a.holds_locally(), "no longer ours");
+        assert!(!a.still_holds().await);
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_keeps_the_hold_only_until_the_duration_has_passed() {
+        let fake = Shared::default();
+        // 2 s: the in-process calls before the "still young" checks take
+        // milliseconds; the sleep past the edge only ever lasts longer.
+        let a = elector(&fake, "a", Duration::from_secs(2));
+        assert!(a.acquire_or_renew().await.expect("created"));
+        fail(&fake, "PUT", 500);
+        let error = a.acquire_or_renew().await.expect_err("a failed write");
+        assert!(error.to_string().contains("writing the Lease"), "{error}");
+        assert!(a.holds_locally(), "the last renewal is still young");
+        assert!(a.still_holds().await, "the API still shows our version");
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        assert!(!a.holds_locally(), "the duration passed without a renewal");
+        assert!(!a.still_holds().await, "never asked once not held locally");
+    }
+
+    #[tokio::test]
+    async fn still_holds_asks_the_api_and_fails_closed() {
+        let fake = Shared::default();
+        let a = elector(&fake, "a", Duration::from_secs(15));
+        assert!(a.acquire_or_renew().await.expect("created"));
+        // Another replica wrote the Lease meanwhile (a new version).
+        held_by(&fake, "a", 15);
+        assert!(!a.still_holds().await, "not the version we wrote");
+        assert!(a.acquire_or_renew().await.expect("renewed"));
+        assert!(a.still_holds().await);
+        held_by(&fake, "b", 15);
+        assert!(!a.still_holds().await, "another holder");
+        fake.lock().expect("the fake").lease = None;
+        assert!(!a.still_holds().await, "no Lease");
+        assert!(a.acquire_or_renew().await.expect("created again"));
+        fail(&fake, "GET", 500);
+        assert!(!a.still_holds().await, "an unanswered read is no hold");
+        assert!(a.acquire_or_renew().await.is_err());
+    }
+}
