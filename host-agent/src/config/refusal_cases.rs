@@ -2,6 +2,7 @@
 //! guard that every dotted field the validation names has a case.
 
 use super::*;
+use std::collections::BTreeSet;
 
 const FILES: &str = "state_dir = \"/s\"\nsds_dir = \"/d\"\n";
 const KUBE: &str = "[kubernetes]\nnamespace = \"acme\"\n";
