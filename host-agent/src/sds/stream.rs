@@ -1,45 +1,19 @@
-//! The agent as Envoy's secret discovery service: every installed certificate
-//! is served as an SDS `Secret` under its name and under each of its DNS
-//! names, so Envoy's on-demand certificate selector with the SNI mapper
-//! (`envoy.tls.certificate_selectors.on_demand_secret`, Envoy 1.37+) finds it
-//! by the client's SNI, and one static listener serves any number of them.
-//!
-//! Only the delta protocol is spoken, over ADS (`DeltaAggregatedResources`)
-//! and plain SDS (`DeltaSecrets`): with state-of-the-world a name the server
-//! does not serve can only be left out, which hangs that handshake for good
-//! (see `../shared/FACTS.md`); with delta it is answered with a removal and
-//! the handshake fails at once.
-//!
-//! Versions are a digest of the certificate chain, so they are the same after
-//! an agent restart and Envoy's `initial_resource_versions` on reconnect are
-//! honoured without resending anything.
-//!
-//! Bounded: names per stream ([`MAX_NAMES_PER_STREAM`]; more are answered as
-//! removed and not tracked), name length (253), streams per connection. The
-//! listener is for Envoy alone: loopback by default.
+//! One delta stream: its subscriptions, what it was told, and the diff
+//! that answers each request or change of the secret set.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-};
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tonic::{Status, Streaming};
+use tracing::{debug, warn};
 
-use crate::Error;
 use crate::ports::secrets::{Gate, SecretSet, normalized};
-use crate::ports::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
+use crate::ports::sink::SECRET_TYPE;
 
 /// Names one stream may subscribe to; a name beyond is answered as removed
 /// (its handshake fails at once) and not tracked.
@@ -47,47 +21,7 @@ pub const MAX_NAMES_PER_STREAM: usize = 100_000;
 /// Longest name served (a DNS name's limit).
 const MAX_NAME_LEN: usize = 253;
 /// Responses queued per stream before the stream waits for Envoy to read.
-const STREAM_QUEUE: usize = 16;
-
-/// A sink that hands certificates to the SDS server.
-pub struct SdsSink {
-    set: Arc<SecretSet>,
-}
-
-impl SdsSink {
-    pub fn new(set: Arc<SecretSet>) -> Self {
-        Self { set }
-    }
-}
-
-impl CertificateSink for SdsSink {
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
-        let leaf = crate::certificate::leaf(&certificate.chain_pem)?;
-        let names: Vec<String> = leaf.names.into_iter().collect();
-        self.set.set(
-            &certificate.name,
-            &names,
-            &certificate.chain_pem,
-            &certificate.key_pem,
-        );
-        Ok(())
-    }
-
-    fn installed(&self, name: &str) -> bool {
-        self.set.contains(name)
-    }
-
-    /// Every stream subscribed to its names is told they are removed.
-    fn remove(&self, name: &str) -> Result<(), Error> {
-        self.set.remove(name);
-        Ok(())
-    }
-
-    /// A name not served yet is answered as removed: Envoy needs no file.
-    fn wants_placeholder(&self) -> bool {
-        false
-    }
-}
+pub(super) const STREAM_QUEUE: usize = 16;
 
 /// What the server last told one stream about a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +151,7 @@ impl Stream {
 }
 
 /// Serves one delta stream until Envoy closes it.
-async fn serve_stream(
+pub(super) async fn serve_stream(
     set: Arc<SecretSet>,
     gate: Option<Arc<dyn Gate>>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
@@ -289,272 +223,6 @@ fn recount(total: &std::sync::atomic::AtomicUsize, counted: &mut usize, now: usi
         total.fetch_sub(*counted - now, Ordering::Relaxed);
     }
     *counted = now;
-}
-
-/// The gRPC services: delta ADS and delta SDS over the same secrets.
-#[derive(Clone)]
-pub struct SdsServer {
-    set: Arc<SecretSet>,
-    /// tls-alpn-01 challenge certificates, asked for on streams that carry
-    /// [`SECRETS_HEADER`]: [`ALPN_SECRETS`].
-    alpn: Arc<SecretSet>,
-    gate: Option<Arc<dyn Gate>>,
-    stopping: watch::Receiver<bool>,
-}
-
-/// gRPC metadata (Envoy's `initial_metadata` on the `grpc_services` entry)
-/// that selects which secrets a stream gets: the tls-alpn-01 filter chain's
-/// selector asks for the same names (the SNI) as the ordinary one, and gets
-/// the challenge certificates by this header.
-pub const SECRETS_HEADER: &str = "x-acme-secrets";
-pub const ALPN_SECRETS: &str = "tls-alpn-01";
-
-type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-type SotwStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-
-impl SdsServer {
-    pub fn new(
-        set: Arc<SecretSet>,
-        alpn: Arc<SecretSet>,
-        gate: Option<Arc<dyn Gate>>,
-        stopping: watch::Receiver<bool>,
-    ) -> Self {
-        Self {
-            set,
-            alpn,
-            gate,
-            stopping,
-        }
-    }
-
-    fn delta(&self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaStream> {
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let alpn = request
-            .metadata()
-            .get(SECRETS_HEADER)
-            .is_some_and(|v| v.as_bytes() == ALPN_SECRETS.as_bytes());
-        // Challenge certificates exist only while an order runs: no gate.
-        let (set, gate) = if alpn {
-            (Arc::clone(&self.alpn), None)
-        } else {
-            (Arc::clone(&self.set), self.gate.clone())
-        };
-        tokio::spawn(serve_stream(
-            set,
-            gate,
-            request.into_inner(),
-            tx,
-            self.stopping.clone(),
-        ));
-        Response::new(ReceiverStream::new(rx))
-    }
-}
-
-const SOTW_REFUSED: &str = "only the delta protocol is served (api_type: DELTA_GRPC): state-of-the-world cannot refuse a name";
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for SdsServer {
-    type StreamAggregatedResourcesStream = SotwStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SotwStream>, Status> {
-        Err(Status::unimplemented(SOTW_REFUSED))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        Ok(self.delta(request))
-    }
-}
-
-#[tonic::async_trait]
-impl SecretDiscoveryService for SdsServer {
-    type DeltaSecretsStream = DeltaStream;
-    type StreamSecretsStream = SotwStream;
-
-    async fn delta_secrets(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        Ok(self.delta(request))
-    }
-
-    async fn stream_secrets(
-        &self,
-        _request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SotwStream>, Status> {
-        Err(Status::unimplemented(SOTW_REFUSED))
-    }
-
-    async fn fetch_secrets(
-        &self,
-        _request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        Err(Status::unimplemented(SOTW_REFUSED))
-    }
-}
-
-/// Streams per connection (Envoy uses one over ADS).
-const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-
-/// A bound SDS listener and who may use it.
-pub enum Listener {
-    /// Mutual TLS: only a client with a certificate from the configured CA.
-    Tcp(tokio::net::TcpListener, tonic::transport::ServerTlsConfig),
-    /// Peer credentials: only the allowed uids and gids.
-    Unix(tokio::net::UnixListener, crate::net::PeerPolicy),
-}
-
-impl Listener {
-    /// Binds `sds.listen`. Config validation guarantees a TCP listen has
-    /// `[sds.tls]`; it is checked again here, since it guards private keys.
-    pub fn bind(sds: &crate::config::Sds) -> Result<Self, Error> {
-        use crate::config::Listen;
-        match &sds.listen {
-            Listen::Tcp(addr) => {
-                let tls = sds.tls.as_ref().ok_or_else(|| Error::Io {
-                    context: format!("SDS on {addr}"),
-                    source: std::io::Error::other("a TCP SDS listener needs [sds.tls]"),
-                })?;
-                let tls = server_tls(tls)?;
-                let listener = crate::net::bind_tcp(*addr).map_err(|source| Error::Io {
-                    context: format!("binding the SDS server to {addr}"),
-                    source,
-                })?;
-                Ok(Self::Tcp(listener, tls))
-            }
-            Listen::Unix(path) => {
-                let bound = crate::net::bind_unix(path, socket_mode(sds))?;
-                let policy = crate::net::PeerPolicy::resolve(
-                    sds.allowed_uids.as_deref(),
-                    sds.allowed_gids.as_deref(),
-                    bound.gid,
-                );
-                info!(path = %path.display(), uids = ?policy.uids, gids = ?policy.gids, "SDS socket: peers allowed");
-                Ok(Self::Unix(bound.listener, policy))
-            }
-        }
-    }
-}
-
-/// 0660: the socket's group may connect (and is then checked); 0666 when
-/// uids outside it are allowed too (peer credentials decide alone).
-pub fn socket_mode(sds: &crate::config::Sds) -> u32 {
-    let own = crate::net::own_ids().0;
-    match &sds.allowed_uids {
-        Some(uids) if uids.iter().any(|u| *u != own) => 0o666,
-        _ => 0o660,
-    }
-}
-
-fn server_tls(tls: &crate::config::ServerTls) -> Result<tonic::transport::ServerTlsConfig, Error> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| Error::Io {
-            context: format!("reading {}", path.display()),
-            source,
-        })
-    };
-    let identity = tonic::transport::Identity::from_pem(read(&tls.certificate)?, read(&tls.key)?);
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(tonic::transport::Certificate::from_pem(read(
-            &tls.client_ca,
-        )?)))
-}
-
-static REFUSALS: crate::net::RefusalLog = crate::net::RefusalLog::new("sds");
-
-/// Connections from allowed peers only: anyone else is closed before a byte
-/// is read or sent.
-fn allowed_peers(
-    listener: tokio::net::UnixListener,
-    policy: crate::net::PeerPolicy,
-    refused: Arc<dyn Fn() + Send + Sync>,
-) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
-    futures_util::stream::unfold(
-        (listener, policy, refused),
-        |(listener, policy, refused)| async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        if crate::net::peer_allowed(&stream, &policy, &REFUSALS) {
-                            return Some((Ok(stream), (listener, policy, refused)));
-                        }
-                        refused();
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait, do not spin.
-                        warn!("accepting an SDS connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        },
-    )
-}
-
-/// Serves SDS on `listener` until `shutdown` resolves. `refused` is called
-/// for each connection turned away.
-pub async fn serve(
-    listener: Listener,
-    set: Arc<SecretSet>,
-    alpn: Arc<SecretSet>,
-    gate: Option<Arc<dyn Gate>>,
-    refused: Arc<dyn Fn() + Send + Sync>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    let (stop, stopping) = watch::channel(false);
-    let server = SdsServer::new(set, alpn, gate, stopping);
-    let shutdown = async move {
-        shutdown.await;
-        stop.send_replace(true);
-    };
-    let mut builder = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
-    let failed = |e: tonic::transport::Error| Error::Io {
-        context: "serving SDS".into(),
-        source: std::io::Error::other(e.to_string()),
-    };
-    let served = match listener {
-        Listener::Tcp(listener, tls) => {
-            let addr: Option<SocketAddr> = listener.local_addr().ok();
-            info!(address = ?addr, "SDS server listening (mutual TLS)");
-            // Small gRPC frames each way: Nagle against delayed ACKs would add
-            // ~40 ms to a first handshake now and then.
-            let incoming = tokio_stream::StreamExt::map(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                |stream| {
-                    if let Ok(stream) = &stream {
-                        let _ = stream.set_nodelay(true);
-                    }
-                    stream
-                },
-            );
-            builder
-                .tls_config(tls)
-                .map_err(failed)?
-                .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
-                .add_service(SecretDiscoveryServiceServer::new(server))
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-        Listener::Unix(listener, policy) => {
-            info!(path = ?listener.local_addr().ok(), "SDS server listening");
-            builder
-                .add_service(AggregatedDiscoveryServiceServer::new(server.clone()))
-                .add_service(SecretDiscoveryServiceServer::new(server))
-                .serve_with_incoming_shutdown(allowed_peers(listener, policy, refused), shutdown)
-                .await
-        }
-    };
-    served.map_err(failed)
 }
 
 #[cfg(test)]
@@ -796,6 +464,7 @@ mod gate_tests {
 
     use super::*;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     /// A gate that holds every name for `hold` (or refuses them all), and
     /// notes what it was asked.
