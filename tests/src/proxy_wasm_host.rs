@@ -335,6 +335,17 @@ pub fn encode_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8>
 }
 
 fn link(linker: &mut Linker<VmState>) -> Result<()> {
+    link_headers(linker)?;
+    link_bodies(linker)?;
+    link_runtime(linker)?;
+    link_shared_data(linker)?;
+    link_metrics(linker)?;
+    link_wasi(linker)?;
+    Ok(())
+}
+
+/// Request headers.
+fn link_headers(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_get_header_map_pairs",
@@ -353,6 +364,119 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
             Ok(status::OK)
         },
     )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: Ctx<'_>,
+         map: i32,
+         kptr: i32,
+         klen: i32,
+         ptr_ptr: i32,
+         size_ptr: i32|
+         -> Result<i32> {
+            c.data_mut().calls.push("proxy_get_header_map_value");
+            let key = read_str(&mut c, kptr, klen)?;
+            let state = c.data();
+            let value: Option<Vec<u8>> = match map {
+                6 => state
+                    .call_response
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("call response read outside on_http_call_response"))?
+                    .0
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(&key))
+                    .map(|(_, v)| v.clone().into_bytes()),
+                // Request headers are read whole (proxy_get_header_map_pairs).
+                other => bail!("header map {other} is not read value by value by the filter"),
+            };
+            match value {
+                Some(v) => {
+                    return_bytes(&mut c, &v, ptr_ptr, size_ptr)?;
+                    Ok(status::OK)
+                }
+                None => Ok(status::NOT_FOUND),
+            }
+        },
+    )?;
+    Ok(())
+}
+
+/// Request bodies, and the local response the filter sends.
+fn link_bodies(linker: &mut Linker<VmState>) -> Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: Ctx<'_>,
+         kind: i32,
+         start: i32,
+         max: i32,
+         ptr_ptr: i32,
+         size_ptr: i32|
+         -> Result<i32> {
+            c.data_mut().calls.push("proxy_get_buffer_bytes");
+            let state = c.data();
+            let root = state
+                .root_of
+                .get(&state.effective)
+                .copied()
+                .unwrap_or(state.effective);
+            let buffer = match kind {
+                // VmConfiguration: none.
+                6 => Vec::new(),
+                // PluginConfiguration
+                7 => state.plugin_config.get(&root).cloned().unwrap_or_default(),
+                // HttpCallResponseBody
+                4 => match &state.call_response {
+                    Some((_, body)) => body.clone(),
+                    None => return Ok(status::NOT_FOUND),
+                },
+                other => bail!("proxy_get_buffer_bytes({other}) is not used by the filter"),
+            };
+            let start = usize::try_from(start)?.min(buffer.len());
+            let end = start
+                .saturating_add(usize::try_from(max as u32)?)
+                .min(buffer.len());
+            let slice = buffer.get(start..end).unwrap_or_default().to_vec();
+            return_bytes(&mut c, &slice, ptr_ptr, size_ptr)?;
+            Ok(status::OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Ctx<'_>,
+         code: i32,
+         _dptr: i32,
+         _dlen: i32,
+         bptr: i32,
+         blen: i32,
+         hptr: i32,
+         hlen: i32,
+         _grpc: i32|
+         -> Result<i32> {
+            c.data_mut().calls.push("proxy_send_local_response");
+            let body = read(&mut c, bptr, blen)?;
+            let headers = decode_pairs(&read(&mut c, hptr, hlen)?)?;
+            let ctx = c.data().effective;
+            let previous = c.data_mut().local_response.insert(
+                ctx,
+                LocalResponse {
+                    status: u32::try_from(code)?,
+                    headers,
+                    body,
+                },
+            );
+            if previous.is_some() {
+                bail!("context {ctx} sent two local responses");
+            }
+            Ok(status::OK)
+        },
+    )?;
+    Ok(())
+}
+
+/// Logging, time, the tick and the effective context.
+fn link_runtime(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_log",
@@ -394,107 +518,22 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
     )?;
     linker.func_wrap(
         "env",
-        "proxy_get_buffer_bytes",
-        |mut c: Ctx<'_>,
-         kind: i32,
-         start: i32,
-         max: i32,
-         ptr_ptr: i32,
-         size_ptr: i32|
-         -> Result<i32> {
-            c.data_mut().calls.push("proxy_get_buffer_bytes");
-            let state = c.data();
-            let root = state
-                .root_of
-                .get(&state.effective)
-                .copied()
-                .unwrap_or(state.effective);
-            let buffer = match kind {
-                // VmConfiguration: none.
-                6 => Vec::new(),
-                // PluginConfiguration
-                7 => state.plugin_config.get(&root).cloned().unwrap_or_default(),
-                // HttpCallResponseBody
-                4 => match &state.call_response {
-                    Some((_, body)) => body.clone(),
-                    None => return Ok(status::NOT_FOUND),
-                },
-                other => bail!("proxy_get_buffer_bytes({other}) is not used by the filter"),
-            };
-            let start = usize::try_from(start)?.min(buffer.len());
-            let end = start
-                .saturating_add(usize::try_from(max as u32)?)
-                .min(buffer.len());
-            let slice = buffer.get(start..end).unwrap_or_default().to_vec();
-            return_bytes(&mut c, &slice, ptr_ptr, size_ptr)?;
+        "proxy_set_effective_context",
+        |mut c: Ctx<'_>, ctx: i32| -> Result<i32> {
+            c.data_mut().calls.push("proxy_set_effective_context");
+            let ctx = ctx as u32;
+            if !c.data().root_of.contains_key(&ctx) {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            c.data_mut().effective = ctx;
             Ok(status::OK)
         },
     )?;
-    linker.func_wrap(
-        "env",
-        "proxy_get_header_map_value",
-        |mut c: Ctx<'_>,
-         map: i32,
-         kptr: i32,
-         klen: i32,
-         ptr_ptr: i32,
-         size_ptr: i32|
-         -> Result<i32> {
-            c.data_mut().calls.push("proxy_get_header_map_value");
-            let key = read_str(&mut c, kptr, klen)?;
-            let state = c.data();
-            let value: Option<Vec<u8>> = match map {
-                6 => state
-                    .call_response
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("call response read outside on_http_call_response"))?
-                    .0
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(&key))
-                    .map(|(_, v)| v.clone().into_bytes()),
-                // Request headers are read whole (proxy_get_header_map_pairs).
-                other => bail!("header map {other} is not read value by value by the filter"),
-            };
-            match value {
-                Some(v) => {
-                    return_bytes(&mut c, &v, ptr_ptr, size_ptr)?;
-                    Ok(status::OK)
-                }
-                None => Ok(status::NOT_FOUND),
-            }
-        },
-    )?;
-    linker.func_wrap(
-        "env",
-        "proxy_send_local_response",
-        |mut c: Ctx<'_>,
-         code: i32,
-         _dptr: i32,
-         _dlen: i32,
-         bptr: i32,
-         blen: i32,
-         hptr: i32,
-         hlen: i32,
-         _grpc: i32|
-         -> Result<i32> {
-            c.data_mut().calls.push("proxy_send_local_response");
-            let body = read(&mut c, bptr, blen)?;
-            let headers = decode_pairs(&read(&mut c, hptr, hlen)?)?;
-            let ctx = c.data().effective;
-            let previous = c.data_mut().local_response.insert(
-                ctx,
-                LocalResponse {
-                    status: u32::try_from(code)?,
-                    headers,
-                    body,
-                },
-            );
-            if previous.is_some() {
-                bail!("context {ctx} sent two local responses");
-            }
-            Ok(status::OK)
-        },
-    )?;
+    Ok(())
+}
+
+/// Shared data and the HTTP callout: what the poller and the workers use.
+fn link_shared_data(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_get_shared_data",
@@ -579,6 +618,11 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
             Ok(status::OK)
         },
     )?;
+    Ok(())
+}
+
+/// Metrics the filter defines and moves.
+fn link_metrics(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_define_metric",
@@ -635,20 +679,11 @@ fn link(linker: &mut Linker<VmState>) -> Result<()> {
             }
         },
     )?;
-    linker.func_wrap(
-        "env",
-        "proxy_set_effective_context",
-        |mut c: Ctx<'_>, ctx: i32| -> Result<i32> {
-            c.data_mut().calls.push("proxy_set_effective_context");
-            let ctx = ctx as u32;
-            if !c.data().root_of.contains_key(&ctx) {
-                return Ok(status::BAD_ARGUMENT);
-            }
-            c.data_mut().effective = ctx;
-            Ok(status::OK)
-        },
-    )?;
-    // WASI, as much as Rust's std on wasip1 uses.
+    Ok(())
+}
+
+/// WASI, as much as Rust's std on wasip1 uses.
+fn link_wasi(linker: &mut Linker<VmState>) -> Result<()> {
     linker.func_wrap(
         "wasi_snapshot_preview1",
         "random_get",

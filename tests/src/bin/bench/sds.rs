@@ -266,16 +266,29 @@ fn handshake_latency(
             &firsts[round * per_round..(round + 1) * per_round],
         )?);
     }
+    report_latencies(rows, &on_demand, &file_shape, &first, rounds);
+    drop((od, files));
+    Ok(())
+}
+
+/// The two latency rows: cached names on each listener, and first handshakes.
+fn report_latencies(
+    rows: &mut Vec<Row>,
+    on_demand: &[f64],
+    file_shape: &[f64],
+    first: &[f64],
+    rounds: usize,
+) {
     let p = |v: &[f64], q: f64| percentile(&mut v.to_vec(), q);
     rows.push(Row {
         what: "Handshake latency, cached name: on-demand listener (agent's SDS) / file shape".into(),
         result: format!(
             "p50 {:.2} / {:.2} ms = **{:.3}**, p99 {:.2} / {:.2} ms",
-            p(&on_demand, 0.5),
-            p(&file_shape, 0.5),
-            p(&on_demand, 0.5) / p(&file_shape, 0.5),
-            p(&on_demand, 0.99),
-            p(&file_shape, 0.99)
+            p(on_demand, 0.5),
+            p(file_shape, 0.5),
+            p(on_demand, 0.5) / p(file_shape, 0.5),
+            p(on_demand, 0.99),
+            p(file_shape, 0.99)
         ),
         note: format!(
             "{} handshakes each, interleaved in {rounds} rounds, TLS 1.3, P-256, rustls client, Envoy --concurrency 1; target within 5 %",
@@ -286,18 +299,16 @@ fn handshake_latency(
         what: "Handshake latency, first handshake for a name Envoy has not fetched (on-demand) vs cached".into(),
         result: format!(
             "p50 {:.2} ms (+{:.2}), p99 {:.2} ms (+{:.2})",
-            p(&first, 0.5),
-            p(&first, 0.5) - p(&on_demand, 0.5),
-            p(&first, 0.99),
-            p(&first, 0.99) - p(&on_demand, 0.99)
+            p(first, 0.5),
+            p(first, 0.5) - p(on_demand, 0.5),
+            p(first, 0.99),
+            p(first, 0.99) - p(on_demand, 0.99)
         ),
         note: format!(
             "{} distinct names; the extra is Envoy's delta SDS round trip to the agent (release build); target <= 5 ms more",
             first.len()
         ),
     });
-    drop((od, files));
-    Ok(())
 }
 
 /// On-demand TLS: from the first handshake for a new allowed name to a
