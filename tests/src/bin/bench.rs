@@ -28,6 +28,8 @@ use anyhow::{Context as _, Result, bail};
 
 #[path = "bench/dns.rs"]
 mod dns;
+#[path = "bench/scale.rs"]
+mod scale;
 #[path = "bench/sds.rs"]
 mod sds;
 
@@ -974,6 +976,18 @@ fn main() -> Result<()> {
         eprintln!("[bench] the agent as SDS server");
         let count = if quick { 100 } else { 1000 };
         sds::run(&mut rows, rounds, count, 100)?;
+    }
+    // Thousands of stored certificates (a local CA, no ACME): only on request,
+    // `--only scale [N,N,...]` (default 1000,10000).
+    if only.as_deref() == Some("scale") {
+        let counts: Vec<usize> = args
+            .iter()
+            .position(|a| a == "scale")
+            .and_then(|i| args.get(i + 1))
+            .map_or(Ok(vec![1000, 10_000]), |list| {
+                list.split(',').map(str::parse).collect::<Result<_, _>>()
+            })?;
+        scale::run(&mut rows, &release_agent()?, &counts)?;
     }
     if run("dns") {
         eprintln!("[bench] wildcard by dns-01 (RFC 2136 on BIND)");
