@@ -33,6 +33,7 @@ use crate::domain::spec::{Certificate, KeyType};
 use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
+use crate::ports::leader::Leader;
 use crate::ports::requests::{Refusal, RenewRefused, Request};
 use crate::ports::sink::CertificateSink;
 use crate::ports::solver::Solvers;
@@ -125,7 +126,7 @@ pub struct Shared {
     /// The solver of each kind of challenge.
     solvers: Solvers,
     /// With several replicas: the Lease this one must hold to order.
-    leader: std::sync::OnceLock<Arc<crate::kubernetes::lease::Elector>>,
+    leader: std::sync::OnceLock<Arc<dyn Leader>>,
 }
 
 impl Shared {
@@ -188,7 +189,7 @@ impl Manager {
 
     /// Orders only while `leader` holds its Lease (checked right before
     /// each order). Call before `run`.
-    pub fn with_leader(self, leader: Arc<crate::kubernetes::lease::Elector>) -> Self {
+    pub fn with_leader(self, leader: Arc<dyn Leader>) -> Self {
         if self.shared.leader.set(leader).is_err() {
             warn!("a Lease was already set for this manager; keeping the first");
         }
