@@ -90,12 +90,8 @@ fn reachable_text(listen: &Listen) -> String {
 
 /// Asks the agent listening at `api` to renew `name` now. The agent's answer
 /// on success; its refusal as the error.
-pub fn renew(api: &ChallengeApi, name: &str) -> Result<String, Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| failed(e.to_string()))?;
-    let (status, body) = runtime.block_on(post(api, &format!("/v1/renew/{name}")))?;
+pub async fn renew(api: &ChallengeApi, name: &str) -> Result<String, Error> {
+    let (status, body) = post(api, &format!("/v1/renew/{name}")).await?;
     if status == 202 {
         Ok(body)
     } else {

@@ -30,7 +30,6 @@ use acme_agent::solvers::tls_alpn01::TlsAlpn01;
 use acme_agent::status;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -125,7 +124,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Renew { name } => match control::renew(&config.challenge_api, &name) {
+        Command::Renew { name } => match renew(&config, &name) {
             Ok(message) => {
                 print!("{message}");
                 ExitCode::SUCCESS
@@ -145,22 +144,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// A runtime for a subcommand that makes a few calls and exits.
+fn one_shot_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Asks the running agent to renew `name` (the `renew` subcommand).
+fn renew(config: &Config, name: &str) -> anyhow::Result<String> {
+    let runtime = one_shot_runtime()?;
+    Ok(runtime.block_on(control::renew(&config.challenge_api, name))?)
+}
+
 /// The `status` table, from the state directory or (Kubernetes mode) the
 /// agent's Secrets.
 fn status_table(config: &Config) -> anyhow::Result<String> {
+    let runtime = one_shot_runtime()?;
     if let Some(k8s) = &config.kubernetes {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
         let client = runtime
             .block_on(kube::Client::try_default())
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
-        let store = KubeStore::new(client, &k8s.namespace, runtime.handle().clone());
-        return Ok(status::table(config, &store)?);
+        let store = KubeStore::new(client, &k8s.namespace);
+        return Ok(runtime.block_on(status::table(config, &store))?);
     }
     let state_dir = config.state_dir.as_ref().context("state_dir is not set")?;
-    Ok(status::table(config, &FileStore::existing(state_dir))?)
+    let store = FileStore::existing(state_dir);
+    Ok(runtime.block_on(status::table(config, &store))?)
 }
 
 /// Where state and certificates go: files, or Secrets in Kubernetes mode;
@@ -212,11 +222,7 @@ async fn storage(
             .await
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
         let events = Arc::new(KubeEvents::start(client.clone(), &k8s.namespace));
-        let store = Arc::new(KubeStore::new(
-            client.clone(),
-            &k8s.namespace,
-            Handle::current(),
-        ));
+        let store = Arc::new(KubeStore::new(client.clone(), &k8s.namespace));
         info!(
             namespace = k8s.namespace,
             "Kubernetes mode: certificates and state in Secrets, Events on them"

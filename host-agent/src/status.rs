@@ -16,20 +16,23 @@ fn when(secs: Option<u64>) -> String {
 
 /// One row per configured certificate, then any certificate with state but no
 /// longer configured.
-pub fn table(config: &Config, store: &dyn StateStore) -> Result<String, Error> {
+pub async fn table(config: &Config, store: &dyn StateStore) -> Result<String, Error> {
     let mut rows: Vec<(Status, &str)> = Vec::new();
     for cert in &config.certificates {
-        let status = store.load_status(&cert.name)?.unwrap_or_else(|| Status {
-            name: cert.name.clone(),
-            domains: cert.domains.clone(),
-            last_error: Some("never attempted".into()),
-            ..Status::default()
-        });
+        let status = store
+            .load_status(&cert.name)
+            .await?
+            .unwrap_or_else(|| Status {
+                name: cert.name.clone(),
+                domains: cert.domains.clone(),
+                last_error: Some("never attempted".into()),
+                ..Status::default()
+            });
         rows.push((status, ""));
     }
-    for name in store.status_names()? {
+    for name in store.status_names().await? {
         if !config.certificates.iter().any(|c| c.name == name)
-            && let Some(status) = store.load_status(&name)?
+            && let Some(status) = store.load_status(&name).await?
         {
             rows.push((status, " (not configured)"));
         }

@@ -22,6 +22,16 @@ use std::sync::OnceLock;
 
 use anyhow::{Context as _, Result, bail};
 
+/// Runs `future` to its end on a runtime of its own: the agent's state store
+/// and sinks are async, and most tests that call them directly are not.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
 /// The workspace root.
 pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

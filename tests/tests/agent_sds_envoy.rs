@@ -65,11 +65,11 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     let work = tempfile::tempdir().unwrap();
     let sink = FileSink::new(work.path().join("sds")).unwrap();
     let (chain, key) = self_signed(work.path(), "first.example.com");
-    sink.install(&IssuedCertificate {
+    acme_tests::block_on(sink.install(&IssuedCertificate {
         name: "www".into(),
         chain_pem: chain,
         key_pem: key.into(),
-    })
+    }))
     .unwrap();
 
     let (listen, admin) = (free_addr().unwrap(), free_addr().unwrap());
@@ -86,11 +86,11 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     // A renewed certificate: served on the next handshake, no restart.
     let (chain, key) = self_signed(work.path(), "second.example.com");
     let written = Instant::now();
-    sink.install(&IssuedCertificate {
+    acme_tests::block_on(sink.install(&IssuedCertificate {
         name: "www".into(),
         chain_pem: chain,
         key_pem: key.into(),
-    })
+    }))
     .unwrap();
     acme_tests::agent::wait_for(
         Duration::from_secs(60),
@@ -113,11 +113,11 @@ fn sds_file_loads_hot_swaps_and_rejects_a_broken_update() {
     // A key that does not match the chain is rejected; the served one stays.
     let (chain, _) = self_signed(work.path(), "third.example.com");
     let (_, other_key) = self_signed(work.path(), "fourth.example.com");
-    sink.install(&IssuedCertificate {
+    acme_tests::block_on(sink.install(&IssuedCertificate {
         name: "www".into(),
         chain_pem: chain,
         key_pem: other_key.into(),
-    })
+    }))
     .unwrap();
     envoy
         .wait_stat_at_least("sds.www.update_rejected", 1, Duration::from_secs(30))

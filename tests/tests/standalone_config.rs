@@ -71,11 +71,11 @@ fn envoy_validates_both_standalone_bootstraps() {
     for cert in &config.certificates {
         let (chain_pem, key_pem) =
             acme_agent::certificate::placeholder(&cert.domains, cert.key_type).unwrap();
-        sink.install(&IssuedCertificate {
+        acme_tests::block_on(sink.install(&IssuedCertificate {
             name: cert.name.clone(),
             chain_pem,
             key_pem: key_pem.into(),
-        })
+        }))
         .unwrap();
     }
     validate(&yaml, work.path());

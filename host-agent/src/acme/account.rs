@@ -47,9 +47,9 @@ pub struct HeldAccount {
 impl HeldAccount {
     /// Writes credentials that could not be written before; an error leaves
     /// them held for the next try.
-    pub fn persist_pending(&mut self, config: &AcmeConfig, store: &dyn StateStore) {
+    pub async fn persist_pending(&mut self, config: &AcmeConfig, store: &dyn StateStore) {
         if let Some(bytes) = &self.unpersisted {
-            match store.write_account(config.directory_url(), bytes) {
+            match store.write_account(config.directory_url(), bytes).await {
                 Ok(()) => {
                     info!("ACME account credentials stored");
                     self.unpersisted = None;
@@ -71,7 +71,8 @@ pub async fn open(
 ) -> Result<HeldAccount, Error> {
     let directory = config.directory_url().to_owned();
     let stored = store
-        .read_account(&directory)?
+        .read_account(&directory)
+        .await?
         .map(|bytes| {
             serde_json::from_slice::<StoredAccount>(&bytes).map_err(encoding(format!(
                 "reading the stored account for {directory}"
@@ -117,14 +118,14 @@ pub async fn open(
             eab.as_ref()
         )
     )?;
-    let held = keep(account, credentials, config, store);
+    let held = keep(account, credentials, config, store).await;
     metrics.account_registered();
     info!(account = held.account.id(), "ACME account registered");
     Ok(held)
 }
 
 /// Persists the new account's credentials; on failure keeps them to retry.
-fn keep(
+async fn keep(
     account: Account,
     credentials: AccountCredentials,
     config: &AcmeConfig,
@@ -141,7 +142,7 @@ fn keep(
     match serde_json::to_vec_pretty(&record) {
         Ok(json) => {
             held.unpersisted = Some(json);
-            held.persist_pending(config, store);
+            held.persist_pending(config, store).await;
         }
         Err(e) => warn!("serializing the account: {e}"),
     }
@@ -151,8 +152,8 @@ fn keep(
 /// Sets the stored account aside after the CA said it does not know it (a
 /// reset test CA, a deactivated account): the next order registers anew, and
 /// the old credentials stay in the store for the operator.
-pub fn forget(config: &AcmeConfig, store: &dyn StateStore) -> Result<(), Error> {
-    store.forget_account(config.directory_url())?;
+pub async fn forget(config: &AcmeConfig, store: &dyn StateStore) -> Result<(), Error> {
+    store.forget_account(config.directory_url()).await?;
     warn!(
         "the CA does not know the stored account; registering a new one (the old one is kept aside)"
     );

@@ -43,11 +43,14 @@ pub struct OrderContext<'a> {
     /// Counts (persists) the names whose challenges are about to be handed
     /// to the CA, before they are: each is a failed authorization unless
     /// seen valid. An error stops the order before the CA is told.
-    pub trigger: &'a Trigger<'a>,
+    pub trigger: &'a dyn Trigger,
 }
 
 /// See [`OrderContext::trigger`].
-pub type Trigger<'a> = dyn Fn(&[String]) -> Result<(), Error> + Send + Sync + 'a;
+#[async_trait::async_trait]
+pub trait Trigger: Send + Sync {
+    async fn trigger(&self, names: &[String]) -> Result<(), Error>;
+}
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
     let alg = match key_type {
@@ -306,7 +309,7 @@ async fn validate(
     // read-back or a kill cannot hide one), and cleared only for names seen
     // valid afterwards.
     let handed: Vec<String> = pending.iter().map(|(_, c)| c.identifier.clone()).collect();
-    (cx.trigger)(&handed)?;
+    cx.trigger.trigger(&handed).await?;
     // Tell the CA, one challenge at a time (the nonce is per request chain),
     // and wait for its verdict.
     let status = match tell_the_ca(order, spec).await {

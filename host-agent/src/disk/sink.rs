@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
+use super::off_runtime;
 use crate::Error;
 use crate::files::{create_private_dir, write_atomically};
 use crate::ports::sink::{CertificateSink, IssuedCertificate, SECRET_TYPE};
@@ -71,8 +72,43 @@ impl FileSink {
     }
 }
 
+#[async_trait::async_trait]
 impl CertificateSink for FileSink {
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+    async fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+        let (sink, certificate) = (self.clone(), certificate.clone());
+        off_runtime("installing a certificate", move || {
+            sink.install_now(&certificate)
+        })
+        .await
+    }
+
+    async fn installed(&self, name: &str) -> bool {
+        let (sink, name) = (self.clone(), name.to_owned());
+        off_runtime("looking for a certificate", move || {
+            Ok(sink.installed_now(&name))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    async fn check_writable(&self, _name: &str) -> Result<(), Error> {
+        let sink = self.clone();
+        off_runtime("probing the SDS directory", move || {
+            sink.check_writable_now()
+        })
+        .await
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), Error> {
+        let (sink, name) = (self.clone(), name.to_owned());
+        off_runtime("removing a certificate", move || sink.remove_now(&name)).await
+    }
+}
+
+/// The sink's operations as the blocking pool runs them (see
+/// [`super::off_runtime`]).
+impl FileSink {
+    fn install_now(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let pem_dir = self.pem_dir(&certificate.name);
         create_private_dir(&pem_dir)?;
         // Key before chain: a reader that sees the new chain finds its key.
@@ -94,18 +130,18 @@ impl CertificateSink for FileSink {
         )
     }
 
-    fn installed(&self, name: &str) -> bool {
+    fn installed_now(&self, name: &str) -> bool {
         fs::symlink_metadata(self.sds_path(name)).is_ok_and(|m| m.is_file())
     }
 
     /// A file can be created in the directory (a read-only or full `sds_dir`
     /// is found before an order, not after).
-    fn check_writable(&self, _name: &str) -> Result<(), Error> {
+    fn check_writable_now(&self) -> Result<(), Error> {
         crate::files::probe_writable(&self.dir)
     }
 
     /// The SDS file first (what Envoy watches), then the PEM files.
-    fn remove(&self, name: &str) -> Result<(), Error> {
+    fn remove_now(&self, name: &str) -> Result<(), Error> {
         let pem_dir = self.pem_dir(name);
         for path in [
             self.sds_path(name),
@@ -165,12 +201,12 @@ mod tests {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
-    #[test]
-    fn writes_sds_and_pem_with_private_modes_and_no_leftovers() {
+    #[tokio::test]
+    async fn writes_sds_and_pem_with_private_modes_and_no_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let sink = FileSink::new(dir.path().join("sds")).unwrap();
-        sink.install(&cert("www", 1)).unwrap();
-        sink.install(&cert("www", 2)).unwrap();
+        sink.install(&cert("www", 1)).await.unwrap();
+        sink.install(&cert("www", 2)).await.unwrap();
 
         let sds: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(sink.sds_path("www")).unwrap()).unwrap();
@@ -201,13 +237,13 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
-    #[test]
-    fn a_symlinked_certificate_directory_is_refused() {
+    #[tokio::test]
+    async fn a_symlinked_certificate_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         let sink = FileSink::new(dir.path().join("sds")).unwrap();
         std::os::unix::fs::symlink(outside.path(), sink.pem_dir("www")).unwrap();
-        let err = sink.install(&cert("www", 1)).unwrap_err();
+        let err = sink.install(&cert("www", 1)).await.unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }

@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use super::off_runtime;
 use crate::Error;
 use crate::files::write_atomically;
 use crate::ports::store::{StateStore, Status, StoredCertificate, account_id};
@@ -87,22 +88,130 @@ impl FileStore {
     }
 }
 
+#[async_trait::async_trait]
 impl StateStore for FileStore {
-    fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+    async fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+        let url = directory_url.to_owned();
+        let s = self.clone();
+        off_runtime("reading the ACME account", move || s.read_account_now(&url)).await
+    }
+
+    async fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+        let (url, bytes) = (directory_url.to_owned(), bytes.to_vec());
+        let s = self.clone();
+        off_runtime("writing the ACME account", move || {
+            s.write_account_now(&url, &bytes)
+        })
+        .await
+    }
+
+    async fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
+        let url = directory_url.to_owned();
+        let s = self.clone();
+        off_runtime("setting the ACME account aside", move || {
+            s.forget_account_now(&url)
+        })
+        .await
+    }
+
+    async fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
+        let name = name.to_owned();
+        let s = self.clone();
+        off_runtime("reading a certificate", move || {
+            s.load_certificate_now(&name)
+        })
+        .await
+    }
+
+    async fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
+        let (name, cert) = (name.to_owned(), cert.clone());
+        let s = self.clone();
+        off_runtime("writing a certificate", move || {
+            s.save_certificate_now(&name, &cert)
+        })
+        .await
+    }
+
+    async fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
+        let name = name.to_owned();
+        let s = self.clone();
+        off_runtime("reading a status", move || s.load_status_now(&name)).await
+    }
+
+    async fn save_status(&self, status: &Status) -> Result<(), Error> {
+        let status = status.clone();
+        let s = self.clone();
+        off_runtime("writing a status", move || s.save_status_now(&status)).await
+    }
+
+    async fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+        let url = directory_url.to_owned();
+        let s = self.clone();
+        off_runtime("reading the CA-limit ledger", move || {
+            s.read_ledger_now(&url)
+        })
+        .await
+    }
+
+    async fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+        let (url, bytes) = (directory_url.to_owned(), bytes.to_vec());
+        let s = self.clone();
+        off_runtime("writing the CA-limit ledger", move || {
+            s.write_ledger_now(&url, &bytes)
+        })
+        .await
+    }
+
+    async fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
+        let s = self.clone();
+        off_runtime("reading the DNS record journal", move || {
+            s.read_dns_journal_now()
+        })
+        .await
+    }
+
+    async fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
+        let bytes = bytes.to_vec();
+        let s = self.clone();
+        off_runtime("writing the DNS record journal", move || {
+            s.write_dns_journal_now(&bytes)
+        })
+        .await
+    }
+
+    async fn remove_certificate(&self, name: &str) -> Result<(), Error> {
+        let name = name.to_owned();
+        let s = self.clone();
+        off_runtime("removing a certificate", move || {
+            s.remove_certificate_now(&name)
+        })
+        .await
+    }
+
+    async fn status_names(&self) -> Result<Vec<String>, Error> {
+        let s = self.clone();
+        off_runtime("listing the status records", move || s.status_names_now()).await
+    }
+}
+
+/// The store's operations as the blocking pool runs them (see
+/// [`super::off_runtime`]).
+impl FileStore {
+    fn read_account_now(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         self.read(&self.account_path(directory_url))
     }
 
-    fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+    fn write_account_now(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         self.write_secret(&self.account_path(directory_url), bytes)
     }
 
-    fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
+    fn forget_account_now(&self, directory_url: &str) -> Result<(), Error> {
         let path = self.account_path(directory_url);
         let aside = path.with_extension(format!("lost-{}", unix(SystemTime::now())));
         fs::rename(&path, &aside).map_err(io(format!("moving {} aside", path.display())))
     }
 
-    fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
+    fn load_certificate_now(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
         let path = self.certificate_path(name);
         self.read(&path)?
             .map(|bytes| {
@@ -112,14 +221,14 @@ impl StateStore for FileStore {
             .transpose()
     }
 
-    fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
+    fn save_certificate_now(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
         let path = self.certificate_path(name);
         let json = serde_json::to_vec(cert)
             .map_err(json_error(format!("serializing {}", path.display())))?;
         self.write_secret(&path, &json)
     }
 
-    fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
+    fn load_status_now(&self, name: &str) -> Result<Option<Status>, Error> {
         let path = self.status_path(name);
         self.read(&path)?
             .map(|bytes| {
@@ -129,30 +238,30 @@ impl StateStore for FileStore {
             .transpose()
     }
 
-    fn save_status(&self, status: &Status) -> Result<(), Error> {
+    fn save_status_now(&self, status: &Status) -> Result<(), Error> {
         let path = self.status_path(&status.name);
         let json = serde_json::to_vec_pretty(status)
             .map_err(json_error(format!("serializing {}", path.display())))?;
         write_atomically(&path, &json, 0o600)
     }
 
-    fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+    fn read_ledger_now(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         self.read(&self.ledger_path(directory_url))
     }
 
-    fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+    fn write_ledger_now(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         write_atomically(&self.ledger_path(directory_url), bytes, 0o600)
     }
 
-    fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
+    fn read_dns_journal_now(&self) -> Result<Option<Vec<u8>>, Error> {
         self.read(&self.dir.join("dns-records.json"))
     }
 
-    fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
+    fn write_dns_journal_now(&self, bytes: &[u8]) -> Result<(), Error> {
         write_atomically(&self.dir.join("dns-records.json"), bytes, 0o600)
     }
 
-    fn remove_certificate(&self, name: &str) -> Result<(), Error> {
+    fn remove_certificate_now(&self, name: &str) -> Result<(), Error> {
         for path in [self.status_path(name), self.certificate_path(name)] {
             match fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -164,7 +273,7 @@ impl StateStore for FileStore {
         Ok(())
     }
 
-    fn status_names(&self) -> Result<Vec<String>, Error> {
+    fn status_names_now(&self) -> Result<Vec<String>, Error> {
         let dir = self.dir.join("certificates");
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -191,8 +300,8 @@ mod tests {
     use crate::domain::spec::KeyType;
     use std::os::unix::fs::MetadataExt;
 
-    #[test]
-    fn directories_0700_and_secrets_0600() {
+    #[tokio::test]
+    async fn directories_0700_and_secrets_0600() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path().join("state")).unwrap();
         assert_eq!(fs::metadata(store.dir()).unwrap().mode() & 0o777, 0o700);
@@ -202,17 +311,17 @@ mod tests {
             chain_pem: "chain".into(),
             key_pem: String::from("key").into(),
         };
-        store.save_certificate("www", &cert).unwrap();
+        store.save_certificate("www", &cert).await.unwrap();
         let path = store.certificate_path("www");
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
-        let back = store.load_certificate("www").unwrap().unwrap();
+        let back = store.load_certificate("www").await.unwrap().unwrap();
         assert_eq!(back.key_pem.as_str(), "key");
         assert!(!format!("{back:?}").contains("key\""));
-        assert!(store.load_certificate("nope").unwrap().is_none());
+        assert!(store.load_certificate("nope").await.unwrap().is_none());
     }
 
-    #[test]
-    fn status_round_trip_and_listing() {
+    #[tokio::test]
+    async fn status_round_trip_and_listing() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path()).unwrap();
         for name in ["b", "a"] {
@@ -222,10 +331,11 @@ mod tests {
                     failures: 2,
                     ..Status::default()
                 })
+                .await
                 .unwrap();
         }
-        assert_eq!(store.status_names().unwrap(), ["a", "b"]);
-        assert_eq!(store.load_status("a").unwrap().unwrap().failures, 2);
+        assert_eq!(store.status_names().await.unwrap(), ["a", "b"]);
+        assert_eq!(store.load_status("a").await.unwrap().unwrap().failures, 2);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use kube::{Api, Client};
 use tracing::info;
 
 use crate::Error;
+use crate::ports::leader::Leader;
 
 #[derive(Default)]
 struct Held {
@@ -214,6 +215,17 @@ impl Elector {
             }
             _ => false,
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Leader for Elector {
+    fn identity(&self) -> &str {
+        Elector::identity(self)
+    }
+
+    async fn still_holds(&self) -> bool {
+        Elector::still_holds(self).await
     }
 }
 

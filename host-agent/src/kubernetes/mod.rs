@@ -12,7 +12,6 @@ pub mod gateways;
 pub mod lease;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::SystemTime;
 
 use base64::Engine as _;
@@ -20,7 +19,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use tokio::runtime::Handle;
 
 use crate::Error;
 use crate::domain::spec::KeyType;
@@ -47,44 +45,22 @@ fn b64(bytes: &[u8]) -> String {
 pub struct KubeStore {
     api: Api<Secret>,
     namespace: String,
-    runtime: Handle,
 }
 
 impl KubeStore {
-    /// `runtime` drives the API calls; the store's methods are synchronous and
-    /// may be called from inside or outside that runtime.
-    pub fn new(client: Client, namespace: &str, runtime: Handle) -> Self {
+    pub fn new(client: Client, namespace: &str) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
-            runtime,
-        }
-    }
-
-    /// Runs `f` to completion on the runtime. From one of the runtime's own
-    /// workers, `block_in_place` hands the worker's other tasks (and the I/O
-    /// driver) to another thread first: blocking every worker would leave no
-    /// one to drive the request. From outside (the `status` subcommand), a
-    /// scoped thread waits.
-    fn call<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
-        match Handle::try_current() {
-            Ok(current)
-                if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
-            {
-                tokio::task::block_in_place(|| self.runtime.block_on(f))
-            }
-            _ => std::thread::scope(|s| {
-                s.spawn(|| self.runtime.block_on(f))
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            }),
         }
     }
 
     /// The Secret, if it exists; an error if it exists and is not the agent's.
-    fn get_owned(&self, name: &str) -> Result<Option<Secret>, Error> {
+    async fn get_owned(&self, name: &str) -> Result<Option<Secret>, Error> {
         let secret = self
-            .call(self.api.get_opt(name))
+            .api
+            .get_opt(name)
+            .await
             .map_err(failed(format!("reading Secret {}/{name}", self.namespace)))?;
         match secret {
             Some(s) if !owned(&s) => Err(Error::Kubernetes(format!(
@@ -97,15 +73,17 @@ impl KubeStore {
 
     /// Server-side apply of `object` (a Secret as JSON) by `manager`, after
     /// checking that an existing Secret of that name is the agent's.
-    fn apply(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
-        self.get_owned(name)?;
-        self.patch(name, manager, object)
+    async fn apply(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
+        self.get_owned(name).await?;
+        self.patch(name, manager, object).await
     }
 
     /// The apply itself, for a caller that has just checked ownership.
-    fn patch(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
+    async fn patch(&self, name: &str, manager: &str, object: &Value) -> Result<(), Error> {
         let params = PatchParams::apply(manager).force();
-        self.call(self.api.patch(name, &params, &Patch::Apply(object)))
+        self.api
+            .patch(name, &params, &Patch::Apply(object))
+            .await
             .map(drop)
             .map_err(failed(format!("applying Secret {}/{name}", self.namespace)))
     }
@@ -210,25 +188,27 @@ fn ledger_secret(directory_url: &str) -> String {
     format!("acme-agent-ledger-{}", account_id(directory_url))
 }
 
+#[async_trait::async_trait]
 impl StateStore for KubeStore {
-    fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+    async fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         Ok(self
-            .get_owned(&account_secret(directory_url))?
+            .get_owned(&account_secret(directory_url))
+            .await?
             .and_then(|s| data_owned(&s, "account.json")))
     }
 
-    fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+    async fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         let name = account_secret(directory_url);
         let mut data = BTreeMap::new();
         data.insert("account.json".to_owned(), b64(bytes));
         let mut secret = self.secret(&name, "Opaque", data);
         secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
-        self.apply(&name, FIELD_MANAGER, &secret)
+        self.apply(&name, FIELD_MANAGER, &secret).await
     }
 
-    fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
+    async fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
         let name = account_secret(directory_url);
-        let Some(old) = self.get_owned(&name)? else {
+        let Some(old) = self.get_owned(&name).await? else {
             return Ok(());
         };
         // Applying without account.json removes it (the agent owns that field);
@@ -242,11 +222,11 @@ impl StateStore for KubeStore {
         }
         let mut secret = self.secret(&name, "Opaque", data);
         secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
-        self.patch(&name, FIELD_MANAGER, &secret)
+        self.patch(&name, FIELD_MANAGER, &secret).await
     }
 
-    fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
-        let Some(secret) = self.get_owned(name)? else {
+    async fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
+        let Some(secret) = self.get_owned(name).await? else {
             return Ok(None);
         };
         let (Some(chain_pem), Some(key_pem)) = (text(&secret, "tls.crt"), text(&secret, "tls.key"))
@@ -272,13 +252,15 @@ impl StateStore for KubeStore {
         }))
     }
 
-    fn adopt_certificate(
+    async fn adopt_certificate(
         &self,
         name: &str,
         domains: &[String],
     ) -> Result<Option<StoredCertificate>, Error> {
         let secret = self
-            .call(self.api.get_opt(name))
+            .api
+            .get_opt(name)
+            .await
             .map_err(failed(format!("reading Secret {}/{name}", self.namespace)))?;
         let Some(secret) = secret.filter(|s| !owned(s)) else {
             return Ok(None);
@@ -291,7 +273,7 @@ impl StateStore for KubeStore {
         // it is (renewed at its time, or ordered at once if it does not
         // cover the names: the trigger decides).
         let object = self.tls_secret(name, &chain_pem, &key_pem, domains, None);
-        self.patch(name, FIELD_MANAGER, &object)?;
+        self.patch(name, FIELD_MANAGER, &object).await?;
         let from = secret
             .metadata
             .annotations
@@ -312,7 +294,7 @@ impl StateStore for KubeStore {
         }))
     }
 
-    fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
+    async fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
         let secret = self.tls_secret(
             name,
             &cert.chain_pem,
@@ -320,17 +302,17 @@ impl StateStore for KubeStore {
             &cert.domains,
             Some(cert.key_type),
         );
-        self.apply(name, FIELD_MANAGER, &secret)
+        self.apply(name, FIELD_MANAGER, &secret).await
     }
 
-    fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
-        let Some(secret) = self.get_owned(STATUS_SECRET)? else {
+    async fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
+        let Some(secret) = self.get_owned(STATUS_SECRET).await? else {
             return Ok(None);
         };
         Ok(data(&secret, &format!("{name}.json")).and_then(|b| serde_json::from_slice(b).ok()))
     }
 
-    fn save_status(&self, status: &Status) -> Result<(), Error> {
+    async fn save_status(&self, status: &Status) -> Result<(), Error> {
         let json = serde_json::to_vec(status).map_err(|e| Error::Kubernetes(e.to_string()))?;
         let mut data = BTreeMap::new();
         data.insert(format!("{}.json", status.name), b64(&json));
@@ -342,38 +324,41 @@ impl StateStore for KubeStore {
             &format!("{FIELD_MANAGER}-status-{}", status.name),
             &secret,
         )
+        .await
     }
 
-    fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
+    async fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         Ok(self
-            .get_owned(&ledger_secret(directory_url))?
+            .get_owned(&ledger_secret(directory_url))
+            .await?
             .and_then(|s| data_owned(&s, "ledger.json")))
     }
 
-    fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
+    async fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         let name = ledger_secret(directory_url);
         let mut data = BTreeMap::new();
         data.insert("ledger.json".to_owned(), b64(bytes));
         let mut secret = self.secret(&name, "Opaque", data);
         secret["metadata"]["annotations"] = json!({ format!("{PREFIX}/directory"): directory_url });
-        self.apply(&name, FIELD_MANAGER, &secret)
+        self.apply(&name, FIELD_MANAGER, &secret).await
     }
 
-    fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
+    async fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
         Ok(self
-            .get_owned(DNS_SECRET)?
+            .get_owned(DNS_SECRET)
+            .await?
             .and_then(|s| data_owned(&s, "records.json")))
     }
 
-    fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
+    async fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
         let mut data = BTreeMap::new();
         data.insert("records.json".to_owned(), b64(bytes));
         let secret = self.secret(DNS_SECRET, "Opaque", data);
-        self.apply(DNS_SECRET, FIELD_MANAGER, &secret)
+        self.apply(DNS_SECRET, FIELD_MANAGER, &secret).await
     }
 
-    fn status_names(&self) -> Result<Vec<String>, Error> {
-        let Some(secret) = self.get_owned(STATUS_SECRET)? else {
+    async fn status_names(&self) -> Result<Vec<String>, Error> {
+        let Some(secret) = self.get_owned(STATUS_SECRET).await? else {
             return Ok(Vec::new());
         };
         let mut names: Vec<String> = secret
@@ -391,14 +376,15 @@ fn data_owned(secret: &Secret, key: &str) -> Option<Vec<u8>> {
     data(secret, key).map(<[u8]>::to_vec)
 }
 
+#[async_trait::async_trait]
 impl CertificateSink for KubeStore {
     /// The Secret `save_certificate` wrote already holds this certificate in
     /// the normal flow; then nothing is sent. Otherwise it is applied with the
     /// names and key type read from the certificate itself.
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+    async fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let name = &certificate.name;
         // One read: the ownership check and the comparison share it.
-        if let Some(existing) = self.get_owned(name)?
+        if let Some(existing) = self.get_owned(name).await?
             && data(&existing, "tls.crt") == Some(certificate.chain_pem.as_bytes())
             && data(&existing, "tls.key") == Some(certificate.key_pem.as_bytes())
         {
@@ -423,15 +409,15 @@ impl CertificateSink for KubeStore {
             &domains,
             key_type,
         );
-        self.patch(name, FIELD_MANAGER, &secret)
+        self.patch(name, FIELD_MANAGER, &secret).await
     }
 
-    fn installed(&self, name: &str) -> bool {
-        matches!(self.get_owned(name), Ok(Some(_)))
+    async fn installed(&self, name: &str) -> bool {
+        matches!(self.get_owned(name).await, Ok(Some(_)))
     }
 
-    fn check_writable(&self, name: &str) -> Result<(), Error> {
-        self.get_owned(name).map(drop)
+    async fn check_writable(&self, name: &str) -> Result<(), Error> {
+        self.get_owned(name).await.map(drop)
     }
 
     /// Istio serves nothing for a missing credentialName and starts anyway.

@@ -120,23 +120,61 @@ impl OnDemandJob {
     }
 }
 
-/// Ends a ledger reservation when dropped (an aborted job included), as
-/// [`Finished::Unknown`] unless told otherwise: a job aborted mid-order may
-/// have been issued a certificate and had its challenges fail, and counting
-/// both is the safe side.
+/// A ledger reservation, ended by [`Reservation::end`] as `how` says, or
+/// when dropped (an aborted job) in the background, as [`Finished::Unknown`]
+/// unless told otherwise: a job aborted mid-order may have been issued a
+/// certificate and had its challenges fail, and counting both is the safe
+/// side.
 struct Reservation<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     name: &'a str,
     domains: &'a [String],
     how: Option<Finished>,
+    ended: bool,
+}
+
+impl Reservation<'_> {
+    /// Ends it now, the ledger written when this returns. Dropped half-way
+    /// (the job aborted), the drop ends it again: ending twice changes
+    /// nothing more.
+    async fn end(mut self) {
+        let how = self.how.clone().unwrap_or(Finished::Unknown);
+        let s = self.shared;
+        s.ledger
+            .finish(s.store.as_ref(), self.name, self.domains, &how)
+            .await;
+        self.ended = true;
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
         let how = self.how.take().unwrap_or(Finished::Unknown);
-        self.shared
-            .ledger
-            .finish(self.shared.store.as_ref(), self.name, self.domains, &how);
+        let shared = Arc::clone(self.shared);
+        let (name, domains) = (self.name.to_owned(), self.domains.to_vec());
+        self.shared.end_later(async move {
+            shared
+                .ledger
+                .finish(shared.store.as_ref(), &name, &domains, &how)
+                .await;
+        });
+    }
+}
+
+/// Counts the names an order is about to hand to the CA in the ledger.
+struct Triggered<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+}
+
+#[async_trait::async_trait]
+impl order::Trigger for Triggered<'_> {
+    async fn trigger(&self, names: &[String]) -> Result<(), Error> {
+        let s = self.shared;
+        s.ledger.trigger(s.store.as_ref(), self.name, names).await
     }
 }
 
@@ -161,12 +199,12 @@ impl Job {
                         Err(e) => warn!("on-demand policy not checked at restore: {e}"),
                     }
                 }
-                match restore::restore(&shared, &spec) {
+                match restore::restore(&shared, &spec).await {
                     Ok(restored) => Outcome::Restored(Box::new(restored)),
                     Err(e) => Outcome::RestoreFailed(e),
                 }
             }
-            Task::Install(awaiting) => install(&shared, &spec, awaiting, None),
+            Task::Install(awaiting) => install(&shared, &spec, awaiting, None).await,
             Task::Look {
                 served,
                 reason,
@@ -189,7 +227,7 @@ impl Job {
 /// Stores and installs an issued certificate, each step only if not done yet.
 /// Both are tried even when the first fails: a certificate Envoy can serve is
 /// served, whatever the state store says.
-fn install(
+async fn install(
     shared: &Shared,
     spec: &Certificate,
     mut awaiting: Awaiting,
@@ -204,7 +242,7 @@ fn install(
             chain_pem: awaiting.chain_pem.clone(),
             key_pem: awaiting.key_pem.clone(),
         };
-        match shared.store.save_certificate(name, &stored) {
+        match shared.store.save_certificate(name, &stored).await {
             Ok(()) => awaiting.stored = true,
             Err(e) => error = Some(e),
         }
@@ -215,7 +253,7 @@ fn install(
             chain_pem: awaiting.chain_pem.clone(),
             key_pem: awaiting.key_pem.clone(),
         };
-        match shared.sink.install(&certificate) {
+        match shared.sink.install(&certificate).await {
             Ok(()) => awaiting.installed = true,
             Err(e) => error = error.or(Some(e)),
         }
@@ -246,7 +284,7 @@ fn install(
 
 /// Deciding whether to order, and ordering.
 struct Look<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     spec: &'a Certificate,
     served: Option<&'a Served>,
     reason: Option<Reason>,
@@ -270,7 +308,7 @@ impl Look<'_> {
         let s = self.shared;
         let mut slot = s.account.lock().await;
         if let Some(held) = slot.as_mut() {
-            held.persist_pending(&s.acme, s.store.as_ref());
+            held.persist_pending(&s.acme, s.store.as_ref()).await;
             return Ok(held.account.clone());
         }
         let held: HeldAccount =
@@ -388,7 +426,7 @@ impl Look<'_> {
         if let Err(e) = self.preflight(account).await {
             return Outcome::failed(e, reason);
         }
-        if replaces.is_some() && s.ledger.replaces_not_reflected(store) {
+        if replaces.is_some() && s.ledger.replaces_not_reflected(store).await {
             replaces = None;
         }
         let exempt = ari_due && replaces.is_some() && s.ledger.limits().ari_renewals_exempt;
@@ -397,7 +435,7 @@ impl Look<'_> {
             exempt,
             on_demand: self.on_demand.is_some(),
         };
-        match s.ledger.reserve(store, &self.spec.name, spend) {
+        match s.ledger.reserve(store, &self.spec.name, spend).await {
             Ok(()) => {}
             Err(Refused::Blocked(blocked)) => {
                 info!("{blocked}");
@@ -415,7 +453,7 @@ impl Look<'_> {
     /// replica paused past it must not order.
     async fn preflight(&self, account: &instant_acme::Account) -> Result<(), Error> {
         let s = self.shared;
-        s.sink.check_writable(&self.spec.name)?;
+        s.sink.check_writable(&self.spec.name).await?;
         s.solvers.preflight(self.spec).await?;
         order::check_profile(account, self.spec)?;
         if let Some(leader) = s.leader.get()
@@ -447,11 +485,12 @@ impl Look<'_> {
             name,
             domains: spend.domains,
             how: None,
+            ended: false,
         };
         let cx = OrderContext {
             account,
             solvers: &s.solvers,
-            trigger: &|names: &[String]| s.ledger.trigger(store, name, names),
+            trigger: &Triggered { shared: s, name },
         };
         let span = info_span!("order", domains = ?spend.domains);
         let mut result = order::issue(&cx, self.spec, replaces)
@@ -472,10 +511,11 @@ impl Look<'_> {
                 exempt: false,
                 ..spend
             };
-            if let Err(refused) = s.ledger.extra_order(store, again) {
+            if let Err(refused) = s.ledger.extra_order(store, again).await {
                 reservation.how = Some(Finished::NotFinalized {
                     valid_names: Vec::new(),
                 });
+                reservation.end().await;
                 return match refused {
                     Refused::Blocked(blocked) => Outcome::Blocked { blocked, reason },
                     Refused::Store(e) => Outcome::failed(e, reason),
@@ -486,7 +526,7 @@ impl Look<'_> {
         let failure = match result {
             Ok(issued) => {
                 reservation.how = Some(Finished::Finalized);
-                drop(reservation);
+                reservation.end().await;
                 let awaiting = Awaiting {
                     chain_pem: issued.chain_pem,
                     key_pem: issued.key_pem,
@@ -496,7 +536,7 @@ impl Look<'_> {
                     installed: false,
                     ordered: true,
                 };
-                return install(s, self.spec, awaiting, reason);
+                return install(s, self.spec, awaiting, reason).await;
             }
             Err(failure) => failure,
         };
@@ -507,10 +547,11 @@ impl Look<'_> {
                 valid_names: failure.valid_names,
             }
         });
+        reservation.end().await;
         if failure.error.kind() == "accountDoesNotExist" {
             // Opened (or registered) anew for the next order.
             *s.account.lock().await = None;
-            if let Err(forget) = account::forget(&s.acme, store) {
+            if let Err(forget) = account::forget(&s.acme, store).await {
                 warn!("{forget}");
             }
         }

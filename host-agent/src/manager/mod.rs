@@ -33,6 +33,7 @@ use crate::domain::spec::{Certificate, KeyType};
 use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
+use crate::ports::leader::Leader;
 use crate::ports::requests::{Refusal, RenewRefused, Request};
 use crate::ports::sink::CertificateSink;
 use crate::ports::solver::Solvers;
@@ -125,12 +126,44 @@ pub struct Shared {
     /// The solver of each kind of challenge.
     solvers: Solvers,
     /// With several replicas: the Lease this one must hold to order.
-    leader: std::sync::OnceLock<Arc<crate::kubernetes::lease::Elector>>,
+    leader: std::sync::OnceLock<Arc<dyn Leader>>,
+    /// Reservations of aborted jobs, ended in the background (a drop cannot
+    /// await the ledger's write); awaited before the manager stops.
+    endings: std::sync::Mutex<JoinSet<()>>,
 }
 
 impl Shared {
-    fn take_interrupted_order(&self, name: &str) -> Result<Option<u64>, Error> {
-        self.ledger.take_interrupted(self.store.as_ref(), name)
+    async fn take_interrupted_order(&self, name: &str) -> Result<Option<u64>, Error> {
+        self.ledger
+            .take_interrupted(self.store.as_ref(), name)
+            .await
+    }
+
+    /// Runs `ending` on a task of its own, which aborting a job does not
+    /// abort. Outside a runtime it is left to the next start, which finds
+    /// the reservation and ends it as interrupted.
+    fn end_later(&self, ending: impl std::future::Future<Output = ()> + Send + 'static) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            warn!("a reservation in the CA-limit ledger is left for the next start");
+            return;
+        }
+        let mut endings = self
+            .endings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while endings.try_join_next().is_some() {}
+        endings.spawn(ending);
+    }
+
+    /// Waits for every ending started by [`Shared::end_later`].
+    async fn settle(&self) {
+        let mut endings = std::mem::take(
+            &mut *self
+                .endings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        while endings.join_next().await.is_some() {}
     }
 }
 
@@ -173,6 +206,7 @@ impl Manager {
                 account: tokio::sync::Mutex::new(None),
                 solvers,
                 leader: std::sync::OnceLock::new(),
+                endings: std::sync::Mutex::new(JoinSet::new()),
             }),
             config,
             entries: BTreeMap::new(),
@@ -188,7 +222,7 @@ impl Manager {
 
     /// Orders only while `leader` holds its Lease (checked right before
     /// each order). Call before `run`.
-    pub fn with_leader(self, leader: Arc<crate::kubernetes::lease::Elector>) -> Self {
+    pub fn with_leader(self, leader: Arc<dyn Leader>) -> Self {
         if self.shared.leader.set(leader).is_err() {
             warn!("a Lease was already set for this manager; keeping the first");
         }
@@ -206,9 +240,9 @@ impl Manager {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let config = Arc::clone(&self.config.borrow_and_update());
         self.apply(&config);
-        self.restore_on_demand(&config);
+        self.restore_on_demand(&config).await;
         loop {
-            self.sweep_on_demand();
+            self.sweep_on_demand().await;
             self.start_due_jobs();
             let next = self
                 .entries
@@ -225,7 +259,7 @@ impl Manager {
                 _ = tokio::time::sleep(sleep) => {}
                 Some(joined) = self.jobs.join_next() => {
                     if let Ok((name, epoch, outcome)) = joined {
-                        self.record(&name, epoch, outcome);
+                        self.record(&name, epoch, outcome).await;
                     }
                 }
                 changed = self.config.changed() => {
@@ -235,8 +269,10 @@ impl Manager {
                     let config = Arc::clone(&self.config.borrow_and_update());
                     self.apply(&config);
                 }
-                Some(request) = self.requests.recv() => self.handle(request),
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                Some(request) = self.requests.recv() => self.handle(request).await,
+                // Unit, not the watch's guard: select!'s output is held
+                // across the other branches' awaits, and a guard is not Send.
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             }
         }
         // Orders in flight are abandoned (the CA expires them; the ledger
@@ -244,10 +280,11 @@ impl Manager {
         // here leaves none half-written.
         self.jobs.abort_all();
         while self.jobs.join_next().await.is_some() {}
+        self.shared.settle().await;
         info!("certificate manager stopped");
     }
 
-    fn handle(&mut self, request: Request) {
+    async fn handle(&mut self, request: Request) {
         match request {
             Request::Renew { name, reply } => {
                 let now = SystemTime::now();
@@ -262,7 +299,7 @@ impl Manager {
                     }
                 };
                 if answer.is_ok() {
-                    self.save_status(&name);
+                    self.save_status(&name).await;
                 }
                 let _ = reply.send(answer);
             }
@@ -271,13 +308,13 @@ impl Manager {
                 key_type,
                 reply,
             } => {
-                let _ = reply.send(self.add_on_demand(&domain, key_type));
+                let _ = reply.send(self.add_on_demand(&domain, key_type).await);
             }
             Request::Seen { domain } => {
                 let name = crate::domain::names::name_for(&domain);
                 if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
                     entry.requested(SystemTime::now());
-                    self.save_status(&name);
+                    self.save_status(&name).await;
                 }
             }
         }
@@ -287,7 +324,7 @@ impl Manager {
     /// one from now on (restored from its status after a restart), unless a
     /// cap or an earlier refusal says no. A known name is only noted as asked
     /// for (and served again if it was withdrawn).
-    fn add_on_demand(
+    async fn add_on_demand(
         &mut self,
         domain: &str,
         key_type: crate::domain::spec::KeyType,
@@ -296,7 +333,7 @@ impl Manager {
         let name = crate::domain::names::name_for(domain);
         if let Some(entry) = self.entries.get_mut(&name) {
             entry.requested(now);
-            self.save_status(&name);
+            self.save_status(&name).await;
             return Ok(());
         }
         let config = Arc::clone(&self.config.borrow());
@@ -309,7 +346,7 @@ impl Manager {
                 "{domain:?} is not a DNS name the agent orders"
             )));
         }
-        self.admit_on_demand(domain, od, now)?;
+        self.admit_on_demand(domain, od, now).await?;
         let spec = on_demand_spec(domain, key_type);
         info!(certificate = name, domain, "on-demand certificate added");
         self.entries
@@ -320,7 +357,7 @@ impl Manager {
     /// The bounds a new on-demand name must pass: not refused for failing,
     /// under `max_certificates`, and within `max_per_hour` (a bucket in the
     /// ledger, so a restart does not refill it).
-    fn admit_on_demand(
+    async fn admit_on_demand(
         &self,
         domain: &str,
         od: &crate::config::OnDemand,
@@ -329,7 +366,7 @@ impl Manager {
         let store = self.shared.store.as_ref();
         let ledger = &self.shared.ledger;
         let wait = |until: SystemTime| until.duration_since(now).unwrap_or(Duration::ZERO);
-        match ledger.refused_until(store, domain) {
+        match ledger.refused_until(store, domain).await {
             Ok(Some(until)) => {
                 return Err(Refusal::new(
                     "it failed again and again (on_demand.max_failures)",
@@ -347,7 +384,7 @@ impl Manager {
             Duration::from_secs(3600),
             None,
         );
-        match ledger.admit_on_demand(store, hourly) {
+        match ledger.admit_on_demand(store, hourly).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(until)) => Err(Refusal::new("on_demand.max_per_hour reached", wait(until))),
             Err(e) => Err(Refusal::brief(format!("the CA-limit ledger: {e}"))),
@@ -357,11 +394,11 @@ impl Manager {
     /// The on-demand certificates of earlier runs, from their status records:
     /// the policy's patterns, the idle rule, refusals and `max_certificates`
     /// apply again (the `ask` URL is asked by each one's first job).
-    fn restore_on_demand(&mut self, config: &Config) {
+    async fn restore_on_demand(&mut self, config: &Config) {
         let Some(on_demand) = &config.on_demand else {
             return;
         };
-        let names = match self.shared.store.status_names() {
+        let names = match self.shared.store.status_names().await {
             Ok(names) => names,
             Err(e) => {
                 warn!("listing the on-demand certificates of earlier runs: {e}");
@@ -377,7 +414,7 @@ impl Manager {
             {
                 continue;
             }
-            let status = match self.shared.store.load_status(&name) {
+            let status = match self.shared.store.load_status(&name).await {
                 Ok(Some(status)) if status.domains.len() == 1 => status,
                 Ok(_) => continue,
                 Err(e) => {
@@ -395,6 +432,7 @@ impl Manager {
                 .shared
                 .ledger
                 .refused_until(self.shared.store.as_ref(), &domain)
+                .await
                 .ok()
                 .flatten()
                 .is_some();
@@ -408,7 +446,7 @@ impl Manager {
                 None
             };
             match why {
-                Some(why) => self.remove_on_demand(&name, why),
+                Some(why) => self.remove_on_demand(&name, why).await,
                 None => kept.push((last, name, domain)),
             }
         }
@@ -416,7 +454,8 @@ impl Manager {
         kept.sort_by_key(|k| std::cmp::Reverse(k.0));
         for (i, (last, name, domain)) in kept.into_iter().enumerate() {
             if i >= on_demand.max_certificates {
-                self.remove_on_demand(&name, "over on_demand.max_certificates");
+                self.remove_on_demand(&name, "over on_demand.max_certificates")
+                    .await;
                 continue;
             }
             let spec = on_demand_spec(&domain, on_demand.key_type);
@@ -427,17 +466,17 @@ impl Manager {
 
     /// Stops renewing and serving on-demand certificate `name` and deletes it
     /// from the store and the sinks.
-    fn remove_on_demand(&mut self, name: &str, why: &str) {
+    async fn remove_on_demand(&mut self, name: &str, why: &str) {
         if let Some(job) = self.entries.remove(name).and_then(|e| e.job) {
             job.abort();
         }
-        if let Err(e) = self.shared.sink.remove(name) {
+        if let Err(e) = self.shared.sink.remove(name).await {
             warn!(
                 certificate = name,
                 "removing an on-demand certificate from the sinks: {e}"
             );
         }
-        if let Err(e) = self.shared.store.remove_certificate(name) {
+        if let Err(e) = self.shared.store.remove_certificate(name).await {
             warn!(
                 certificate = name,
                 "removing an on-demand certificate from the store: {e}"
@@ -450,7 +489,7 @@ impl Manager {
     /// Applies the idle rule to every on-demand certificate without a job:
     /// withdrawn from SDS halfway (the next handshake brings it back), removed
     /// when no handshake asked for it in `idle_seconds`.
-    fn sweep_on_demand(&mut self) {
+    async fn sweep_on_demand(&mut self) {
         let Some(idle) = self.idle_period() else {
             return;
         };
@@ -468,10 +507,11 @@ impl Manager {
         }
         for (name, action) in actions {
             if action == Idle::Remove {
-                self.remove_on_demand(&name, "no handshake asked for it in on_demand.idle_seconds");
+                self.remove_on_demand(&name, "no handshake asked for it in on_demand.idle_seconds")
+                    .await;
             } else if let Some(entry) = self.entries.get_mut(&name) {
                 entry.withdrawn = true;
-                if let Err(e) = self.shared.sink.remove(&name) {
+                if let Err(e) = self.shared.sink.remove(&name).await {
                     warn!(
                         certificate = name,
                         "withdrawing an on-demand certificate: {e}"
@@ -608,7 +648,7 @@ impl Manager {
     /// Takes in what a job found or did: the entry's new schedule, its
     /// metrics and Events, and its status saved. The outcome of a job the
     /// entry has outlived (its spec changed since: another epoch) is dropped.
-    fn record(&mut self, name: &str, epoch: u64, outcome: Outcome) {
+    async fn record(&mut self, name: &str, epoch: u64, outcome: Outcome) {
         let max_failures = self.max_failures();
         let Some(entry) = self.entries.get_mut(name) else {
             return;
@@ -637,7 +677,7 @@ impl Manager {
             } => report.installed(entry, leaf, key_type, ordered),
             Outcome::Wait { renew_at, check_at } => entry.wait(renew_at, check_at, report.now),
             Outcome::Disallowed(why) => {
-                self.remove_on_demand(name, &why);
+                self.remove_on_demand(name, &why).await;
                 return;
             }
             Outcome::Failed {
@@ -655,15 +695,15 @@ impl Manager {
                     && entry.failed_on_the_name(max_failures)
                 {
                     warn!(certificate = name, "{error}");
-                    self.give_up_on_demand(name);
+                    self.give_up_on_demand(name).await;
                     return;
                 }
                 report.failed(entry, error, retry_after, reason, awaiting);
             }
             Outcome::Blocked { blocked, reason } => report.blocked(entry, blocked, reason),
         }
-        report.schedule(entry, &self.shared.ledger);
-        self.save_status(name);
+        report.schedule(entry, self.shared.ledger.orders_remaining().await);
+        self.save_status(name).await;
     }
 
     /// `on_demand.max_failures` as configured now.
@@ -678,7 +718,7 @@ impl Manager {
     /// An on-demand name failed `max_failures` orders in a row: removed, and
     /// refused for `failed_refusal_seconds` (in the ledger: a restart keeps
     /// refusing it).
-    fn give_up_on_demand(&mut self, name: &str) {
+    async fn give_up_on_demand(&mut self, name: &str) {
         let refusal = self
             .config
             .borrow()
@@ -693,19 +733,21 @@ impl Manager {
             let until = SystemTime::now() + Duration::from_secs(refusal);
             self.shared
                 .ledger
-                .refuse(self.shared.store.as_ref(), &domain, until);
+                .refuse(self.shared.store.as_ref(), &domain, until)
+                .await;
         }
-        self.remove_on_demand(name, "it failed on_demand.max_failures orders in a row; refused for on_demand.failed_refusal_seconds");
+        self.remove_on_demand(name, "it failed on_demand.max_failures orders in a row; refused for on_demand.failed_refusal_seconds").await;
     }
 
     /// Persists an entry's status: its schedule survives a restart.
-    fn save_status(&self, name: &str) {
+    async fn save_status(&self, name: &str) {
         if let Some(entry) = self.entries.get(name)
             && entry.restored
             && let Err(e) = self
                 .shared
                 .store
                 .save_status(&entry.status(SystemTime::now()))
+                .await
         {
             warn!(certificate = name, "saving status: {e}");
         }
@@ -838,7 +880,7 @@ impl Report<'_> {
     }
 
     /// The entry's schedule, and the orders left in the budget.
-    fn schedule(&self, entry: &Entry, ledger: &SharedLedger) {
+    fn schedule(&self, entry: &Entry, orders_remaining: Option<u32>) {
         let (metrics, name) = (self.metrics, self.name);
         if let Some(at) = entry.next_renewal {
             metrics.set_next_renewal(name, at);
@@ -846,7 +888,7 @@ impl Report<'_> {
         metrics.set_next_attempt(name, entry.due);
         metrics.set_failures(name, entry.failures);
         metrics.set_blocked(name, entry.blocked);
-        if let Some(remaining) = ledger.orders_remaining() {
+        if let Some(remaining) = orders_remaining {
             metrics.set_orders_remaining(remaining);
         }
     }

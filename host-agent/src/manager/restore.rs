@@ -19,22 +19,22 @@ use crate::time::from_unix;
 
 /// Reads what the store has for `spec`, installs a stored certificate that is
 /// still good, and a placeholder where the sink needs one.
-pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
+pub async fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
     let name = &spec.name;
     let now = SystemTime::now();
     // With the opt-in, a Secret someone else wrote (cert-manager's) is taken
     // over and its certificate kept, instead of ordering at once.
     let adopted = if spec.adopt {
-        shared.store.adopt_certificate(name, &spec.domains)?
+        shared.store.adopt_certificate(name, &spec.domains).await?
     } else {
         None
     };
     let stored = match adopted {
         Some(adopted) => Some(adopted),
-        None => shared.store.load_certificate(name)?,
+        None => shared.store.load_certificate(name).await?,
     };
-    let status = shared.store.load_status(name)?;
-    let interrupted_order = shared.take_interrupted_order(name)?.map(from_unix);
+    let status = shared.store.load_status(name).await?;
+    let interrupted_order = shared.take_interrupted_order(name).await?.map(from_unix);
     let mut served = None;
     let mut awaiting = None;
     match stored {
@@ -47,7 +47,7 @@ pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
                         chain_pem: stored.chain_pem.clone(),
                         key_pem: stored.key_pem.clone(),
                     };
-                    match shared.sink.install(&issued) {
+                    match shared.sink.install(&issued).await {
                         Ok(()) => {
                             info!(certificate = %name, "serving the stored certificate");
                             served = Some(Served {
@@ -75,8 +75,8 @@ pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
         }
         None => info!(certificate = %name, "no stored certificate"),
     }
-    if served.is_none() && shared.sink.wants_placeholder() && !shared.sink.installed(name) {
-        install_placeholder(shared, spec);
+    if served.is_none() && shared.sink.wants_placeholder() && !shared.sink.installed(name).await {
+        install_placeholder(shared, spec).await;
     }
     Ok(Restored {
         served,
@@ -88,15 +88,20 @@ pub fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
 
 /// Lets Envoy start (and serve the plain-HTTP challenges) before the first
 /// certificate exists: it refuses a missing SDS file.
-fn install_placeholder(shared: &Shared, spec: &Certificate) {
-    let result =
-        certificate::placeholder(&spec.domains, spec.key_type).and_then(|(chain_pem, key_pem)| {
-            shared.sink.install_placeholder(&IssuedCertificate {
-                name: spec.name.clone(),
-                chain_pem,
-                key_pem: key_pem.into(),
-            })
-        });
+async fn install_placeholder(shared: &Shared, spec: &Certificate) {
+    let result = match certificate::placeholder(&spec.domains, spec.key_type) {
+        Ok((chain_pem, key_pem)) => {
+            shared
+                .sink
+                .install_placeholder(&IssuedCertificate {
+                    name: spec.name.clone(),
+                    chain_pem,
+                    key_pem: key_pem.into(),
+                })
+                .await
+        }
+        Err(e) => Err(e),
+    };
     match result {
         Ok(()) => {
             info!(certificate = %spec.name, "placeholder installed until the first certificate is issued")

@@ -30,12 +30,13 @@ impl std::fmt::Debug for IssuedCertificate {
 }
 
 /// A destination for certificates.
+#[async_trait::async_trait]
 pub trait CertificateSink: Send + Sync {
     /// Installs (or replaces) `certificate`; on error the previous one stays.
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error>;
+    async fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error>;
 
     /// True when something is installed for `name` (issued or placeholder).
-    fn installed(&self, name: &str) -> bool;
+    async fn installed(&self, name: &str) -> bool;
 
     /// Whether a self-signed placeholder must be installed until the first
     /// certificate arrives (Envoy refuses to start on a missing SDS file).
@@ -47,9 +48,9 @@ pub trait CertificateSink: Send + Sync {
     /// that answers "no such certificate" by itself ignores it).
     ///
     /// [`wants_placeholder`]: CertificateSink::wants_placeholder
-    fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+    async fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         if self.wants_placeholder() {
-            self.install(certificate)
+            self.install(certificate).await
         } else {
             Ok(())
         }
@@ -58,14 +59,14 @@ pub trait CertificateSink: Send + Sync {
     /// Fails when `name` could not be installed (a Kubernetes Secret of that
     /// name that is not the agent's), checked before an order is placed so no
     /// certificate is issued only to be refused.
-    fn check_writable(&self, _name: &str) -> Result<(), Error> {
+    async fn check_writable(&self, _name: &str) -> Result<(), Error> {
         Ok(())
     }
 
     /// Stops serving `name` and deletes what was installed for it (an
     /// on-demand certificate withdrawn or removed). Sinks that never hold
     /// on-demand certificates (Kubernetes) keep the default.
-    fn remove(&self, _name: &str) -> Result<(), Error> {
+    async fn remove(&self, _name: &str) -> Result<(), Error> {
         Ok(())
     }
 }
@@ -74,40 +75,49 @@ pub trait CertificateSink: Send + Sync {
 /// certificate; a failure of one is reported after the others were tried.
 pub struct Sinks(pub Vec<std::sync::Arc<dyn CertificateSink>>);
 
+#[async_trait::async_trait]
 impl CertificateSink for Sinks {
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+    async fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let mut first_error = None;
         for sink in &self.0 {
-            if let Err(e) = sink.install(certificate) {
+            if let Err(e) = sink.install(certificate).await {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    fn installed(&self, name: &str) -> bool {
-        self.0.iter().all(|s| s.installed(name))
+    async fn installed(&self, name: &str) -> bool {
+        for sink in &self.0 {
+            if !sink.installed(name).await {
+                return false;
+            }
+        }
+        true
     }
 
     fn wants_placeholder(&self) -> bool {
         self.0.iter().any(|s| s.wants_placeholder())
     }
 
-    fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+    async fn install_placeholder(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         for sink in &self.0 {
-            sink.install_placeholder(certificate)?;
+            sink.install_placeholder(certificate).await?;
         }
         Ok(())
     }
 
-    fn check_writable(&self, name: &str) -> Result<(), Error> {
-        self.0.iter().try_for_each(|s| s.check_writable(name))
+    async fn check_writable(&self, name: &str) -> Result<(), Error> {
+        for sink in &self.0 {
+            sink.check_writable(name).await?;
+        }
+        Ok(())
     }
 
-    fn remove(&self, name: &str) -> Result<(), Error> {
+    async fn remove(&self, name: &str) -> Result<(), Error> {
         let mut first_error = None;
         for sink in &self.0 {
-            if let Err(e) = sink.remove(name) {
+            if let Err(e) = sink.remove(name).await {
                 first_error.get_or_insert(e);
             }
         }

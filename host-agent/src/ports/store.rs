@@ -84,28 +84,31 @@ pub fn account_id(directory_url: &str) -> String {
         .collect()
 }
 
-/// The agent's persistent state, wherever it lives.
+/// The agent's persistent state, wherever it lives. Async: the Kubernetes
+/// store calls the API server, and the disk store runs its fsync'd writes
+/// off the runtime's workers.
+#[async_trait::async_trait]
 pub trait StateStore: Send + Sync {
     /// The stored account for the CA at `directory_url`, as written.
-    fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
+    async fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
     /// Stores the account (it holds the account's private key).
-    fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
+    async fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
     /// Sets the stored account aside (kept for the operator, no longer used).
-    fn forget_account(&self, directory_url: &str) -> Result<(), Error>;
-    fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error>;
-    fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error>;
-    fn load_status(&self, name: &str) -> Result<Option<Status>, Error>;
-    fn save_status(&self, status: &Status) -> Result<(), Error>;
+    async fn forget_account(&self, directory_url: &str) -> Result<(), Error>;
+    async fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error>;
+    async fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error>;
+    async fn load_status(&self, name: &str) -> Result<Option<Status>, Error>;
+    async fn save_status(&self, status: &Status) -> Result<(), Error>;
     /// Names of every certificate with a status record, sorted.
-    fn status_names(&self) -> Result<Vec<String>, Error>;
+    async fn status_names(&self) -> Result<Vec<String>, Error>;
     /// The CA-limit ledger (`crate::domain::budget`) for the CA at `directory_url`.
-    fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
-    fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
+    async fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
+    async fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
     /// Takes over the certificate stored under `name` by someone else (a
     /// Secret without the agent's label), when there is one: from now on it
     /// is the agent's. `None` when there is nothing to adopt (no such
     /// certificate, or it is the agent's already).
-    fn adopt_certificate(
+    async fn adopt_certificate(
         &self,
         name: &str,
         domains: &[String],
@@ -117,7 +120,7 @@ pub trait StateStore: Send + Sync {
     /// certificate removed): the status first, so a crash in between leaves
     /// nothing that would bring it back at the next start. Stores that never
     /// hold on-demand certificates (Kubernetes) refuse.
-    fn remove_certificate(&self, name: &str) -> Result<(), Error> {
+    async fn remove_certificate(&self, name: &str) -> Result<(), Error> {
         Err(Error::Io {
             context: format!("removing certificate {name}"),
             source: std::io::Error::new(
@@ -127,6 +130,6 @@ pub trait StateStore: Send + Sync {
         })
     }
     /// The dns-01 records added and not yet deleted (the dns-01 solver's journal).
-    fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error>;
-    fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error>;
+    async fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error>;
+    async fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error>;
 }

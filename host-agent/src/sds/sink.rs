@@ -17,8 +17,9 @@ impl SdsSink {
     }
 }
 
+#[async_trait::async_trait]
 impl CertificateSink for SdsSink {
-    fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
+    async fn install(&self, certificate: &IssuedCertificate) -> Result<(), Error> {
         let leaf = crate::certificate::leaf(&certificate.chain_pem)?;
         let names: Vec<String> = leaf.names.into_iter().collect();
         self.set.set(
@@ -30,12 +31,12 @@ impl CertificateSink for SdsSink {
         Ok(())
     }
 
-    fn installed(&self, name: &str) -> bool {
+    async fn installed(&self, name: &str) -> bool {
         self.set.contains(name)
     }
 
     /// Every stream subscribed to its names is told they are removed.
-    fn remove(&self, name: &str) -> Result<(), Error> {
+    async fn remove(&self, name: &str) -> Result<(), Error> {
         self.set.remove(name);
         Ok(())
     }

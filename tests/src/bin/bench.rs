@@ -508,11 +508,11 @@ fn hot_reload(rows: &mut Vec<Row>, rounds: usize) -> Result<()> {
     let install = |sink: &FileSink| -> Result<String> {
         let (chain_pem, key_pem) =
             acme_agent::certificate::placeholder(&domains, Default::default())?;
-        sink.install(&IssuedCertificate {
+        acme_tests::block_on(sink.install(&IssuedCertificate {
             name: "www".into(),
             chain_pem: chain_pem.clone(),
             key_pem: key_pem.into(),
-        })?;
+        }))?;
         Ok(chain_pem)
     };
     install(&sink)?;
@@ -637,11 +637,11 @@ fn ours(
     for (name, domains) in certs {
         let (chain_pem, key_pem) =
             acme_agent::certificate::placeholder(domains, Default::default())?;
-        sink.install(&IssuedCertificate {
+        acme_tests::block_on(sink.install(&IssuedCertificate {
             name: name.clone(),
             chain_pem,
             key_pem: key_pem.into(),
-        })?;
+        }))?;
     }
     let http: SocketAddr = format!("127.0.0.1:{}", pebble.http_port).parse()?;
     let (admin, https, api) = (free_addr()?, free_addr()?, free_addr()?);

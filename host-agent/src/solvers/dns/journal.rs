@@ -2,7 +2,9 @@
 //! each update (write-ahead) so that a crash or a failed delete is cleaned
 //! up later: by the sweeper, or at the next start.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
 
 use super::rfc2136::TxtRecord;
 use crate::Error;
@@ -11,6 +13,8 @@ use crate::ports::store::StateStore;
 pub struct Journal {
     store: Arc<dyn StateStore>,
     /// `None` until loaded: a read error is an error, not an empty journal.
+    /// An async lock, held across the store's read and write: the records
+    /// are persisted in the order they change, one writer at a time.
     records: Mutex<Option<Vec<TxtRecord>>>,
 }
 
@@ -23,13 +27,10 @@ impl Journal {
     }
 
     /// Runs `f` on the loaded records; persists them when `f` says changed.
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<TxtRecord>) -> (bool, T)) -> Result<T, Error> {
-        let mut slot = self
-            .records
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    async fn with<T>(&self, f: impl FnOnce(&mut Vec<TxtRecord>) -> (bool, T)) -> Result<T, Error> {
+        let mut slot = self.records.lock().await;
         if slot.is_none() {
-            let loaded = match self.store.read_dns_journal()? {
+            let loaded = match self.store.read_dns_journal().await? {
                 Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Io {
                     context: "reading the DNS record journal".into(),
                     source: std::io::Error::other(e.to_string()),
@@ -45,13 +46,13 @@ impl Journal {
                 context: "serializing the DNS record journal".into(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            self.store.write_dns_journal(&json)?;
+            self.store.write_dns_journal(&json).await?;
         }
         Ok(out)
     }
 
     /// Remembers `record` before it is added to the zone.
-    pub fn add(&self, record: &TxtRecord) -> Result<(), Error> {
+    pub async fn add(&self, record: &TxtRecord) -> Result<(), Error> {
         self.with(|records| {
             if records.contains(record) {
                 (false, ())
@@ -60,19 +61,21 @@ impl Journal {
                 (true, ())
             }
         })
+        .await
     }
 
     /// Forgets `record` once it is deleted from the zone.
-    pub fn forget(&self, record: &TxtRecord) -> Result<(), Error> {
+    pub async fn forget(&self, record: &TxtRecord) -> Result<(), Error> {
         self.with(|records| {
             let before = records.len();
             records.retain(|r| r != record);
             (records.len() != before, ())
         })
+        .await
     }
 
     /// Every record added and not yet deleted.
-    pub fn pending(&self) -> Result<Vec<TxtRecord>, Error> {
-        self.with(|records| (false, records.clone()))
+    pub async fn pending(&self) -> Result<Vec<TxtRecord>, Error> {
+        self.with(|records| (false, records.clone())).await
     }
 }

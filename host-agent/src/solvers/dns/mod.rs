@@ -78,19 +78,19 @@ impl Dns {
 
     /// Adds `record` to its zone, journaled first.
     async fn add(&self, solver: &Rfc2136, record: &TxtRecord) -> Result<(), Error> {
-        self.journal.add(record)?;
+        self.journal.add(record).await?;
         solver.add(record).await
     }
 
     /// Deletes `record` from its zone and forgets it.
     async fn delete(&self, record: &TxtRecord) -> Result<(), Error> {
         self.solver(&record.solver)?.delete(record).await?;
-        self.journal.forget(record)
+        self.journal.forget(record).await
     }
 
     /// Deletes every journaled record it can; the rest stay for later.
     pub async fn sweep(&self) -> usize {
-        let pending = match self.journal.pending() {
+        let pending = match self.journal.pending().await {
             Ok(pending) => pending,
             Err(e) => {
                 warn!("DNS record journal: {e}");
@@ -126,7 +126,7 @@ impl Dns {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .is_empty();
-            if any_solver && self.journal.pending().is_ok_and(|p| !p.is_empty()) {
+            if any_solver && self.journal.pending().await.is_ok_and(|p| !p.is_empty()) {
                 wait = if self.sweep().await > 0 {
                     (wait * 2).min(SWEEP_MAX)
                 } else {

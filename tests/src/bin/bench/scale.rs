@@ -64,7 +64,7 @@ impl LocalCa {
 
 /// Writes `count` certificates into `state` and returns the config's
 /// `[[certificate]]` entries and the mean PEM bytes (chain and key) each.
-fn generate(state: &Path, count: usize) -> Result<(String, usize)> {
+async fn generate(state: &Path, count: usize) -> Result<(String, usize)> {
     let ca = LocalCa::new()?;
     let store = FileStore::open(state)?;
     let mut entries = String::with_capacity(count * 64);
@@ -73,15 +73,17 @@ fn generate(state: &Path, count: usize) -> Result<(String, usize)> {
         let (name, domain) = name_of(i);
         let (chain_pem, key_pem) = ca.leaf(&domain)?;
         pem_bytes += chain_pem.len() + key_pem.len();
-        store.save_certificate(
-            &name,
-            &StoredCertificate {
-                domains: vec![domain.clone()],
-                key_type: KeyType::EcdsaP256,
-                chain_pem,
-                key_pem: key_pem.into(),
-            },
-        )?;
+        store
+            .save_certificate(
+                &name,
+                &StoredCertificate {
+                    domains: vec![domain.clone()],
+                    key_type: KeyType::EcdsaP256,
+                    chain_pem,
+                    key_pem: key_pem.into(),
+                },
+            )
+            .await?;
         entries.push_str(&format!(
             "\n[[certificate]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\n"
         ));
@@ -159,16 +161,16 @@ fn config(work: &Path, entries: &str) -> Result<(PathBuf, std::net::SocketAddr)>
 
 fn start(agent_bin: &Path, count: usize) -> Result<Start> {
     let work = tempfile::tempdir()?;
-    let (entries, pem_bytes) = generate(&work.path().join("state"), count)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (entries, pem_bytes) = runtime.block_on(generate(&work.path().join("state"), count))?;
     let (config_path, api) = config(work.path(), &entries)?;
     let names: Vec<String> = (0..count).map(|i| name_of(i).1).collect();
     let socket = work.path().join("run/sds.sock");
     let started = Instant::now();
     let agent =
         Agent::start_with_binary(agent_bin, &config_path, api, &work.path().join("agent.log"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let served = runtime
         .block_on(async {
             tokio::time::timeout(

@@ -194,13 +194,13 @@ fn handshake_latency(
             acme_agent::certificate::placeholder(&names, Default::default())?;
         let name = domain.replace('.', "-");
         if domain == "lat.example.com" {
-            sink.install(&IssuedCertificate {
+            acme_tests::block_on(sink.install(&IssuedCertificate {
                 name: "lat".into(),
                 chain_pem: chain_pem.clone(),
                 key_pem: key_pem.clone().into(),
-            })?;
+            }))?;
         }
-        store.save_certificate(
+        acme_tests::block_on(store.save_certificate(
             &name,
             &StoredCertificate {
                 domains: names,
@@ -208,7 +208,7 @@ fn handshake_latency(
                 chain_pem,
                 key_pem: key_pem.into(),
             },
-        )?;
+        ))?;
         config.push_str(&format!(
             "\n[[certificate]]\nname = {name:?}\ndomains = [{domain:?}]\n"
         ));
