@@ -62,9 +62,23 @@ enum Command {
     Run,
     /// Check the configuration file and exit (0 when valid, 64 when not).
     CheckConfig,
-    /// Print every certificate's domains, expiry, next renewal and last error,
-    /// read from the state directory.
-    Status,
+    /// Print every certificate's state, domains, expiry, next renewal and last
+    /// error, read from the stored state, and a summary line counting each state.
+    Status {
+        /// Only certificates in this state (repeatable): expired, waiting,
+        /// failing, not-issued, due, valid.
+        #[arg(long)]
+        state: Vec<status::State>,
+        /// Only certificates whose name matches this pattern (`*`, `?`, `[...]`).
+        #[arg(long, value_parser = status::Query::name_pattern)]
+        name: Option<glob::Pattern>,
+        /// One JSON document: the summary and the certificates shown.
+        #[arg(long)]
+        json: bool,
+        /// Only the summary line.
+        #[arg(long, conflicts_with = "json")]
+        summary: bool,
+    },
     /// Ask the running agent to order a new certificate for NAME now, whatever
     /// its schedule (through the challenge API, with its token).
     Renew {
@@ -114,9 +128,26 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Status => match status_table(&config) {
-            Ok(table) => {
-                print!("{table}");
+        Command::Status {
+            state,
+            name,
+            json,
+            summary,
+        } => match status_report(
+            &config,
+            &status::Query {
+                states: state,
+                name,
+            },
+        ) {
+            Ok(report) => {
+                if json {
+                    println!("{}", report.json());
+                } else if summary {
+                    println!("{}", report.summary());
+                } else {
+                    print!("{}", report.table());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -157,20 +188,20 @@ fn renew(config: &Config, name: &str) -> anyhow::Result<String> {
     Ok(runtime.block_on(control::renew(&config.challenge_api, name))?)
 }
 
-/// The `status` table, from the state directory or (Kubernetes mode) the
+/// The `status` report, from the state directory or (Kubernetes mode) the
 /// agent's Secrets.
-fn status_table(config: &Config) -> anyhow::Result<String> {
+fn status_report(config: &Config, query: &status::Query) -> anyhow::Result<status::Report> {
     let runtime = one_shot_runtime()?;
     if let Some(k8s) = &config.kubernetes {
         let client = runtime
             .block_on(kube::Client::try_default())
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
         let store = KubeStore::new(client, &k8s.namespace);
-        return Ok(runtime.block_on(status::table(config, &store))?);
+        return Ok(runtime.block_on(status::report(config, &store, query))?);
     }
     let state_dir = config.state_dir.as_ref().context("state_dir is not set")?;
     let store = FileStore::existing(state_dir);
-    Ok(runtime.block_on(status::table(config, &store))?)
+    Ok(runtime.block_on(status::report(config, &store, query))?)
 }
 
 /// Where state and certificates go: files, or Secrets in Kubernetes mode;

@@ -135,6 +135,35 @@ fn issues_two_certificates_envoy_serves_them_and_a_restart_reorders_nothing() {
         .expect("www row");
     assert!(www_row.contains("www.example.com,example.com"), "{table}");
     assert!(!www_row.ends_with(" -") || www_row.contains('T'), "{table}");
+    status_counts_filters_and_speaks_json(&world, &table);
+}
+
+/// `status` at scale: a state per row, a summary line, filters by state and
+/// name, the JSON form, and an unknown state refused with the choices named.
+fn status_counts_filters_and_speaks_json(world: &World, table: &str) {
+    let www_row = table.lines().find(|l| l.starts_with("www ")).unwrap();
+    assert!(www_row.contains(" valid "), "{table}");
+    assert!(
+        table.trim_end().ends_with("2 certificates: 2 valid"),
+        "{table}"
+    );
+    // Filters and the JSON form: nothing failing, and `www` by its name.
+    let failing = world.cli(&["status", "--state", "failing", "--json"]);
+    assert!(failing.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&failing.stdout).unwrap();
+    assert_eq!(report["summary"]["total"], 2, "{report}");
+    assert_eq!(report["summary"]["states"]["valid"], 2, "{report}");
+    assert_eq!(report["certificates"], serde_json::json!([]), "{report}");
+    let named = world.cli(&["status", "--name", "w*", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&named.stdout).unwrap();
+    assert_eq!(report["certificates"][0]["name"], "www", "{report}");
+    let refused = world.cli(&["status", "--state", "broken"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not-issued"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[test]

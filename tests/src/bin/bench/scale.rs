@@ -160,17 +160,24 @@ fn config(work: &Path, entries: &str) -> Result<(PathBuf, std::net::SocketAddr)>
 }
 
 fn start(agent_bin: &Path, count: usize) -> Result<Start> {
-    let work = tempfile::tempdir()?;
+    let temp = tempfile::tempdir()?;
+    // SCALE_KEEP=<dir> keeps each run's state and config (`<dir>/<count>`) to
+    // look at the agent again, e.g. under a heap profiler.
+    let work = std::env::var_os("SCALE_KEEP").map_or_else(
+        || temp.path().to_owned(),
+        |d| PathBuf::from(d).join(count.to_string()),
+    );
+    std::fs::create_dir_all(&work)?;
+    let work = work.as_path();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (entries, pem_bytes) = runtime.block_on(generate(&work.path().join("state"), count))?;
-    let (config_path, api) = config(work.path(), &entries)?;
+    let (entries, pem_bytes) = runtime.block_on(generate(&work.join("state"), count))?;
+    let (config_path, api) = config(work, &entries)?;
     let names: Vec<String> = (0..count).map(|i| name_of(i).1).collect();
-    let socket = work.path().join("run/sds.sock");
+    let socket = work.join("run/sds.sock");
     let started = Instant::now();
-    let agent =
-        Agent::start_with_binary(agent_bin, &config_path, api, &work.path().join("agent.log"))?;
+    let agent = Agent::start_with_binary(agent_bin, &config_path, api, &work.join("agent.log"))?;
     let served = runtime
         .block_on(async {
             tokio::time::timeout(
