@@ -3,7 +3,7 @@
 //! gate asked about names that have none (on-demand TLS). The SDS
 //! server speaks xDS over them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,10 +34,42 @@ struct Served {
     material: Arc<Material>,
 }
 
+/// Names changed lately, for streams that only look at what changed: a
+/// stream further behind than this looks at all its names once.
+const CHANGE_LOG: usize = 8192;
+
+/// The served names, which certificate serves which, and the names changed
+/// lately with the generation of each change. One lock: a stream reads a
+/// consistent view.
+#[derive(Default)]
+struct Inner {
+    by_name: BTreeMap<String, Served>,
+    /// Every name a certificate is served under: a change touches only its own.
+    by_certificate: HashMap<String, Vec<String>>,
+    generation: u64,
+    log: VecDeque<(u64, String)>,
+    /// The newest generation with a name dropped from the log.
+    forgotten: u64,
+}
+
+impl Inner {
+    fn log(&mut self, names: impl IntoIterator<Item = String>) {
+        self.generation += 1;
+        for name in names {
+            if self.log.len() == CHANGE_LOG
+                && let Some((generation, _)) = self.log.pop_front()
+            {
+                self.forgotten = generation;
+            }
+            self.log.push_back((self.generation, name));
+        }
+    }
+}
+
 /// What the SDS server serves, keyed by secret name (lower case, without a
 /// trailing dot).
 pub struct SecretSet {
-    secrets: Mutex<BTreeMap<String, Served>>,
+    secrets: Mutex<Inner>,
     changed: watch::Sender<u64>,
     /// Names all open streams track (what Envoy asked for and did not drop).
     subscribed: std::sync::atomic::AtomicUsize,
@@ -92,13 +124,13 @@ pub fn normalized(name: &str) -> std::borrow::Cow<'_, str> {
 impl SecretSet {
     pub fn new() -> Self {
         Self {
-            secrets: Mutex::new(BTreeMap::new()),
+            secrets: Mutex::new(Inner::default()),
             changed: watch::Sender::new(0),
             subscribed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Served>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.secrets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -116,46 +148,86 @@ impl SecretSet {
             .chain(names.iter().map(String::as_str))
             .map(|n| normalized(n).into_owned())
             .collect();
-        let mut secrets = self.lock();
-        secrets.retain(|name, s| s.certificate != certificate || wanted.contains(name));
-        for name in wanted {
-            secrets.insert(
-                name,
+        let mut inner = self.lock();
+        let before = inner
+            .by_certificate
+            .insert(certificate.to_owned(), wanted.clone())
+            .unwrap_or_default();
+        for name in &before {
+            if !wanted.contains(name)
+                && inner
+                    .by_name
+                    .get(name)
+                    .is_some_and(|s| s.certificate == certificate)
+            {
+                inner.by_name.remove(name);
+            }
+        }
+        for name in &wanted {
+            inner.by_name.insert(
+                name.clone(),
                 Served {
                     certificate: certificate.to_owned(),
                     material: Arc::clone(&material),
                 },
             );
         }
-        drop(secrets);
-        self.changed.send_modify(|generation| *generation += 1);
+        let generation = inner.generation + 1;
+        inner.log(before.into_iter().chain(wanted));
+        drop(inner);
+        self.changed.send_replace(generation);
     }
 
     /// Stops serving everything of `certificate`.
     pub fn remove(&self, certificate: &str) {
-        let mut secrets = self.lock();
-        let before = secrets.len();
-        secrets.retain(|_, s| s.certificate != certificate);
-        let changed = secrets.len() != before;
-        drop(secrets);
-        if changed {
-            self.changed.send_modify(|generation| *generation += 1);
+        let mut inner = self.lock();
+        let Some(names) = inner.by_certificate.remove(certificate) else {
+            return;
+        };
+        for name in &names {
+            if inner
+                .by_name
+                .get(name)
+                .is_some_and(|s| s.certificate == certificate)
+            {
+                inner.by_name.remove(name);
+            }
         }
+        let generation = inner.generation + 1;
+        inner.log(names);
+        drop(inner);
+        self.changed.send_replace(generation);
+    }
+
+    /// The generation of the last change, and the names changed after
+    /// `generation`; `None` when the log no longer reaches back that far
+    /// (look at every name).
+    pub(crate) fn changed_since(&self, generation: u64) -> (u64, Option<Vec<String>>) {
+        let inner = self.lock();
+        let names = (inner.forgotten <= generation).then(|| {
+            inner
+                .log
+                .iter()
+                .filter(|(g, _)| *g > generation)
+                .map(|(_, n)| n.clone())
+                .collect()
+        });
+        (inner.generation, names)
     }
 
     /// The material served for `name`: its own certificate's, else a
     /// wildcard's for its parent (one label only, as TLS matches wildcards).
     pub(crate) fn material(&self, name: &str) -> Option<Arc<Material>> {
         let name = normalized(name);
-        let secrets = self.lock();
-        if let Some(s) = secrets.get(name.as_ref()) {
+        let inner = self.lock();
+        if let Some(s) = inner.by_name.get(name.as_ref()) {
             return Some(Arc::clone(&s.material));
         }
         let (label, parent) = name.split_once('.')?;
         if label.is_empty() || label == "*" {
             return None;
         }
-        let wildcard = secrets.get(&format!("*.{parent}"))?;
+        let wildcard = inner.by_name.get(&format!("*.{parent}"))?;
         Some(Arc::clone(&wildcard.material))
     }
 
@@ -187,11 +259,11 @@ impl SecretSet {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.lock().contains_key(normalized(name).as_ref())
+        self.lock().by_name.contains_key(normalized(name).as_ref())
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_name.len()
     }
 
     pub fn is_empty(&self) -> bool {

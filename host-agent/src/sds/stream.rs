@@ -1,7 +1,7 @@
 //! One delta stream: its subscriptions, what it was told, and the diff
 //! that answers each request or change of the secret set.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,11 +33,21 @@ enum Told {
     Pending(Instant),
 }
 
-/// One delta stream's subscriptions and what it was told.
+/// One delta stream's subscriptions and what it was told. With thousands of
+/// names, an event looks only at the names it concerns (`dirty`): a request
+/// at the names it carries, a change of the set at the names it changed.
 #[derive(Default)]
 struct Stream {
     names: HashMap<String, Told>,
     nonce: u64,
+    /// Names to look at on the next [`Stream::diff_dirty`].
+    dirty: HashSet<String>,
+    /// Names asked for in another form than the set keys them (upper case,
+    /// a trailing dot): while there are any, a change means a full look.
+    odd: usize,
+    /// The earliest end of a hold, as of the last look (may be early, never
+    /// late: an early wake-up only looks again).
+    deadline: Option<Instant>,
 }
 
 impl Stream {
@@ -47,8 +57,7 @@ impl Stream {
         let mut refused = Vec::new();
         for (name, version) in &request.initial_resource_versions {
             if self.names.len() < MAX_NAMES_PER_STREAM && name.len() <= MAX_NAME_LEN {
-                self.names
-                    .insert(name.clone(), Told::Version(version.as_str().into()));
+                self.track(name, Told::Version(version.as_str().into()));
             }
         }
         for name in &request.resource_names_subscribe {
@@ -58,14 +67,79 @@ impl Stream {
                 if self.names.len() >= MAX_NAMES_PER_STREAM {
                     refused.push(name.clone());
                 } else {
-                    self.names.insert(name.clone(), Told::Nothing);
+                    self.track(name, Told::Nothing);
                 }
             }
         }
         for name in &request.resource_names_unsubscribe {
-            self.names.remove(name);
+            if self.names.remove(name).is_some() {
+                self.dirty.remove(name);
+                if normalized(name) != name.as_str() {
+                    self.odd -= 1;
+                }
+            }
         }
         refused
+    }
+
+    fn track(&mut self, name: &str, told: Told) {
+        if self.names.insert(name.to_owned(), told).is_none() && normalized(name) != name {
+            self.odd += 1;
+        }
+        self.dirty.insert(name.to_owned());
+    }
+
+    /// Marks what a change of the set concerns; `None` (or a wildcard, or
+    /// names asked in another form) means every name.
+    fn changed(&mut self, names: Option<Vec<String>>) {
+        match names {
+            Some(names) if self.odd == 0 && !names.iter().any(|n| n.starts_with("*.")) => {
+                for name in names {
+                    if self.names.contains_key(&name) {
+                        self.dirty.insert(name);
+                    }
+                }
+            }
+            _ => self.dirty.extend(self.names.keys().cloned()),
+        }
+    }
+
+    /// [`Stream::diff`] over the dirty names only.
+    fn diff_dirty(
+        &mut self,
+        set: &SecretSet,
+        refused: Vec<String>,
+        gate: Option<&dyn Gate>,
+        now: Instant,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let mut answer = Answer {
+            resources: Vec::new(),
+            removed: refused,
+        };
+        for name in std::mem::take(&mut self.dirty) {
+            if let Some(told) = self.names.get_mut(&name) {
+                answer.look(&name, told, set, gate, now);
+                if let Told::Pending(until) = told {
+                    self.deadline = Some(self.deadline.map_or(*until, |d| d.min(*until)));
+                }
+            }
+        }
+        self.respond(answer)
+    }
+
+    fn respond(&mut self, answer: Answer) -> Option<DeltaDiscoveryResponse> {
+        if answer.resources.is_empty() && answer.removed.is_empty() {
+            return None;
+        }
+        self.nonce += 1;
+        Some(DeltaDiscoveryResponse {
+            system_version_info: String::new(),
+            resources: answer.resources,
+            type_url: SECRET_TYPE.to_owned(),
+            removed_resources: answer.removed,
+            nonce: self.nonce.to_string(),
+            ..DeltaDiscoveryResponse::default()
+        })
     }
 
     /// What to send now: every subscribed name whose served state differs
@@ -78,64 +152,16 @@ impl Stream {
         gate: Option<&dyn Gate>,
         now: Instant,
     ) -> Option<DeltaDiscoveryResponse> {
-        let mut resources = Vec::new();
-        let mut removed = refused;
+        let mut answer = Answer {
+            resources: Vec::new(),
+            removed: refused,
+        };
         for (name, told) in &mut self.names {
-            match set.version(name) {
-                Some(version) => {
-                    // A new subscription (not a reconnect, which names its
-                    // versions), or a held one now served: a handshake
-                    // asked for it.
-                    if let (Told::Nothing | Told::Pending(_), Some(gate)) = (&*told, gate) {
-                        gate.seen(&normalized(name));
-                    }
-                    if matches!(told, Told::Version(v) if *v == version) {
-                        continue;
-                    }
-                    // Encoded only for what is sent.
-                    if let Some((version, resource)) = set.get(name) {
-                        resources.push(Resource {
-                            name: name.clone(),
-                            version: version.to_string(),
-                            resource: Some(resource),
-                            ..Resource::default()
-                        });
-                        *told = Told::Version(version);
-                    }
-                }
-                None => {
-                    let hold = match (&*told, gate) {
-                        (Told::Removed, _) => continue,
-                        (Told::Pending(until), Some(gate)) => {
-                            (now < *until && !gate.refused(&normalized(name))).then_some(*until)
-                        }
-                        (Told::Nothing, Some(gate)) => {
-                            gate.requested(&normalized(name)).map(|wait| now + wait)
-                        }
-                        _ => None,
-                    };
-                    match hold {
-                        Some(until) => *told = Told::Pending(until),
-                        None => {
-                            removed.push(name.clone());
-                            *told = Told::Removed;
-                        }
-                    }
-                }
-            }
+            answer.look(name, told, set, gate, now);
         }
-        if resources.is_empty() && removed.is_empty() {
-            return None;
-        }
-        self.nonce += 1;
-        Some(DeltaDiscoveryResponse {
-            system_version_info: String::new(),
-            resources,
-            type_url: SECRET_TYPE.to_owned(),
-            removed_resources: removed,
-            nonce: self.nonce.to_string(),
-            ..DeltaDiscoveryResponse::default()
-        })
+        self.dirty.clear();
+        self.deadline = self.next_deadline();
+        self.respond(answer)
     }
 
     /// The earliest end of a hold, if any name is held.
@@ -150,6 +176,74 @@ impl Stream {
     }
 }
 
+/// A response being built: secrets to send and names to answer removed.
+struct Answer {
+    resources: Vec<Resource>,
+    removed: Vec<String>,
+}
+
+impl Answer {
+    /// Compares what `name` is served with what the stream was told.
+    fn look(
+        &mut self,
+        name: &str,
+        told: &mut Told,
+        set: &SecretSet,
+        gate: Option<&dyn Gate>,
+        now: Instant,
+    ) {
+        match set.version(name) {
+            Some(version) => {
+                // A new subscription (not a reconnect, which names its
+                // versions), or a held one now served: a handshake
+                // asked for it.
+                if let (Told::Nothing | Told::Pending(_), Some(gate)) = (&*told, gate) {
+                    gate.seen(&normalized(name));
+                }
+                if matches!(told, Told::Version(v) if *v == version) {
+                    return;
+                }
+                // Encoded only for what is sent.
+                if let Some((version, resource)) = set.get(name) {
+                    self.resources.push(Resource {
+                        name: name.to_owned(),
+                        version: version.to_string(),
+                        resource: Some(resource),
+                        ..Resource::default()
+                    });
+                    *told = Told::Version(version);
+                }
+            }
+            None => {
+                let hold = match (&*told, gate) {
+                    (Told::Removed, _) => return,
+                    (Told::Pending(until), Some(gate)) => {
+                        (now < *until && !gate.refused(&normalized(name))).then_some(*until)
+                    }
+                    (Told::Nothing, Some(gate)) => {
+                        gate.requested(&normalized(name)).map(|wait| now + wait)
+                    }
+                    _ => None,
+                };
+                match hold {
+                    Some(until) => *told = Told::Pending(until),
+                    None => {
+                        self.removed.push(name.to_owned());
+                        *told = Told::Removed;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What woke a stream: a hold's end or a refusal (look at every name), or
+/// a request or a change of the set (look at the dirty names).
+enum Wake {
+    Everything,
+    Asked(Vec<String>),
+}
+
 /// Serves one delta stream until Envoy closes it.
 pub(super) async fn serve_stream(
     set: Arc<SecretSet>,
@@ -160,11 +254,12 @@ pub(super) async fn serve_stream(
 ) {
     let mut stream = Stream::default();
     let mut changes = set.changes();
+    let mut generation = set.changed_since(u64::MAX).0;
     let mut refusals = gate.as_ref().map(|g| g.subscribe());
     let mut counted = 0usize;
     loop {
-        let deadline = stream.next_deadline();
-        let refused = tokio::select! {
+        let deadline = stream.deadline;
+        let wake = tokio::select! {
             // Shutdown ends the stream (Envoy reconnects to the next agent).
             _ = stopping.wait_for(|stop| *stop) => break,
             () = async {
@@ -172,13 +267,13 @@ pub(super) async fn serve_stream(
                     Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
-            } => Vec::new(),
+            } => Wake::Everything,
             _ = async {
                 match refusals.as_mut() {
                     Some(r) => r.changed().await,
                     None => std::future::pending().await,
                 }
-            } => Vec::new(),
+            } => Wake::Everything,
             message = inbound.message() => match message {
                 Ok(Some(request)) => {
                     if !request.type_url.is_empty() && request.type_url != SECRET_TYPE {
@@ -188,7 +283,7 @@ pub(super) async fn serve_stream(
                     if let Some(error) = &request.error_detail {
                         warn!(nonce = request.response_nonce, "Envoy rejected a secret: {}", error.message);
                     }
-                    stream.request(&request)
+                    Wake::Asked(stream.request(&request))
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -200,12 +295,21 @@ pub(super) async fn serve_stream(
                 if changed.is_err() {
                     break;
                 }
-                Vec::new()
+                let (now, names) = set.changed_since(generation);
+                generation = now;
+                stream.changed(names);
+                Wake::Asked(Vec::new())
             }
         };
         let tracked = stream.names.len();
         recount(set.subscribed_counter(), &mut counted, tracked);
-        if let Some(response) = stream.diff(&set, refused, gate.as_deref(), Instant::now())
+        let response = match wake {
+            Wake::Everything => stream.diff(&set, Vec::new(), gate.as_deref(), Instant::now()),
+            Wake::Asked(refused) => {
+                stream.diff_dirty(&set, refused, gate.as_deref(), Instant::now())
+            }
+        };
+        if let Some(response) = response
             && out.send(Ok(response)).await.is_err()
         {
             break;
@@ -450,6 +554,103 @@ mod tests {
             stream
                 .diff(&set, Vec::new(), None, Instant::now())
                 .is_none()
+        );
+    }
+
+    /// The incremental path: after the first answer, a change of the set is
+    /// answered by looking at the names it changed, and says the same as a
+    /// full look would.
+    fn incremental(
+        set: &SecretSet,
+        stream: &mut Stream,
+        generation: &mut u64,
+    ) -> (Vec<String>, Vec<String>) {
+        let (now, changed) = set.changed_since(*generation);
+        *generation = now;
+        stream.changed(changed);
+        stream
+            .diff_dirty(set, Vec::new(), None, Instant::now())
+            .map(|r| names(&r))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_change_is_answered_from_the_names_it_changed() {
+        let set = SecretSet::new();
+        for i in 0..100 {
+            set.set(
+                &format!("c{i}"),
+                &[format!("c{i}.example.com")],
+                "chain",
+                "key",
+            );
+        }
+        let mut generation = set.changed_since(u64::MAX).0;
+        let mut stream = Stream::default();
+        let mut asked: Vec<String> = (0..100).map(|i| format!("c{i}.example.com")).collect();
+        asked.push("WWW.example.com".into());
+        let refused = stream.request(&DeltaDiscoveryRequest {
+            resource_names_subscribe: asked,
+            ..DeltaDiscoveryRequest::default()
+        });
+        let first = stream
+            .diff_dirty(&set, refused, None, Instant::now())
+            .unwrap();
+        assert_eq!(names(&first).0.len(), 100);
+        assert_eq!(names(&first).1, vec!["WWW.example.com".to_owned()]);
+        // An acknowledgement asks nothing new: nothing is looked at or sent.
+        assert!(stream.request(&DeltaDiscoveryRequest::default()).is_empty());
+        assert!(stream.dirty.is_empty());
+        set.set("c7", &["c7.example.com".into()], "chain 2", "key");
+        set.remove("c8");
+        assert_eq!(
+            incremental(&set, &mut stream, &mut generation),
+            (vec!["c7.example.com".into()], vec!["c8.example.com".into()])
+        );
+        // A name asked in upper case is found however the change is keyed.
+        set.set("www", &["www.example.com".into()], "chain", "key");
+        assert_eq!(
+            incremental(&set, &mut stream, &mut generation),
+            (vec!["WWW.example.com".into()], vec![])
+        );
+    }
+
+    #[test]
+    fn a_stream_further_behind_than_the_log_looks_at_everything() {
+        let set = SecretSet::new();
+        set.set("a", &["a.example.com".into()], "chain", "key");
+        let mut generation = set.changed_since(u64::MAX).0;
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&["a.example.com"]));
+        stream
+            .diff_dirty(&set, refused, None, Instant::now())
+            .unwrap();
+        // The change to `a` is pushed out of the log by many others.
+        set.set("a", &["a.example.com".into()], "chain 2", "key");
+        for i in 0..9000 {
+            set.set(&format!("o{i}"), &[], "chain", "key");
+        }
+        let (_, changed) = set.changed_since(generation);
+        assert!(changed.is_none(), "the log does not reach back");
+        assert_eq!(
+            incremental(&set, &mut stream, &mut generation),
+            (vec!["a.example.com".into()], vec![])
+        );
+    }
+
+    #[test]
+    fn a_wildcard_change_reaches_the_names_below_it() {
+        let set = SecretSet::new();
+        let mut generation = set.changed_since(u64::MAX).0;
+        let mut stream = Stream::default();
+        let refused = stream.request(&subscribe(&["shop.example.com"]));
+        stream
+            .diff_dirty(&set, refused, None, Instant::now())
+            .unwrap();
+        set.set("wild", &["*.example.com".into()], "chain", "key");
+        assert_eq!(
+            incremental(&set, &mut stream, &mut generation),
+            (vec!["shop.example.com".into()], vec![])
         );
     }
 }
