@@ -80,6 +80,9 @@ pub struct Entry {
     pub epoch: u64,
     /// Added by an on-demand handshake, not by the config.
     pub on_demand: bool,
+    /// [`Status::essence`] of the record last read or written: an unchanged
+    /// one is not written again (10,000 fsyncs at every start otherwise).
+    pub saved: Option<u64>,
     /// On-demand: when a handshake last asked for it (persisted).
     pub last_requested: Option<SystemTime>,
     /// On-demand: withdrawn from SDS until a handshake asks for it again;
@@ -118,6 +121,7 @@ impl Entry {
             withdrawn: false,
             name_failures: 0,
             recheck: true,
+            saved: None,
         }
     }
 
@@ -170,6 +174,7 @@ impl Entry {
         self.served = restored.served;
         self.awaiting = restored.awaiting;
         self.due = now;
+        self.saved = restored.status.as_ref().map(Status::essence);
         if let Some(status) = restored.status {
             // A record of other names is another certificate's history.
             if status.domains == self.spec.domains {

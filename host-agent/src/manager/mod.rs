@@ -64,6 +64,11 @@ fn on_demand_spec(domain: &str, key_type: crate::domain::spec::KeyType) -> Certi
     }
 }
 
+/// Restores running at once: each is a few reads and a parse.
+const MAX_RESTORING: usize = 64;
+/// Other jobs running at once (looks, orders waiting for a permit, installs).
+const MAX_JOBS: usize = 256;
+
 /// What an entry's next job does: restore it from the store first, then
 /// finish installing a certificate that waits for a step, else look whether
 /// an order is due.
@@ -243,11 +248,14 @@ impl Manager {
         self.restore_on_demand(&config).await;
         loop {
             self.sweep_on_demand().await;
-            self.start_due_jobs();
+            let capped = self.start_due_jobs();
+            let now = SystemTime::now();
+            // When jobs are capped, the due ones left start as others end
+            // (a join wakes the loop): no busy wait on them.
             let next = self
                 .entries
                 .values()
-                .filter(|e| e.job.is_none() && !e.withdrawn)
+                .filter(|e| e.job.is_none() && !e.withdrawn && !(capped && e.due <= now))
                 .map(|e| e.due)
                 .chain(self.next_idle_check())
                 .min();
@@ -609,17 +617,48 @@ impl Manager {
         }
     }
 
-    /// Starts a job for every entry that is due and has none running.
-    fn start_due_jobs(&mut self) {
+    /// Starts a job for every entry that is due and has none running, at
+    /// most [`MAX_RESTORING`] restores and [`MAX_JOBS`] others at once (each
+    /// job holds its task's memory until it is recorded: 10,000 at once at
+    /// start held ~120 MB). True when a due entry was left for later.
+    fn start_due_jobs(&mut self) -> bool {
         let now = SystemTime::now();
         let policy = self.config.borrow().on_demand.clone().map(Arc::new);
+        let running = |restoring: bool| {
+            self.entries
+                .values()
+                .filter(|e| e.job.is_some() && e.restored != restoring)
+                .count()
+        };
+        let (mut restoring, mut others) = (running(true), running(false));
+        let mut capped = false;
         for (name, entry) in &mut self.entries {
+            if restoring >= MAX_RESTORING && others >= MAX_JOBS {
+                capped = true;
+                break;
+            }
             // A withdrawn on-demand certificate is not renewed: it waits for
             // a handshake (or its removal).
             if entry.job.is_some() || entry.due > now || entry.withdrawn {
                 continue;
             }
             let task = task_of(entry);
+            let count = if matches!(task, Task::Restore) {
+                &mut restoring
+            } else {
+                &mut others
+            };
+            if *count
+                >= if matches!(task, Task::Restore) {
+                    MAX_RESTORING
+                } else {
+                    MAX_JOBS
+                }
+            {
+                capped = true;
+                continue;
+            }
+            *count += 1;
             // Only a look may order: it alone waits for a permit.
             let looks = matches!(task, Task::Look { .. });
             let job = Job {
@@ -643,6 +682,7 @@ impl Manager {
                 .spawn(async move { (name, epoch, run_job(job, permits).await) }.instrument(span));
             entry.job = Some(handle);
         }
+        capped
     }
 
     /// Takes in what a job found or did: the entry's new schedule, its
@@ -740,16 +780,18 @@ impl Manager {
     }
 
     /// Persists an entry's status: its schedule survives a restart.
-    async fn save_status(&self, name: &str) {
-        if let Some(entry) = self.entries.get(name)
-            && entry.restored
-            && let Err(e) = self
-                .shared
-                .store
-                .save_status(&entry.status(SystemTime::now()))
-                .await
-        {
-            warn!(certificate = name, "saving status: {e}");
+    async fn save_status(&mut self, name: &str) {
+        let Some(entry) = self.entries.get_mut(name).filter(|e| e.restored) else {
+            return;
+        };
+        let status = entry.status(SystemTime::now());
+        let essence = status.essence();
+        if entry.saved == Some(essence) {
+            return;
+        }
+        match self.shared.store.save_status(&status).await {
+            Ok(()) => entry.saved = Some(essence),
+            Err(e) => warn!(certificate = name, "saving status: {e}"),
         }
     }
 }

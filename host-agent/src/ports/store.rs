@@ -32,7 +32,7 @@ impl std::fmt::Debug for StoredCertificate {
 /// What the agent last knew and decided about a certificate. It is state, not
 /// only a report: the schedule (next attempt, failures, a pending forced
 /// renewal) is restored from it after a restart.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
     pub domains: Vec<String>,
@@ -72,6 +72,26 @@ pub struct Status {
     /// On-demand: orders in a row that failed on the name.
     #[serde(default)]
     pub name_failures: u32,
+}
+
+impl Status {
+    /// What the record says that a restart acts on, as one number: the
+    /// write time left out, and the next attempt too when it only says
+    /// "look again" (no failure, no CA-limit wait, no forced renewal: a
+    /// restart looks at once whatever it says). Equal means a save can be
+    /// skipped.
+    pub fn essence(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let quiet = self.failures == 0 && self.waiting_for.is_none() && !self.forced;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        Status {
+            updated: 0,
+            next_attempt: if quiet { None } else { self.next_attempt },
+            ..self.clone()
+        }
+        .hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 /// Names the account of one CA: 16 hex digits of the directory URL's SHA-256,
