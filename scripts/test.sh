@@ -20,6 +20,10 @@ scripts/build-filter.sh
 step "build the agent binary the end-to-end tests run"
 scripts/build-agent.sh
 
+step "build the real control plane the kube_real tests start (Go; cached by go.sum)"
+# Cold: 4.5-6 min on 2 cores (docs/testing.md); then a no-op that prints the cached directory.
+scripts/build-control-plane.sh
+
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -4,9 +4,9 @@
 //! answer 403 for what the agent's Role does not allow, at the moment the
 //! test chooses, which a real API server (kind, k3s) does not let a test
 //! do. It is a fake, not a conformance reference: it implements only what
-//! the agent relies on, and every test that uses it says so. (No API
-//! server runs on the machines the suite runs on either: no container
-//! runtime, no etcd.) What it models:
+//! the agent relies on, and every test that uses it says so. A real API
+//! server (`kube_apiserver`, in `kube_real.rs`) shows what this one only
+//! models: RBAC, admission, server-side apply's validation. What it models:
 //!
 //! - **RBAC**: every request is authorized against a Role per namespace, by
 //!   API group, resource, verb and name, as the API server's RBAC

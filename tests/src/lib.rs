@@ -6,6 +6,7 @@ pub mod agent;
 pub mod envoy;
 pub mod fake_kube;
 pub mod http;
+pub mod kube_apiserver;
 pub mod named;
 pub mod pebble;
 pub mod probe;

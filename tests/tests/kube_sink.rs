@@ -1,8 +1,9 @@
 //! Kubernetes mode: the real agent binary issues certificates from the real
 //! Pebble (validated through the real filter in Envoy) into `kubernetes.io/tls`
 //! Secrets and keeps its account in a Secret, talking to an in-test fake of the
-//! Kubernetes API endpoints it calls (`acme_tests::fake_kube`): a fake because
-//! no Kubernetes API server can run on this machine.
+//! Kubernetes API endpoints it calls (`acme_tests::fake_kube`), which can
+//! refuse a write at the moment a test chooses; the shipped Role and admission
+//! policy on a real API server: `kube_real.rs`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
