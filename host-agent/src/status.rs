@@ -149,26 +149,34 @@ pub async fn report(
             statuses.push((status, false));
         }
     }
-    let mut counts = BTreeMap::new();
-    let total = statuses.len();
-    let rows = statuses
-        .into_iter()
-        .map(|(status, configured)| {
-            let state = State::of(&status, now);
-            *counts.entry(state).or_insert(0) += 1;
-            Row {
-                status,
-                state,
-                configured,
-            }
-        })
-        .filter(|row| query.wants(row))
-        .collect();
-    Ok(Report {
-        rows,
-        counts,
-        total,
-    })
+    Ok(Report::of(statuses, now, query))
+}
+
+impl Report {
+    /// Counts every status by its state at `now`, then keeps the rows
+    /// `query` asks for (the summary counts them all).
+    fn of(statuses: Vec<(Status, bool)>, now: u64, query: &Query) -> Self {
+        let mut counts = BTreeMap::new();
+        let total = statuses.len();
+        let rows = statuses
+            .into_iter()
+            .map(|(status, configured)| {
+                let state = State::of(&status, now);
+                *counts.entry(state).or_insert(0) += 1;
+                Row {
+                    status,
+                    state,
+                    configured,
+                }
+            })
+            .filter(|row| query.wants(row))
+            .collect();
+        Report {
+            rows,
+            counts,
+            total,
+        }
+    }
 }
 
 fn when(secs: Option<u64>) -> String {
@@ -365,41 +373,23 @@ mod tests {
         assert!(Query::name_pattern("www-[").is_err());
     }
 
-    fn report_of(rows: Vec<(Status, State)>, query: &Query) -> Report {
-        let total = rows.len();
-        let mut counts = BTreeMap::new();
-        let rows = rows
-            .into_iter()
-            .map(|(status, state)| {
-                *counts.entry(state).or_insert(0) += 1;
-                Row {
-                    status,
-                    state,
-                    configured: true,
-                }
-            })
-            .filter(|row| query.wants(row))
-            .collect();
-        Report {
-            rows,
-            counts,
-            total,
-        }
-    }
-
     #[test]
     fn filters_pick_rows_and_the_summary_counts_them_all() {
+        let failing = |name| Status {
+            failures: 1,
+            ..status(name)
+        };
         let rows = vec![
-            (status("www"), State::Valid),
-            (status("api"), State::Failing),
-            (status("web-1"), State::Failing),
-            (status("web-2"), State::Valid),
+            (status("www"), true),
+            (failing("api"), true),
+            (failing("web-1"), true),
+            (status("web-2"), false),
         ];
         let query = Query {
             states: vec![State::Failing],
             name: Some(Query::name_pattern("web-*").unwrap()),
         };
-        let report = report_of(rows, &query);
+        let report = Report::of(rows, 1_000, &query);
         let table = report.table();
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
