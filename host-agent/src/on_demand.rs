@@ -14,8 +14,10 @@
 //! refused after failing again and again, and when each name was last asked
 //! for. Envoy asks the SDS server for a name only at its first handshake, so
 //! to learn whether a name is still used the manager withdraws it from SDS
-//! halfway through `idle_seconds` ([`idle`]); the next handshake asks again
-//! and gets it back at once, and a name nobody asks for is removed.
+//! after `withdraw_seconds` (half of `idle_seconds` unless set: [`idle`]);
+//! the next handshake asks again and gets it back at once, and a name nobody
+//! asks for is removed. Envoy never drops a name by itself, so the manager
+//! also withdraws the least recently asked for beyond `max_served`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,11 +52,17 @@ pub enum Idle {
     Remove,
 }
 
-/// The idle rule: withdrawn from SDS once half of `idle` has passed since a
-/// handshake last asked for it, removed once all of it has.
-pub fn idle(last_requested: SystemTime, idle: Duration, withdrawn: bool, now: SystemTime) -> Idle {
+/// The idle rule: withdrawn from SDS once `withdraw` has passed since a
+/// handshake last asked for it (`on_demand.withdraw_after`: half of `idle`
+/// unless set), removed once `idle` has.
+pub fn idle(
+    last_requested: SystemTime,
+    (withdraw, idle): (Duration, Duration),
+    withdrawn: bool,
+    now: SystemTime,
+) -> Idle {
     let remove_at = last_requested + idle;
-    let withdraw_at = last_requested + idle / 2;
+    let withdraw_at = last_requested + withdraw.min(idle);
     if now >= remove_at {
         Idle::Remove
     } else if now >= withdraw_at && !withdrawn {
@@ -321,11 +329,29 @@ mod tests {
         ];
         for (last, withdrawn, now, want) in cases {
             assert_eq!(
-                idle(t(last), 30 * day, withdrawn, t(now)),
+                idle(t(last), (15 * day, 30 * day), withdrawn, t(now)),
                 want,
                 "last {last} withdrawn {withdrawn} now {now}"
             );
         }
+    }
+
+    #[test]
+    fn a_shorter_withdrawal_withdraws_sooner_and_removes_as_before() {
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s);
+        let periods = (Duration::from_secs(3_600), Duration::from_secs(30 * 86_400));
+        assert_eq!(
+            idle(t(0), periods, false, t(3_599)),
+            Idle::Keep { until: t(3_600) }
+        );
+        assert_eq!(idle(t(0), periods, false, t(3_600)), Idle::Withdraw);
+        assert_eq!(
+            idle(t(0), periods, true, t(3_600)),
+            Idle::Keep {
+                until: t(30 * 86_400)
+            }
+        );
+        assert_eq!(idle(t(0), periods, true, t(30 * 86_400)), Idle::Remove);
     }
 
     fn gate(allow: &[&str], max_concurrent: usize) -> (Handle, mpsc::Receiver<Request>) {
@@ -352,6 +378,8 @@ mod tests {
             key_type: Default::default(),
             max_certificates: 100,
             idle_seconds: 30 * 86_400,
+            withdraw_seconds: None,
+            max_served: 1_000,
             max_failures: 3,
             failed_refusal_seconds: 86_400,
         };
@@ -443,6 +471,8 @@ mod expiry_tests {
             key_type: Default::default(),
             max_certificates: 100,
             idle_seconds: 30 * 86_400,
+            withdraw_seconds: None,
+            max_served: 1_000,
             max_failures: 3,
             failed_refusal_seconds: 86_400,
         };

@@ -447,3 +447,124 @@ fn a_renewal_asks_the_policy_again() {
     assert!(agent_log(&world).contains("the policy no longer allows it"));
     assert_eq!(world.pebble.orders_created(), 1, "the renewal was ordered");
 }
+
+/// On-demand names Envoy holds now: its on-demand selector's
+/// `cert_active` stat (summed over every stat prefix it is kept under).
+fn held_by_envoy(envoy: &Envoy) -> i64 {
+    let stats = envoy.admin_text("/stats?filter=on_demand_secret").unwrap();
+    stats
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .filter(|(name, _)| name.ends_with("on_demand_secret.cert_active"))
+        .map(|(_, value)| value.trim().parse::<i64>().unwrap())
+        .sum()
+}
+
+fn on_demand_world(keys: &str) -> (World, Envoy, std::net::SocketAddr) {
+    let mut world = World::new(pebble::Options::default());
+    let sds = world.work.path().join("run/sds.sock");
+    world.extra_config = format!(
+        "[sds]\nlisten = \"unix:{}\"\n\n[on_demand]\nallow = [\"*.shop.example.com\"]\nmax_wait_seconds = 20\n{keys}\n",
+        sds.display(),
+    );
+    world.certificates(&[]).write_config();
+    world.start_agent();
+    world.add_envoy(&[], 1);
+    let (https, admin) = (free_addr().unwrap(), free_addr().unwrap());
+    let envoy = Envoy::start(&on_demand_bootstrap(https, admin, &sds), admin, 1).unwrap();
+    (world, envoy, https)
+}
+
+fn first_leaf(world: &World, https: std::net::SocketAddr, sni: &str) -> Vec<u8> {
+    handshake(https, sni, Duration::from_secs(25))
+        .unwrap()
+        .unwrap_or_else(|| panic!("no certificate for {sni}\n{}", world.context()))
+}
+
+/// The count rule with Envoy: with `max_served = 2`, Envoy holds at most two
+/// on-demand names; the least recently asked for is withdrawn (Envoy drops
+/// it, it stays stored), and its next handshake gets the same certificate
+/// from the agent without an order, withdrawing the next least recent.
+#[test]
+fn envoy_holds_at_most_max_served_names_and_a_withdrawn_one_comes_back_unordered() {
+    let (world, envoy, https) = on_demand_world("max_served = 2");
+    let names = ["a", "b", "c", "d"].map(|n| format!("{n}.shop.example.com"));
+    let mut leaves = Vec::new();
+    // A new name is served before the agent withdraws another: Envoy may
+    // hold one more for a moment, then the agent brings it back to 2.
+    for (i, name) in names.iter().enumerate() {
+        leaves.push(first_leaf(&world, https, name));
+        wait_until(
+            &world,
+            Duration::from_secs(10),
+            "back to max_served",
+            || held_by_envoy(&envoy) == (i as i64 + 1).min(2),
+        );
+    }
+    assert_eq!(world.pebble.orders_created(), 4);
+    let log = agent_log(&world);
+    for withdrawn in ["od-a_shop_example_com", "od-b_shop_example_com"] {
+        assert!(
+            log.lines().any(|l| l.contains(withdrawn)
+                && l.contains("withdrawn until a handshake asks for it")
+                && l.contains("on_demand.max_served")),
+            "{withdrawn}\n{log}"
+        );
+        assert!(stored(&world, withdrawn), "{withdrawn} kept in storage");
+    }
+    // The withdrawn names again, least recent first: each is fetched again
+    // (the same certificate) and withdraws the least recent of the others.
+    for (name, leaf) in names.iter().zip(&leaves).take(2) {
+        let again = handshake(https, name, Duration::from_secs(10)).unwrap();
+        assert_eq!(again.as_ref(), Some(leaf), "{name}\n{}", world.context());
+    }
+    wait_until(&world, Duration::from_secs(10), "c and d withdrawn", || {
+        held_by_envoy(&envoy) == 2
+            && agent_log(&world)
+                .lines()
+                .any(|l| l.contains("od-d_shop_example_com") && l.contains("on_demand.max_served"))
+    });
+    for (name, leaf) in names.iter().zip(&leaves) {
+        let again = handshake(https, name, Duration::from_secs(10)).unwrap();
+        assert_eq!(again.as_ref(), Some(leaf), "{name}\n{}", world.context());
+        wait_until(
+            &world,
+            Duration::from_secs(10),
+            "back to max_served",
+            || held_by_envoy(&envoy) == 2,
+        );
+    }
+    assert_eq!(
+        world.pebble.orders_created(),
+        4,
+        "a withdrawn name was ordered again\n{}",
+        world.context()
+    );
+}
+
+/// The time rule with Envoy: `withdraw_seconds` (2) well before
+/// `idle_seconds` (an hour): a name no handshake asked for since is withdrawn,
+/// Envoy drops it, it stays stored, and the next handshake gets the same
+/// certificate back without an order.
+#[test]
+fn a_name_not_asked_for_within_withdraw_seconds_leaves_envoy_and_comes_back_unordered() {
+    let (world, envoy, https) = on_demand_world("idle_seconds = 3600\nwithdraw_seconds = 2");
+    let leaf = first_leaf(&world, https, "a.shop.example.com");
+    assert_eq!(held_by_envoy(&envoy), 1);
+    wait_until(
+        &world,
+        Duration::from_secs(15),
+        "Envoy dropped a.shop",
+        || held_by_envoy(&envoy) == 0,
+    );
+    assert!(
+        agent_log(&world).contains("on_demand.withdraw_seconds"),
+        "{}",
+        world.context()
+    );
+    assert!(stored(&world, "od-a_shop_example_com"));
+    let again = handshake(https, "a.shop.example.com", Duration::from_secs(10)).unwrap();
+    assert_eq!(again, Some(leaf), "{}", world.context());
+    assert_eq!(held_by_envoy(&envoy), 1);
+    assert_eq!(world.pebble.orders_created(), 1, "{}", world.context());
+}

@@ -250,6 +250,14 @@ pub struct OnDemand {
     /// removed (storage and SDS).
     #[serde(default = "default_on_demand_idle")]
     pub idle_seconds: u64,
+    /// A name no handshake asked for in this long is withdrawn from SDS
+    /// (Envoy drops it; kept in storage, handed back at its next
+    /// handshake). Unset: half of `idle_seconds`.
+    pub withdraw_seconds: Option<u64>,
+    /// On-demand names served over SDS at most (what each Envoy can hold);
+    /// beyond, the least recently asked for are withdrawn (kept in storage).
+    #[serde(default = "default_on_demand_max_served")]
+    pub max_served: usize,
     /// Orders in a row that fail on the name (the CA could not validate it,
     /// CAA, DNS, a rejected identifier) before the name is dropped and
     /// refused.
@@ -282,6 +290,21 @@ fn default_on_demand_max_certificates() -> usize {
 
 fn default_on_demand_idle() -> u64 {
     30 * 86_400
+}
+
+/// ~27 MB of Envoy memory at ~27 KB per name it holds (FACTS.md).
+fn default_on_demand_max_served() -> usize {
+    1_000
+}
+
+impl OnDemand {
+    /// How long after a handshake last asked for a name it is withdrawn.
+    pub fn withdraw_after(&self) -> std::time::Duration {
+        self.withdraw_seconds.map_or_else(
+            || std::time::Duration::from_secs(self.idle_seconds) / 2,
+            std::time::Duration::from_secs,
+        )
+    }
 }
 
 fn default_on_demand_max_failures() -> u32 {
@@ -1032,6 +1055,12 @@ mod on_demand_section {
                 od.failed_refusal_seconds
             ),
             (100, 30 * 86_400, 3, 86_400)
+        );
+        assert_eq!(od.max_served, 1_000);
+        assert_eq!(
+            od.withdraw_after(),
+            std::time::Duration::from_secs(15 * 86_400),
+            "half of idle_seconds unless set"
         );
         assert_eq!(
             c.acme.limits.certificates_per_registered_domain_per_week,

@@ -358,6 +358,15 @@ fn on_demand_cases() -> Vec<(String, &'static str)> {
             "on_demand.allow[0]",
         ),
         (on_demand("ask = \"ftp://ask.example\""), "on_demand.ask"),
+        // Withdrawn from SDS no later than removed.
+        (
+            on_demand("idle_seconds = 60\nwithdraw_seconds = 61"),
+            "on_demand.withdraw_seconds",
+        ),
+        (
+            on_demand("withdraw_seconds = 0"),
+            "on_demand.withdraw_seconds",
+        ),
     ];
     for (key, too_much) in [
         ("max_wait_seconds", "61"),
@@ -366,6 +375,7 @@ fn on_demand_cases() -> Vec<(String, &'static str)> {
         ("refused_cache_seconds", "86401"),
         ("max_certificates", "10001"),
         ("idle_seconds", "31622401"),
+        ("max_served", "10001"),
         ("max_failures", "101"),
         ("failed_refusal_seconds", "31622401"),
     ] {

@@ -650,7 +650,8 @@ fn validate_on_demand_policy(path: &Path, od: &OnDemand) -> Result<(), Error> {
     Ok(())
 }
 
-/// On-demand's waits, rates and caches are each between 1 and a ceiling.
+/// On-demand's waits, rates and caches are each between 1 and a ceiling
+/// (a name is withdrawn from SDS no later than it is removed).
 fn validate_on_demand_bounds(path: &Path, od: &OnDemand) -> Result<(), Error> {
     for (field, value, max) in [
         ("on_demand.max_wait_seconds", od.max_wait_seconds, 60),
@@ -667,6 +668,12 @@ fn validate_on_demand_bounds(path: &Path, od: &OnDemand) -> Result<(), Error> {
             10_000,
         ),
         ("on_demand.idle_seconds", od.idle_seconds, 366 * 86_400),
+        (
+            "on_demand.withdraw_seconds",
+            od.withdraw_seconds.unwrap_or(1),
+            od.idle_seconds,
+        ),
+        ("on_demand.max_served", od.max_served as u64, 10_000),
         ("on_demand.max_failures", u64::from(od.max_failures), 100),
         (
             "on_demand.failed_refusal_seconds",

@@ -11,6 +11,7 @@
 mod entry;
 mod job;
 mod ledger;
+mod recency;
 mod restore;
 pub mod trigger;
 
@@ -43,12 +44,19 @@ use crate::time::unix;
 use entry::{Awaiting, Entry, Restored};
 use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
+use recency::Recency;
 use trigger::Reason;
 
 /// Only a served certificate is withdrawn from SDS: one not got yet serves
 /// nothing, so for the idle rule it is withdrawn already.
 fn as_good_as_withdrawn(entry: &Entry) -> bool {
     entry.withdrawn || entry.served.is_none()
+}
+
+/// When an on-demand certificate no handshake asked for is withdrawn from
+/// SDS, and when it is removed.
+fn idle_periods(od: &crate::config::OnDemand) -> (Duration, Duration) {
+    (od.withdraw_after(), Duration::from_secs(od.idle_seconds))
 }
 
 /// The one-name certificate an on-demand `domain` gets.
@@ -185,6 +193,12 @@ pub struct Manager {
     requests: mpsc::Receiver<Request>,
     /// Kubernetes Events about each certificate (none outside Kubernetes).
     events: Arc<dyn Events>,
+    /// Every on-demand certificate, by when a handshake last asked for it
+    /// (the removal rule).
+    asked: Recency,
+    /// The on-demand certificates served over SDS, likewise (the withdrawal
+    /// rules: time and `max_served`).
+    in_sds: Recency,
 }
 
 impl Manager {
@@ -222,6 +236,8 @@ impl Manager {
             self_checked: current.self_check.is_some(),
             requests,
             events: Arc::new(NoEvents),
+            asked: Recency::default(),
+            in_sds: Recency::default(),
         })
     }
 
@@ -268,6 +284,7 @@ impl Manager {
                 Some(joined) = self.jobs.join_next() => {
                     if let Ok((name, epoch, outcome)) = joined {
                         self.record(&name, epoch, outcome).await;
+                        self.reindex(&name);
                     }
                 }
                 changed = self.config.changed() => {
@@ -322,6 +339,7 @@ impl Manager {
                 let name = crate::domain::names::name_for(&domain);
                 if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
                     entry.requested(SystemTime::now());
+                    self.reindex(&name);
                     self.save_status(&name).await;
                 }
             }
@@ -341,6 +359,7 @@ impl Manager {
         let name = crate::domain::names::name_for(domain);
         if let Some(entry) = self.entries.get_mut(&name) {
             entry.requested(now);
+            self.reindex(&name);
             self.save_status(&name).await;
             return Ok(());
         }
@@ -358,7 +377,8 @@ impl Manager {
         let spec = on_demand_spec(domain, key_type);
         info!(certificate = name, domain, "on-demand certificate added");
         self.entries
-            .insert(name, Entry::on_demand(spec, now, false));
+            .insert(name.clone(), Entry::on_demand(spec, now, false));
+        self.reindex(&name);
         Ok(())
     }
 
@@ -414,7 +434,7 @@ impl Manager {
             }
         };
         let now = SystemTime::now();
-        let idle = Duration::from_secs(on_demand.idle_seconds);
+        let periods = idle_periods(on_demand);
         let mut kept = Vec::new();
         for name in names {
             if !name.starts_with(crate::domain::names::NAME_PREFIX)
@@ -446,7 +466,7 @@ impl Manager {
                 .is_some();
             let why = if !crate::on_demand::allowed_by_patterns(on_demand, &domain) {
                 Some("the policy no longer allows it")
-            } else if crate::on_demand::idle(last, idle, false, now) == Idle::Remove {
+            } else if crate::on_demand::idle(last, periods, false, now) == Idle::Remove {
                 Some("no handshake asked for it in on_demand.idle_seconds")
             } else if refused {
                 Some("it is refused for failing")
@@ -459,6 +479,8 @@ impl Manager {
             }
         }
         // Over the cap (lowered since): the most recently asked for stay.
+        // Beyond `max_served` they start withdrawn: not even read until a
+        // handshake asks for them.
         kept.sort_by_key(|k| std::cmp::Reverse(k.0));
         for (i, (last, name, domain)) in kept.into_iter().enumerate() {
             if i >= on_demand.max_certificates {
@@ -467,8 +489,10 @@ impl Manager {
                 continue;
             }
             let spec = on_demand_spec(&domain, on_demand.key_type);
-            self.entries
-                .insert(name, Entry::on_demand(spec, last, true));
+            let mut entry = Entry::on_demand(spec, last, true);
+            entry.withdrawn = i >= on_demand.max_served;
+            self.entries.insert(name.clone(), entry);
+            self.reindex(&name);
         }
     }
 
@@ -478,6 +502,7 @@ impl Manager {
         if let Some(job) = self.entries.remove(name).and_then(|e| e.job) {
             job.abort();
         }
+        self.reindex(name);
         if let Err(e) = self.shared.sink.remove(name).await {
             warn!(
                 certificate = name,
@@ -494,68 +519,116 @@ impl Manager {
         info!(certificate = name, "on-demand certificate removed: {why}");
     }
 
-    /// Applies the idle rule to every on-demand certificate without a job:
-    /// withdrawn from SDS halfway (the next handshake brings it back), removed
-    /// when no handshake asked for it in `idle_seconds`.
+    /// Places on-demand certificate `name` in the indexes the idle and count
+    /// rules read, as its entry is now (none when it is gone).
+    fn reindex(&mut self, name: &str) {
+        match self.entries.get(name).filter(|e| e.on_demand) {
+            None => {
+                self.asked.forget(name);
+                self.in_sds.forget(name);
+            }
+            Some(entry) => {
+                let at = entry.last_requested.unwrap_or_else(SystemTime::now);
+                self.asked.set(name, at);
+                if entry.restored && !as_good_as_withdrawn(entry) {
+                    self.in_sds.set(name, at);
+                } else {
+                    self.in_sds.forget(name);
+                }
+            }
+        }
+    }
+
+    /// Whether a rule may act on `name` now: a running job (a restore, a
+    /// renewal) would install it again behind the rule's back.
+    fn idle_now(&self, name: &str) -> bool {
+        self.entries.get(name).is_some_and(|e| e.job.is_none())
+    }
+
+    /// The rules on on-demand certificates without a job, oldest first (each
+    /// looks only at the names it acts on): removed when no handshake asked
+    /// for one in `idle_seconds`; withdrawn from SDS after `withdraw_seconds`
+    /// (the next handshake brings it back), and beyond `max_served`, the
+    /// least recently asked for.
     async fn sweep_on_demand(&mut self) {
-        let Some(idle) = self.idle_period() else {
+        let Some(od) = self.config.borrow().on_demand.clone() else {
             return;
         };
-        let now = SystemTime::now();
-        let mut actions = Vec::new();
-        for (name, entry) in &self.entries {
-            if !entry.on_demand || entry.job.is_some() {
-                continue;
-            }
-            let last = entry.last_requested.unwrap_or(now);
-            match crate::on_demand::idle(last, idle, as_good_as_withdrawn(entry), now) {
-                Idle::Keep { .. } => {}
-                action => actions.push((name.clone(), action)),
-            }
+        let (periods, now) = (idle_periods(&od), SystemTime::now());
+        for name in self.expired(false, periods, now) {
+            self.remove_on_demand(&name, "no handshake asked for it in on_demand.idle_seconds")
+                .await;
         }
-        for (name, action) in actions {
-            if action == Idle::Remove {
-                self.remove_on_demand(&name, "no handshake asked for it in on_demand.idle_seconds")
-                    .await;
-            } else if let Some(entry) = self.entries.get_mut(&name) {
-                entry.withdrawn = true;
-                if let Err(e) = self.shared.sink.remove(&name).await {
-                    warn!(
-                        certificate = name,
-                        "withdrawing an on-demand certificate: {e}"
-                    );
-                }
-                info!(
-                    certificate = name,
-                    "on-demand certificate withdrawn until a handshake asks for it"
-                );
-            }
+        for name in self.expired(true, periods, now) {
+            self.withdraw_on_demand(&name, "on_demand.withdraw_seconds")
+                .await;
+        }
+        let over = self.in_sds.len().saturating_sub(od.max_served);
+        let least_recent: Vec<String> = self
+            .in_sds
+            .oldest()
+            .filter(|(_, name)| self.idle_now(name))
+            .take(over)
+            .map(|(_, name)| name.to_owned())
+            .collect();
+        for name in least_recent {
+            self.withdraw_on_demand(&name, "on_demand.max_served").await;
         }
     }
 
-    /// When the idle rule next has something to do.
-    fn next_idle_check(&self) -> Option<SystemTime> {
-        let idle = self.idle_period()?;
-        let now = SystemTime::now();
-        self.entries
-            .values()
-            .filter(|e| e.on_demand && e.job.is_none())
-            .map(|e| {
-                let last = e.last_requested.unwrap_or(now);
-                match crate::on_demand::idle(last, idle, as_good_as_withdrawn(e), now) {
-                    Idle::Keep { until } => until,
-                    Idle::Withdraw | Idle::Remove => now,
-                }
+    /// The names without a job the idle rule acts on now, oldest first: to
+    /// remove (of all), or to withdraw (of those served over SDS).
+    fn expired(&self, in_sds: bool, periods: (Duration, Duration), now: SystemTime) -> Vec<String> {
+        let index = if in_sds { &self.in_sds } else { &self.asked };
+        index
+            .oldest()
+            .take_while(|(at, _)| {
+                !matches!(
+                    crate::on_demand::idle(*at, periods, !in_sds, now),
+                    Idle::Keep { .. }
+                )
             })
-            .min()
+            .filter(|(_, name)| self.idle_now(name))
+            .map(|(_, name)| name.to_owned())
+            .collect()
     }
 
-    fn idle_period(&self) -> Option<Duration> {
-        let config = self.config.borrow();
-        config
-            .on_demand
-            .as_ref()
-            .map(|od| Duration::from_secs(od.idle_seconds))
+    /// Stops serving on-demand certificate `name` over SDS (Envoy drops it),
+    /// keeping it in storage; the next handshake for it brings it back.
+    async fn withdraw_on_demand(&mut self, name: &str, rule: &str) {
+        let Some(entry) = self.entries.get_mut(name) else {
+            return;
+        };
+        entry.withdrawn = true;
+        if let Err(e) = self.shared.sink.remove(name).await {
+            warn!(
+                certificate = name,
+                "withdrawing an on-demand certificate: {e}"
+            );
+        }
+        self.reindex(name);
+        info!(
+            certificate = name,
+            rule, "on-demand certificate withdrawn until a handshake asks for it"
+        );
+    }
+
+    /// When the idle rule next has something to do (the oldest names without
+    /// a job: at most the running jobs are passed over).
+    fn next_idle_check(&self) -> Option<SystemTime> {
+        let periods = idle_periods(self.config.borrow().on_demand.as_ref()?);
+        let now = SystemTime::now();
+        let first = |index: &Recency, withdrawn: bool| {
+            let (at, _) = index.oldest().find(|(_, name)| self.idle_now(name))?;
+            Some(match crate::on_demand::idle(at, periods, withdrawn, now) {
+                Idle::Keep { until } => until,
+                Idle::Withdraw | Idle::Remove => now,
+            })
+        };
+        first(&self.asked, true)
+            .into_iter()
+            .chain(first(&self.in_sds, false))
+            .min()
     }
 
     /// Brings the schedule in line with `config`.

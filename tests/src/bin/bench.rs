@@ -28,6 +28,8 @@ use anyhow::{Context as _, Result, bail};
 
 #[path = "bench/dns.rs"]
 mod dns;
+#[path = "bench/envoy_memory.rs"]
+mod envoy_memory;
 #[path = "bench/scale.rs"]
 mod scale;
 #[path = "bench/sds.rs"]
@@ -989,6 +991,8 @@ fn main() -> Result<()> {
             })?;
         scale::run(&mut rows, &release_agent()?, &counts)?;
     }
+    // `--only envoy-memory [COUNT,KEEP]` (bench/envoy_memory.rs).
+    envoy_memory::if_asked(&mut rows, only.as_deref(), &args, release_agent)?;
     if run("dns") {
         eprintln!("[bench] wildcard by dns-01 (RFC 2136 on BIND)");
         dns::run(&mut rows, if quick { 3 } else { 7 })?;
