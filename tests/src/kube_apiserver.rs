@@ -218,9 +218,141 @@ impl KubeApiServer {
             // The `kubernetes` Service's endpoint would be 127.0.0.1, which
             // Endpoints refuse: keep the reconciler off.
             .arg("--endpoint-reconciler-type=none")
-            .arg("--profiling=false");
+            .arg("--profiling=false")
+            // Every request for a Secret, Lease or Event, in a JSON line
+            // (`audit`): what a test counts on the server's side.
+            .arg(format!(
+                "--audit-policy-file={}",
+                self.audit_policy()?.display()
+            ))
+            .arg(format!(
+                "--audit-log-path={}",
+                d.join("audit.log").display()
+            ))
+            .arg("--audit-log-format=json");
         self.apiserver = Some(spawn_logged(cmd, &d.join("kube-apiserver.log"))?);
         self.wait_ready(Duration::from_secs(90))
+    }
+
+    fn audit_policy(&self) -> Result<PathBuf> {
+        let path = self.dir.path().join("audit-policy.yaml");
+        std::fs::write(
+            &path,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  resources:\n  - group: \"\"\n    resources: [secrets]\n  - group: coordination.k8s.io\n    resources: [leases]\n  - group: events.k8s.io\n    resources: [events]\n- level: None\n",
+        )?;
+        Ok(path)
+    }
+
+    /// The audit log's entries so far (stage ResponseComplete, or Panic):
+    /// requests for Secrets, Leases and Events, with user, verb, objectRef
+    /// and responseStatus.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The audited requests by `user` for the object `resource`/`name`.
+    pub fn audited(&self, user: &str, resource: &str, name: &str) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|e| {
+                e["user"]["username"] == user
+                    && e["objectRef"]["resource"] == resource
+                    && e["objectRef"]["name"] == name
+            })
+            .collect()
+    }
+
+    /// Object `kind/name` of `namespace` as JSON, None if absent.
+    pub fn get(&self, namespace: &str, kind: &str, name: &str) -> Option<serde_json::Value> {
+        let text = self
+            .kubectl_ok(&[
+                "get",
+                kind,
+                name,
+                "-n",
+                namespace,
+                "-o",
+                "json",
+                "--ignore-not-found",
+                "--show-managed-fields",
+            ])
+            .ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Applies (server-side, as the admin) the JSON `object`.
+    pub fn apply(&self, object: &serde_json::Value) -> Result<()> {
+        let out = self.kubectl_as(
+            &self.admin,
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            &object.to_string(),
+        )?;
+        if !out.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Adds `names` to the resourceNames of the Secret rule of Role
+    /// `namespace/role`, as an operator lists a certificate's Secret, and
+    /// waits until RBAC allows `user` to get each.
+    pub fn grant_secrets(
+        &self,
+        namespace: &str,
+        role: &str,
+        user: &str,
+        names: &[&str],
+    ) -> Result<()> {
+        let current = self
+            .get(namespace, "role", role)
+            .context("the Role to grant Secrets in")?;
+        let rules = current["spec"]["rules"]
+            .as_array()
+            .or(current["rules"].as_array());
+        let index = rules
+            .and_then(|rules| {
+                rules.iter().position(|r| {
+                    r["resources"]
+                        .as_array()
+                        .is_some_and(|x| x.iter().any(|x| x == "secrets"))
+                        && r["resourceNames"].is_array()
+                })
+            })
+            .context("no Secret rule with resourceNames in the Role")?;
+        let patch: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| serde_json::json!({"op": "add", "path": format!("/rules/{index}/resourceNames/-"), "value": n}))
+            .collect();
+        self.kubectl_ok(&[
+            "patch",
+            "role",
+            role,
+            "-n",
+            namespace,
+            "--type=json",
+            "-p",
+            &serde_json::Value::from(patch).to_string(),
+        ])?;
+        let start = Instant::now();
+        for name in names {
+            let resource = format!("secret/{name}");
+            while self
+                .kubectl_ok(&[
+                    "auth", "can-i", "get", &resource, "-n", namespace, "--as", user,
+                ])
+                .is_err()
+            {
+                if start.elapsed() > Duration::from_secs(30) {
+                    bail!("{user} still may not get {resource}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -52,6 +52,10 @@ pub struct World {
     pub http_port: u16,
     /// Kubernetes mode against this fake API server.
     pub kube: Option<crate::fake_kube::FakeKube>,
+    /// Kubernetes mode against a real API server (`kube_apiserver`): the
+    /// namespace and a kubeconfig (the agent's ServiceAccount). Its Role is
+    /// the test's to grant ([`World::checked_secrets`]).
+    pub real_kube: Option<(String, PathBuf)>,
     /// Appended to the generated config (tables such as `[acme.limits]`).
     pub extra_config: String,
     /// More keys of a certificate's table, by certificate name.
@@ -91,6 +95,7 @@ impl World {
             retry: (1, 4),
             http_port,
             kube: None,
+            real_kube: None,
             extra_config: String::new(),
             certificate_extra: Default::default(),
             ca_at_start: pebble::CaCounts::default(),
@@ -160,7 +165,11 @@ impl World {
             ca_root: &self.pebble.tls_root,
             state_dir: &self.state_dir(),
             sds_dir: &self.sds_dir(),
-            kubernetes: self.kube.as_ref().map(|k| k.namespace.as_str()),
+            kubernetes: self
+                .kube
+                .as_ref()
+                .map(|k| k.namespace.as_str())
+                .or(self.real_kube.as_ref().map(|(ns, _)| ns.as_str())),
             api: self.api,
             health: self.health,
             token_file: Some(&token_file),
@@ -183,31 +192,44 @@ impl World {
         let Some(kube) = &self.kube else {
             return;
         };
-        let out = self.cli(&["check-config"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
+        let names = self.checked_secrets();
+        if names.is_empty() {
             // A config the agent refuses (a test of that): nothing to grant.
             return;
         }
-        let names: Vec<&str> = text
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        kube.grant_secrets(&names);
+    }
+
+    /// The Secrets `acme-agent check-config` says this config needs in the
+    /// agent's Role, less `withheld_secrets`; none for a refused config.
+    pub fn checked_secrets(&self) -> Vec<String> {
+        let out = self.cli(&["check-config"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let names: Vec<String> = text
             .lines()
             .find_map(|l| l.split_once("(a Role's resourceNames): "))
-            .map(|(_, names)| names.split(", ").collect())
+            .map(|(_, names)| names.split(", ").map(str::to_owned).collect())
             .unwrap_or_default();
-        let names: Vec<&str> = names
-            .into_iter()
-            .filter(|n| !self.withheld_secrets.iter().any(|w| w == n))
-            .collect();
         assert!(
             !names.is_empty(),
             "check-config printed no Secret names: {text}"
         );
-        kube.grant_secrets(&names);
+        names
+            .into_iter()
+            .filter(|n| !self.withheld_secrets.contains(n))
+            .collect()
     }
 
     /// In Kubernetes mode, the kubeconfig pointing at the fake API server
     /// (written on first use), as the `KUBECONFIG` environment.
     fn kube_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        if let Some((_, kubeconfig)) = &self.real_kube {
+            return vec![("KUBECONFIG", kubeconfig.clone().into_os_string())];
+        }
         let Some(kube) = &self.kube else {
             return Vec::new();
         };
