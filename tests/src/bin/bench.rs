@@ -30,10 +30,14 @@ use anyhow::{Context as _, Result, bail};
 mod dns;
 #[path = "bench/envoy_memory.rs"]
 mod envoy_memory;
+#[path = "bench/hundred.rs"]
+mod hundred;
 #[path = "bench/scale.rs"]
 mod scale;
 #[path = "bench/sds.rs"]
 mod sds;
+#[path = "bench/throughput.rs"]
+mod throughput;
 
 const TOKEN: &str = "bench-token_0123456789abcdefghijklmnopq";
 const HOST: &str = "www.example.com";
@@ -918,6 +922,66 @@ fn version(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| "not found".into())
 }
 
+/// The comma-separated numbers after `part` on the command line, if any.
+fn list_after(args: &[String], part: &str) -> Result<Option<Vec<usize>>> {
+    let Some(list) = args
+        .iter()
+        .position(|a| a == part)
+        .and_then(|i| args.get(i + 1))
+    else {
+        return Ok(None);
+    };
+    let numbers = list
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((!numbers.is_empty()).then_some(numbers))
+}
+
+/// The parts that run only when named with `--only`.
+fn on_request(only: Option<&str>, args: &[String], quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    // Ours alone, three times, with the agent's log (BENCH_DEBUG=1): only on request.
+    if only == Some("ours") {
+        let pebble = Pebble::start(
+            free_port()?,
+            pebble::Options {
+                nonce_reject: Some(0),
+                authz_reuse: Some(0),
+                ..pebble::Options::default()
+            },
+        )?;
+        let agent_bin = release_agent()?;
+        for i in 0..3 {
+            let certs = vec![(
+                format!("o{i}"),
+                vec![format!("www.o{i}.example.com"), format!("o{i}.example.com")],
+            )];
+            let (took, _) = ours(&pebble, &agent_bin, &certs, None)?;
+            eprintln!("[bench] ours {took:.3} s");
+        }
+    }
+    // Thousands of stored certificates (a local CA, no ACME): only on request,
+    // `--only scale [N,N,...]` (default 1000,10000).
+    if only == Some("scale") {
+        let counts = list_after(args, "scale")?.unwrap_or(vec![1000, 10_000]);
+        scale::run(rows, &release_agent()?, &counts)?;
+    }
+    // Issuance throughput on Pebble: only on request, `--only throughput
+    // [OURS,PEERS]` (certificates for the agent and for each peer; default
+    // 1000,1000).
+    if only == Some("throughput") {
+        let (ours, peers) = list_after(args, "throughput")?
+            .map_or((1000, 1000), |n| (n[0], *n.get(1).unwrap_or(&n[0])));
+        throughput::run(rows, &release_agent()?, ours, peers)?;
+    }
+    // 100 Envoys on the real agent: only on request, `--only hundred-envoys`.
+    if only == Some("hundred-envoys") {
+        eprintln!("[bench] a hundred Envoys on the real agent");
+        hundred::run(rows, &release_agent()?, 100, if quick { 2 } else { 5 })?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -954,43 +1018,12 @@ fn main() -> Result<()> {
         footprint(&mut rows)?;
         agent_idle(&mut rows)?;
     }
-    // Ours alone, three times, with the agent's log (BENCH_DEBUG=1): only on request.
-    if only.as_deref() == Some("ours") {
-        let pebble = Pebble::start(
-            free_port()?,
-            pebble::Options {
-                nonce_reject: Some(0),
-                authz_reuse: Some(0),
-                ..pebble::Options::default()
-            },
-        )?;
-        let agent_bin = release_agent()?;
-        for i in 0..3 {
-            let certs = vec![(
-                format!("o{i}"),
-                vec![format!("www.o{i}.example.com"), format!("o{i}.example.com")],
-            )];
-            let (took, _) = ours(&pebble, &agent_bin, &certs, None)?;
-            eprintln!("[bench] ours {took:.3} s");
-        }
-    }
     if run("sds") {
         eprintln!("[bench] the agent as SDS server");
         let count = if quick { 100 } else { 1000 };
         sds::run(&mut rows, rounds, count, 100)?;
     }
-    // Thousands of stored certificates (a local CA, no ACME): only on request,
-    // `--only scale [N,N,...]` (default 1000,10000).
-    if only.as_deref() == Some("scale") {
-        let counts: Vec<usize> = args
-            .iter()
-            .position(|a| a == "scale")
-            .and_then(|i| args.get(i + 1))
-            .map_or(Ok(vec![1000, 10_000]), |list| {
-                list.split(',').map(str::parse).collect::<Result<_, _>>()
-            })?;
-        scale::run(&mut rows, &release_agent()?, &counts)?;
-    }
+    on_request(only.as_deref(), &args, quick, &mut rows)?;
     // `--only envoy-memory [COUNT,KEEP]` (bench/envoy_memory.rs).
     envoy_memory::if_asked(&mut rows, only.as_deref(), &args, release_agent)?;
     if run("dns") {

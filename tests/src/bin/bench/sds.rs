@@ -109,6 +109,16 @@ fn on_demand_setup(pebble: &Pebble, agent_bin: &Path, extra: &str) -> Result<OnD
 /// on-demand listener serves each. Returns (seconds, agent peak RSS kB,
 /// Envoy RSS kB).
 fn many_on_demand(pebble: &Pebble, agent_bin: &Path, count: usize) -> Result<(f64, u64, u64)> {
+    many_on_demand_at(pebble, agent_bin, count, 64)
+}
+
+/// [`many_on_demand`] with `concurrency` orders at once.
+pub(super) fn many_on_demand_at(
+    pebble: &Pebble,
+    agent_bin: &Path,
+    count: usize,
+    concurrency: usize,
+) -> Result<(f64, u64, u64)> {
     let setup = on_demand_setup(pebble, agent_bin, "")?;
     let domains: Vec<String> = (0..count)
         .map(|i| format!("c{i}.bulk.example.com"))
@@ -124,6 +134,10 @@ fn many_on_demand(pebble: &Pebble, agent_bin: &Path, count: usize) -> Result<(f6
             setup.health,
             "",
             &domains,
+        )
+        .replace(
+            "order_concurrency = 64\n",
+            &format!("order_concurrency = {concurrency}\n"),
         ),
     )?;
     setup.agent.signal("HUP")?;
