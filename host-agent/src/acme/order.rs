@@ -44,6 +44,8 @@ pub struct OrderContext<'a> {
     /// to the CA, before they are: each is a failed authorization unless
     /// seen valid. An error stops the order before the CA is told.
     pub trigger: &'a dyn Trigger,
+    /// What the issued certificate's validity is checked against.
+    pub clock: crate::time::Clock,
 }
 
 /// See [`OrderContext::trigger`].
@@ -140,7 +142,7 @@ pub async fn issue(
     fetch_authorizations(&mut order).await?;
     let pending = pending_challenges(&mut order, spec, cx.account.key_thumbprint())?;
     validate(cx, &mut order, spec, &pending).await?;
-    finalize(&mut order, spec).await
+    finalize(&mut order, spec, cx.clock.now()).await
 }
 
 /// RFC 8738: an address is an `ip` identifier (the config only lets
@@ -339,7 +341,11 @@ async fn validate(
 
 /// Finalizes with a fresh key, downloads and verifies the chain. From here
 /// on the CA may issue: every failure counts as a certificate.
-async fn finalize(order: &mut instant_acme::Order, spec: &Certificate) -> Result<Issued, Failure> {
+async fn finalize(
+    order: &mut instant_acme::Order,
+    spec: &Certificate,
+    now: SystemTime,
+) -> Result<Issued, Failure> {
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
     nonce_retry!("finalizing the order", order.finalize_csr(&csr)).map_err(finalized)?;
@@ -356,8 +362,7 @@ async fn finalize(order: &mut instant_acme::Order, spec: &Certificate) -> Result
         .map_err(finalized)?,
     };
     let key_pem = crate::domain::spec::KeyPem::new(key.serialize_pem());
-    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())
-        .map_err(finalized)?;
+    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, now).map_err(finalized)?;
     Ok(Issued {
         chain_pem,
         key_pem,

@@ -319,7 +319,7 @@ impl Look<'_> {
     }
 
     async fn run(self) -> Outcome {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let account = match self.account().await {
             Ok(account) => account,
             // Nothing due: an unreachable CA is no failure of this certificate.
@@ -491,6 +491,7 @@ impl Look<'_> {
             account,
             solvers: &s.solvers,
             trigger: &Triggered { shared: s, name },
+            clock: s.clock,
         };
         let span = info_span!("order", domains = ?spend.domains);
         let mut result = order::issue(&cx, self.spec, replaces)

@@ -38,7 +38,7 @@ use crate::ports::requests::{Refusal, RenewRefused, Request};
 use crate::ports::sink::CertificateSink;
 use crate::ports::solver::Solvers;
 use crate::ports::store::StateStore;
-use crate::time::unix;
+use crate::time::{Clock, unix};
 
 use entry::{Awaiting, Entry, Restored};
 use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
@@ -135,6 +135,8 @@ pub struct Shared {
     /// Reservations of aborted jobs, ended in the background (a drop cannot
     /// await the ledger's write); awaited before the manager stops.
     endings: std::sync::Mutex<JoinSet<()>>,
+    /// Where every date the manager decides on comes from.
+    clock: Clock,
 }
 
 impl Shared {
@@ -212,6 +214,7 @@ impl Manager {
                 solvers,
                 leader: std::sync::OnceLock::new(),
                 endings: std::sync::Mutex::new(JoinSet::new()),
+                clock: Clock::system(),
             }),
             config,
             entries: BTreeMap::new(),
@@ -234,6 +237,19 @@ impl Manager {
         self
     }
 
+    /// Reads every date from `clock` instead of the system's (a simulation
+    /// runs a year on tokio's paused clock). Call before `run`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => {
+                shared.clock = clock;
+                shared.ledger.set_clock(clock);
+            }
+            None => warn!("the manager already runs: its clock is kept"),
+        }
+        self
+    }
+
     /// Reports what happens to each certificate as Kubernetes Events too.
     pub fn with_events(mut self, events: Arc<dyn Events>) -> Self {
         self.events = events;
@@ -249,7 +265,7 @@ impl Manager {
         loop {
             self.sweep_on_demand().await;
             let capped = self.start_due_jobs();
-            let now = SystemTime::now();
+            let now = self.shared.clock.now();
             // When jobs are capped, the due ones left start as others end
             // (a join wakes the loop): no busy wait on them.
             let next = self
@@ -260,7 +276,7 @@ impl Manager {
                 .chain(self.next_idle_check())
                 .min();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
-                at.duration_since(SystemTime::now())
+                at.duration_since(self.shared.clock.now())
                     .unwrap_or(Duration::ZERO)
             });
             tokio::select! {
@@ -295,7 +311,7 @@ impl Manager {
     async fn handle(&mut self, request: Request) {
         match request {
             Request::Renew { name, reply } => {
-                let now = SystemTime::now();
+                let now = self.shared.clock.now();
                 let answer = match self.entries.get_mut(&name) {
                     None => Err(RenewRefused::Unknown),
                     // While a job runs (a renewal-info check, an order), the
@@ -321,7 +337,7 @@ impl Manager {
             Request::Seen { domain } => {
                 let name = crate::domain::names::name_for(&domain);
                 if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
-                    entry.requested(SystemTime::now());
+                    entry.requested(self.shared.clock.now());
                     self.save_status(&name).await;
                 }
             }
@@ -337,7 +353,7 @@ impl Manager {
         domain: &str,
         key_type: crate::domain::spec::KeyType,
     ) -> Result<(), Refusal> {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let name = crate::domain::names::name_for(domain);
         if let Some(entry) = self.entries.get_mut(&name) {
             entry.requested(now);
@@ -413,7 +429,7 @@ impl Manager {
                 return;
             }
         };
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let idle = Duration::from_secs(on_demand.idle_seconds);
         let mut kept = Vec::new();
         for name in names {
@@ -501,7 +517,7 @@ impl Manager {
         let Some(idle) = self.idle_period() else {
             return;
         };
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let mut actions = Vec::new();
         for (name, entry) in &self.entries {
             if !entry.on_demand || entry.job.is_some() {
@@ -536,7 +552,7 @@ impl Manager {
     /// When the idle rule next has something to do.
     fn next_idle_check(&self) -> Option<SystemTime> {
         let idle = self.idle_period()?;
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         self.entries
             .values()
             .filter(|e| e.on_demand && e.job.is_none())
@@ -598,7 +614,7 @@ impl Manager {
                 );
             }
         }
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         for (name, spec) in wanted {
             match self.entries.get_mut(name) {
                 Some(entry) if entry.spec == *spec => {}
@@ -622,7 +638,7 @@ impl Manager {
     /// job holds its task's memory until it is recorded: 10,000 at once at
     /// start held ~120 MB). True when a due entry was left for later.
     fn start_due_jobs(&mut self) -> bool {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let policy = self.config.borrow().on_demand.clone().map(Arc::new);
         let running = |restoring: bool| {
             self.entries
@@ -702,7 +718,7 @@ impl Manager {
             metrics: &self.shared.metrics,
             events: self.events.as_ref(),
             backoff: self.backoff,
-            now: SystemTime::now(),
+            now: self.shared.clock.now(),
         };
         match outcome {
             Outcome::Restored(restored) => report.restored(entry, *restored),
@@ -770,7 +786,7 @@ impl Manager {
             .get(name)
             .and_then(|e| e.spec.domains.first().cloned())
         {
-            let until = SystemTime::now() + Duration::from_secs(refusal);
+            let until = self.shared.clock.now() + Duration::from_secs(refusal);
             self.shared
                 .ledger
                 .refuse(self.shared.store.as_ref(), &domain, until)
@@ -784,7 +800,7 @@ impl Manager {
         let Some(entry) = self.entries.get_mut(name).filter(|e| e.restored) else {
             return;
         };
-        let status = entry.status(SystemTime::now());
+        let status = entry.status(self.shared.clock.now());
         let essence = status.essence();
         if entry.saved == Some(essence) {
             return;
