@@ -13,10 +13,11 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::certificate::{self, Leaf};
+use crate::certificate;
 use crate::challenges::Challenge;
 use crate::domain::spec::{Certificate, ChallengeKind, KeyType};
 use crate::nonce_retry;
+use crate::ports::issuer::{Failure, Issued, Trigger};
 use crate::ports::solver::{Presented, Solvers};
 
 /// Polling while the CA validates and issues: short first waits (Pebble and
@@ -26,13 +27,6 @@ fn polling() -> RetryPolicy {
         .initial_delay(Duration::from_millis(100))
         .backoff(1.5)
         .timeout(Duration::from_secs(120))
-}
-
-/// An issued, checked certificate with its fresh key.
-pub struct Issued {
-    pub chain_pem: String,
-    pub key_pem: crate::domain::spec::KeyPem,
-    pub leaf: Leaf,
 }
 
 /// What the order needs from the agent.
@@ -46,12 +40,6 @@ pub struct OrderContext<'a> {
     pub trigger: &'a dyn Trigger,
     /// What the issued certificate's validity is checked against.
     pub clock: crate::time::Clock,
-}
-
-/// See [`OrderContext::trigger`].
-#[async_trait::async_trait]
-pub trait Trigger: Send + Sync {
-    async fn trigger(&self, names: &[String]) -> Result<(), Error>;
 }
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
@@ -73,32 +61,12 @@ fn csr(domains: &[String], key: &KeyPair) -> Result<Vec<u8>, Error> {
     Ok(request.der().to_vec())
 }
 
-/// Why an order failed, and how far it got (for the CA-limit ledger).
-#[derive(Debug)]
-pub struct Failure {
-    pub error: Error,
-    /// Finalize was sent: the CA may have issued a certificate.
-    pub finalized: bool,
-    /// Names whose authorization was seen valid after the failure: of the
-    /// names handed to the CA, only these did not fail.
-    pub valid_names: Vec<String>,
-}
-
-impl From<Error> for Failure {
-    fn from(error: Error) -> Self {
-        Self {
-            error,
-            finalized: false,
-            valid_names: Vec::new(),
-        }
-    }
-}
-
 fn finalized(error: Error) -> Failure {
     Failure {
         error,
         finalized: true,
         valid_names: Vec::new(),
+        retry_after: None,
     }
 }
 
@@ -328,6 +296,7 @@ async fn validate(
             error,
             finalized: false,
             valid_names,
+            retry_after: None,
         });
     }
     // Every authorization is final: the filters can forget the tokens, and

@@ -23,8 +23,6 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Error;
-use crate::acme::account::HeldAccount;
-use crate::acme::{self, Http};
 use crate::certificate::Leaf;
 use crate::config::{Acme as AcmeConfig, Config};
 use crate::domain::budget::Blocked;
@@ -33,6 +31,7 @@ use crate::domain::spec::{Certificate, KeyType};
 use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
+use crate::ports::issuer::Issuer;
 use crate::ports::leader::Leader;
 use crate::ports::requests::{Refusal, RenewRefused, Request};
 use crate::ports::sink::CertificateSink;
@@ -95,8 +94,7 @@ async fn run_job(job: Job, permits: Option<Arc<Semaphore>>) -> Outcome {
         Some(p) => p.acquire_owned().await.ok(),
         None => None,
     };
-    let (outcome, retry_after) = acme::capturing_retry_after(job.run()).await;
-    match outcome {
+    match job.run().await {
         Outcome::Failed {
             error,
             retry_after: None,
@@ -104,7 +102,7 @@ async fn run_job(job: Job, permits: Option<Arc<Semaphore>>) -> Outcome {
             reason,
             awaiting,
         } => Outcome::Failed {
-            retry_after: retry_after.or(error.retry_after()),
+            retry_after: error.retry_after(),
             error,
             ordered,
             reason,
@@ -125,8 +123,8 @@ pub struct Shared {
     store: Arc<dyn StateStore>,
     sink: Arc<dyn CertificateSink>,
     metrics: Arc<Metrics>,
-    http: Http,
-    account: tokio::sync::Mutex<Option<HeldAccount>>,
+    /// The CA.
+    issuer: Arc<dyn Issuer>,
     ledger: SharedLedger,
     /// The solver of each kind of challenge.
     solvers: Solvers,
@@ -199,18 +197,17 @@ impl Manager {
         metrics: Arc<Metrics>,
         requests: mpsc::Receiver<Request>,
         solvers: Solvers,
-    ) -> Result<Self, Error> {
+        issuer: Arc<dyn Issuer>,
+    ) -> Self {
         let current = Arc::clone(&config.borrow());
-        let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
-        Ok(Self {
+        Self {
             shared: Arc::new(Shared {
                 acme: current.acme.clone(),
                 ledger: SharedLedger::new(current.acme.directory_url(), current.acme.limits),
                 store,
                 sink,
                 metrics,
-                http,
-                account: tokio::sync::Mutex::new(None),
+                issuer,
                 solvers,
                 leader: std::sync::OnceLock::new(),
                 endings: std::sync::Mutex::new(JoinSet::new()),
@@ -225,7 +222,7 @@ impl Manager {
             self_checked: current.self_check.is_some(),
             requests,
             events: Arc::new(NoEvents),
-        })
+        }
     }
 
     /// Orders only while `leader` holds its Lease (checked right before
