@@ -54,6 +54,23 @@ pub enum Error {
     /// The on-demand policy (the `ask` URL) could not be asked.
     #[error("on-demand policy: {0}")]
     Policy(String),
+    /// A CA behind the issuer seam (`ports::issuer`) other than the ACME
+    /// client failed, typed by what the manager does about it.
+    #[error("{detail}")]
+    Ca { failure: CaFailure, detail: String },
+}
+
+/// How a CA failed, as the manager acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaFailure {
+    /// No answer: retried after the backoff.
+    Unreachable,
+    /// A limit: retried after `retry_after`.
+    RateLimited { retry_after: Duration },
+    /// The CA will not issue for the order as it is.
+    Refused,
+    /// A name failed validation (counts as a failed authorization).
+    FailedAuthorization,
 }
 
 /// `e` and its sources, joined: HTTP client errors say "client error
@@ -122,6 +139,12 @@ impl Error {
             Self::Dns(_) => "dns_solver",
             Self::Profile(_) => "profile",
             Self::Policy(_) => "policy",
+            Self::Ca { failure, .. } => match failure {
+                CaFailure::Unreachable => "transport",
+                CaFailure::RateLimited { .. } => "rateLimited",
+                CaFailure::Refused => "rejectedIdentifier",
+                CaFailure::FailedAuthorization => "validation",
+            },
             Self::Acme { source, .. } => match source {
                 instant_acme::Error::Api(p) => p
                     .r#type
@@ -170,6 +193,10 @@ impl Error {
                 source: instant_acme::Error::Timeout(Some(at)),
                 ..
             } => Some(at.saturating_duration_since(std::time::Instant::now())),
+            Self::Ca {
+                failure: CaFailure::RateLimited { retry_after },
+                ..
+            } => Some(*retry_after),
             _ => None,
         }
     }

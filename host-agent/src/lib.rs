@@ -13,7 +13,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod domain;
-mod error;
+pub mod error;
 pub mod files;
 pub mod filter_wasm;
 mod http1;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use acme_agent::acme::issuer::AcmeIssuer;
 use acme_agent::api::{self, ApiState};
 use acme_agent::challenges::ChallengeSet;
 use acme_agent::config::Config;
@@ -307,10 +308,23 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         &stop_rx,
     )?;
     let elector = elector(&config, client.as_ref());
+    let issuer = Arc::new(AcmeIssuer::new(
+        &config.acme,
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+    )?);
     let (config_rx, file_tx) = spawn_discovery(config, client, &events, &stop_rx);
     let (solvers, dns) = solvers(&store, challenges, alpn);
-    let mut manager =
-        Manager::new(config_rx, store, sink, metrics, requests_rx, solvers)?.with_events(events);
+    let mut manager = Manager::new(
+        config_rx,
+        store,
+        sink,
+        metrics,
+        requests_rx,
+        solvers,
+        issuer,
+    )
+    .with_events(events);
     let (lost_tx, lost_rx) = watch::channel(false);
     let lost = lost_tx.subscribe();
     let (state, api) = serve_front_doors(doors, lost_rx, stop_tx.clone());

@@ -4,6 +4,7 @@
 //! in `account.rs`.
 
 pub mod account;
+pub mod issuer;
 pub mod order;
 
 use std::cell::Cell;

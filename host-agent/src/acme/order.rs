@@ -13,10 +13,11 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::certificate::{self, Leaf};
+use crate::certificate;
 use crate::challenges::Challenge;
 use crate::domain::spec::{Certificate, ChallengeKind, KeyType};
 use crate::nonce_retry;
+use crate::ports::issuer::{Failure, Issued, Trigger};
 use crate::ports::solver::{Presented, Solvers};
 
 /// Polling while the CA validates and issues: short first waits (Pebble and
@@ -28,13 +29,6 @@ fn polling() -> RetryPolicy {
         .timeout(Duration::from_secs(120))
 }
 
-/// An issued, checked certificate with its fresh key.
-pub struct Issued {
-    pub chain_pem: String,
-    pub key_pem: crate::domain::spec::KeyPem,
-    pub leaf: Leaf,
-}
-
 /// What the order needs from the agent.
 pub struct OrderContext<'a> {
     pub account: &'a Account,
@@ -44,12 +38,8 @@ pub struct OrderContext<'a> {
     /// to the CA, before they are: each is a failed authorization unless
     /// seen valid. An error stops the order before the CA is told.
     pub trigger: &'a dyn Trigger,
-}
-
-/// See [`OrderContext::trigger`].
-#[async_trait::async_trait]
-pub trait Trigger: Send + Sync {
-    async fn trigger(&self, names: &[String]) -> Result<(), Error>;
+    /// What the issued certificate's validity is checked against.
+    pub clock: crate::time::Clock,
 }
 
 fn key_pair(key_type: KeyType) -> Result<KeyPair, Error> {
@@ -71,32 +61,12 @@ fn csr(domains: &[String], key: &KeyPair) -> Result<Vec<u8>, Error> {
     Ok(request.der().to_vec())
 }
 
-/// Why an order failed, and how far it got (for the CA-limit ledger).
-#[derive(Debug)]
-pub struct Failure {
-    pub error: Error,
-    /// Finalize was sent: the CA may have issued a certificate.
-    pub finalized: bool,
-    /// Names whose authorization was seen valid after the failure: of the
-    /// names handed to the CA, only these did not fail.
-    pub valid_names: Vec<String>,
-}
-
-impl From<Error> for Failure {
-    fn from(error: Error) -> Self {
-        Self {
-            error,
-            finalized: false,
-            valid_names: Vec::new(),
-        }
-    }
-}
-
 fn finalized(error: Error) -> Failure {
     Failure {
         error,
         finalized: true,
         valid_names: Vec::new(),
+        retry_after: None,
     }
 }
 
@@ -140,7 +110,7 @@ pub async fn issue(
     fetch_authorizations(&mut order).await?;
     let pending = pending_challenges(&mut order, spec, cx.account.key_thumbprint())?;
     validate(cx, &mut order, spec, &pending).await?;
-    finalize(&mut order, spec).await
+    finalize(&mut order, spec, cx.clock.now()).await
 }
 
 /// RFC 8738: an address is an `ip` identifier (the config only lets
@@ -326,6 +296,7 @@ async fn validate(
             error,
             finalized: false,
             valid_names,
+            retry_after: None,
         });
     }
     // Every authorization is final: the filters can forget the tokens, and
@@ -339,7 +310,11 @@ async fn validate(
 
 /// Finalizes with a fresh key, downloads and verifies the chain. From here
 /// on the CA may issue: every failure counts as a certificate.
-async fn finalize(order: &mut instant_acme::Order, spec: &Certificate) -> Result<Issued, Failure> {
+async fn finalize(
+    order: &mut instant_acme::Order,
+    spec: &Certificate,
+    now: SystemTime,
+) -> Result<Issued, Failure> {
     let key = key_pair(spec.key_type)?;
     let csr = csr(&spec.domains, &key)?;
     nonce_retry!("finalizing the order", order.finalize_csr(&csr)).map_err(finalized)?;
@@ -356,8 +331,7 @@ async fn finalize(order: &mut instant_acme::Order, spec: &Certificate) -> Result
         .map_err(finalized)?,
     };
     let key_pem = crate::domain::spec::KeyPem::new(key.serialize_pem());
-    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, SystemTime::now())
-        .map_err(finalized)?;
+    let leaf = certificate::verify(&chain_pem, &key_pem, &spec.domains, now).map_err(finalized)?;
     Ok(Issued {
         chain_pem,
         key_pem,

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use instant_acme::CertificateIdentifier;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Shared;
@@ -15,13 +14,12 @@ use super::ledger::Refused;
 use super::restore;
 use super::trigger::{Reason, Served};
 use crate::Error;
-use crate::acme::account::{self, HeldAccount};
-use crate::acme::order::{self, OrderContext};
 use crate::certificate::Leaf;
 use crate::config::OnDemand;
 use crate::domain::budget::{Blocked, Finished, Spend};
 use crate::domain::schedule;
 use crate::domain::spec::{Certificate, KeyType};
+use crate::ports::issuer::{OrderRequest, Trigger};
 use crate::ports::sink::IssuedCertificate;
 use crate::ports::store::StoredCertificate;
 
@@ -171,7 +169,7 @@ struct Triggered<'a> {
 }
 
 #[async_trait::async_trait]
-impl order::Trigger for Triggered<'_> {
+impl Trigger for Triggered<'_> {
     async fn trigger(&self, names: &[String]) -> Result<(), Error> {
         let s = self.shared;
         s.ledger.trigger(s.store.as_ref(), self.name, names).await
@@ -304,24 +302,10 @@ enum Ari {
 }
 
 impl Look<'_> {
-    async fn account(&self) -> Result<instant_acme::Account, Error> {
-        let s = self.shared;
-        let mut slot = s.account.lock().await;
-        if let Some(held) = slot.as_mut() {
-            held.persist_pending(&s.acme, s.store.as_ref()).await;
-            return Ok(held.account.clone());
-        }
-        let held: HeldAccount =
-            account::open(&s.acme, s.store.as_ref(), &s.http, &s.metrics).await?;
-        let account = held.account.clone();
-        *slot = Some(held);
-        Ok(account)
-    }
-
     async fn run(self) -> Outcome {
-        let now = SystemTime::now();
-        let account = match self.account().await {
-            Ok(account) => account,
+        let now = self.shared.clock.now();
+        match self.shared.issuer.open().await {
+            Ok(()) => {}
             // Nothing due: an unreachable CA is no failure of this certificate.
             Err(e) if self.reason.is_none() && self.two_thirds.is_some_and(|at| at > now) => {
                 warn!("cannot reach the CA to check renewal info ({e}); looking again later");
@@ -336,7 +320,7 @@ impl Look<'_> {
         let mut replaces = None;
         let mut ari_due = false;
         if let Some(served) = self.served {
-            match self.renewal_info(&account, &served.leaf, now).await {
+            match self.renewal_info(&served.leaf, now).await {
                 Ari::Window { renew_at, check_at } => {
                     if renew_at <= now {
                         ari_due = true;
@@ -373,37 +357,23 @@ impl Look<'_> {
             }
         }
         info!(reason = reason.map_or("due", Reason::text), "ordering");
-        self.order(&account, reason, replaces, ari_due).await
+        self.order(reason, replaces, ari_due).await
     }
 
     /// With ARI: the CA's window for the served leaf.
-    async fn renewal_info(
-        &self,
-        account: &instant_acme::Account,
-        leaf: &Leaf,
-        now: SystemTime,
-    ) -> Ari {
-        let Some((aki, serial)) = leaf.ari_id.as_deref().and_then(|id| id.split_once('.')) else {
-            return Ari::None;
-        };
-        let cert_id = CertificateIdentifier {
-            authority_key_identifier: aki.into(),
-            serial: serial.into(),
-        };
-        match account.renewal_info(&cert_id).await {
-            Err(instant_acme::Error::Unsupported(_)) => Ari::None,
-            Err(e) => Ari::Failed(Error::acme("fetching renewal info")(e)),
-            Ok((info, retry_after)) => {
-                let start = SystemTime::from(info.suggested_window.start);
-                let end = SystemTime::from(info.suggested_window.end);
+    async fn renewal_info(&self, leaf: &Leaf, now: SystemTime) -> Ari {
+        match self.shared.issuer.renewal_info(leaf).await {
+            Ok(None) => Ari::None,
+            Err(e) => Ari::Failed(e),
+            Ok(Some(window)) => {
                 let Some(renew_at) =
-                    schedule::in_window(start, end, schedule::random_fraction(), now)
+                    schedule::in_window(window.start, window.end, schedule::random_fraction(), now)
                 else {
                     return Ari::Failed(Error::Validation(
                         "renewal info window ends before it starts".into(),
                     ));
                 };
-                let check_at = now + retry_after.clamp(ARI_RECHECK_MIN, ARI_RECHECK_MAX);
+                let check_at = now + window.retry_after.clamp(ARI_RECHECK_MIN, ARI_RECHECK_MAX);
                 Ari::Window {
                     renew_at,
                     check_at: renew_at.min(check_at),
@@ -416,14 +386,13 @@ impl Look<'_> {
     /// placing it, reserves it in the CA-limit budget, then places it.
     async fn order(
         &self,
-        account: &instant_acme::Account,
         reason: Option<Reason>,
         mut replaces: Option<String>,
         ari_due: bool,
     ) -> Outcome {
         let s = self.shared;
         let store = s.store.as_ref();
-        if let Err(e) = self.preflight(account).await {
+        if let Err(e) = self.preflight().await {
             return Outcome::failed(e, reason);
         }
         if replaces.is_some() && s.ledger.replaces_not_reflected(store).await {
@@ -443,19 +412,18 @@ impl Look<'_> {
             }
             Err(Refused::Store(e)) => return Outcome::failed(e, reason),
         }
-        self.place(account, spend, replaces.as_deref(), reason)
-            .await
+        self.place(spend, replaces.as_deref(), reason).await
     }
 
     /// What would fail the order, checked before it is placed: the sink
     /// can write, the challenges' solvers are ready, the CA offers the
     /// profile, and (several replicas) this one still holds the Lease, as a
     /// replica paused past it must not order.
-    async fn preflight(&self, account: &instant_acme::Account) -> Result<(), Error> {
+    async fn preflight(&self) -> Result<(), Error> {
         let s = self.shared;
         s.sink.check_writable(&self.spec.name).await?;
         s.solvers.preflight(self.spec).await?;
-        order::check_profile(account, self.spec)?;
+        s.issuer.check(self.spec).await?;
         if let Some(leader) = s.leader.get()
             && !leader.still_holds().await
         {
@@ -472,7 +440,6 @@ impl Look<'_> {
     /// returns (an abort included).
     async fn place(
         &self,
-        account: &instant_acme::Account,
         spend: Spend<'_>,
         replaces: Option<&str>,
         reason: Option<Reason>,
@@ -487,13 +454,17 @@ impl Look<'_> {
             how: None,
             ended: false,
         };
-        let cx = OrderContext {
-            account,
+        let trigger = Triggered { shared: s, name };
+        let request = |replaces| OrderRequest {
+            spec: self.spec,
+            replaces,
             solvers: &s.solvers,
-            trigger: &Triggered { shared: s, name },
+            trigger: &trigger,
         };
         let span = info_span!("order", domains = ?spend.domains);
-        let mut result = order::issue(&cx, self.spec, replaces)
+        let mut result = s
+            .issuer
+            .issue(request(replaces))
             .instrument(span.clone())
             .await;
         if let Err(failure) = &result
@@ -521,7 +492,7 @@ impl Look<'_> {
                     Refused::Store(e) => Outcome::failed(e, reason),
                 };
             }
-            result = order::issue(&cx, self.spec, None).instrument(span).await;
+            result = s.issuer.issue(request(None)).instrument(span).await;
         }
         let failure = match result {
             Ok(issued) => {
@@ -548,16 +519,9 @@ impl Look<'_> {
             }
         });
         reservation.end().await;
-        if failure.error.kind() == "accountDoesNotExist" {
-            // Opened (or registered) anew for the next order.
-            *s.account.lock().await = None;
-            if let Err(forget) = account::forget(&s.acme, store).await {
-                warn!("{forget}");
-            }
-        }
         Outcome::Failed {
             error: failure.error,
-            retry_after: None,
+            retry_after: failure.retry_after,
             ordered: true,
             reason,
             awaiting: None,

@@ -11,6 +11,7 @@ use crate::Error;
 use crate::domain::budget::Limits;
 use crate::domain::budget::{Blocked, Bucket, Finished, Ledger, Spend};
 use crate::ports::store::StateStore;
+use crate::time::Clock;
 
 pub struct SharedLedger {
     directory: String,
@@ -20,6 +21,8 @@ pub struct SharedLedger {
     /// before any other can look, the store gets the ledgers in the order
     /// they were made, and undoing a change never undoes another.
     ledger: Mutex<Option<Ledger>>,
+    /// What each count is dated with.
+    clock: Clock,
 }
 
 /// Why a reservation was not made.
@@ -59,7 +62,13 @@ impl SharedLedger {
             directory: directory.to_owned(),
             limits,
             ledger: Mutex::new(None),
+            clock: Clock::system(),
         }
+    }
+
+    /// Dates every count with `clock` (a simulation's) instead of the system's.
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     pub fn limits(&self) -> &Limits {
@@ -130,7 +139,7 @@ impl SharedLedger {
         store: &dyn StateStore,
         name: &str,
     ) -> Result<Option<u64>, Error> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut at = None;
         self.update(store, "writing the CA-limit ledger", |l| {
             let changed = l.in_flight.contains_key(name) || l.triggered.contains_key(name);
@@ -182,13 +191,13 @@ impl SharedLedger {
         store: &dyn StateStore,
         bucket: Bucket,
     ) -> Result<Result<(), SystemTime>, Error> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         self.change(store, |l| l.admit_on_demand(bucket, now)).await
     }
 
     /// Remembers `domain` as refused until `until` (persisted).
     pub async fn refuse(&self, store: &dyn StateStore, domain: &str, until: SystemTime) {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         if let Err(e) = self.change(store, |l| l.refuse(domain, until, now)).await {
             warn!(domain, "remembering a refused on-demand name: {e}");
         }
@@ -200,7 +209,7 @@ impl SharedLedger {
         store: &dyn StateStore,
         domain: &str,
     ) -> Result<Option<SystemTime>, Error> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         self.with(store, |l| l.refused_until(domain, now)).await
     }
 
@@ -213,7 +222,7 @@ impl SharedLedger {
         name: &str,
         spend: Spend<'_>,
     ) -> Result<(), Refused> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let limits = self.limits;
         self.change(store, |l| l.reserve(&limits, name, spend, now))
             .await
@@ -228,7 +237,7 @@ impl SharedLedger {
         store: &dyn StateStore,
         spend: Spend<'_>,
     ) -> Result<(), Refused> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let limits = self.limits;
         self.change(store, |l| {
             l.check(&limits, spend, now)?;
@@ -249,7 +258,7 @@ impl SharedLedger {
         domains: &[String],
         how: &Finished,
     ) {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let ended = self.update(store, "writing the CA-limit ledger", |l| {
             l.finish(name, domains, how, now);
             true
@@ -270,7 +279,7 @@ impl SharedLedger {
     pub async fn orders_remaining(&self) -> Option<u32> {
         let slot = self.ledger.lock().await;
         slot.as_ref()
-            .map(|l| l.orders_remaining(&self.limits, SystemTime::now()))
+            .map(|l| l.orders_remaining(&self.limits, self.clock.now()))
     }
 }
 

@@ -24,8 +24,6 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::Error;
-use crate::acme::account::HeldAccount;
-use crate::acme::{self, Http};
 use crate::certificate::Leaf;
 use crate::config::{Acme as AcmeConfig, Config};
 use crate::domain::budget::Blocked;
@@ -34,12 +32,13 @@ use crate::domain::spec::{Certificate, KeyType};
 use crate::metrics::Metrics;
 use crate::on_demand::Idle;
 use crate::ports::events::{Events, Happened, NoEvents};
+use crate::ports::issuer::Issuer;
 use crate::ports::leader::Leader;
 use crate::ports::requests::{Refusal, RenewRefused, Request};
 use crate::ports::sink::CertificateSink;
 use crate::ports::solver::Solvers;
 use crate::ports::store::StateStore;
-use crate::time::unix;
+use crate::time::{Clock, unix};
 
 use entry::{Awaiting, Entry, Restored};
 use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
@@ -103,8 +102,7 @@ async fn run_job(job: Job, permits: Option<Arc<Semaphore>>) -> Outcome {
         Some(p) => p.acquire_owned().await.ok(),
         None => None,
     };
-    let (outcome, retry_after) = acme::capturing_retry_after(job.run()).await;
-    match outcome {
+    match job.run().await {
         Outcome::Failed {
             error,
             retry_after: None,
@@ -112,7 +110,7 @@ async fn run_job(job: Job, permits: Option<Arc<Semaphore>>) -> Outcome {
             reason,
             awaiting,
         } => Outcome::Failed {
-            retry_after: retry_after.or(error.retry_after()),
+            retry_after: error.retry_after(),
             error,
             ordered,
             reason,
@@ -133,8 +131,8 @@ pub struct Shared {
     store: Arc<dyn StateStore>,
     sink: Arc<dyn CertificateSink>,
     metrics: Arc<Metrics>,
-    http: Http,
-    account: tokio::sync::Mutex<Option<HeldAccount>>,
+    /// The CA.
+    issuer: Arc<dyn Issuer>,
     ledger: SharedLedger,
     /// The solver of each kind of challenge.
     solvers: Solvers,
@@ -143,6 +141,8 @@ pub struct Shared {
     /// Reservations of aborted jobs, ended in the background (a drop cannot
     /// await the ledger's write); awaited before the manager stops.
     endings: std::sync::Mutex<JoinSet<()>>,
+    /// Where every date the manager decides on comes from.
+    clock: Clock,
 }
 
 impl Shared {
@@ -211,21 +211,21 @@ impl Manager {
         metrics: Arc<Metrics>,
         requests: mpsc::Receiver<Request>,
         solvers: Solvers,
-    ) -> Result<Self, Error> {
+        issuer: Arc<dyn Issuer>,
+    ) -> Self {
         let current = Arc::clone(&config.borrow());
-        let http = Http::new(current.acme.ca_root.as_deref(), Arc::clone(&metrics))?;
-        Ok(Self {
+        Self {
             shared: Arc::new(Shared {
                 acme: current.acme.clone(),
                 ledger: SharedLedger::new(current.acme.directory_url(), current.acme.limits),
                 store,
                 sink,
                 metrics,
-                http,
-                account: tokio::sync::Mutex::new(None),
+                issuer,
                 solvers,
                 leader: std::sync::OnceLock::new(),
                 endings: std::sync::Mutex::new(JoinSet::new()),
+                clock: Clock::system(),
             }),
             config,
             entries: BTreeMap::new(),
@@ -238,7 +238,7 @@ impl Manager {
             events: Arc::new(NoEvents),
             asked: Recency::default(),
             in_sds: Recency::default(),
-        })
+        }
     }
 
     /// Orders only while `leader` holds its Lease (checked right before
@@ -246,6 +246,19 @@ impl Manager {
     pub fn with_leader(self, leader: Arc<dyn Leader>) -> Self {
         if self.shared.leader.set(leader).is_err() {
             warn!("a Lease was already set for this manager; keeping the first");
+        }
+        self
+    }
+
+    /// Reads every date from `clock` instead of the system's (a simulation
+    /// runs a year on tokio's paused clock). Call before `run`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => {
+                shared.clock = clock;
+                shared.ledger.set_clock(clock);
+            }
+            None => warn!("the manager already runs: its clock is kept"),
         }
         self
     }
@@ -265,7 +278,7 @@ impl Manager {
         loop {
             self.sweep_on_demand().await;
             let capped = self.start_due_jobs();
-            let now = SystemTime::now();
+            let now = self.shared.clock.now();
             // When jobs are capped, the due ones left start as others end
             // (a join wakes the loop): no busy wait on them.
             let next = self
@@ -276,7 +289,7 @@ impl Manager {
                 .chain(self.next_idle_check())
                 .min();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
-                at.duration_since(SystemTime::now())
+                at.duration_since(self.shared.clock.now())
                     .unwrap_or(Duration::ZERO)
             });
             tokio::select! {
@@ -312,7 +325,7 @@ impl Manager {
     async fn handle(&mut self, request: Request) {
         match request {
             Request::Renew { name, reply } => {
-                let now = SystemTime::now();
+                let now = self.shared.clock.now();
                 let answer = match self.entries.get_mut(&name) {
                     None => Err(RenewRefused::Unknown),
                     // While a job runs (a renewal-info check, an order), the
@@ -338,7 +351,7 @@ impl Manager {
             Request::Seen { domain } => {
                 let name = crate::domain::names::name_for(&domain);
                 if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
-                    entry.requested(SystemTime::now());
+                    entry.requested(self.shared.clock.now());
                     self.reindex(&name);
                     self.save_status(&name).await;
                 }
@@ -355,7 +368,7 @@ impl Manager {
         domain: &str,
         key_type: crate::domain::spec::KeyType,
     ) -> Result<(), Refusal> {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let name = crate::domain::names::name_for(domain);
         if let Some(entry) = self.entries.get_mut(&name) {
             entry.requested(now);
@@ -433,7 +446,7 @@ impl Manager {
                 return;
             }
         };
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let periods = idle_periods(on_demand);
         let mut kept = Vec::new();
         for name in names {
@@ -528,7 +541,9 @@ impl Manager {
                 self.in_sds.forget(name);
             }
             Some(entry) => {
-                let at = entry.last_requested.unwrap_or_else(SystemTime::now);
+                let at = entry
+                    .last_requested
+                    .unwrap_or_else(|| self.shared.clock.now());
                 self.asked.set(name, at);
                 if entry.restored && !as_good_as_withdrawn(entry) {
                     self.in_sds.set(name, at);
@@ -554,7 +569,7 @@ impl Manager {
         let Some(od) = self.config.borrow().on_demand.clone() else {
             return;
         };
-        let (periods, now) = (idle_periods(&od), SystemTime::now());
+        let (periods, now) = (idle_periods(&od), self.shared.clock.now());
         for name in self.expired(false, periods, now) {
             self.remove_on_demand(&name, "no handshake asked for it in on_demand.idle_seconds")
                 .await;
@@ -617,7 +632,7 @@ impl Manager {
     /// a job: at most the running jobs are passed over).
     fn next_idle_check(&self) -> Option<SystemTime> {
         let periods = idle_periods(self.config.borrow().on_demand.as_ref()?);
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let first = |index: &Recency, withdrawn: bool| {
             let (at, _) = index.oldest().find(|(_, name)| self.idle_now(name))?;
             Some(match crate::on_demand::idle(at, periods, withdrawn, now) {
@@ -671,7 +686,7 @@ impl Manager {
                 );
             }
         }
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         for (name, spec) in wanted {
             match self.entries.get_mut(name) {
                 Some(entry) if entry.spec == *spec => {}
@@ -695,7 +710,7 @@ impl Manager {
     /// job holds its task's memory until it is recorded: 10,000 at once at
     /// start held ~120 MB). True when a due entry was left for later.
     fn start_due_jobs(&mut self) -> bool {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let policy = self.config.borrow().on_demand.clone().map(Arc::new);
         let running = |restoring: bool| {
             self.entries
@@ -775,7 +790,7 @@ impl Manager {
             metrics: &self.shared.metrics,
             events: self.events.as_ref(),
             backoff: self.backoff,
-            now: SystemTime::now(),
+            now: self.shared.clock.now(),
         };
         match outcome {
             Outcome::Restored(restored) => report.restored(entry, *restored),
@@ -843,7 +858,7 @@ impl Manager {
             .get(name)
             .and_then(|e| e.spec.domains.first().cloned())
         {
-            let until = SystemTime::now() + Duration::from_secs(refusal);
+            let until = self.shared.clock.now() + Duration::from_secs(refusal);
             self.shared
                 .ledger
                 .refuse(self.shared.store.as_ref(), &domain, until)
@@ -857,7 +872,7 @@ impl Manager {
         let Some(entry) = self.entries.get_mut(name).filter(|e| e.restored) else {
             return;
         };
-        let status = entry.status(SystemTime::now());
+        let status = entry.status(self.shared.clock.now());
         let essence = status.essence();
         if entry.saved == Some(essence) {
             return;

@@ -4,8 +4,6 @@
 //! "nothing stored": the caller retries it and orders nothing meanwhile (a
 //! Kubernetes API blip at start must not re-issue everything).
 
-use std::time::SystemTime;
-
 use tracing::{error, info, warn};
 
 use super::Shared;
@@ -21,7 +19,7 @@ use crate::time::from_unix;
 /// still good, and a placeholder where the sink needs one.
 pub async fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Error> {
     let name = &spec.name;
-    let now = SystemTime::now();
+    let now = shared.clock.now();
     // With the opt-in, a Secret someone else wrote (cert-manager's) is taken
     // over and its certificate kept, instead of ordering at once.
     let adopted = if spec.adopt {

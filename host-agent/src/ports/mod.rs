@@ -2,6 +2,7 @@
 //! they pass, no I/O of their own.
 
 pub mod events;
+pub mod issuer;
 pub mod leader;
 pub mod requests;
 pub mod secrets;
