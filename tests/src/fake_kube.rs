@@ -857,6 +857,29 @@ fn forbidden(action: &Action) -> Reply {
     )
 }
 
+/// An Istio `Gateway` in `namespace` annotated for the agent: port 80 for
+/// any host, port 443 for `hosts` with `credentialName: secret`.
+pub fn istio_gateway(namespace: &str, name: &str, secret: &str, hosts: &[&str]) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "annotations": {"acme-agent.envoy-acme.io/issue": "true"},
+        },
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [
+                {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]},
+                {"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                 "hosts": hosts.iter().map(|h| format!("{namespace}/{h}")).collect::<Vec<_>>(),
+                 "tls": {"mode": "SIMPLE", "credentialName": secret}},
+            ],
+        },
+    })
+}
+
 /// Decodes a Secret's `data` value.
 pub fn decoded(secret: &Value, key: &str) -> Option<String> {
     use base64::Engine as _;

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use acme_tests::agent::wait_for;
-use acme_tests::fake_kube::{FakeKube, Role, decoded};
+use acme_tests::fake_kube::{self, FakeKube, Role, decoded};
 use acme_tests::pebble;
 use acme_tests::world::World;
 use serde_json::{Value, json};
@@ -27,24 +27,7 @@ const GRANTS: &str =
     "/apis/gateway.networking.k8s.io/v1beta1/namespaces/istio-system/referencegrants";
 
 fn istio_gateway(name: &str, secret: &str, hosts: &[&str]) -> Value {
-    json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "Gateway",
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "annotations": {"acme-agent.envoy-acme.io/issue": "true"},
-        },
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [
-                {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]},
-                {"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
-                 "hosts": hosts.iter().map(|h| format!("{NS}/{h}")).collect::<Vec<_>>(),
-                 "tls": {"mode": "SIMPLE", "credentialName": secret}},
-            ],
-        },
-    })
+    fake_kube::istio_gateway(NS, name, secret, hosts)
 }
 
 fn chain_of(kube: &FakeKube, secret: &str) -> Option<String> {

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use acme_tests::agent::wait_for;
+use acme_tests::fake_kube::{self, decoded};
 use acme_tests::kube_apiserver::KubeApiServer;
 use acme_tests::world::World;
 use acme_tests::{pebble, workspace_root};
@@ -95,33 +96,7 @@ fn grant_checked(kube: &KubeApiServer, world: &World) {
 }
 
 fn istio_gateway(name: &str, secret: &str, hosts: &[&str]) -> Value {
-    json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "Gateway",
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "annotations": {"acme-agent.envoy-acme.io/issue": "true"},
-        },
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [
-                {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]},
-                {"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
-                 "hosts": hosts.iter().map(|h| format!("{NS}/{h}")).collect::<Vec<_>>(),
-                 "tls": {"mode": "SIMPLE", "credentialName": secret}},
-            ],
-        },
-    })
-}
-
-fn decoded(secret: &Value, key: &str) -> Option<String> {
-    use base64::Engine as _;
-    let data = secret["data"][key].as_str()?;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data)
-        .ok()?;
-    String::from_utf8(bytes).ok()
+    fake_kube::istio_gateway(NS, name, secret, hosts)
 }
 
 /// Waits until Secret `name` holds a chain from Pebble covering `hosts`;
