@@ -51,7 +51,12 @@ fn event(happened: &Happened) -> Event {
                 EventType::Warning,
                 "Failed",
                 "Order",
-                format!("{kind}: {message}"),
+                // Most messages name their kind already ("kubernetes: ...").
+                if message.starts_with(kind.as_str()) {
+                    message.clone()
+                } else {
+                    format!("{kind}: {message}")
+                },
             ),
             Happened::WaitingForBudget { limit, until } => (
                 EventType::Warning,
@@ -195,5 +200,28 @@ mod tests {
         });
         assert_eq!(issued.type_, EventType::Normal);
         assert!(issued.note.unwrap().contains("1970-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_message_that_names_its_kind_is_not_prefixed_twice() {
+        let api = kube::Error::Api(
+            kube::core::Status::failure("secrets \"web\" is forbidden", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        );
+        let error = crate::Error::Kubernetes(format!(
+            "writing Secret web: {}",
+            super::super::describe(&api)
+        ));
+        let note = event(&Happened::Failed {
+            kind: error.kind().into(),
+            message: error.to_string(),
+        })
+        .note
+        .unwrap();
+        assert_eq!(
+            note,
+            "kubernetes: writing Secret web: secrets \"web\" is forbidden (403 Forbidden)"
+        );
     }
 }

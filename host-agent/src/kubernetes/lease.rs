@@ -40,7 +40,7 @@ pub struct Elector {
 }
 
 fn failed(what: &str) -> impl FnOnce(kube::Error) -> Error + '_ {
-    move |e| Error::Kubernetes(format!("{what}: {e}"))
+    move |e| Error::Kubernetes(format!("{what}: {}", super::describe(&e)))
 }
 
 fn is_conflict(e: &kube::Error) -> bool {

@@ -34,7 +34,31 @@ const STATUS_SECRET: &str = "acme-agent-status";
 
 fn failed(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let what = what.into();
-    move |e| Error::Kubernetes(format!("{what}: {e}"))
+    move |e| Error::Kubernetes(format!("{what}: {}", describe(&e)))
+}
+
+/// What the API server said, in its own words ("secrets \"x\" is
+/// forbidden: ... (403 Forbidden)"): kube's Display appends the whole Status
+/// as a debug dump, which is noise in a status line or an Event. Other
+/// errors with their causes (a refused connection hides in a source).
+pub(crate) fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text = format!("{text}: {cause_text}");
+                }
+                source = cause.source();
+            }
+            text
+        }
+    }
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -23,8 +23,10 @@ use crate::ports::issuer::{OrderRequest, Trigger};
 use crate::ports::sink::IssuedCertificate;
 use crate::ports::store::StoredCertificate;
 
-/// Renewal info is fetched again at least this often ...
-pub const ARI_RECHECK_MAX: Duration = Duration::from_secs(6 * 3600);
+/// Renewal info is fetched again at least this often (Let's Encrypt asks
+/// for at least daily; RFC 9773 section 4.3.2 treats a longer `Retry-After`
+/// as a day), honouring a shorter `Retry-After` ...
+pub const ARI_RECHECK_MAX: Duration = Duration::from_secs(86_400);
 /// ... and, whatever its `Retry-After` says, not more often than this.
 pub const ARI_RECHECK_MIN: Duration = Duration::from_secs(60);
 /// Without a reachable CA, a certificate with nothing due looks again after this.
@@ -85,6 +87,11 @@ pub enum Task {
         /// The reason that needs no clock (`trigger::reason`).
         reason: Option<Reason>,
         two_thirds: Option<SystemTime>,
+        /// Where in the CA's renewal window to renew, fixed per served leaf:
+        /// the same window gives the same time at every check (a new random
+        /// point each time would move the schedule, and rewrite the status,
+        /// at every check).
+        jitter: f64,
     },
 }
 
@@ -207,6 +214,7 @@ impl Job {
                 served,
                 reason,
                 two_thirds,
+                jitter,
             } => {
                 let look = Look {
                     shared: &shared,
@@ -214,6 +222,7 @@ impl Job {
                     served: served.as_ref(),
                     reason,
                     two_thirds,
+                    jitter,
                     on_demand: on_demand.as_ref(),
                 };
                 look.run().await
@@ -287,6 +296,7 @@ struct Look<'a> {
     served: Option<&'a Served>,
     reason: Option<Reason>,
     two_thirds: Option<SystemTime>,
+    jitter: f64,
     on_demand: Option<&'a OnDemandJob>,
 }
 
@@ -367,7 +377,7 @@ impl Look<'_> {
             Err(e) => Ari::Failed(e),
             Ok(Some(window)) => {
                 let Some(renew_at) =
-                    schedule::in_window(window.start, window.end, schedule::random_fraction(), now)
+                    schedule::in_window(window.start, window.end, self.jitter, now)
                 else {
                     return Ari::Failed(Error::Validation(
                         "renewal info window ends before it starts".into(),

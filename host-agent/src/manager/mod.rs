@@ -8,6 +8,7 @@
 //! to the loop, which alone changes entries, and persists each one's status
 //! (which is also its schedule) after every change.
 
+mod agenda;
 mod entry;
 mod job;
 mod ledger;
@@ -26,7 +27,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::Error;
 use crate::certificate::Leaf;
 use crate::config::{Acme as AcmeConfig, Config};
-use crate::domain::budget::Blocked;
+use crate::domain::budget::{Blocked, Limit};
 use crate::domain::schedule::{self, Backoff};
 use crate::domain::spec::{Certificate, KeyType};
 use crate::metrics::Metrics;
@@ -40,6 +41,7 @@ use crate::ports::solver::Solvers;
 use crate::ports::store::StateStore;
 use crate::time::{Clock, unix};
 
+use agenda::{Agenda, Slot};
 use entry::{Awaiting, Entry, Restored};
 use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
@@ -71,6 +73,32 @@ fn on_demand_spec(domain: &str, key_type: crate::domain::spec::KeyType) -> Certi
     }
 }
 
+/// When `entry`'s served certificate expires (none served: as urgent as can
+/// be).
+fn expires(entry: &Entry) -> SystemTime {
+    entry
+        .served
+        .as_ref()
+        .map_or(SystemTime::UNIX_EPOCH, |s| s.leaf.not_after)
+}
+
+/// Where `entry` stands in the agenda: a withdrawn on-demand certificate is
+/// not renewed, it waits for a handshake (or its removal).
+fn slot_of(entry: &Entry) -> Slot {
+    let restore = !entry.restored;
+    if entry.job.is_some() {
+        Slot::Running { restore }
+    } else if entry.withdrawn {
+        Slot::Idle
+    } else {
+        Slot::Waiting {
+            at: entry.due,
+            expires: expires(entry),
+            restore,
+        }
+    }
+}
+
 /// Restores running at once: each is a few reads and a parse.
 const MAX_RESTORING: usize = 64;
 /// Other jobs running at once (looks, orders waiting for a permit, installs).
@@ -89,6 +117,7 @@ fn task_of(entry: &Entry) -> Task {
             served: entry.served.clone(),
             reason: entry.static_reason(),
             two_thirds: entry.two_thirds(),
+            jitter: entry.jitter,
         }
     }
 }
@@ -199,6 +228,8 @@ pub struct Manager {
     /// The on-demand certificates served over SDS, likewise (the withdrawal
     /// rules: time and `max_served`).
     in_sds: Recency,
+    /// Every certificate by when its next job starts, and the running jobs.
+    agenda: Agenda,
 }
 
 impl Manager {
@@ -238,6 +269,7 @@ impl Manager {
             events: Arc::new(NoEvents),
             asked: Recency::default(),
             in_sds: Recency::default(),
+            agenda: Agenda::default(),
         }
     }
 
@@ -282,10 +314,9 @@ impl Manager {
             // When jobs are capped, the due ones left start as others end
             // (a join wakes the loop): no busy wait on them.
             let next = self
-                .entries
-                .values()
-                .filter(|e| e.job.is_none() && !e.withdrawn && !(capped && e.due <= now))
-                .map(|e| e.due)
+                .agenda
+                .next(now, capped)
+                .into_iter()
                 .chain(self.next_idle_check())
                 .min();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
@@ -337,6 +368,7 @@ impl Manager {
                     }
                 };
                 if answer.is_ok() {
+                    self.reindex(&name);
                     self.save_status(&name).await;
                 }
                 let _ = reply.send(answer);
@@ -417,7 +449,8 @@ impl Manager {
             Ok(None) => {}
             Err(e) => return Err(Refusal::brief(format!("the CA-limit ledger: {e}"))),
         }
-        if self.entries.values().filter(|e| e.on_demand).count() >= od.max_certificates {
+        // `asked` holds every on-demand certificate.
+        if self.asked.len() >= od.max_certificates {
             return Err(Refusal::brief("on_demand.max_certificates reached"));
         }
         let hourly = crate::domain::budget::Bucket::new(
@@ -532,10 +565,22 @@ impl Manager {
         info!(certificate = name, "on-demand certificate removed: {why}");
     }
 
-    /// Places on-demand certificate `name` in the indexes the idle and count
-    /// rules read, as its entry is now (none when it is gone).
+    /// Places certificate `name` in the indexes, as its entry is now (none
+    /// when it is gone): the agenda, and for an on-demand one those the idle
+    /// and count rules read. Called after every change to an entry.
     fn reindex(&mut self, name: &str) {
-        match self.entries.get(name).filter(|e| e.on_demand) {
+        let entry = self.entries.get(name);
+        self.agenda.set(name, entry.map(slot_of));
+        self.agenda.queue_for_budget(
+            name,
+            entry
+                .filter(|e| {
+                    e.blocked
+                        .is_some_and(|b| b.limit == Limit::OrdersPerAccount)
+                })
+                .map(expires),
+        );
+        match entry.filter(|e| e.on_demand) {
             None => {
                 self.asked.forget(name);
                 self.in_sds.forget(name);
@@ -679,6 +724,7 @@ impl Manager {
                 if let Some(job) = entry.job {
                     job.abort();
                 }
+                self.reindex(&name);
                 self.shared.metrics.forget(&name);
                 info!(
                     certificate = name,
@@ -702,75 +748,62 @@ impl Manager {
                         .insert(name.to_owned(), Entry::new(spec.clone(), now));
                 }
             }
+            self.reindex(name);
         }
     }
 
     /// Starts a job for every entry that is due and has none running, at
     /// most [`MAX_RESTORING`] restores and [`MAX_JOBS`] others at once (each
     /// job holds its task's memory until it is recorded: 10,000 at once at
-    /// start held ~120 MB). True when a due entry was left for later.
-    fn start_due_jobs(&mut self) -> bool {
+    /// start held ~120 MB). Per kind (restores, others): whether a due entry
+    /// was left for later.
+    fn start_due_jobs(&mut self) -> [bool; 2] {
         let now = self.shared.clock.now();
         let policy = self.config.borrow().on_demand.clone().map(Arc::new);
-        let running = |restoring: bool| {
-            self.entries
-                .values()
-                .filter(|e| e.job.is_some() && e.restored != restoring)
-                .count()
-        };
-        let (mut restoring, mut others) = (running(true), running(false));
-        let mut capped = false;
-        for (name, entry) in &mut self.entries {
-            if restoring >= MAX_RESTORING && others >= MAX_JOBS {
-                capped = true;
-                break;
+        let mut capped = [false; 2];
+        for (kind, (restore, max)) in [(true, MAX_RESTORING), (false, MAX_JOBS)]
+            .into_iter()
+            .enumerate()
+        {
+            let room = max.saturating_sub(self.agenda.running(restore));
+            let due = self.agenda.due(restore, now, room.saturating_add(1));
+            capped[kind] = due.len() > room;
+            for name in due.into_iter().take(room) {
+                self.start_job(&name, policy.clone());
             }
-            // A withdrawn on-demand certificate is not renewed: it waits for
-            // a handshake (or its removal).
-            if entry.job.is_some() || entry.due > now || entry.withdrawn {
-                continue;
-            }
-            let task = task_of(entry);
-            let count = if matches!(task, Task::Restore) {
-                &mut restoring
-            } else {
-                &mut others
-            };
-            if *count
-                >= if matches!(task, Task::Restore) {
-                    MAX_RESTORING
-                } else {
-                    MAX_JOBS
-                }
-            {
-                capped = true;
-                continue;
-            }
-            *count += 1;
-            // Only a look may order: it alone waits for a permit.
-            let looks = matches!(task, Task::Look { .. });
-            let job = Job {
-                shared: Arc::clone(&self.shared),
-                spec: entry.spec.clone(),
-                task,
-                on_demand: entry.on_demand.then(|| OnDemandJob {
-                    config: policy.clone(),
-                    recheck: entry.recheck,
-                }),
-            };
-            // The decision of the handshake that added it covers its first
-            // look; every later one asks the policy again.
-            entry.recheck |= looks;
-            let permits = looks.then(|| Arc::clone(&self.permits));
-            let epoch = entry.epoch;
-            let name = name.clone();
-            let span = info_span!("certificate", name = %name);
-            let handle = self
-                .jobs
-                .spawn(async move { (name, epoch, run_job(job, permits).await) }.instrument(span));
-            entry.job = Some(handle);
         }
         capped
+    }
+
+    /// Starts the next job of entry `name` (which has none running).
+    fn start_job(&mut self, name: &str, policy: Option<Arc<crate::config::OnDemand>>) {
+        let Some(entry) = self.entries.get_mut(name) else {
+            return;
+        };
+        let task = task_of(entry);
+        // Only a look may order: it alone waits for a permit.
+        let looks = matches!(task, Task::Look { .. });
+        let job = Job {
+            shared: Arc::clone(&self.shared),
+            spec: entry.spec.clone(),
+            task,
+            on_demand: entry.on_demand.then_some(OnDemandJob {
+                config: policy,
+                recheck: entry.recheck,
+            }),
+        };
+        // The decision of the handshake that added it covers its first
+        // look; every later one asks the policy again.
+        entry.recheck |= looks;
+        let permits = looks.then(|| Arc::clone(&self.permits));
+        let epoch = entry.epoch;
+        let owned = name.to_owned();
+        let span = info_span!("certificate", name = %name);
+        let handle = self
+            .jobs
+            .spawn(async move { (owned, epoch, run_job(job, permits).await) }.instrument(span));
+        entry.job = Some(handle);
+        self.reindex(name);
     }
 
     /// Takes in what a job found or did: the entry's new schedule, its
@@ -828,7 +861,20 @@ impl Manager {
                 }
                 report.failed(entry, error, retry_after, reason, awaiting);
             }
-            Outcome::Blocked { blocked, reason } => report.blocked(entry, blocked, reason),
+            Outcome::Blocked {
+                mut blocked,
+                reason,
+            } => {
+                // Behind those queued for the account's orders that expire
+                // first: back when its turn's order is free.
+                if blocked.limit == Limit::OrdersPerAccount {
+                    let rank = self.agenda.budget_rank(name, expires(entry));
+                    let refill = self.shared.ledger.limits().bucket(blocked.limit).refill;
+                    let behind = refill.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
+                    blocked.until = blocked.until.checked_add(behind).unwrap_or(blocked.until);
+                }
+                report.blocked(entry, blocked, reason);
+            }
         }
         report.schedule(entry, self.shared.ledger.orders_remaining().await);
         self.save_status(name).await;
