@@ -350,9 +350,10 @@ pub fn run(rows: &mut Vec<Row>, agent_bin: &Path, counts: &[usize]) -> Result<()
 
 fn row(s: &Start, base: &Start) -> Row {
     let per_cert = if s.count > base.count {
-        (s.rss_kb.saturating_sub(base.rss_kb)) as f64 * 1024.0 / (s.count - base.count) as f64
+        let kb = s.rss_kb.saturating_sub(base.rss_kb) as f64 / (s.count - base.count) as f64;
+        format!("{kb:.1} KB per certificate beyond the first run's")
     } else {
-        f64::NAN
+        "the base of the per-certificate figures".to_owned()
     };
     Row {
         what: format!(
@@ -360,11 +361,10 @@ fn row(s: &Start, base: &Start) -> Row {
             s.count
         ),
         result: format!(
-            "{:.2} s; agent RSS {:.0} MB (peak {:.0} MB), {:.1} KB per certificate beyond the first run's",
+            "{:.2} s; agent RSS {:.0} MB (peak {:.0} MB), {per_cert}",
             s.served.as_secs_f64(),
             s.rss_kb as f64 / 1024.0,
             s.hwm_kb as f64 / 1024.0,
-            per_cert / 1024.0
         ),
         note: format!(
             "local CA (rcgen), P-256, one name each, {} B of PEM per certificate (store generated in {:.0} s; 0: cached); one delta SDS stream asks for all; `status` {:.2} s, {} KB of output; /metrics {} series ({} with a certificate label), {} KB",
