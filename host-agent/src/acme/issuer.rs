@@ -4,6 +4,7 @@
 //! (`order.rs`) with the CA's `Retry-After` captured for that order alone.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use instant_acme::CertificateIdentifier;
 use tokio::sync::Mutex;
@@ -27,9 +28,21 @@ pub struct AcmeIssuer {
     http: Http,
     metrics: Arc<Metrics>,
     account: Mutex<Option<HeldAccount>>,
+    /// When opening the account last found the CA unreachable, and why:
+    /// every job waiting for the account gets that answer until
+    /// [`UNREACHABLE_FOR`] has passed, instead of each trying the CA in
+    /// turn (100,000 looks at a start with the CA down were 100,000
+    /// connection attempts, one after another behind the lock).
+    unreachable: std::sync::Mutex<Option<(SystemTime, String)>>,
     /// What an issued certificate's validity is checked against.
     clock: Clock,
 }
+
+/// How long a failure to reach the CA while opening the account stands for
+/// every caller: long enough for the jobs queued behind the attempt to take
+/// its answer, short enough that a CA back up is asked again within the
+/// shortest retry backoff anyone configures.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
 impl AcmeIssuer {
     /// The CA of `config` (its directory, account and EAB); the account is
@@ -45,6 +58,7 @@ impl AcmeIssuer {
             store,
             metrics,
             account: Mutex::new(None),
+            unreachable: std::sync::Mutex::new(None),
             clock: Clock::system(),
         })
     }
@@ -58,11 +72,41 @@ impl AcmeIssuer {
                 .await;
             return Ok(held.account.clone());
         }
-        let held =
-            account::open(&self.config, self.store.as_ref(), &self.http, &self.metrics).await?;
+        if let Some(error) = self.recently_unreachable() {
+            return Err(error);
+        }
+        let opened =
+            account::open(&self.config, self.store.as_ref(), &self.http, &self.metrics).await;
+        let held = opened.inspect_err(|e| {
+            if matches!(e.kind(), "transport" | "timeout") {
+                *self.unreachable_slot() = Some((self.clock.now(), e.to_string()));
+            }
+        })?;
         let account = held.account.clone();
         *slot = Some(held);
         Ok(account)
+    }
+
+    fn unreachable_slot(&self) -> std::sync::MutexGuard<'_, Option<(SystemTime, String)>> {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The CA found unreachable less than [`UNREACHABLE_FOR`] ago, as an
+    /// error of the same kind.
+    fn recently_unreachable(&self) -> Option<Error> {
+        let slot = self.unreachable_slot();
+        let (at, why) = slot.as_ref()?;
+        let age = self.clock.now().duration_since(*at).unwrap_or_default();
+        (age < UNREACHABLE_FOR).then(|| Error::Ca {
+            failure: crate::error::CaFailure::Unreachable,
+            detail: format!(
+                "{why} ({} s ago; the CA is asked again {} s after)",
+                age.as_secs(),
+                UNREACHABLE_FOR.as_secs()
+            ),
+        })
     }
 }
 
@@ -120,5 +164,43 @@ impl Issuer for AcmeIssuer {
             }
         }
         Err(failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::store::FileStore;
+
+    /// A CA that refuses connections: the first caller tries it, the next
+    /// ones within [`UNREACHABLE_FOR`] get that answer without trying.
+    #[tokio::test]
+    async fn an_unreachable_ca_is_tried_once_for_every_waiting_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "state_dir = {:?}\nsds_dir = {:?}\n[acme]\ndirectory = \"https://127.0.0.1:9/directory\"\n",
+            dir.path(),
+            dir.path().join("sds")
+        );
+        let config =
+            crate::config::Config::parse(&text, std::path::Path::new("agent.toml")).unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileStore::open(dir.path()).unwrap());
+        let issuer = AcmeIssuer::new(&config.acme, store, Arc::new(Metrics::new())).unwrap();
+        let first = issuer.open().await.unwrap_err();
+        assert_eq!(first.kind(), "transport", "{first}");
+        assert!(!matches!(first, Error::Ca { .. }), "{first}");
+        let second = issuer.open().await.unwrap_err();
+        assert!(
+            matches!(
+                second,
+                Error::Ca {
+                    failure: crate::error::CaFailure::Unreachable,
+                    ..
+                }
+            ),
+            "{second}"
+        );
+        assert_eq!(second.kind(), "transport");
+        assert!(second.to_string().contains("asked again 5 s after"));
     }
 }
