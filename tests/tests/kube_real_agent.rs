@@ -16,21 +16,26 @@
 //! - a cert-manager Secret adopted (`adopt = true`) through the admission
 //!   policy, with no order;
 //! - two replicas electing a holder on a real `coordination.k8s.io/v1`
-//!   Lease: the holder SIGKILLed, the other takes over (failover time
-//!   printed: a timing is a figure, not an assertion), the follower having
-//!   ordered nothing meanwhile.
+//!   Lease (through the shipped Role): the follower is not ready and orders
+//!   nothing; the holder SIGKILLed right after a forced renewal was
+//!   accepted, the other takes over the Lease and writes the renewed chain,
+//!   having ordered it once (failover times printed: a timing is a figure,
+//!   not an assertion).
 //!
 //! One API server for the whole binary (it takes seconds to start), in
 //! phases run in order; every process is killed on drop.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use acme_tests::agent::wait_for;
+use acme_tests::agent::{Agent, wait_for};
+use acme_tests::envoy::{Envoy, bootstrap_with_agents, free_addr, wasm_filter_yaml};
 use acme_tests::fake_kube::{self, decoded};
 use acme_tests::kube_apiserver::KubeApiServer;
 use acme_tests::world::World;
-use acme_tests::{pebble, workspace_root};
+use acme_tests::{filter_wasm, http, pebble, workspace_root};
 use serde_json::{Value, json};
 
 const NS: &str = "istio-system";
@@ -358,6 +363,259 @@ fn the_agent_under_the_shipped_role(kube: &KubeApiServer, agent: &Path) {
     clean(kube);
 }
 
+/// The Lease's duration in the HA phase (the shipped config's is 15 s).
+const LEASE: Duration = Duration::from_secs(3);
+/// How long a replica may take to take over: generous (the measured time
+/// is printed).
+const TAKEOVER: Duration = Duration::from_secs(60);
+
+/// A replica's API and probes addresses.
+type Addrs = (SocketAddr, SocketAddr);
+
+fn ready((_, health): Addrs) -> bool {
+    http::get(health, "/readyz", "agent").is_ok_and(|r| r.status == 200)
+}
+
+/// Starts replica `name` (its pod's name, the Lease's holderIdentity
+/// `<name>-<pid>`): the world's config with its API and probes at `addrs`,
+/// as the agent's ServiceAccount; it logs to `<name>.log`.
+fn replica(world: &World, name: &str, (api, health): Addrs) -> Agent {
+    let config = world.work.path().join(format!("{name}.toml"));
+    let text = std::fs::read_to_string(world.config_path())
+        .unwrap()
+        .replace(&world.api.to_string(), &api.to_string())
+        .replace(&world.health.to_string(), &health.to_string());
+    std::fs::write(&config, text).unwrap();
+    let (_, kubeconfig) = world.real_kube.as_ref().unwrap();
+    Agent::start_with_env(
+        &config,
+        api,
+        &world.work.path().join(format!("{name}.log")),
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("POD_NAME", std::ffi::OsStr::new(name)),
+        ],
+    )
+    .unwrap()
+}
+
+/// Both replicas' logs (tails) and Pebble's.
+fn replicas_context(world: &World) -> String {
+    let log = |name: &str| {
+        let text = std::fs::read_to_string(world.work.path().join(format!("{name}.log")));
+        acme_tests::world::tail(&text.unwrap_or_default(), 60)
+    };
+    format!(
+        "--- replica a ---\n{}\n--- replica b ---\n{}\n{}",
+        log("a"),
+        log("b"),
+        world.context()
+    )
+}
+
+/// Envoy with the filter, listening where Pebble validates, its agent
+/// cluster over both replicas health-checking `/readyz` (a Service routing
+/// to ready pods).
+fn envoy_over(world: &World, replicas: &[Addrs]) -> Envoy {
+    let listen: SocketAddr = format!("127.0.0.1:{}", world.http_port).parse().unwrap();
+    let admin = free_addr().unwrap();
+    let filter = wasm_filter_yaml(
+        &filter_wasm().unwrap(),
+        &world
+            .filter_config()
+            .replace('}', r#","poll_wait_seconds":2}"#),
+    );
+    Envoy::start(
+        &bootstrap_with_agents(listen, admin, &filter, world.upstream.addr(), replicas, ""),
+        admin,
+        2,
+    )
+    .unwrap()
+}
+
+/// The chain in the certificate's Secret ("" while there is none).
+fn chain(kube: &KubeApiServer) -> String {
+    kube.get(NS, "secret", WWW.0)
+        .and_then(|s| decoded(&s, "tls.crt"))
+        .unwrap_or_default()
+}
+
+/// The Lease's holderIdentity.
+fn holder(kube: &KubeApiServer) -> Value {
+    let lease = kube.get(NS, "lease", "acme-agent").unwrap_or_default();
+    lease["spec"]["holderIdentity"].clone()
+}
+
+/// The agents' audited requests for Leases (both replicas are the one
+/// ServiceAccount), counted by verb and response code.
+fn lease_requests(kube: &KubeApiServer, from: usize) -> (usize, BTreeMap<String, usize>) {
+    let all: Vec<Value> = kube
+        .audit()
+        .into_iter()
+        .filter(|e| e["user"]["username"] == AGENT_USER && e["objectRef"]["resource"] == "leases")
+        .collect();
+    let mut tally = BTreeMap::new();
+    for e in all.iter().skip(from) {
+        *tally
+            .entry(format!(
+                "{} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["responseStatus"]["code"]
+            ))
+            .or_default() += 1;
+    }
+    (all.len(), tally)
+}
+
+/// Replica a, started first, holds the Lease and issues the certificate
+/// into its Secret; b, started after, is a follower: not ready, and the CA
+/// saw a's one order only.
+fn a_holder_and_a_follower(kube: &KubeApiServer, agent: &Path) -> (World, Agent, Addrs, Envoy) {
+    let mut world = World::new(pebble::Options::default());
+    world.real_kube = Some((NS.to_owned(), agent.to_owned()));
+    world.extra_config = format!(
+        "[kubernetes.leader_election]\nduration_seconds = {}\n",
+        LEASE.as_secs()
+    );
+    world.certificates(&[WWW]).write_config();
+    grant_checked(kube, &world);
+    let a_api = (world.api, world.health);
+    let b_api = (free_addr().unwrap(), free_addr().unwrap());
+    // Envoy first: the holder's first challenge finds it listening.
+    let envoy = envoy_over(&world, &[a_api, b_api]);
+    world.agent = Some(replica(&world, "a", a_api));
+    let context = || replicas_context(&world);
+    wait_for(
+        TAKEOVER,
+        "replica a holds the Lease",
+        || ready(a_api).then_some(()),
+        context,
+    )
+    .unwrap();
+    let b = replica(&world, "b", b_api);
+    wait_secret_covers(kube, &world, WWW.0, WWW.1);
+    for _ in 0..10 {
+        assert!(!ready(b_api), "two replicas ready at once\n{}", context());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let a_pid = world.agent().pid().unwrap();
+    assert_eq!(holder(kube), format!("a-{a_pid}"));
+    assert_eq!(world.pebble.orders_created(), 1, "{}", context());
+    (world, b, b_api, envoy)
+}
+
+/// What the takeover measured: SIGKILL to b ready, SIGKILL to the renewed
+/// chain in the Secret, the CA's orders at the kill, the Lease requests from
+/// the kill to b's takeover.
+struct Takeover {
+    ready: Duration,
+    written: Duration,
+    orders_at_kill: usize,
+    lease_requests: BTreeMap<String, usize>,
+}
+
+/// SIGKILL the holder right after a forced renewal is accepted: b takes
+/// over the Lease and writes the renewed chain into the Secret.
+fn a_killed_holder_is_taken_over(
+    kube: &KubeApiServer,
+    world: &mut World,
+    b_api: Addrs,
+) -> Takeover {
+    let first = chain(kube);
+    assert!(first.contains("BEGIN CERTIFICATE"), "{first}");
+    world.renew(WWW.0);
+    let killed = Instant::now();
+    world.agent.as_mut().unwrap().kill();
+    let (before, _) = lease_requests(kube, 0);
+    // What a sent before it died has reached the CA by now, and b cannot
+    // have ordered: it takes the Lease only once it has seen it unrenewed
+    // for LEASE, and a renewed it every LEASE / 3.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!ready(b_api), "b ready 300 ms after the kill");
+    assert_eq!(
+        chain(kube),
+        first,
+        "a renewed before it died: no takeover to test"
+    );
+    let orders_at_kill = world.pebble.orders_created();
+    let context = || replicas_context(world);
+    wait_for(
+        TAKEOVER,
+        "replica b takes over",
+        || ready(b_api).then_some(()),
+        context,
+    )
+    .unwrap();
+    let ready = killed.elapsed();
+    let (_, lease_requests) = lease_requests(kube, before);
+    wait_for(
+        Duration::from_secs(90),
+        "the renewed chain in the Secret",
+        || (chain(kube) != first).then_some(()),
+        context,
+    )
+    .unwrap();
+    Takeover {
+        ready,
+        written: killed.elapsed(),
+        orders_at_kill,
+        lease_requests,
+    }
+}
+
+/// b holds the Lease and wrote a chain that verifies; it ordered once (the
+/// renewal): the CA's orders are a's first, a's renewal order if it placed
+/// it before it died (abandoned), and b's one, and stay so.
+fn b_holds_and_ordered_the_renewal_once(
+    kube: &KubeApiServer,
+    world: &World,
+    b: &Agent,
+    orders_at_kill: usize,
+) {
+    assert_eq!(holder(kube), format!("b-{}", b.pid().unwrap()));
+    wait_secret_covers(kube, world, WWW.0, WWW.1);
+    let label = format!("certificate=\"{}\"", WWW.0);
+    let ordered = b.metric("acme_agent_orders_total", &[&label, "result=\"success\""]);
+    assert_eq!(ordered.unwrap(), 1.0, "{}", replicas_context(world));
+    assert!((1..=2).contains(&orders_at_kill), "{orders_at_kill}");
+    // Past another Lease's duration: nothing more is ordered.
+    std::thread::sleep(2 * LEASE);
+    assert_eq!(
+        world.pebble.orders_created(),
+        orders_at_kill + 1,
+        "{}",
+        replicas_context(world)
+    );
+    assert!(ready((b.api, b.health)));
+}
+
+/// Two replicas on the real Lease: a holds it and issues, b follows and
+/// orders nothing; a forced renewal requested on a, a SIGKILLed, b takes
+/// over and finishes it. The failover times are printed.
+fn two_replicas_on_a_real_lease(kube: &KubeApiServer, agent: &Path) {
+    let (mut world, b, b_api, envoy) = a_holder_and_a_follower(kube, agent);
+    let t = a_killed_holder_is_taken_over(kube, &mut world, b_api);
+    b_holds_and_ordered_the_renewal_once(kube, &world, &b, t.orders_at_kill);
+    let lease = kube.get(NS, "lease", "acme-agent").unwrap();
+    println!(
+        "failover on a real Lease of {LEASE:?} after SIGKILL: b ready after {:?}, the renewed chain in the Secret after {:?}",
+        t.ready, t.written
+    );
+    println!(
+        "orders at the CA: 1 before the renewal, {} at the kill, {} now; leaseTransitions {}; the agents' Lease requests from the kill to the takeover: {:?}",
+        t.orders_at_kill,
+        world.pebble.orders_created(),
+        lease["spec"]["leaseTransitions"],
+        t.lease_requests
+    );
+    drop(envoy);
+    drop(b);
+    drop(world);
+    clean(kube);
+    kube.kubectl_ok(&["delete", "lease", "-n", NS, "acme-agent"])
+        .unwrap();
+}
+
 #[test]
 fn the_agent_against_a_real_api_server() {
     let start = Instant::now();
@@ -368,5 +626,8 @@ fn the_agent_against_a_real_api_server() {
         start.elapsed()
     );
     the_agent_under_the_shipped_role(&kube, &agent);
+    let ha = Instant::now();
+    two_replicas_on_a_real_lease(&kube, &agent);
+    println!("the HA phase in {:?}", ha.elapsed());
     println!("all phases in {:?}", start.elapsed());
 }
