@@ -322,11 +322,19 @@ fn a_listed_profile_is_ordered_and_another_refused(a2c: &mut A2c, rig: &Rig, mut
         1.0,
         &|| rig.context(),
     );
-    let status = std::fs::read_to_string(rig.path("state/certificates/www.status.json")).unwrap();
-    assert!(
-        status.contains("\\\"tlsserver\\\"") && status.contains("classic, shortlived"),
-        "{status}"
-    );
+    // The failures gauge is set just before the status record is written.
+    let path = rig.path("state/certificates/www.status.json");
+    wait_for(
+        Duration::from_secs(10),
+        "the refusal in the status record",
+        || {
+            let status = std::fs::read_to_string(&path).ok()?;
+            (status.contains("\\\"tlsserver\\\"") && status.contains("classic, shortlived"))
+                .then_some(())
+        },
+        || std::fs::read_to_string(&path).unwrap_or_default(),
+    )
+    .unwrap();
     assert_eq!(a2c.order_profiles().unwrap().len(), orders_before_refusal);
 }
 

@@ -172,6 +172,8 @@ struct SimCa {
     ca_key: KeyPair,
     leaf_key: KeyPair,
     state: Mutex<CaState>,
+    /// Renewal-info requests left that panic (a bug in a job, on cue).
+    panics: std::sync::atomic::AtomicUsize,
 }
 
 impl SimCa {
@@ -188,6 +190,7 @@ impl SimCa {
             ca_key: KeyPair::generate().expect("CA key"),
             leaf_key: KeyPair::generate().expect("leaf key"),
             state: Mutex::new(CaState::default()),
+            panics: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -343,6 +346,13 @@ impl Issuer for SimCa {
     }
 
     async fn renewal_info(&self, leaf: &Leaf) -> Result<Option<RenewalWindow>, Error> {
+        let panics = &self.panics;
+        let take = |n: usize| n.checked_sub(1);
+        use std::sync::atomic::Ordering::SeqCst;
+        assert!(
+            panics.fetch_update(SeqCst, SeqCst, take).is_err(),
+            "a job panics on cue"
+        );
         let now = self.clock.now();
         if self.down(now) {
             return Err(Self::unreachable());
@@ -498,14 +508,14 @@ fn spec_of(i: usize) -> (String, Vec<String>, &'static str) {
     (format!("c{i}"), vec![format!("c{i}.{domain}")], profile)
 }
 
-fn config_text(state_dir: &Path) -> String {
+fn config_text(state_dir: &Path, count: usize) -> String {
     let mut text = format!(
         "state_dir = {:?}\nsds_dir = {:?}\norder_concurrency = 16\n[acme]\ndirectory = \"https://ca.invalid/directory\"\n[acme.limits]\norders_per_3_hours = {}\n",
         state_dir.join("state"),
         state_dir.join("sds"),
         orders_limit().burst,
     );
-    for i in 0..certificates() {
+    for i in 0..count {
         let (name, domains, profile) = spec_of(i);
         text.push_str(&format!(
             "[[certificate]]\nname = {name:?}\ndomains = {domains:?}\nprofile = {profile:?}\n"
@@ -562,19 +572,33 @@ fn most_in_3_hours(orders: &[&Order]) -> usize {
     most
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_year_of_renewals() {
+/// What a simulation leaves to look at: the CA's record, what was served,
+/// and when it ended.
+struct Run {
+    ca: Arc<SimCa>,
+    served: Arc<Served>,
+    start: SystemTime,
+    end: SystemTime,
+    day_zero: Duration,
+}
+
+/// Day 0 is a fixed date, so a run is the same every time.
+const DAY_ZERO: u64 = 1_800_000_000;
+
+/// `count` certificates issued on day 0, managed for `days` on the paused
+/// clock; `panics` renewal-info requests panic first.
+async fn simulate(count: usize, days: u32, panics: usize) -> Run {
     let wall = std::time::Instant::now();
-    // Day 0 is a fixed date, so the run is the same every time.
-    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(DAY_ZERO);
     let clock = Clock::following_tokio(start);
     let dir = tempfile::tempdir_in(shm()).expect("tempdir");
-    let text = config_text(dir.path());
+    let text = config_text(dir.path(), count);
     let config = Config::parse(&text, Path::new("year.toml")).expect("config");
     let store = FileStore::open(dir.path().join("state")).expect("store");
     let ca = Arc::new(SimCa::new(clock, start));
     issue_day_zero(&ca, &store, &config, start).await;
-    let issued_day_zero = wall.elapsed();
+    ca.panics.store(panics, std::sync::atomic::Ordering::SeqCst);
+    let day_zero = wall.elapsed();
     let served = Arc::new(Served {
         clock,
         profile_of: config
@@ -602,11 +626,44 @@ async fn a_year_of_renewals() {
     )
     .with_clock(clock);
     let running = tokio::spawn(manager.run(stop_rx));
-    tokio::time::sleep(DAY * DAYS).await;
+    tokio::time::sleep(DAY * days).await;
     let end = clock.now();
     stop_tx.send(true).expect("stop");
     running.await.expect("manager");
-    report(&ca, &served, start, end, issued_day_zero, wall.elapsed());
+    Run {
+        ca,
+        served,
+        start,
+        end,
+        day_zero,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_year_of_renewals() {
+    let wall = std::time::Instant::now();
+    let run = simulate(certificates(), DAYS, 0).await;
+    report(&run, wall.elapsed());
+}
+
+/// A job that panics (a bug) leaves its certificate due, tried again after
+/// the backoff: before, its entry waited for the dead job forever and the
+/// certificate lapsed.
+#[tokio::test(start_paused = true)]
+async fn a_job_that_panics_leaves_its_certificate_due() {
+    // Ten classic (90-day) certificates over 100 days; the first three
+    // looks panic.
+    let run = simulate(10, 100, 3).await;
+    let served = run.served.state.lock().expect("served");
+    assert_eq!(run.ca.panics.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(served.lapsed.is_empty(), "lapsed: {:?}", served.lapsed);
+    assert_eq!(served.not_after.len(), 10);
+    assert!(
+        served.not_after.values().all(|at| *at > run.end),
+        "a certificate expired: {:?}",
+        served.not_after
+    );
+    assert_eq!(served.worst_left.get("classic").map(|w| w.1), Some(10));
 }
 
 fn profile_name(spec: &Certificate) -> &'static str {
@@ -623,16 +680,10 @@ fn shm() -> &'static Path {
     if shm.is_dir() { shm } else { Path::new("/tmp") }
 }
 
-fn report(
-    ca: &SimCa,
-    served: &Served,
-    start: SystemTime,
-    end: SystemTime,
-    day_zero: Duration,
-    wall: Duration,
-) {
-    let state = ca.state();
-    let served = served.state.lock().expect("served");
+fn report(run: &Run, wall: Duration) {
+    let (start, end, day_zero) = (run.start, run.end, run.day_zero);
+    let state = run.ca.state();
+    let served = run.served.state.lock().expect("served");
     let per_day = histogram(&state.orders, start, DAY);
     println!(
         "orders per day ({} in all, {} exempt ARI renewals, {} failed):",

@@ -40,9 +40,11 @@ pub struct Agenda {
     slots: HashMap<String, Slot>,
     running_restores: usize,
     running_others: usize,
-    /// Waiting for the account's orders limit, by expiry.
-    budget: BTreeSet<(SystemTime, String)>,
-    budget_at: HashMap<String, SystemTime>,
+    /// Waiting for the account's orders limit, by expiry: configured
+    /// certificates, and on-demand ones (which never take the share left to
+    /// configured ones, so they are not counted ahead of them).
+    budget: [BTreeSet<(SystemTime, String)>; 2],
+    budget_at: HashMap<String, (SystemTime, bool)>,
 }
 
 impl Agenda {
@@ -101,28 +103,32 @@ impl Agenda {
         }
     }
 
-    /// Queues `name` (expiring at `expires`) for the account's orders limit,
-    /// or takes it out (`None`).
-    pub fn queue_for_budget(&mut self, name: &str, expires: Option<SystemTime>) {
-        let old = match expires {
-            Some(at) => self.budget_at.insert(name.to_owned(), at),
+    /// Queues `name` (expiring at `expires`; `on_demand` or configured)
+    /// for the account's orders limit, or takes it out (`None`).
+    pub fn queue_for_budget(&mut self, name: &str, place: Option<(SystemTime, bool)>) {
+        let old = match place {
+            Some(place) => self.budget_at.insert(name.to_owned(), place),
             None => self.budget_at.remove(name),
         };
-        if old == expires {
+        if old == place {
             return;
         }
-        if let Some(old) = old {
-            self.budget.remove(&(old, name.to_owned()));
+        if let Some((at, on_demand)) = old {
+            self.budget[usize::from(on_demand)].remove(&(at, name.to_owned()));
         }
-        if let Some(at) = expires {
-            self.budget.insert((at, name.to_owned()));
+        if let Some((at, on_demand)) = place {
+            self.budget[usize::from(on_demand)].insert((at, name.to_owned()));
         }
     }
 
     /// How many queued for the account's orders limit go before one
-    /// expiring at `expires`.
-    pub fn budget_rank(&self, name: &str, expires: SystemTime) -> usize {
-        self.budget.range(..(expires, name.to_owned())).count()
+    /// expiring at `expires`: of a configured certificate, the configured
+    /// ones; of an on-demand one, all.
+    pub fn budget_rank(&self, name: &str, expires: SystemTime, on_demand: bool) -> usize {
+        let ahead = |queue: &BTreeSet<(SystemTime, String)>| {
+            queue.range(..(expires, name.to_owned())).count()
+        };
+        ahead(&self.budget[0]) + if on_demand { ahead(&self.budget[1]) } else { 0 }
     }
 
     /// Jobs running now of one kind.
@@ -154,11 +160,16 @@ impl Agenda {
     /// is due; for a capped kind, the first one after `now` (the due ones
     /// start as running ones end, and an ending wakes the loop anyway).
     pub fn next(&self, now: SystemTime, capped: [bool; 2]) -> Option<SystemTime> {
+        // A range, not a walk past the due ones: 100,000 restores due at
+        // start behind a cap of 64 made every wake-up a walk over them.
+        let after = now
+            .checked_add(std::time::Duration::from_nanos(1))
+            .unwrap_or(now);
         let first = |queue: &Queue, capped: bool| {
-            queue
-                .iter()
-                .map(|(at, _, _)| *at)
-                .find(|at| !capped || *at > now)
+            let mut from = queue.range((after, SystemTime::UNIX_EPOCH, String::new())..);
+            let mut all = queue.iter();
+            let next = if capped { from.next() } else { all.next() };
+            next.map(|(at, _, _)| *at)
         };
         first(&self.restores, capped[0])
             .into_iter()
@@ -241,16 +252,21 @@ mod tests {
     #[test]
     fn the_budget_queue_ranks_by_expiry_and_forgets() {
         let mut a = Agenda::default();
-        a.queue_for_budget("late", Some(t(90)));
-        a.queue_for_budget("soon", Some(t(6)));
-        a.queue_for_budget("mid", Some(t(45)));
-        assert_eq!(a.budget_rank("soon", t(6)), 0);
-        assert_eq!(a.budget_rank("late", t(90)), 2);
-        assert_eq!(a.budget_rank("new", t(10)), 1, "one not queued yet");
+        a.queue_for_budget("late", Some((t(90), false)));
+        a.queue_for_budget("soon", Some((t(6), false)));
+        a.queue_for_budget("mid", Some((t(45), false)));
+        assert_eq!(a.budget_rank("soon", t(6), false), 0);
+        assert_eq!(a.budget_rank("late", t(90), false), 2);
+        assert_eq!(a.budget_rank("new", t(10), false), 1, "one not queued yet");
         a.queue_for_budget("soon", None);
-        a.queue_for_budget("mid", Some(t(100)));
-        assert_eq!(a.budget_rank("late", t(90)), 0);
-        assert_eq!(a.budget_rank("mid", t(100)), 1);
+        a.queue_for_budget("mid", Some((t(100), false)));
+        assert_eq!(a.budget_rank("late", t(90), false), 0);
+        assert_eq!(a.budget_rank("mid", t(100), false), 1);
+        // On-demand names wait behind configured ones, never ahead of them.
+        a.queue_for_budget("od", Some((t(1), true)));
+        assert_eq!(a.budget_rank("late", t(90), false), 0);
+        assert_eq!(a.budget_rank("od-2", t(2), true), 1);
+        assert_eq!(a.budget_rank("od-3", t(95), true), 2);
     }
 
     #[test]
@@ -260,6 +276,8 @@ mod tests {
         a.set("later", waiting(50, false));
         a.set("restore", waiting(7, true));
         assert_eq!(a.next(t(10), [false, true]), Some(t(7)));
+        assert_eq!(a.next(t(50), [false, true]), Some(t(7)));
+        assert_eq!(a.next(t(50), [true, true]), None, "nothing after 50");
         assert_eq!(a.next(t(10), [true, true]), Some(t(50)));
         assert_eq!(a.next(t(10), [false, false]), Some(t(5)));
     }

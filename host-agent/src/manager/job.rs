@@ -67,7 +67,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn failed(error: Error, reason: Option<Reason>) -> Self {
+    pub(super) fn failed(error: Error, reason: Option<Reason>) -> Self {
         Self::Failed {
             error,
             retry_after: None,

@@ -16,7 +16,7 @@ mod recency;
 mod restore;
 pub mod trigger;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -214,6 +214,9 @@ pub struct Manager {
     config: watch::Receiver<Arc<Config>>,
     entries: BTreeMap<String, Entry>,
     jobs: JoinSet<(String, u64, Outcome)>,
+    /// Whose each running job is (its certificate and epoch): a job that
+    /// panics returns nothing, and its entry must not wait for it forever.
+    job_names: HashMap<tokio::task::Id, (String, u64)>,
     permits: Arc<Semaphore>,
     concurrency: usize,
     backoff: Backoff,
@@ -261,6 +264,7 @@ impl Manager {
             config,
             entries: BTreeMap::new(),
             jobs: JoinSet::new(),
+            job_names: HashMap::new(),
             permits: Arc::new(Semaphore::new(current.order_concurrency)),
             concurrency: current.order_concurrency,
             backoff: current.retry.backoff(),
@@ -325,12 +329,7 @@ impl Manager {
             });
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
-                Some(joined) = self.jobs.join_next() => {
-                    if let Ok((name, epoch, outcome)) = joined {
-                        self.record(&name, epoch, outcome).await;
-                        self.reindex(&name);
-                    }
-                }
+                Some(joined) = self.jobs.join_next_with_id() => self.joined(joined).await,
                 changed = self.config.changed() => {
                     if changed.is_err() {
                         break;
@@ -573,12 +572,14 @@ impl Manager {
         self.agenda.set(name, entry.map(slot_of));
         self.agenda.queue_for_budget(
             name,
+            // A withdrawn on-demand certificate orders nothing: not queued.
             entry
+                .filter(|e| !e.withdrawn)
                 .filter(|e| {
                     e.blocked
                         .is_some_and(|b| b.limit == Limit::OrdersPerAccount)
                 })
-                .map(expires),
+                .map(|e| (expires(e), e.on_demand)),
         );
         match entry.filter(|e| e.on_demand) {
             None => {
@@ -802,8 +803,51 @@ impl Manager {
         let handle = self
             .jobs
             .spawn(async move { (owned, epoch, run_job(job, permits).await) }.instrument(span));
+        self.job_names.insert(handle.id(), (name.to_owned(), epoch));
         entry.job = Some(handle);
         self.reindex(name);
+    }
+
+    /// A job ended: its outcome recorded. One that panicked (a bug) counts
+    /// as a failed attempt, so its certificate stays due and is tried again
+    /// after the backoff, never left waiting for a job that is gone; one
+    /// aborted (its entry removed or changed) is only forgotten.
+    async fn joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, (String, u64, Outcome)), tokio::task::JoinError>,
+    ) {
+        let (id, name, epoch, outcome) = match joined {
+            Ok((id, (name, epoch, outcome))) => {
+                self.job_names.remove(&id);
+                (id, name, epoch, outcome)
+            }
+            Err(e) => {
+                let Some((name, epoch)) = self.job_names.remove(&e.id()) else {
+                    return;
+                };
+                if !e.is_panic() {
+                    self.reindex(&name);
+                    return;
+                }
+                warn!(
+                    certificate = name,
+                    "a job for this certificate panicked: {e}"
+                );
+                let error = Error::Interrupted(format!("the agent's job panicked: {e}"));
+                (e.id(), name, epoch, Outcome::failed(error, None))
+            }
+        };
+        // Only the entry's own job: one removed and configured again since
+        // starts at the same epoch, and an older job's result is not its.
+        let current = self
+            .entries
+            .get(&name)
+            .and_then(|e| e.job.as_ref())
+            .map(tokio::task::AbortHandle::id);
+        if current == Some(id) {
+            self.record(&name, epoch, outcome).await;
+        }
+        self.reindex(&name);
     }
 
     /// Takes in what a job found or did: the entry's new schedule, its
@@ -866,12 +910,16 @@ impl Manager {
                 reason,
             } => {
                 // Behind those queued for the account's orders that expire
-                // first: back when its turn's order is free.
+                // first: back when its turn's order is free, and never past
+                // its own expiry (it asks again then, whatever the queue).
                 if blocked.limit == Limit::OrdersPerAccount {
-                    let rank = self.agenda.budget_rank(name, expires(entry));
+                    let rank = self
+                        .agenda
+                        .budget_rank(name, expires(entry), entry.on_demand);
                     let refill = self.shared.ledger.limits().bucket(blocked.limit).refill;
                     let behind = refill.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
-                    blocked.until = blocked.until.checked_add(behind).unwrap_or(blocked.until);
+                    let turn = blocked.until.checked_add(behind).unwrap_or(blocked.until);
+                    blocked.until = turn.min(expires(entry)).max(blocked.until);
                 }
                 report.blocked(entry, blocked, reason);
             }
