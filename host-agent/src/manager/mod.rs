@@ -15,6 +15,7 @@ mod ledger;
 mod recency;
 mod restore;
 pub mod trigger;
+mod writes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use job::{ARI_RECHECK_MAX, Job, OnDemandJob, Outcome, Task};
 use ledger::SharedLedger;
 use recency::Recency;
 use trigger::Reason;
+use writes::StatusWrites;
 
 /// Only a served certificate is withdrawn from SDS: one not got yet serves
 /// nothing, so for the idle rule it is withdrawn already.
@@ -233,6 +235,8 @@ pub struct Manager {
     in_sds: Recency,
     /// Every certificate by when its next job starts, and the running jobs.
     agenda: Agenda,
+    /// Status records and removals, written off the loop.
+    writes: StatusWrites,
 }
 
 impl Manager {
@@ -274,6 +278,7 @@ impl Manager {
             asked: Recency::default(),
             in_sds: Recency::default(),
             agenda: Agenda::default(),
+            writes: StatusWrites::none(),
         }
     }
 
@@ -308,6 +313,7 @@ impl Manager {
     /// Serves every valid stored certificate at once (no network needed), then
     /// keeps all of them issued until `shutdown` flips to true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.writes = StatusWrites::start(Arc::clone(&self.shared.store));
         let config = Arc::clone(&self.config.borrow_and_update());
         self.apply(&config);
         self.restore_on_demand(&config).await;
@@ -348,6 +354,7 @@ impl Manager {
         // here leaves none half-written.
         self.jobs.abort_all();
         while self.jobs.join_next().await.is_some() {}
+        self.writes.flush().await;
         self.shared.settle().await;
         info!("certificate manager stopped");
     }
@@ -368,7 +375,9 @@ impl Manager {
                 };
                 if answer.is_ok() {
                     self.reindex(&name);
-                    self.save_status(&name).await;
+                    // Kept before it is answered: a restart still renews.
+                    self.save_status(&name);
+                    self.writes.written().await;
                 }
                 let _ = reply.send(answer);
             }
@@ -384,7 +393,7 @@ impl Manager {
                 if let Some(entry) = self.entries.get_mut(&name).filter(|e| e.on_demand) {
                     entry.requested(self.shared.clock.now());
                     self.reindex(&name);
-                    self.save_status(&name).await;
+                    self.save_status(&name);
                 }
             }
         }
@@ -404,7 +413,7 @@ impl Manager {
         if let Some(entry) = self.entries.get_mut(&name) {
             entry.requested(now);
             self.reindex(&name);
-            self.save_status(&name).await;
+            self.save_status(&name);
             return Ok(());
         }
         let config = Arc::clone(&self.config.borrow());
@@ -554,12 +563,8 @@ impl Manager {
                 "removing an on-demand certificate from the sinks: {e}"
             );
         }
-        if let Err(e) = self.shared.store.remove_certificate(name).await {
-            warn!(
-                certificate = name,
-                "removing an on-demand certificate from the store: {e}"
-            );
-        }
+        // Behind any record of it still queued.
+        self.writes.remove(name);
         self.shared.metrics.forget(name);
         info!(certificate = name, "on-demand certificate removed: {why}");
     }
@@ -925,7 +930,7 @@ impl Manager {
             }
         }
         report.schedule(entry, self.shared.ledger.orders_remaining().await);
-        self.save_status(name).await;
+        self.save_status(name);
     }
 
     /// `on_demand.max_failures` as configured now.
@@ -961,8 +966,9 @@ impl Manager {
         self.remove_on_demand(name, "it failed on_demand.max_failures orders in a row; refused for on_demand.failed_refusal_seconds").await;
     }
 
-    /// Persists an entry's status: its schedule survives a restart.
-    async fn save_status(&mut self, name: &str) {
+    /// Persists an entry's status (queued to the writer): its schedule
+    /// survives a restart.
+    fn save_status(&mut self, name: &str) {
         let Some(entry) = self.entries.get_mut(name).filter(|e| e.restored) else {
             return;
         };
@@ -971,10 +977,10 @@ impl Manager {
         if entry.saved == Some(essence) {
             return;
         }
-        match self.shared.store.save_status(&status).await {
-            Ok(()) => entry.saved = Some(essence),
-            Err(e) => warn!(certificate = name, "saving status: {e}"),
-        }
+        // A failed write is warned about by the writer; the next change
+        // writes the whole record again.
+        self.writes.save(status);
+        entry.saved = Some(essence);
     }
 }
 
