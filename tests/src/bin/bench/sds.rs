@@ -24,7 +24,8 @@ const PROBE: Duration = Duration::from_secs(30);
 
 /// The agent's config for these runs, by hand: `[sds]` and no `sds_dir`
 /// (nothing written for Envoy), the filter's API, limits raised for a CA
-/// that has none (Pebble).
+/// that has none (Pebble: every name here is under example.com, 50 a week
+/// by Let's Encrypt's default).
 fn agent_config(
     work: &Path,
     pebble: &Pebble,
@@ -34,7 +35,7 @@ fn agent_config(
     certificates: &[String],
 ) -> String {
     let mut text = format!(
-        "state_dir = {state:?}\norder_concurrency = 64\n\n[acme]\ndirectory = {dir:?}\nca_root = {root:?}\n\n[acme.limits]\norders_per_3_hours = 100000\n\n[challenge_api]\nlisten = \"{api}\"\n\n[health]\nlisten = \"{health}\"\n\n[sds]\nlisten = \"unix:{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:{http}\"\n\n[retry]\ninitial_seconds = 1\nmax_seconds = 4\n{extra}",
+        "state_dir = {state:?}\norder_concurrency = 64\n\n[acme]\ndirectory = {dir:?}\nca_root = {root:?}\n\n[acme.limits]\norders_per_3_hours = 100000\ncertificates_per_registered_domain_per_week = 100000\n\n[challenge_api]\nlisten = \"{api}\"\n\n[health]\nlisten = \"{health}\"\n\n[sds]\nlisten = \"unix:{sds}\"\n\n[self_check]\ntarget = \"127.0.0.1:{http}\"\n\n[retry]\ninitial_seconds = 1\nmax_seconds = 4\n{extra}",
         state = work.join("state").display().to_string(),
         sds = sds_socket(work).display(),
         dir = pebble.directory_url,
