@@ -427,6 +427,9 @@ impl Manager {
             )));
         }
         self.admit_on_demand(domain, od, now).await?;
+        // A removal of this name still queued must land before its new
+        // entry reads the store or stores a certificate, never after.
+        self.writes.written().await;
         let spec = on_demand_spec(domain, key_type);
         info!(certificate = name, domain, "on-demand certificate added");
         self.entries
