@@ -818,14 +818,7 @@ fn certbot(pebble: &Pebble, domains: &[String]) -> Result<f64> {
 
 fn time_to_certificate(rows: &mut Vec<Row>, rounds: usize, many: usize) -> Result<()> {
     let agent_bin = release_agent()?;
-    let pebble = Pebble::start(
-        free_port()?,
-        pebble::Options {
-            nonce_reject: Some(0),
-            authz_reuse: Some(0),
-            ..pebble::Options::default()
-        },
-    )?;
+    let pebble = fresh_pebble()?;
     let mut serial = 0;
     let mut fresh = |n: usize| -> Vec<(String, Vec<String>)> {
         (0..n)
@@ -938,18 +931,24 @@ fn list_after(args: &[String], part: &str) -> Result<Option<Vec<usize>>> {
     Ok((!numbers.is_empty()).then_some(numbers))
 }
 
+/// A Pebble of the benchmark's own, answering every nonce and reusing no
+/// authorization (every order does its whole exchange).
+fn fresh_pebble() -> Result<Pebble> {
+    Pebble::start(
+        free_port()?,
+        pebble::Options {
+            nonce_reject: Some(0),
+            authz_reuse: Some(0),
+            ..pebble::Options::default()
+        },
+    )
+}
+
 /// The parts that run only when named with `--only`.
 fn on_request(only: Option<&str>, args: &[String], quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     // Ours alone, three times, with the agent's log (BENCH_DEBUG=1): only on request.
     if only == Some("ours") {
-        let pebble = Pebble::start(
-            free_port()?,
-            pebble::Options {
-                nonce_reject: Some(0),
-                authz_reuse: Some(0),
-                ..pebble::Options::default()
-            },
-        )?;
+        let pebble = fresh_pebble()?;
         let agent_bin = release_agent()?;
         for i in 0..3 {
             let certs = vec![(

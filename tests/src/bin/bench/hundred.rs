@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use acme_tests::agent::{Agent, Cert, Settings, TEST_TOKEN, write_token_file};
 use acme_tests::envoy::{Envoy, free_addr};
-use acme_tests::http::{Connection, free_port};
-use acme_tests::pebble::{self, Pebble};
+use acme_tests::http::Connection;
+use acme_tests::pebble::Pebble;
 use acme_tests::world::signed_get;
 use anyhow::{Context as _, Result, bail};
 
@@ -230,14 +230,7 @@ fn measure(
 }
 
 pub fn run(rows: &mut Vec<Row>, agent_bin: &Path, count: usize, rounds: usize) -> Result<()> {
-    let pebble = Pebble::start(
-        free_port()?,
-        pebble::Options {
-            nonce_reject: Some(0),
-            authz_reuse: Some(0),
-            ..pebble::Options::default()
-        },
-    )?;
+    let pebble = super::fresh_pebble()?;
     let work = tempfile::tempdir()?;
     let listeners = [free_addr()?, free_addr()?, free_addr()?];
     let api = listeners[0];

@@ -13,7 +13,6 @@ use acme_tests::agent::{Agent, wait_for};
 use acme_tests::envoy::{
     Envoy, bootstrap_with_listeners, free_addr, https_listener, on_demand_bootstrap, served_chain,
 };
-use acme_tests::http::free_port;
 use acme_tests::pebble::{self, Pebble};
 use acme_tests::tls_probe::handshake;
 use anyhow::{Result, bail};
@@ -363,16 +362,7 @@ fn on_demand_first(pebble: &Pebble, agent_bin: &Path, rounds: usize) -> Result<V
 pub fn run(rows: &mut Vec<Row>, rounds: usize, count: usize, files: usize) -> Result<()> {
     let agent_bin = release_agent()?;
     // A fresh CA for each part: one part's load never slows the next.
-    let fresh_pebble = || {
-        Pebble::start(
-            free_port()?,
-            pebble::Options {
-                nonce_reject: Some(0),
-                authz_reuse: Some(0),
-                ..pebble::Options::default()
-            },
-        )
-    };
+    let fresh_pebble = super::fresh_pebble;
     eprintln!("[bench] sds: the file shape at {files} certificates");
     let certs: Vec<(String, Vec<String>)> = (0..files)
         .map(|i| (format!("f{i}"), vec![format!("f{i}.files.example.com")]))

@@ -16,25 +16,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use acme_tests::http::free_port;
-use acme_tests::pebble::{self, Pebble};
+use acme_tests::pebble::Pebble;
 use anyhow::{Context as _, Result, bail};
 
 use super::{Row, certbot_command, lego_command};
 
 /// Orders or peer processes at once, for every tool.
 const CONCURRENCY: usize = 16;
-
-fn fresh_pebble() -> Result<Pebble> {
-    Pebble::start(
-        free_port()?,
-        pebble::Options {
-            nonce_reject: Some(0),
-            authz_reuse: Some(0),
-            ..pebble::Options::default()
-        },
-    )
-}
 
 /// The names every tool issues: one certificate each, one name each (the
 /// agent's run names them the same way).
@@ -116,7 +104,7 @@ fn peers(count: usize, command: impl Fn(usize, &Path) -> Command + Sync) -> Resu
 }
 
 fn certbot(count: usize) -> Result<f64> {
-    let pebble = fresh_pebble()?;
+    let pebble = super::fresh_pebble()?;
     let webroot = Webroot::start(&pebble)?;
     peers(count, |i, work| {
         let mut cmd = certbot_command(&pebble, work);
@@ -129,7 +117,7 @@ fn certbot(count: usize) -> Result<f64> {
 }
 
 fn lego(count: usize) -> Result<f64> {
-    let pebble = fresh_pebble()?;
+    let pebble = super::fresh_pebble()?;
     let webroot = Webroot::start(&pebble)?;
     peers(count, |i, work| {
         let mut cmd = lego_command(&pebble, work);
@@ -146,7 +134,7 @@ fn lego(count: usize) -> Result<f64> {
 pub fn run(rows: &mut Vec<Row>, agent_bin: &Path, ours: usize, peers: usize) -> Result<()> {
     eprintln!("[bench] throughput: the agent, {ours} certificates");
     let (t_ours, agent_peak, _) =
-        super::sds::many_on_demand_at(&fresh_pebble()?, agent_bin, ours, CONCURRENCY)?;
+        super::sds::many_on_demand_at(&super::fresh_pebble()?, agent_bin, ours, CONCURRENCY)?;
     eprintln!("[bench] throughput: certbot, {peers} certificates");
     let t_certbot = certbot(peers)?;
     eprintln!("[bench] throughput: lego, {peers} certificates");
