@@ -75,7 +75,7 @@ pub enum CaFailure {
 
 /// `e` and its sources, joined: HTTP client errors say "client error
 /// (Connect)" and keep the useful part ("Connection refused") in a source.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
