@@ -74,6 +74,41 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), E
     result
 }
 
+/// Opens `path` for appending (created `mode` if missing, never through a
+/// symlink), its name durable before this returns.
+pub fn open_for_appending(path: &Path, mode: u32) -> Result<File, Error> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    let created = file
+        .metadata()
+        .map_err(io(format!("reading the size of {}", path.display())))?
+        .len()
+        == 0;
+    if created {
+        // A new file's name is durable once its directory is synced.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(format!("syncing directory {}", dir.display())))?;
+    }
+    Ok(file)
+}
+
+/// Appends `contents` to `file` (opened by [`open_for_appending`], named
+/// `path`) in one write and syncs it before returning: a journal line is
+/// durable once this returns, and one cut short is the file's last piece.
+pub fn append_durably(mut file: &File, path: &Path, contents: &[u8]) -> Result<(), Error> {
+    file.write_all(contents)
+        .map_err(io(format!("appending to {}", path.display())))?;
+    file.sync_data()
+        .map_err(io(format!("syncing {}", path.display())))
+}
+
 /// Whether `name` is one of [`write_atomically`]'s temporaries (or a probe).
 fn is_temporary(name: &str) -> bool {
     let Some(rest) = name.strip_prefix('.') else {

@@ -62,6 +62,7 @@ pub struct Metrics {
     acme_requests: Family<MethodLabel, Histogram, fn() -> Histogram>,
     registrations: Counter,
     challenges_pending: Gauge,
+    polls_held: Gauge,
     next_attempt: Family<CertificateLabel, Gauge>,
     failures: Family<CertificateLabel, Gauge>,
     blocked: Family<LimitLabels, Gauge>,
@@ -118,6 +119,12 @@ impl Metrics {
             "HTTP-01 challenges currently published to the filters",
             challenges_pending.clone(),
         );
+        let polls_held = Gauge::default();
+        registry.register(
+            "challenge_polls_held",
+            "Long-polls of the challenge API held now: one per connected Envoy process (its filter's poller) and any other poller",
+            polls_held.clone(),
+        );
         let next_attempt = Family::<CertificateLabel, Gauge>::default();
         registry.register(
             "certificate_next_attempt_timestamp_seconds",
@@ -168,6 +175,7 @@ impl Metrics {
             acme_requests,
             registrations,
             challenges_pending,
+            polls_held,
         }
     }
 
@@ -284,6 +292,10 @@ impl Metrics {
     pub fn set_challenges_pending(&self, n: usize) {
         self.challenges_pending
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_polls_held(&self, n: usize) {
+        self.polls_held.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition.

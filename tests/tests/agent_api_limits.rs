@@ -187,6 +187,13 @@ fn extra_long_polls_are_refused_while_the_cap_is_held(agent: &Agent) {
         "the refusal came only after a held poll ended ({took:?})"
     );
     println!("a long-poll beyond the cap: 503 after {took:?}");
+    // The gauge operators count pollers by: exactly the held ones.
+    assert_eq!(
+        agent
+            .metric("acme_agent_challenge_polls_held", &[])
+            .unwrap(),
+        MAX_HELD_POLLS as f64
+    );
     // The agent still answers everything else.
     assert_eq!(
         http::get(agent.health, "/healthz", "agent").unwrap().status,

@@ -52,8 +52,9 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Where `POST /v1/renew/{name}` goes; `None` answers 503.
     pub manager: Option<mpsc::Sender<Request>>,
-    /// Long-polls held at once.
+    /// Long-polls held at once, of `max_held_polls`.
     pub held_polls: Arc<Semaphore>,
+    max_held_polls: usize,
     /// Connection bounds of the API listener.
     pub limits: serve::Limits,
     /// Nonces of signed renew requests seen recently.
@@ -88,6 +89,7 @@ impl ApiState {
             metrics,
             manager,
             held_polls: Arc::new(Semaphore::new(config.max_held_polls)),
+            max_held_polls: config.max_held_polls,
             limits: serve::Limits {
                 max_connections: config.max_connections,
                 max_unauthenticated_per_peer: config
@@ -400,6 +402,10 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     state.metrics.set_challenges_pending(state.challenges.len());
+    let free = state.held_polls.available_permits();
+    state
+        .metrics
+        .set_polls_held(state.max_held_polls.saturating_sub(free));
     (
         [(
             header::CONTENT_TYPE,

@@ -1,9 +1,10 @@
 //! The state store in a directory: 0700, every file replaced atomically
 //! (`crate::files`), no symlink followed.
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use super::off_runtime;
@@ -27,6 +28,13 @@ fn json_error(context: String) -> impl FnOnce(serde_json::Error) -> Error {
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
+    /// Reads and writes on the calling thread instead of the blocking pool
+    /// ([`FileStore::on_the_calling_thread`]).
+    inline: bool,
+    /// The ledger journal open for appending, kept open between changes
+    /// (an open and a close less per change); closed when a snapshot
+    /// replaces it or an append fails.
+    journal: Arc<Mutex<Option<(PathBuf, File)>>>,
 }
 
 impl FileStore {
@@ -42,12 +50,44 @@ impl FileStore {
         for d in [&dir, &certificates] {
             crate::files::remove_stale_temporaries(d);
         }
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            inline: false,
+            journal: Arc::default(),
+        })
+    }
+
+    /// Reads and writes on the calling thread, for a simulation on tmpfs
+    /// (`host-agent/tests/year.rs`): there a write takes microseconds and
+    /// handing it to the blocking pool and back costs more than the write,
+    /// millions of times over. The agent never does this: it would hold up
+    /// a runtime worker for as long as a busy disk takes to fsync.
+    #[must_use]
+    pub fn on_the_calling_thread(mut self) -> Self {
+        self.inline = true;
+        self
+    }
+
+    /// `f` on the blocking pool ([`super::off_runtime`]), or here when inline.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        if self.inline {
+            f()
+        } else {
+            off_runtime(what, f).await
+        }
     }
 
     /// Opens `dir` for reading only (the `status` subcommand): never creates.
     pub fn existing(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            inline: false,
+            journal: Arc::default(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -64,6 +104,12 @@ impl FileStore {
     pub fn ledger_path(&self, directory_url: &str) -> PathBuf {
         self.dir
             .join(format!("ledger-{}.json", account_id(directory_url)))
+    }
+
+    /// The ledger's journal, beside its snapshot.
+    pub fn ledger_journal_path(&self, directory_url: &str) -> PathBuf {
+        self.dir
+            .join(format!("ledger-{}.journal", account_id(directory_url)))
     }
 
     fn certificate_path(&self, name: &str) -> PathBuf {
@@ -93,13 +139,14 @@ impl StateStore for FileStore {
     async fn read_account(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         let url = directory_url.to_owned();
         let s = self.clone();
-        off_runtime("reading the ACME account", move || s.read_account_now(&url)).await
+        self.off_runtime("reading the ACME account", move || s.read_account_now(&url))
+            .await
     }
 
     async fn write_account(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         let (url, bytes) = (directory_url.to_owned(), bytes.to_vec());
         let s = self.clone();
-        off_runtime("writing the ACME account", move || {
+        self.off_runtime("writing the ACME account", move || {
             s.write_account_now(&url, &bytes)
         })
         .await
@@ -108,7 +155,7 @@ impl StateStore for FileStore {
     async fn forget_account(&self, directory_url: &str) -> Result<(), Error> {
         let url = directory_url.to_owned();
         let s = self.clone();
-        off_runtime("setting the ACME account aside", move || {
+        self.off_runtime("setting the ACME account aside", move || {
             s.forget_account_now(&url)
         })
         .await
@@ -117,7 +164,7 @@ impl StateStore for FileStore {
     async fn load_certificate(&self, name: &str) -> Result<Option<StoredCertificate>, Error> {
         let name = name.to_owned();
         let s = self.clone();
-        off_runtime("reading a certificate", move || {
+        self.off_runtime("reading a certificate", move || {
             s.load_certificate_now(&name)
         })
         .await
@@ -126,7 +173,7 @@ impl StateStore for FileStore {
     async fn save_certificate(&self, name: &str, cert: &StoredCertificate) -> Result<(), Error> {
         let (name, cert) = (name.to_owned(), cert.clone());
         let s = self.clone();
-        off_runtime("writing a certificate", move || {
+        self.off_runtime("writing a certificate", move || {
             s.save_certificate_now(&name, &cert)
         })
         .await
@@ -135,19 +182,21 @@ impl StateStore for FileStore {
     async fn load_status(&self, name: &str) -> Result<Option<Status>, Error> {
         let name = name.to_owned();
         let s = self.clone();
-        off_runtime("reading a status", move || s.load_status_now(&name)).await
+        self.off_runtime("reading a status", move || s.load_status_now(&name))
+            .await
     }
 
     async fn save_status(&self, status: &Status) -> Result<(), Error> {
         let status = status.clone();
         let s = self.clone();
-        off_runtime("writing a status", move || s.save_status_now(&status)).await
+        self.off_runtime("writing a status", move || s.save_status_now(&status))
+            .await
     }
 
     async fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error> {
         let url = directory_url.to_owned();
         let s = self.clone();
-        off_runtime("reading the CA-limit ledger", move || {
+        self.off_runtime("reading the CA-limit ledger", move || {
             s.read_ledger_now(&url)
         })
         .await
@@ -156,15 +205,34 @@ impl StateStore for FileStore {
     async fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
         let (url, bytes) = (directory_url.to_owned(), bytes.to_vec());
         let s = self.clone();
-        off_runtime("writing the CA-limit ledger", move || {
+        self.off_runtime("writing the CA-limit ledger", move || {
             s.write_ledger_now(&url, &bytes)
         })
         .await
     }
 
+    async fn read_ledger_journal(&self, directory_url: &str) -> Result<Vec<u8>, Error> {
+        let path = self.ledger_journal_path(directory_url);
+        let s = self.clone();
+        self.off_runtime("reading the CA-limit ledger's journal", move || {
+            Ok(s.read(&path)?.unwrap_or_default())
+        })
+        .await
+    }
+
+    async fn append_ledger(&self, directory_url: &str, line: &[u8]) -> Result<bool, Error> {
+        let (path, line) = (self.ledger_journal_path(directory_url), line.to_vec());
+        let s = self.clone();
+        self.off_runtime("appending to the CA-limit ledger's journal", move || {
+            s.append_ledger_now(&path, &line)
+        })
+        .await?;
+        Ok(true)
+    }
+
     async fn read_dns_journal(&self) -> Result<Option<Vec<u8>>, Error> {
         let s = self.clone();
-        off_runtime("reading the DNS record journal", move || {
+        self.off_runtime("reading the DNS record journal", move || {
             s.read_dns_journal_now()
         })
         .await
@@ -173,7 +241,7 @@ impl StateStore for FileStore {
     async fn write_dns_journal(&self, bytes: &[u8]) -> Result<(), Error> {
         let bytes = bytes.to_vec();
         let s = self.clone();
-        off_runtime("writing the DNS record journal", move || {
+        self.off_runtime("writing the DNS record journal", move || {
             s.write_dns_journal_now(&bytes)
         })
         .await
@@ -182,7 +250,7 @@ impl StateStore for FileStore {
     async fn remove_certificate(&self, name: &str) -> Result<(), Error> {
         let name = name.to_owned();
         let s = self.clone();
-        off_runtime("removing a certificate", move || {
+        self.off_runtime("removing a certificate", move || {
             s.remove_certificate_now(&name)
         })
         .await
@@ -190,7 +258,8 @@ impl StateStore for FileStore {
 
     async fn status_names(&self) -> Result<Vec<String>, Error> {
         let s = self.clone();
-        off_runtime("listing the status records", move || s.status_names_now()).await
+        self.off_runtime("listing the status records", move || s.status_names_now())
+            .await
     }
 }
 
@@ -249,8 +318,30 @@ impl FileStore {
         self.read(&self.ledger_path(directory_url))
     }
 
+    fn append_ledger_now(&self, path: &Path, line: &[u8]) -> Result<(), Error> {
+        let mut open = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let file = match open.take() {
+            Some((p, file)) if p == path => file,
+            _ => crate::files::open_for_appending(path, 0o600)?,
+        };
+        crate::files::append_durably(&file, path, line)?;
+        *open = Some((path.to_owned(), file));
+        Ok(())
+    }
+
+    /// The snapshot, then the journal it makes old removed (left behind by
+    /// a stop in between, its lines are of an older generation: skipped).
     fn write_ledger_now(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error> {
-        write_atomically(&self.ledger_path(directory_url), bytes, 0o600)
+        write_atomically(&self.ledger_path(directory_url), bytes, 0o600)?;
+        let journal = self.ledger_journal_path(directory_url);
+        let mut open = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        *open = None;
+        match fs::remove_file(&journal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(format!("removing {}", journal.display()))(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn read_dns_journal_now(&self) -> Result<Option<Vec<u8>>, Error> {
@@ -299,6 +390,26 @@ mod tests {
     use super::*;
     use crate::domain::spec::KeyType;
     use std::os::unix::fs::MetadataExt;
+
+    #[tokio::test]
+    async fn the_ledger_journal_appends_until_a_snapshot_replaces_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path().join("state")).unwrap();
+        let url = "https://ca.test/dir";
+        assert!(store.read_ledger_journal(url).await.unwrap().is_empty());
+        assert!(store.append_ledger(url, b"one\n").await.unwrap());
+        assert!(store.append_ledger(url, b"two\n").await.unwrap());
+        let path = store.ledger_journal_path(url);
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // Another store on the directory (a restart) reads both lines.
+        let again = FileStore::open(store.dir()).unwrap();
+        assert_eq!(again.read_ledger_journal(url).await.unwrap(), b"one\ntwo\n");
+        store.write_ledger(url, b"{}").await.unwrap();
+        assert!(!path.exists(), "the snapshot replaces the journal");
+        assert!(store.append_ledger(url, b"three\n").await.unwrap());
+        assert_eq!(again.read_ledger_journal(url).await.unwrap(), b"three\n");
+        assert_eq!(again.read_ledger(url).await.unwrap().unwrap(), b"{}");
+    }
 
     #[tokio::test]
     async fn directories_0700_and_secrets_0600() {

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::journal::Change;
 use crate::time::{from_unix, unix};
 
 /// The CA's limits the agent keeps within (`crate::domain::budget`). The defaults are
@@ -386,6 +387,14 @@ pub struct Ledger {
     /// On-demand names refused after failing again and again -> until when.
     #[serde(default)]
     pub refused: BTreeMap<String, u64>,
+    /// Which journal continues this snapshot: a journal line of another
+    /// generation (one the snapshot already holds) is never replayed.
+    #[serde(default)]
+    pub generation: u64,
+    /// The changes made since they were last taken
+    /// ([`Ledger::take_changes`]), for the journal.
+    #[serde(skip)]
+    pub changes: Vec<Change>,
 }
 
 impl Default for Ledger {
@@ -401,6 +410,8 @@ impl Default for Ledger {
             replaces_not_reflected: false,
             on_demand_admitted: Vec::new(),
             refused: BTreeMap::new(),
+            generation: 0,
+            changes: Vec::new(),
         }
     }
 }
@@ -526,6 +537,53 @@ impl Ledger {
         blocked.map_or(Ok(()), Err)
     }
 
+    /// Makes `change` and keeps it for the journal.
+    fn record(&mut self, change: Change) {
+        self.apply(&change);
+        self.changes.push(change);
+    }
+
+    /// The changes made since the last call, oldest first.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Prunes what an order for `domains` looks at ([`Ledger::prune`] does
+    /// it all, which costs a pass over every name; this stays per order).
+    fn prune_for(&mut self, limits: &Limits, domains: &[String], now: SystemTime) {
+        limits
+            .bucket(Limit::OrdersPerAccount)
+            .prune(&mut self.orders, now);
+        let keys = [
+            (
+                &mut self.certificates,
+                Limit::CertificatesPerNameSet,
+                vec![name_set(domains)],
+            ),
+            (
+                &mut self.registered_domains,
+                Limit::CertificatesPerRegisteredDomain,
+                registered_domains(domains).into_iter().collect(),
+            ),
+            (
+                &mut self.failed_authorizations,
+                Limit::FailedAuthorizationsPerName,
+                domains.to_vec(),
+            ),
+        ];
+        for (map, limit, keys) in keys {
+            let bucket = limits.bucket(limit);
+            for key in keys {
+                if let Some(events) = map.get_mut(&key) {
+                    bucket.prune(events, now);
+                    if events.is_empty() {
+                        map.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
     /// Checks, then counts an order for certificate `name` as placed and its
     /// certificate as issued (undone by [`Ledger::finish`] if it never gets
     /// that far). The caller persists the ledger before placing the order.
@@ -536,25 +594,33 @@ impl Ledger {
         spend: Spend<'_>,
         now: SystemTime,
     ) -> Result<(), Blocked> {
-        self.prune(limits, now);
+        self.prune_for(limits, spend.domains, now);
         let at = stamp(now);
         // Names handed to the CA by an order nobody finished (never expected:
         // the restore takes them first) count before anything else.
-        for left in self.triggered.remove(name).unwrap_or_default() {
-            self.failed_authorizations.entry(left).or_default().push(at);
+        if let Some(left) = self.triggered.get(name).cloned() {
+            self.record(Change::Untriggered {
+                name: name.to_owned(),
+            });
+            for name in left {
+                self.record(Change::FailedAuthorization { name, at });
+            }
         }
         self.check(limits, spend, now)?;
         if !spend.exempt {
-            self.orders.push(at);
-            self.certificates
-                .entry(name_set(spend.domains))
-                .or_default()
-                .push(at);
+            self.record(Change::Order { at });
+            self.record(Change::Certificate {
+                set: name_set(spend.domains),
+                at,
+            });
             for domain in registered_domains(spend.domains) {
-                self.registered_domains.entry(domain).or_default().push(at);
+                self.record(Change::RegisteredDomain { domain, at });
             }
         }
-        self.in_flight.insert(name.to_owned(), at);
+        self.record(Change::InFlight {
+            name: name.to_owned(),
+            at,
+        });
         Ok(())
     }
 
@@ -562,7 +628,14 @@ impl Ledger {
     /// without `replaces`), counted unless exempt.
     pub fn count_order(&mut self, exempt: bool, now: SystemTime) {
         if !exempt {
-            self.orders.push(stamp(now));
+            self.record(Change::Order { at: stamp(now) });
+        }
+    }
+
+    /// Remembers that the CA accepts `replaces` without reflecting it.
+    pub fn replaces_are_not_reflected(&mut self) {
+        if !self.replaces_not_reflected {
+            self.record(Change::ReplacesNotReflected);
         }
     }
 
@@ -570,16 +643,26 @@ impl Ledger {
     /// `names` to the CA: from now on each counts as a failed authorization
     /// unless it is seen valid.
     pub fn trigger(&mut self, name: &str, names: &[String]) {
-        self.triggered
-            .entry(name.to_owned())
-            .or_default()
-            .extend(names.iter().cloned());
+        self.record(Change::Triggered {
+            name: name.to_owned(),
+            names: names.to_vec(),
+        });
     }
 
     /// Ends the reservation of certificate `name`.
     pub fn finish(&mut self, name: &str, domains: &[String], how: &Finished, now: SystemTime) {
-        let reserved_at = self.in_flight.remove(name);
-        let triggered = self.triggered.remove(name).unwrap_or_default();
+        let reserved_at = self.in_flight.get(name).copied();
+        if reserved_at.is_some() {
+            self.record(Change::Landed {
+                name: name.to_owned(),
+            });
+        }
+        let triggered = self.triggered.get(name).cloned().unwrap_or_default();
+        if self.triggered.contains_key(name) {
+            self.record(Change::Untriggered {
+                name: name.to_owned(),
+            });
+        }
         let failed: Vec<String> = match how {
             Finished::Finalized => Vec::new(),
             Finished::Unknown => triggered.into_iter().collect(),
@@ -590,16 +673,17 @@ impl Ledger {
         };
         if let (Finished::NotFinalized { .. }, Some(at)) = (how, reserved_at) {
             // No certificate can come of an order that was never finalized.
-            give_back(&mut self.certificates, &name_set(domains), at);
+            self.record(Change::CertificateGivenBack {
+                set: name_set(domains),
+                at,
+            });
             for domain in registered_domains(domains) {
-                give_back(&mut self.registered_domains, &domain, at);
+                self.record(Change::RegisteredDomainGivenBack { domain, at });
             }
         }
-        for failed in failed {
-            self.failed_authorizations
-                .entry(failed)
-                .or_default()
-                .push(stamp(now));
+        let at = stamp(now);
+        for name in failed {
+            self.record(Change::FailedAuthorization { name, at });
         }
     }
 
@@ -627,7 +711,7 @@ impl Ledger {
         if let Some(until) = bucket.blocked_until(&self.on_demand_admitted, 0, now) {
             return Err(until);
         }
-        self.on_demand_admitted.push(stamp(now));
+        self.record(Change::OnDemandAdmitted { at: stamp(now) });
         Ok(())
     }
 
@@ -642,9 +726,12 @@ impl Ledger {
                 .min_by_key(|(_, u)| **u)
                 .map(|(d, _)| d.clone())
         {
-            self.refused.remove(&first);
+            self.record(Change::Unrefused { domain: first });
         }
-        self.refused.insert(domain.to_owned(), unix(until));
+        self.record(Change::Refused {
+            domain: domain.to_owned(),
+            until: unix(until),
+        });
     }
 
     /// Until when `domain` stays refused, if it is.
@@ -657,7 +744,7 @@ impl Ledger {
 }
 
 /// Takes back the event at `at` of `key` (the latest one if several).
-fn give_back(map: &mut BTreeMap<String, Vec<u64>>, key: &str, at: u64) {
+pub(crate) fn give_back(map: &mut BTreeMap<String, Vec<u64>>, key: &str, at: u64) {
     if let Some(events) = map.get_mut(key)
         && let Some(i) = events.iter().rposition(|t| *t == at)
     {
@@ -1132,6 +1219,7 @@ mod tests {
         let www = names(&["www.example.com"]);
         ledger.reserve(&le(), "www", spend(&www), t(0)).unwrap();
         ledger.finish("www", &www, &Finished::Finalized, t(1));
+        ledger.take_changes();
         let again = Ledger::from_json(&serde_json::to_vec(&ledger).unwrap()).unwrap();
         assert_eq!(again.registered_domains["example.com"], vec![unix(t(0))]);
         assert_eq!(again, ledger);

@@ -3,6 +3,7 @@
 //! function takes `now`), no network or runtime types.
 
 pub mod budget;
+pub mod journal;
 pub mod names;
 pub mod schedule;
 pub mod spec;

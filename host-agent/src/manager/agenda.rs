@@ -50,6 +50,10 @@ pub struct Agenda {
 impl Agenda {
     /// Places `name` in `slot` (`None`: the certificate is gone).
     pub fn set(&mut self, name: &str, slot: Option<Slot>) {
+        // Most calls change nothing (every event reindexes its entry).
+        if slot.is_some() && self.slots.get(name) == slot.as_ref() {
+            return;
+        }
         let old = match slot {
             Some(slot) => self.slots.insert(name.to_owned(), slot),
             None => self.slots.remove(name),

@@ -4,6 +4,7 @@
 //! stays until done, an issued certificate is kept until installed) live in
 //! one place and are tested with a fixed clock.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::task::AbortHandle;
@@ -45,7 +46,7 @@ impl std::fmt::Debug for Awaiting {
 
 /// What restoring an entry from the store found.
 pub struct Restored {
-    pub served: Option<Served>,
+    pub served: Option<Arc<Served>>,
     /// A stored certificate the sink refused at start: installed again later.
     pub awaiting: Option<Awaiting>,
     pub status: Option<Status>,
@@ -54,12 +55,13 @@ pub struct Restored {
 }
 
 pub struct Entry {
-    pub spec: Certificate,
+    /// Shared with the jobs (one clone per daily look otherwise).
+    pub spec: Arc<Certificate>,
     /// The store has answered for this certificate; until then nothing is ordered.
     pub restored: bool,
     /// Failed reads of the store since the entry was created (their backoff).
     pub restore_attempts: u32,
-    pub served: Option<Served>,
+    pub served: Option<Arc<Served>>,
     pub awaiting: Option<Awaiting>,
     /// Fixed per served leaf, so the two-thirds time does not move between looks.
     pub jitter: f64,
@@ -93,13 +95,26 @@ pub struct Entry {
     /// On-demand: ask the policy again before the next restore or order
     /// (false right after a handshake's request was decided).
     pub recheck: bool,
+    /// The schedule as its metrics show it: an unchanged value is not set
+    /// again (a daily renewal-info look changes only the next attempt).
+    pub shown: Shown,
+}
+
+/// What [`Entry::shown`] holds: the value each schedule metric was last set to.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+pub struct Shown {
+    pub next_renewal: Option<SystemTime>,
+    pub next_attempt: Option<SystemTime>,
+    pub failures: Option<u32>,
+    /// `Some(None)`: shown as not waiting.
+    pub blocked: Option<Option<Blocked>>,
 }
 
 impl Entry {
     /// Not restored yet: the first job reads the store.
     pub fn new(spec: Certificate, now: SystemTime) -> Self {
         Self {
-            spec,
+            spec: Arc::new(spec),
             restored: false,
             restore_attempts: 0,
             served: None,
@@ -122,6 +137,7 @@ impl Entry {
             name_failures: 0,
             recheck: true,
             saved: None,
+            shown: Shown::default(),
         }
     }
 
@@ -162,7 +178,7 @@ impl Entry {
 
     /// The reason that needs no clock (see `trigger`).
     pub fn static_reason(&self) -> Option<Reason> {
-        trigger::reason(&self.spec, self.served.as_ref(), self.forced)
+        trigger::reason(&self.spec, self.served.as_deref(), self.forced)
     }
 
     /// The store answered. The schedule picks up where the last run left it:
@@ -221,7 +237,7 @@ impl Entry {
 
     /// A new certificate is stored and installed: everything is cleared.
     pub fn installed(&mut self, leaf: Leaf, key_type: KeyType, recheck: Duration, now: SystemTime) {
-        self.served = Some(Served { leaf, key_type });
+        self.served = Some(Arc::new(Served { leaf, key_type }));
         self.awaiting = None;
         self.jitter = schedule::random_fraction();
         self.forced = false;
@@ -308,7 +324,7 @@ impl Entry {
     /// the new spec is dropped (it could not be served for it anyway).
     pub fn respec(&mut self, spec: Certificate, now: SystemTime) {
         self.epoch += 1;
-        self.spec = spec;
+        self.spec = Arc::new(spec);
         if let Some(awaiting) = &self.awaiting {
             let fits = trigger::reason(
                 &self.spec,
@@ -394,10 +410,10 @@ mod tests {
         let mut e = Entry::new(spec(&["www.example.com"]), now);
         e.restore(
             Restored {
-                served: Some(Served {
+                served: Some(Arc::new(Served {
                     leaf: leaf(&["www.example.com"], now),
                     key_type: KeyType::EcdsaP256,
-                }),
+                })),
                 awaiting: None,
                 status: None,
                 interrupted_order: None,

@@ -83,7 +83,7 @@ pub enum Task {
     Restore,
     Install(Awaiting),
     Look {
-        served: Option<Served>,
+        served: Option<Arc<Served>>,
         /// The reason that needs no clock (`trigger::reason`).
         reason: Option<Reason>,
         two_thirds: Option<SystemTime>,
@@ -97,7 +97,7 @@ pub enum Task {
 
 pub struct Job {
     pub shared: Arc<Shared>,
-    pub spec: Certificate,
+    pub spec: Arc<Certificate>,
     pub task: Task,
     /// Set for an on-demand certificate.
     pub on_demand: Option<OnDemandJob>,
@@ -219,7 +219,7 @@ impl Job {
                 let look = Look {
                     shared: &shared,
                     spec: &spec,
-                    served: served.as_ref(),
+                    served: served.as_deref(),
                     reason,
                     two_thirds,
                     jitter,

@@ -744,7 +744,7 @@ impl Manager {
         let now = self.shared.clock.now();
         for (name, spec) in wanted {
             match self.entries.get_mut(name) {
-                Some(entry) if entry.spec == *spec => {}
+                Some(entry) if *entry.spec == *spec => {}
                 Some(entry) => {
                     info!(certificate = name, domains = ?spec.domains, "configuration changed");
                     if let Some(job) = entry.job.take() {
@@ -1032,6 +1032,7 @@ impl Report<'_> {
         entry.restore_failed(error, wait, self.now);
         // Nothing else is known yet, and the store may not take a write.
         self.metrics.set_failures(name, entry.failures.max(1));
+        entry.shown.failures = Some(entry.failures.max(1));
     }
 
     /// A new certificate is stored and served (from an order, or a step
@@ -1112,15 +1113,28 @@ impl Report<'_> {
         entry.blocked(blocked, reason);
     }
 
-    /// The entry's schedule, and the orders left in the budget.
-    fn schedule(&self, entry: &Entry, orders_remaining: Option<u32>) {
-        let (metrics, name) = (self.metrics, self.name);
-        if let Some(at) = entry.next_renewal {
+    /// The entry's schedule, and the orders left in the budget; each
+    /// metric set only when its value changed since it was last shown.
+    fn schedule(&self, entry: &mut Entry, orders_remaining: Option<u32>) {
+        let (metrics, name, shown) = (self.metrics, self.name, &mut entry.shown);
+        if let Some(at) = entry.next_renewal
+            && shown.next_renewal != Some(at)
+        {
             metrics.set_next_renewal(name, at);
+            shown.next_renewal = Some(at);
         }
-        metrics.set_next_attempt(name, entry.due);
-        metrics.set_failures(name, entry.failures);
-        metrics.set_blocked(name, entry.blocked);
+        if shown.next_attempt != Some(entry.due) {
+            metrics.set_next_attempt(name, entry.due);
+            shown.next_attempt = Some(entry.due);
+        }
+        if shown.failures != Some(entry.failures) {
+            metrics.set_failures(name, entry.failures);
+            shown.failures = Some(entry.failures);
+        }
+        if shown.blocked != Some(entry.blocked) {
+            metrics.set_blocked(name, entry.blocked);
+            shown.blocked = Some(entry.blocked);
+        }
         if let Some(remaining) = orders_remaining {
             metrics.set_orders_remaining(remaining);
         }

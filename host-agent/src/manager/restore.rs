@@ -4,6 +4,7 @@
 //! "nothing stored": the caller retries it and orders nothing meanwhile (a
 //! Kubernetes API blip at start must not re-issue everything).
 
+use std::sync::Arc;
 use tracing::{error, info, warn};
 
 use super::Shared;
@@ -48,10 +49,10 @@ pub async fn restore(shared: &Shared, spec: &Certificate) -> Result<Restored, Er
                     match shared.sink.install(&issued).await {
                         Ok(()) => {
                             info!(certificate = %name, "serving the stored certificate");
-                            served = Some(Served {
+                            served = Some(Arc::new(Served {
                                 leaf,
                                 key_type: stored.key_type,
-                            });
+                            }));
                         }
                         Err(e) => {
                             // Held and installed again later; never re-ordered for this.

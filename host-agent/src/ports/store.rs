@@ -123,7 +123,22 @@ pub trait StateStore: Send + Sync {
     async fn status_names(&self) -> Result<Vec<String>, Error>;
     /// The CA-limit ledger (`crate::domain::budget`) for the CA at `directory_url`.
     async fn read_ledger(&self, directory_url: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Replaces the ledger's snapshot; a store with a journal clears it
+    /// after (its lines are of an older generation from then on).
     async fn write_ledger(&self, directory_url: &str, bytes: &[u8]) -> Result<(), Error>;
+    /// The ledger's journal (`crate::domain::journal`) as written; empty
+    /// from a store that keeps none.
+    async fn read_ledger_journal(&self, directory_url: &str) -> Result<Vec<u8>, Error> {
+        let _ = directory_url;
+        Ok(Vec::new())
+    }
+    /// Appends `line` to the ledger's journal, durably, before returning
+    /// `Ok(true)`; `Ok(false)`: this store keeps no journal, write the
+    /// whole ledger instead.
+    async fn append_ledger(&self, directory_url: &str, line: &[u8]) -> Result<bool, Error> {
+        let _ = (directory_url, line);
+        Ok(false)
+    }
     /// Takes over the certificate stored under `name` by someone else (a
     /// Secret without the agent's label), when there is one: from now on it
     /// is the agent's. `None` when there is nothing to adopt (no such

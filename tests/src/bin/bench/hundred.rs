@@ -250,6 +250,7 @@ pub fn run(rows: &mut Vec<Row>, agent_bin: &Path, count: usize, rounds: usize) -
     // Settled: every filter holds its long-poll.
     std::thread::sleep(Duration::from_secs(2));
     let held = connections_to(api, &pids)?;
+    let polls = polls_held(&agent)?;
     let (version, _) = snapshot(api, 0)?;
 
     let names: Vec<(String, String)> = (0..rounds)
@@ -273,19 +274,42 @@ pub fn run(rows: &mut Vec<Row>, agent_bin: &Path, count: usize, rounds: usize) -
     let measured = measure(api, version, &envoys, rounds)
         .with_context(|| format!("agent log:\n{}", agent.log()))?;
     let held_after = connections_to(api, &pids)?;
+    let polls_after = polls_held(&agent)?;
     let memory = pids
         .iter()
         .map(|p| rss_pss_kb(*p))
         .collect::<Result<Vec<_>>>()?;
-    rows.extend(report(count, &measured, &held, &held_after, &memory));
+    let polls = [polls, polls_after];
+    rows.extend(report(
+        count,
+        &measured,
+        &polls,
+        [&held, &held_after],
+        &memory,
+    ));
     Ok(())
+}
+
+/// The long-polls the agent holds (its `challenge_polls_held` gauge), the
+/// least and the most of 20 looks over 2 s: a poller between two polls is
+/// missing for a moment.
+fn polls_held(agent: &Agent) -> Result<(u64, u64)> {
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push(agent.metric("acme_agent_challenge_polls_held", &[])? as u64);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((
+        seen.iter().copied().min().unwrap_or(0),
+        seen.iter().copied().max().unwrap_or(0),
+    ))
 }
 
 fn report(
     count: usize,
     measured: &[Round],
-    held: &[usize],
-    held_after: &[usize],
+    polls: &[(u64, u64); 2],
+    [held, held_after]: [&[usize]; 2],
     memory: &[(u64, u64)],
 ) -> Vec<Row> {
     let mut all: Vec<f64> = measured
@@ -319,17 +343,18 @@ fn report(
             ),
         },
         Row {
-            what: format!("{count} Envoys: connections each process holds to the agent"),
+            what: format!("{count} Envoys: long-polls the agent holds"),
             result: format!(
-                "{} of {count} hold exactly one (after the publishes: {})",
-                exactly_one(held),
-                exactly_one(held_after)
+                "**{}-{}** before the publishes, {}-{} after",
+                polls[0].0, polls[0].1, polls[1].0, polls[1].1
             ),
             note: format!(
-                "`ss -tnp` by pid, before: max {}, total {}; after: max {}, total {}",
+                "the agent's `acme_agent_challenge_polls_held`, least-most of 20 looks over 2 s (a poller between two polls is missing for a moment); TCP connections per process (`ss -tnp` by pid): {} of {count} hold exactly one before, {} after (max {} / {}, total {} / {}): Envoy keeps a connection pool per worker thread, and one a poll has finished with stays open in its pool",
+                exactly_one(held),
+                exactly_one(held_after),
                 held.iter().max().unwrap_or(&0),
-                held.iter().sum::<usize>(),
                 held_after.iter().max().unwrap_or(&0),
+                held.iter().sum::<usize>(),
                 held_after.iter().sum::<usize>()
             ),
         },
