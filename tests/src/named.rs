@@ -247,6 +247,34 @@ zone "." {{ type primary; file "root.db"; }};
         )
     }
 
+    /// A `[dns.<name>]` section whose `[exec]` commands are a shell script
+    /// running Debian's `nsupdate` with this server's key (a provider the
+    /// agent knows nothing of); every call is logged to `exec.log` here.
+    /// No `server`: the zone's nameservers come from the resolver.
+    pub fn exec_solver_toml(&self, name: &str, zone: &str) -> Result<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let hook = self.dir.path().join("dns-hook.sh");
+        let script = format!(
+            "#!/bin/sh\nset -e\necho \"$1 $ACME_DNS_NAME $ACME_DNS_VALUE\" >> {log}\ncase \"$1\" in present) op=add;; clean-up) op=delete;; *) exit 2;; esac\nprintf 'server {ip} {port}\\nzone %s\\nupdate %s %s %s TXT \"%s\"\\nsend\\n' \"$ACME_DNS_ZONE\" \"$op\" \"$ACME_DNS_NAME\" \"$ACME_DNS_TTL\" \"$ACME_DNS_VALUE\" | nsupdate -k {key}\n",
+            log = self.dir.path().join("exec.log").display(),
+            ip = self.addr.ip(),
+            port = self.addr.port(),
+            key = self.key_file.display(),
+        );
+        std::fs::write(&hook, script)?;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+        Ok(format!(
+            "\n[dns.{name}]\nzone = \"{zone}\"\nresolver = \"{addr}\"\npropagation_timeout_seconds = 10\n[dns.{name}.exec]\npresent = [{hook:?}, \"present\"]\nclean_up = [{hook:?}, \"clean-up\"]\ntimeout_seconds = 10\n",
+            addr = self.addr,
+            hook = hook.display().to_string(),
+        ))
+    }
+
+    /// What the exec hook was called with, one line per call.
+    pub fn exec_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("exec.log")).unwrap_or_default()
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -96,6 +96,45 @@ fn a_wildcard_and_its_apex_are_issued_through_bind_and_served_for_any_subdomain(
     );
 }
 
+/// Any provider, scripted: the same wildcard through `[dns.<name>.exec]`
+/// commands (a script running `nsupdate`), no server or key in the agent's
+/// config; the zone's nameservers found through the resolver and checked
+/// before the CA is told, the records removed by the clean-up command.
+#[test]
+fn a_wildcard_is_issued_through_exec_commands_the_agent_knows_nothing_of() {
+    let named = named(5, &[], &[]);
+    let mut world = world_on(&named);
+    world.certificates(&[("wild", &["*.example.com"])]);
+    world
+        .certificate_extra
+        .insert("wild".into(), "dns = \"hook\"".into());
+    world.extra_config = named.exec_solver_toml("hook", "example.com").unwrap();
+    world.write_config();
+    world.start_agent();
+    world.add_envoy(&["wild"], 1);
+    served(&world, "shop.example.com");
+    assert_zone_clean(&named, &world);
+    let calls = named.exec_log();
+    let present: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.starts_with("present "))
+        .collect();
+    let cleaned: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.starts_with("clean-up "))
+        .collect();
+    assert_eq!(present.len(), 1, "{calls}");
+    assert!(
+        present[0].starts_with("present _acme-challenge.example.com. "),
+        "{calls}"
+    );
+    assert_eq!(
+        present[0].replacen("present", "clean-up", 1),
+        cleaned.first().copied().unwrap_or_default(),
+        "the same record removed: {calls}"
+    );
+}
+
 #[test]
 fn a_name_delegated_by_cname_is_validated_in_the_zone_it_points_into() {
     let named = named(

@@ -274,7 +274,9 @@ fn check_config(agent: &Path, text: &str, dir: &Path) -> Result<String, String> 
     {
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(file, SECRET).unwrap();
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Private to the owner, and executable: a dns-01 `exec` hook there
+        // must be a program (the agent checks), a secret only private.
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
     let config = dir.join("agent.toml");
     std::fs::write(&config, text).unwrap();

@@ -1,5 +1,6 @@
 //! `[dns.<name>]`: a DNS-01 solver that writes `_acme-challenge` TXT records
-//! into a zone by RFC 2136 dynamic update, signed with a TSIG key.
+//! into a zone by RFC 2136 dynamic update, signed with a TSIG key, or by
+//! commands of the operator's (`exec`) for any other provider.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,19 +24,26 @@ pub enum TsigAlgorithm {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DnsSolver {
-    /// The zone's primary server, which accepts updates: `address:port`, or
-    /// an address (port 53).
-    #[serde(deserialize_with = "server_address")]
-    pub server: SocketAddr,
+    /// The zone's primary server: it takes the RFC 2136 updates (required
+    /// without `exec`), and the zone's nameservers are read from it
+    /// (`address:port`, or an address for port 53). With `exec`, optional:
+    /// without it they are looked up through the resolver.
+    #[serde(default, deserialize_with = "optional_server_address")]
+    pub server: Option<SocketAddr>,
     /// The zone the records are written in (its apex, e.g. `example.com`).
     pub zone: String,
-    /// The TSIG key's name, as the server knows it.
-    pub tsig_key: String,
+    /// The TSIG key's name, as the server knows it (RFC 2136 only).
+    #[serde(default)]
+    pub tsig_key: Option<String>,
     #[serde(default)]
     pub tsig_algorithm: TsigAlgorithm,
     /// A file holding the key's base64 secret, alone or as the `key` clause
-    /// `tsig-keygen` prints. Read at start; never logged.
-    pub tsig_secret_file: PathBuf,
+    /// `tsig-keygen` prints. Read at start; never logged (RFC 2136 only).
+    #[serde(default)]
+    pub tsig_secret_file: Option<PathBuf>,
+    /// Commands that add and remove the record instead of RFC 2136.
+    #[serde(default)]
+    pub exec: Option<ExecHook>,
     /// TTL of the TXT records written.
     #[serde(default = "default_ttl")]
     pub ttl: u32,
@@ -51,6 +59,26 @@ pub struct DnsSolver {
     /// The key's secret, read from `tsig_secret_file` when the config loads.
     #[serde(skip)]
     pub secret: TsigSecret,
+}
+
+/// `[dns.<name>.exec]`: a provider scripted by the operator. Each command is
+/// a program (an absolute path) and its arguments, run without a shell,
+/// with the record in its environment (`ACME_DNS_NAME`, `ACME_DNS_VALUE`,
+/// `ACME_DNS_ZONE`, `ACME_DNS_TTL`); exit status 0 is success.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecHook {
+    /// Adds the TXT record (beside any others of its name).
+    pub present: Vec<String>,
+    /// Removes exactly that record (same name and value).
+    pub clean_up: Vec<String>,
+    /// Each run may take this long; then it is killed and counts as failed.
+    #[serde(default = "default_exec_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_exec_timeout() -> u64 {
+    30
 }
 
 /// A TSIG secret: compared, never printed.
@@ -111,24 +139,23 @@ pub fn parse_tsig_secret(text: &str) -> Option<Vec<u8>> {
         .filter(|k| !k.is_empty())
 }
 
-/// Reads the secret of `solver`'s key; the error names the field.
+/// Reads the secret of `solver`'s key (none for an `exec` solver); the
+/// error names the field.
 pub fn read_tsig_secret(path: &Path, name: &str, solver: &DnsSolver) -> Result<Vec<u8>, Error> {
     let field = format!("dns.{name}.tsig_secret_file");
-    super::secrets::check_private(path, &field, &solver.tsig_secret_file)?;
-    let text = std::fs::read_to_string(&solver.tsig_secret_file).map_err(|e| {
-        invalid(
-            path,
-            &field,
-            format!("{}: {e}", solver.tsig_secret_file.display()),
-        )
-    })?;
+    let Some(file) = &solver.tsig_secret_file else {
+        return Ok(Vec::new());
+    };
+    super::secrets::check_private(path, &field, file)?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| invalid(path, &field, format!("{}: {e}", file.display())))?;
     parse_tsig_secret(&text).ok_or_else(|| {
         invalid(
             path,
             &field,
             format!(
                 "{} holds no base64 secret (neither alone nor as `secret \"...\";` of a tsig-keygen key clause)",
-                solver.tsig_secret_file.display()
+                file.display()
             ),
         )
     })
@@ -156,12 +183,9 @@ impl DnsSolver {
                 format!("{:?} is not a lower-case DNS name", self.zone),
             ));
         }
-        if !is_valid_domain(self.tsig_key.trim_end_matches('.')) && !is_dns_label(&self.tsig_key) {
-            return Err(invalid(
-                path,
-                at("tsig_key"),
-                format!("{:?} is not a key name (a DNS name)", self.tsig_key),
-            ));
+        match &self.exec {
+            Some(exec) => self.validate_exec(path, name, exec)?,
+            None => self.validate_rfc2136(path, name)?,
         }
         if self.ttl == 0 || self.ttl > 86_400 {
             return Err(invalid(path, at("ttl"), "must be between 1 and 86400"));
@@ -175,6 +199,94 @@ impl DnsSolver {
         }
         Ok(())
     }
+}
+
+impl DnsSolver {
+    /// RFC 2136: the primary and the key are required.
+    fn validate_rfc2136(&self, path: &Path, name: &str) -> Result<(), Error> {
+        let at = |f: &str| format!("dns.{name}.{f}");
+        let need =
+            "required for RFC 2136 updates (or set [dns.<name>.exec] to run commands instead)";
+        if self.server.is_none() {
+            return Err(invalid(path, at("server"), need));
+        }
+        let Some(key) = &self.tsig_key else {
+            return Err(invalid(path, at("tsig_key"), need));
+        };
+        if !is_valid_domain(key.trim_end_matches('.')) && !is_dns_label(key) {
+            return Err(invalid(
+                path,
+                at("tsig_key"),
+                format!("{key:?} is not a key name (a DNS name)"),
+            ));
+        }
+        if self.tsig_secret_file.is_none() {
+            return Err(invalid(path, at("tsig_secret_file"), need));
+        }
+        Ok(())
+    }
+
+    /// `exec`: two commands, each an absolute path to an executable; no
+    /// TSIG key (nothing would use it).
+    fn validate_exec(&self, path: &Path, name: &str, exec: &ExecHook) -> Result<(), Error> {
+        let at = |f: &str| format!("dns.{name}.{f}");
+        if self.tsig_key.is_some() || self.tsig_secret_file.is_some() {
+            let field = if self.tsig_key.is_some() {
+                "tsig_key"
+            } else {
+                "tsig_secret_file"
+            };
+            return Err(invalid(
+                path,
+                at(field),
+                "a solver with [exec] commands uses no TSIG key: remove it, or remove [exec] for RFC 2136",
+            ));
+        }
+        for (field, command) in [
+            ("exec.present", &exec.present),
+            ("exec.clean_up", &exec.clean_up),
+        ] {
+            let Some(program) = command.first() else {
+                return Err(invalid(
+                    path,
+                    at(field),
+                    "a program and its arguments, e.g. [\"/usr/local/bin/dns-hook\", \"present\"]",
+                ));
+            };
+            let program = Path::new(program);
+            if !program.is_absolute() {
+                return Err(invalid(
+                    path,
+                    at(field),
+                    format!(
+                        "{} is not an absolute path (no PATH lookup: say which program runs)",
+                        program.display()
+                    ),
+                ));
+            }
+            if !is_executable(program) {
+                return Err(invalid(
+                    path,
+                    at(field),
+                    format!("{} is not an executable file", program.display()),
+                ));
+            }
+        }
+        if exec.timeout_seconds == 0 || exec.timeout_seconds > 600 {
+            return Err(invalid(
+                path,
+                at("exec.timeout_seconds"),
+                "must be between 1 and 600",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A regular file with an execute bit.
+fn is_executable(program: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(program).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// One DNS label (`tsig-keygen` names keys like `acme-agent`).
@@ -253,7 +365,7 @@ mod tests {
         );
         let c = Config::parse(&text, Path::new("agent.toml")).unwrap();
         let solver_config = &c.dns["main"];
-        assert_eq!(solver_config.server, "192.0.2.53:53".parse().unwrap());
+        assert_eq!(solver_config.server, Some("192.0.2.53:53".parse().unwrap()));
         assert_eq!(solver_config.secret.0, b"secret-key-bytes");
         assert!(!format!("{c:?}").contains("c2VjcmV0"));
         let cert = &c.certificates[1];
@@ -292,5 +404,24 @@ mod tests {
         ] {
             assert_eq!(field_of(&bad), field, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_exec_solver_needs_no_server_and_no_key() {
+        let text = format!(
+            "{}\n[dns.hook]\nzone = \"example.com\"\n[dns.hook.exec]\npresent = [\"/bin/true\", \"add\"]\nclean_up = [\"/bin/true\", \"del\"]\n",
+            GOOD.replace(
+                "key_type = \"ecdsa-p384\"",
+                "key_type = \"ecdsa-p384\"\ndns = \"hook\""
+            )
+            .replace("\"api.example.com\"]", "\"*.example.com\"]")
+        );
+        let c = Config::parse(&text, Path::new("agent.toml")).unwrap();
+        let hook = &c.dns["hook"];
+        assert_eq!(hook.server, None);
+        assert!(hook.secret.0.is_empty());
+        let exec = hook.exec.as_ref().unwrap();
+        assert_eq!(exec.present, ["/bin/true", "add"]);
+        assert_eq!(exec.timeout_seconds, 30);
     }
 }

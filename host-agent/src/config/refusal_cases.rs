@@ -258,7 +258,51 @@ fn dns_cases() -> Vec<(String, &'static str)> {
             "dns.main.server",
         ),
         (with(&solver("")), "dns.main.tsig_secret_file"),
+        (
+            with(&solver("").replace("server = \"127.0.0.1:53\"\n", "")),
+            "dns.main.server",
+        ),
+        (
+            with(&solver("").replace("tsig_key = \"acme\"\n", "")),
+            "dns.main.tsig_key",
+        ),
+        (
+            with(&hook("present = []\nclean_up = [\"/bin/true\"]")),
+            "dns.main.exec.present",
+        ),
+        (
+            with(&hook("present = [\"true\"]\nclean_up = [\"/bin/true\"]")),
+            "dns.main.exec.present",
+        ),
+        (
+            with(&hook(
+                "present = [\"/bin/true\"]\nclean_up = [\"/nonexistent/hook\"]",
+            )),
+            "dns.main.exec.clean_up",
+        ),
+        (
+            with(&hook(
+                "present = [\"/bin/true\"]\nclean_up = [\"/bin/true\"]\ntimeout_seconds = 0",
+            )),
+            "dns.main.exec.timeout_seconds",
+        ),
+        (
+            with(&format!(
+                "{}[dns.main.exec]\npresent = [\"/bin/true\"]\nclean_up = [\"/bin/true\"]\n",
+                solver("")
+            )),
+            "dns.main.tsig_key",
+        ),
+        (
+            with(&hook("present = [\"/bin/true\"]\nwhat = 1")),
+            "dns.main.exec.what",
+        ),
     ]
+}
+
+/// An `exec` solver with `keys` in its `[exec]` table.
+fn hook(keys: &str) -> String {
+    format!("[dns.main]\nzone = \"example.com\"\n[dns.main.exec]\n{keys}\n")
 }
 
 fn certificate_cases() -> Vec<(String, &'static str)> {

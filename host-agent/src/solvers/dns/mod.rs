@@ -1,11 +1,15 @@
-//! dns-01 (RFC 8555 section 8.4) through RFC 2136 dynamic updates: the
-//! configured solvers, the records an order publishes, and their removal on
+//! dns-01 (RFC 8555 section 8.4): the configured solvers, each a zone
+//! (`zone`: CNAMEs followed into it, every authoritative nameserver checked)
+//! written by RFC 2136 dynamic updates (`rfc2136`) or the operator's
+//! commands (`exec`); the records an order publishes, and their removal on
 //! every path (success, failure, abort, crash) without touching a record the
 //! agent did not add.
 
 mod exchange;
+pub mod exec;
 pub mod journal;
 pub mod rfc2136;
+pub mod zone;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -18,6 +22,7 @@ use crate::Error;
 use crate::config::Config;
 pub use journal::Journal;
 pub use rfc2136::{Rfc2136, TxtRecord};
+use zone::Zone;
 
 /// The journal is looked at this often; a leftover is retried after it ...
 const SWEEP_FIRST: Duration = Duration::from_secs(2);
@@ -31,9 +36,67 @@ pub fn txt_value(key_authorization: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
+/// One `[dns.<name>]`: its zone, and what writes the records into it.
+pub struct Solver {
+    zone: Zone,
+    updater: Updater,
+}
+
+enum Updater {
+    Rfc2136(Rfc2136),
+    Exec(exec::Exec),
+}
+
+impl Solver {
+    pub fn new(label: &str, config: &crate::config::DnsSolver) -> Result<Self, Error> {
+        let updater = match exec::Exec::new(label, config) {
+            Some(exec) => Updater::Exec(exec),
+            None => Updater::Rfc2136(Rfc2136::new(label, config)?),
+        };
+        Ok(Self {
+            zone: Zone::new(label, config)?,
+            updater,
+        })
+    }
+
+    /// Before an order is placed (a broken solver must not cost CA
+    /// orders): RFC 2136 proves the key with an empty signed update; an
+    /// `exec` solver's programs were checked when the config loaded.
+    pub async fn preflight(&self) -> Result<(), Error> {
+        match &self.updater {
+            Updater::Rfc2136(u) => u.preflight().await,
+            Updater::Exec(_) => Ok(()),
+        }
+    }
+
+    pub async fn add(&self, record: &TxtRecord) -> Result<(), Error> {
+        match &self.updater {
+            Updater::Rfc2136(u) => u.add(record).await,
+            Updater::Exec(u) => u.add(record).await,
+        }
+    }
+
+    pub async fn delete(&self, record: &TxtRecord) -> Result<(), Error> {
+        match &self.updater {
+            Updater::Rfc2136(u) => u.delete(record).await,
+            Updater::Exec(u) => u.delete(record).await,
+        }
+    }
+
+    /// The owner name of the TXT record for `domain` ([`Zone::record_name`]).
+    pub async fn record_name(&self, domain: &str) -> Result<hickory_proto::rr::Name, Error> {
+        self.zone.record_name(domain).await
+    }
+
+    /// Waits until every authoritative nameserver serves every one of `records`.
+    pub async fn wait_propagated(&self, records: &[&TxtRecord]) -> Result<(), Error> {
+        self.zone.wait_propagated(records).await
+    }
+}
+
 /// The solvers of the running config and the journal of records added.
 pub struct Dns {
-    solvers: RwLock<BTreeMap<String, Arc<Rfc2136>>>,
+    solvers: RwLock<BTreeMap<String, Arc<Solver>>>,
     journal: Journal,
 }
 
@@ -49,7 +112,7 @@ impl Dns {
     pub fn configure(&self, config: &Config) {
         let mut built = BTreeMap::new();
         for (name, solver) in &config.dns {
-            match Rfc2136::new(name, solver) {
+            match Solver::new(name, solver) {
                 Ok(s) => {
                     built.insert(name.clone(), Arc::new(s));
                 }
@@ -62,7 +125,7 @@ impl Dns {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = built;
     }
 
-    pub fn solver(&self, name: &str) -> Result<Arc<Rfc2136>, Error> {
+    pub fn solver(&self, name: &str) -> Result<Arc<Solver>, Error> {
         self.solvers
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -77,7 +140,7 @@ impl Dns {
     }
 
     /// Adds `record` to its zone, journaled first.
-    async fn add(&self, solver: &Rfc2136, record: &TxtRecord) -> Result<(), Error> {
+    async fn add(&self, solver: &Solver, record: &TxtRecord) -> Result<(), Error> {
         self.journal.add(record).await?;
         solver.add(record).await
     }
@@ -159,14 +222,14 @@ impl Published {
     /// Adds the TXT record for `domain` (validated name, no `*.`) with
     /// `value` through solver `solver`; returns it.
     pub async fn add(&mut self, solver: &str, domain: &str, value: &str) -> Result<(), Error> {
-        let rfc2136 = self.dns.solver(solver)?;
-        let name = rfc2136.record_name(domain).await?;
+        let writer = self.dns.solver(solver)?;
+        let name = writer.record_name(domain).await?;
         let record = TxtRecord {
             solver: solver.to_owned(),
             name: name.to_ascii(),
             value: value.to_owned(),
         };
-        self.dns.add(&rfc2136, &record).await.inspect_err(|_| {
+        self.dns.add(&writer, &record).await.inspect_err(|_| {
             // Journaled and maybe added: removed with the others.
             self.records.push(record.clone());
         })?;
